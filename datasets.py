@@ -1,0 +1,264 @@
+"""Formatted multi-label datasets: loading, the train/val/test split and the image pipeline.
+
+Every dataset lives in ``<data_root>/<name>/`` as six numpy files written by ``preproc/``
+(REFERENCE section 2): ``formatted_{train,val}_images.npy`` (1-D unicode paths relative to the
+dataset's image folder), ``formatted_{train,val}_labels.npy`` ((N, K) 0/1 ground truth) and
+``formatted_{train,val}_labels_obs.npy`` ((N, K) observed labels in {-1, 0, 1}).
+The official "val" split is our test set; the official train split is cut into train and val.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SPLIT_SEED = 1200
+VAL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    image_dir: str  # relative to <data_root>/<name>
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("pascal", 20, "VOCdevkit/VOC2012/JPEGImages"),
+        DatasetSpec("coco", 80, "."),  # image paths already start with train2014/ or val2014/
+        DatasetSpec("nuswide", 81, "Flickr"),
+        DatasetSpec("cub", 312, "CUB_200_2011/images"),
+        DatasetSpec("demo", 12, "images"),
+    )
+}
+
+
+class DataError(Exception):
+    """A missing or inconsistent data file; the message names the file and what to do."""
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N,) str, relative to the image folder
+    labels_true: np.ndarray  # (N, K) float32 in {0, 1}
+    labels_obs: np.ndarray  # (N, K) float32 in {-1, 0, 1}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _spec(dataset: str) -> DatasetSpec:
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}") from None
+
+
+def image_root(data_root: str | Path, dataset: str) -> Path:
+    """Folder that the paths in formatted_*_images.npy are relative to."""
+    return Path(data_root) / dataset / _spec(dataset).image_dir
+
+
+def split_indices(num_rows: int, val_fraction: float = VAL_FRACTION,
+                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the official train split into (train, val) row indices, both sorted (REFERENCE 4).
+
+    ``n_val = int(np.round(val_fraction * num_rows))``; ``perm = RandomState(seed).permutation(num_rows)``;
+    train = ``sort(perm[:num_rows - n_val])``, val = ``sort(perm[num_rows - n_val:])``.
+    The original takes ``perm[-n_val:]``, which is the whole permutation when n_val is 0; here val is
+    then empty (identical for every n_val > 0).
+    """
+    n_val = int(np.round(val_fraction * num_rows))
+    n_train = num_rows - n_val
+    perm = np.random.RandomState(seed).permutation(num_rows)
+    return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+DEMO_HINT = "run `python main_clip.py -d demo` (it creates the demo data)"
+
+
+def observed_labels_hint(dataset: str) -> str:
+    """What to run when formatted_*_labels_obs.npy is missing."""
+    if dataset == "demo":
+        return DEMO_HINT
+    return f"run `python preproc/generate_observed_labels.py --dataset {dataset}`"
+
+
+def formatting_hint(dataset: str) -> str:
+    """What to run when formatted_*_{images,labels}.npy are missing."""
+    if dataset == "demo":
+        return DEMO_HINT
+    return f"see data/{dataset}/README.md and run `python preproc/format_{dataset}.py`"
+
+
+def load_array(path: Path, how_to_create: str) -> np.ndarray:
+    """np.load without pickles; DataError naming the file and how_to_create if it is missing or broken."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: {how_to_create}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path} is not a readable numpy array ({err}): {how_to_create} again") from None
+
+
+def check_labels(path: Path, labels: np.ndarray, num_classes: int, allowed: tuple[int, ...],
+                 num_rows: int | None = None) -> np.ndarray:
+    """labels itself if it is (num_rows, num_classes) with values in allowed, else DataError."""
+    if labels.ndim != 2 or labels.shape[1] != num_classes:
+        raise DataError(f"{path} has shape {labels.shape}, expected (N, {num_classes}) "
+                        f"for {num_classes} classes")
+    if num_rows is not None and labels.shape[0] != num_rows:
+        raise DataError(f"{path} has {labels.shape[0]} rows but the image list has {num_rows}")
+    if not np.isin(labels, allowed).all():
+        raise DataError(f"{path} holds values other than {allowed}")
+    return labels
+
+
+def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int,
+                with_observed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    hint = formatting_hint(dataset)
+    images_path = folder / f"formatted_{phase}_images.npy"
+    images = load_array(images_path, hint)
+    if images.ndim != 1 or images.dtype.kind != "U":
+        raise DataError(f"{images_path} must be a 1-D array of strings, got {images.dtype} {images.shape}")
+    labels_path = folder / f"formatted_{phase}_labels.npy"
+    labels = check_labels(labels_path, load_array(labels_path, hint), num_classes, (0, 1), len(images))
+    observed = None
+    if with_observed:
+        obs_path = folder / f"formatted_{phase}_labels_obs.npy"
+        observed = check_labels(obs_path, load_array(obs_path, observed_labels_hint(dataset)),
+                                num_classes, (-1, 0, 1), len(images)).astype(np.float32)
+    return images, labels.astype(np.float32), observed
+
+
+def load_splits(data_root: str | Path, dataset: str, *,
+                clean_train_labels: bool = False) -> dict[str, Split]:
+    """Load the formatted files and return the 'train', 'val' and 'test' splits (REFERENCE 4).
+
+    train/val are rows of the official train split chosen by :func:`split_indices`; test is the
+    official val split. Train carries the observed labels as ``labels_obs`` (the clean labels when
+    ``clean_train_labels``, as the original does for the ``bce`` loss); val and test always carry
+    the clean labels as ``labels_obs``. Only the train observed-label file is read.
+    """
+    spec = _spec(dataset)
+    folder = Path(data_root) / dataset
+    if not folder.is_dir():
+        raise DataError(f"{folder} not found: {formatting_hint(dataset)}")
+    images, labels, observed = _load_phase(folder, dataset, "train", spec.num_classes,
+                                           with_observed=not clean_train_labels)
+    test_images, test_labels, _ = _load_phase(folder, dataset, "val", spec.num_classes,
+                                              with_observed=False)
+    train_idx, val_idx = split_indices(len(images))
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
+                        f"to cut a train and a val split: {formatting_hint(dataset)}")
+    train_obs = labels if observed is None else observed
+    # Separate arrays for labels_obs, so that updating observed labels (APL) never edits the truth.
+    return {
+        "train": Split(images[train_idx], labels[train_idx], train_obs[train_idx]),
+        "val": Split(images[val_idx], labels[val_idx], labels[val_idx]),
+        "test": Split(test_images, test_labels, test_labels.copy()),
+    }
+
+
+class MultiLabelImages(torch.utils.data.Dataset):
+    """Images of one split with their labels (REFERENCE 5).
+
+    Item ``i``: ``image`` (3 x S x S float, ImageNet-normalised), ``label_obs`` (K,), ``label_true``
+    (K,), ``index`` (int64 row in the split) and ``flipped`` (bool). Train: Resize((S, S)) on the RGB
+    PIL image (bilinear, antialias), horizontal flip when ``torch.rand(1) < 0.5`` (the draw of
+    torchvision's RandomHorizontalFlip(0.5)), ToTensor, Normalize. Eval: never flipped.
+    ``flipped`` is returned so that the frozen-CLIP embedding can be cached per (index, flipped).
+    """
+
+    def __init__(self, root: Path, split: Split, image_size: int, train: bool, *,
+                 dataset: str = "", skip_bad: bool = False):
+        self.root = Path(root)
+        self.split = split
+        self.image_size = image_size
+        self.train = train
+        self.dataset = dataset  # only used in error messages
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def _open(self, path: Path) -> Image.Image:
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError) as err:
+            where = f" of dataset {self.dataset}" if self.dataset else ""
+            raise DataError(f"cannot read image {path}{where} ({err}); check the image folder, "
+                            f"re-run the dataset's formatting step, or pass --skip-bad-images") from None
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor] | None:
+        """``key`` is a row index, or a (row, flip) pair from FlipSampler (train only).
+
+        With a plain index the train flip is drawn here, as torchvision's RandomHorizontalFlip
+        would. With ``skip_bad`` an unreadable image gives None, which ``collate_skipping`` drops.
+        """
+        if isinstance(key, tuple):
+            i, flipped = int(key[0]), bool(key[1]) and self.train
+        else:
+            i, flipped = int(key), self.train and bool(torch.rand(1) < 0.5)
+        try:
+            img = self._open(self.root / str(self.split.images[i]))
+        except DataError:
+            if self.skip_bad:
+                return None
+            raise
+        img = TF.resize(img, [self.image_size, self.image_size])
+        if flipped:
+            img = TF.hflip(img)
+        image = TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+        return {
+            "image": image,
+            "label_obs": torch.from_numpy(self.split.labels_obs[i].copy()),
+            "label_true": torch.from_numpy(self.split.labels_true[i].copy()),
+            "index": torch.tensor(i, dtype=torch.int64),
+            "flipped": torch.tensor(flipped),
+        }
+
+
+def collate_skipping(items: list) -> dict | None:
+    """default_collate without the items MultiLabelImages gave up on (None); None if all were."""
+    kept = [item for item in items if item is not None]
+    return torch.utils.data.default_collate(kept) if kept else None
+
+
+class FlipSampler(torch.utils.data.Sampler):
+    """Shuffled (row, flip) pairs for the training loader, drawn in the main process.
+
+    Each epoch draws a permutation and one flip bit per row from a private generator seeded with
+    the run's torch seed. Because the randomness lives here and not in the worker processes, a run
+    gives the same batches whatever --num-workers is, works with persistent workers, and resumes
+    exactly from the generator state saved in a checkpoint.
+    """
+
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows = num_rows
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        order = torch.randperm(self.num_rows, generator=self.generator).tolist()
+        flips = (torch.rand(self.num_rows, generator=self.generator) < 0.5).tolist()
+        return iter(zip(order, flips))
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)

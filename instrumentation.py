@@ -1,0 +1,208 @@
+"""Training logger: per-epoch metrics of every phase and the best-epoch rule (REFERENCE.md 9-10).
+
+All values live in preallocated (num_epochs,) float64 arrays filled with NaN until logged;
+`state_dict()` turns them into plain lists (None for "not logged") so a checkpoint holding it
+loads with `torch.load(..., weights_only=True)` and the JSON log is strict JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from metrics import METRIC_KEYS, compute_metrics
+
+PHASES = ('train', 'val', 'test')
+LABEL_KINDS = ('clean', 'observed')
+# Per-phase scalars besides the metrics: average loss, mean number of classes with p > 0.5
+# per image, and the original's 'preds_k_hat' (mean over images of sum_k p_k).
+SCALARS = ('loss', 'mean_pos', 'preds_k_hat')
+
+
+def _series_name(kind: str, key: str) -> str:
+    return f'{key}_{kind}'
+
+
+SERIES = SCALARS + tuple(_series_name(kind, key) for kind in LABEL_KINDS for key in METRIC_KEYS)
+
+
+def _to_jsonable(values: np.ndarray) -> list:
+    return [None if math.isnan(v) else float(v) for v in values.tolist()]
+
+
+class TrainLogger:
+    """Per phase ('train', 'val', 'test') and epoch (1..num_epochs): the metrics of
+    `metrics.compute_metrics` against the clean labels (suffix '_clean') and against the
+    observed labels (observed 1 = positive, everything else negative; suffix '_observed'),
+    the average loss, the mean number of predicted positives (p > 0.5) per image and the
+    mean of sum_k p_k per image ('preds_k_hat', the original's figure).
+
+    Best epoch: the first epoch with the highest val 'map_clean' (strictly greater wins,
+    so ties keep the earlier epoch).
+    """
+
+    def __init__(self, num_epochs: int, num_classes: int):
+        if int(num_epochs) < 1 or int(num_classes) < 1:
+            raise ValueError(f'TrainLogger needs num_epochs >= 1 and num_classes >= 1, '
+                             f'got {num_epochs} and {num_classes}')
+        self.num_epochs = int(num_epochs)
+        self.num_classes = int(num_classes)
+        self._values = {phase: {name: np.full(self.num_epochs, np.nan) for name in SERIES}
+                        for phase in PHASES}
+        self._logged = {phase: np.zeros(self.num_epochs, dtype=bool) for phase in PHASES}
+
+    def _check_epoch_phase(self, epoch: int, phase: str) -> int:
+        if phase not in PHASES:
+            raise ValueError(f'unknown phase {phase!r}; expected one of {PHASES}')
+        if not 1 <= int(epoch) <= self.num_epochs:
+            raise ValueError(f'epoch {epoch} outside 1..{self.num_epochs}')
+        return int(epoch) - 1
+
+    def log_phase(self, epoch: int, phase: str, preds, labels_true, labels_obs, loss: float | None) -> dict:
+        """Record one finished phase; returns its summary.
+
+        preds: (N, K) predictions in [0, 1]; labels_true: (N, K) clean 0/1 labels; labels_obs:
+        (N, K) observed labels in {-1, 0, 1} (or soft negatives); loss: average loss of the
+        phase, or None if not computed (stored as missing). Logging a phase again for the
+        same epoch replaces the earlier record (e.g. after resuming mid-epoch).
+
+        Summary: {'epoch', 'phase', 'loss', 'mean_pos', 'preds_k_hat', 'clean': {metric: value},
+        'observed': {metric: value}, 'best_epoch', 'is_best'}; 'is_best' is True only for the
+        val phase of the current best epoch.
+        """
+        row = self._check_epoch_phase(epoch, phase)
+        preds = np.asarray(preds)
+        labels_true = np.asarray(labels_true)
+        labels_obs = np.asarray(labels_obs)
+        expected = (preds.shape[0], self.num_classes) if preds.ndim == 2 else None
+        for name, array in (('preds', preds), ('labels_true', labels_true), ('labels_obs', labels_obs)):
+            if array.ndim != 2 or array.shape != expected:
+                raise ValueError(f'log_phase({phase}): {name} has shape {array.shape}, expected '
+                                 f'(N, {self.num_classes}) with the same N as preds')
+        metrics = {'clean': compute_metrics(preds, labels_true),
+                   'observed': compute_metrics(preds, labels_obs == 1)}
+        values = self._values[phase]
+        values['loss'][row] = np.nan if loss is None else float(loss)
+        values['mean_pos'][row] = float(np.mean(np.sum(preds > 0.5, axis=1)))
+        values['preds_k_hat'][row] = float(np.mean(np.sum(preds, axis=1)))
+        for kind in LABEL_KINDS:
+            for key, value in metrics[kind].items():
+                values[_series_name(kind, key)][row] = value
+        self._logged[phase][row] = True
+        return self.summary(epoch, phase)
+
+    def summary(self, epoch: int, phase: str) -> dict:
+        """The summary dict of an already logged phase (see `log_phase`)."""
+        row = self._check_epoch_phase(epoch, phase)
+        if not self._logged[phase][row]:
+            raise ValueError(f'phase {phase!r} of epoch {epoch} has not been logged')
+        values = self._values[phase]
+
+        def scalar(name):
+            value = float(values[name][row])
+            return None if math.isnan(value) else value
+
+        best = self.best_epoch
+        out = {'epoch': int(epoch), 'phase': phase,
+               'loss': scalar('loss'), 'mean_pos': scalar('mean_pos'), 'preds_k_hat': scalar('preds_k_hat')}
+        for kind in LABEL_KINDS:
+            out[kind] = {key: scalar(_series_name(kind, key)) for key in METRIC_KEYS}
+        out['best_epoch'] = best
+        out['is_best'] = phase == 'val' and best == int(epoch)
+        return out
+
+    def get(self, phase: str, name: str) -> np.ndarray:
+        """A copy of one series, e.g. get('val', 'map_clean'): (num_epochs,), NaN where not logged."""
+        if phase not in PHASES or name not in SERIES:
+            raise ValueError(f'unknown series {phase!r}/{name!r}; names: {", ".join(SERIES)}')
+        return self._values[phase][name].copy()
+
+    @property
+    def best_epoch(self) -> int | None:
+        """First epoch (1-based) with the highest val clean mAP; None before any val phase."""
+        val_map = self._values['val']['map_clean']
+        if np.isnan(val_map).all():
+            return None
+        return int(np.nanargmax(val_map)) + 1  # nanargmax returns the first maximum
+
+    @property
+    def best_val_map(self) -> float | None:
+        best = self.best_epoch
+        return None if best is None else float(self._values['val']['map_clean'][best - 1])
+
+    @property
+    def best_test_map(self) -> float | None:
+        """Test clean mAP of the best epoch; None until that epoch's test phase is logged."""
+        best = self.best_epoch
+        if best is None:
+            return None
+        value = float(self._values['test']['map_clean'][best - 1])
+        return None if math.isnan(value) else value
+
+    def state_dict(self) -> dict:
+        """Plain python (dict/list/int/float/str/None/bool) copy of everything logged."""
+        return {
+            'num_epochs': self.num_epochs,
+            'num_classes': self.num_classes,
+            'logged': {phase: [bool(x) for x in self._logged[phase]] for phase in PHASES},
+            'values': {phase: {name: _to_jsonable(self._values[phase][name]) for name in SERIES}
+                       for phase in PHASES},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()`; the epoch and class counts must match this logger."""
+        if state.get('num_epochs') != self.num_epochs or state.get('num_classes') != self.num_classes:
+            raise ValueError(f"logger state is for {state.get('num_epochs')} epochs / "
+                             f"{state.get('num_classes')} classes, this run has {self.num_epochs} / "
+                             f'{self.num_classes}')
+        try:
+            for phase in PHASES:
+                logged = np.asarray(state['logged'][phase], dtype=bool)
+                series = {name: np.array([np.nan if v is None else v for v in state['values'][phase][name]],
+                                         dtype=np.float64) for name in SERIES}
+                if logged.shape != (self.num_epochs,) or any(a.shape != (self.num_epochs,)
+                                                             for a in series.values()):
+                    raise ValueError(f'logger state for phase {phase!r} has the wrong length')
+                self._logged[phase] = logged
+                self._values[phase] = series
+        except KeyError as missing:
+            raise ValueError(f'logger state lacks {missing}; was it written by TrainLogger.state_dict()?') from None
+
+    def to_json_dict(self) -> dict:
+        """The JSON log: the best-epoch result plus the full state."""
+        return {'best_epoch': self.best_epoch, 'best_val_map': self.best_val_map,
+                'best_test_map': self.best_test_map, **self.state_dict()}
+
+    def save_json(self, path) -> None:
+        """Write `to_json_dict()` to `path` atomically (temporary file in the same folder,
+        then os.replace), so an interrupted write never leaves a truncated log."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+        try:
+            with os.fdopen(fd, 'w') as f:
+                json.dump(self.to_json_dict(), f, indent=1, allow_nan=False)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def format_summary(summary: dict) -> str:
+    """One line for the console, e.g. '[val] epoch 3 loss 0.123 map 85.12 (obs 80.01) ...'."""
+    def fmt(value, spec):
+        return 'n/a' if value is None else format(value, spec)
+
+    clean, observed = summary['clean'], summary['observed']
+    line = (f"[{summary['phase']}] epoch {summary['epoch']} loss {fmt(summary['loss'], '.4f')} "
+            f"map {fmt(clean['map'], '.2f')} (observed {fmt(observed['map'], '.2f')}) "
+            f"prec@1 {fmt(clean['prec_at_1'], '.3f')} rec@3 {fmt(clean['rec_at_3'], '.3f')} "
+            f"mean_pos {fmt(summary['mean_pos'], '.2f')}")
+    if summary['is_best']:
+        line += ' *best*'
+    return line

@@ -1,0 +1,119 @@
+"""Helpers shared by the preproc/ command-line scripts: errors, argument parsing, reading text
+tables with line numbers, and atomic saving of the formatted arrays."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+
+class PreprocError(Exception):
+    """A user-facing, one-line error: names the file and what to do about it."""
+
+
+def dataset_parser(prog: str, dataset: str, description: str) -> argparse.ArgumentParser:
+    """Parser with the --load-path and --save-path flags every format_<dataset>.py script takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    default = f"data/{dataset}"
+    parser.add_argument("--load-path", default=default,
+                        help=f"folder holding the extracted raw download (default: {default})")
+    parser.add_argument("--save-path", default=default,
+                        help=f"folder the formatted_*.npy files are written to (default: {default})")
+    return parser
+
+
+def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], list[str]],
+            argv: list[str] | None, errors: tuple[type[Exception], ...] = (PreprocError,)) -> int:
+    """Parse argv and print the report lines body(args) returns (exit status 0); an error of a
+    type in `errors` becomes one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        report = body(args)
+    except errors as err:
+        message = " ".join(str(err).split("\n"))
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    print("\n".join(report))
+    return 0
+
+
+def require(path: Path, what_to_do: str) -> Path:
+    """Return path if it exists, else fail with a message naming it and what to do."""
+    if not path.exists():
+        raise PreprocError(f"{path} not found: {what_to_do}")
+    return path
+
+
+def read_rows(path: Path, min_fields: int, max_fields: int | None = None) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line number, whitespace-separated fields) for each non-blank line of a text file.
+
+    Any run of spaces or tabs separates fields and Windows line ends are accepted. A line with
+    fewer than min_fields (or more than max_fields) fields is an error naming file and line.
+    """
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, start=1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) < min_fields or (max_fields is not None and len(fields) > max_fields):
+                    expected = (f"{min_fields}" if max_fields == min_fields
+                                else f"at least {min_fields}" if max_fields is None
+                                else f"{min_fields} to {max_fields}")
+                    raise PreprocError(f"{path}:{lineno}: malformed line {line.strip()[:80]!r} "
+                                       f"(expected {expected} fields)")
+                yield lineno, fields
+    except UnicodeDecodeError as err:
+        raise PreprocError(f"{path} is not a text file ({err.reason})") from None
+    except OSError as err:
+        raise PreprocError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def parse_int(path: Path, lineno: int, text: str, allowed: set[int] | None = None) -> int:
+    """int(text), or an error naming file and line when it is not an (allowed) integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise PreprocError(f"{path}:{lineno}: {text!r} is not an integer") from None
+    if allowed is not None and value not in allowed:
+        raise PreprocError(f"{path}:{lineno}: value {value} is not one of {sorted(allowed)}")
+    return value
+
+
+def save_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Save each array as folder/<name> so that old files stay intact if anything fails.
+
+    Every array is first written to a temporary file in the same folder; only when all of them
+    are written are they moved into place with os.replace (atomic per file).
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PreprocError(f"cannot create output folder {folder}: {err.strerror or err}") from None
+    temporary: dict[str, Path] = {}
+    try:
+        for name, array in arrays.items():
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            temporary[name] = tmp
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+        for name, tmp in temporary.items():
+            os.replace(tmp, folder / name)
+    except OSError as err:
+        raise PreprocError(f"cannot write {folder}: {err.strerror or err}") from None
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+
+
+def save_formatted(folder: Path, phases: dict[str, tuple[list[str], np.ndarray]]) -> None:
+    """Save formatted_<phase>_images.npy (unicode array) and formatted_<phase>_labels.npy."""
+    arrays = {}
+    for phase, (images, labels) in phases.items():
+        arrays[f"formatted_{phase}_images.npy"] = np.array(images, dtype=str)
+        arrays[f"formatted_{phase}_labels.npy"] = labels
+    save_arrays(folder, arrays)

@@ -1,0 +1,65 @@
+"""Fixtures shared by the end-to-end tests: a tiny formatted dataset and a tiny random CLIP."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TINY_CLIP_CONFIG = {
+    'embed_dim': 32,
+    'vision_cfg': {'image_size': 32, 'layers': 2, 'width': 64, 'head_width': 32, 'patch_size': 8},
+    'text_cfg': {'context_length': 16, 'vocab_size': 49408, 'width': 64, 'heads': 2, 'layers': 2},
+}
+
+
+@pytest.fixture(scope='session')
+def tiny_clip(tmp_path_factory) -> dict:
+    """A randomly initialised open_clip model of a tiny custom config, saved like a real checkpoint."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp('tiny_clip')
+    config = folder / 'e2e-tiny-clip.json'
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model('e2e-tiny-clip', pretrained=None)
+    checkpoint = folder / 'e2e-tiny-clip.pt'
+    torch.save(model.state_dict(), checkpoint)
+    return {'config': str(config), 'checkpoint': str(checkpoint), 'folder': folder}
+
+
+def write_pascal_like(root: Path, num_train: int, num_val: int, seed: int = 0, size: int = 24) -> Path:
+    """A pascal-shaped formatted dataset (K = 20) of small coloured images, class-dependent colours."""
+    from preproc.generate_observed_labels import generate_observed
+
+    rng = np.random.RandomState(seed)
+    num_classes = 20
+    palette = rng.randint(0, 256, size=(num_classes, 3))
+    folder = root / 'pascal'
+    images_dir = folder / 'VOCdevkit' / 'VOC2012' / 'JPEGImages'
+    images_dir.mkdir(parents=True)
+    for phase, n in (('train', num_train), ('val', num_val)):
+        labels = np.zeros((n, num_classes))
+        names = []
+        for i in range(n):
+            present = rng.choice(num_classes, size=rng.randint(1, 4), replace=False)
+            labels[i, present] = 1
+            pixels = rng.randint(0, 40, size=(size, size, 3))
+            for j, c in enumerate(present):  # one coloured stripe per present class
+                pixels[:, j * size // 3:(j + 1) * size // 3] += palette[c] // 2
+            name = f'{phase}_{i:05d}.png'
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(images_dir / name)
+            names.append(name)
+        np.save(folder / f'formatted_{phase}_images.npy', np.array(names))
+        np.save(folder / f'formatted_{phase}_labels.npy', labels)
+        np.save(folder / f'formatted_{phase}_labels_obs.npy', generate_observed(labels, 1, 0, 1200))
+    return root
+
+
+@pytest.fixture(scope='session')
+def tiny_pascal(tmp_path_factory) -> Path:
+    return write_pascal_like(tmp_path_factory.mktemp('data'), num_train=40, num_val=15)

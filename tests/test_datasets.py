@@ -1,0 +1,239 @@
+"""datasets.py: formatted-file loading and validation, the RandomState(1200) split, the image pipeline."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import datasets
+from datasets import DATASETS, DataError, MultiLabelImages, Split, image_root, load_splits, split_indices
+
+
+def test_dataset_table():
+    assert {name: (spec.num_classes, spec.image_dir) for name, spec in DATASETS.items()} == {
+        "pascal": (20, "VOCdevkit/VOC2012/JPEGImages"),
+        "coco": (80, "."),
+        "nuswide": (81, "Flickr"),
+        "cub": (312, "CUB_200_2011/images"),
+        "demo": (12, "images"),
+    }
+    assert datasets.IMAGENET_MEAN == (0.485, 0.456, 0.406)
+    assert datasets.IMAGENET_STD == (0.229, 0.224, 0.225)
+
+
+def test_image_root(tmp_path):
+    assert image_root(tmp_path, "pascal") == tmp_path / "pascal" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    assert image_root(tmp_path, "coco") == tmp_path / "coco"
+    assert image_root("data", "demo") == Path("data/demo/images")
+    with pytest.raises(DataError, match="unknown dataset 'voc'"):
+        image_root(tmp_path, "voc")
+
+
+def test_split_indices_literal_values():
+    # RandomState(1200).permutation(10) = [9 4 6 1 8 5 2 0 7 3]; n_val = round(0.2 * 10) = 2.
+    train, val = split_indices(10)
+    assert train.tolist() == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert val.tolist() == [3, 7]
+    # RandomState(1200).permutation(13) = [6 4 12 8 1 11 10 5 2 0 7 9 3]; n_val = round(2.6) = 3.
+    train, val = split_indices(13)
+    assert train.tolist() == [0, 1, 2, 4, 5, 6, 8, 10, 11, 12]
+    assert val.tolist() == [3, 7, 9]
+
+
+@pytest.mark.parametrize("num_rows, n_val", [(7, 1), (12, 2), (13, 3), (101, 20), (1000, 200)])
+def test_split_indices_follow_randomstate(num_rows, n_val):
+    perm = np.random.RandomState(1200).permutation(num_rows)
+    train, val = split_indices(num_rows)
+    assert len(val) == n_val
+    assert train.tolist() == sorted(perm[: num_rows - n_val].tolist())
+    assert val.tolist() == sorted(perm[num_rows - n_val:].tolist())
+
+
+def test_split_indices_no_val_rows():
+    # round(0.2 * 2) = 0: the original's perm[-0:] would make every row a val row too.
+    train, val = split_indices(2)
+    assert train.tolist() == [0, 1] and val.tolist() == []
+
+
+def _write_formatted(folder, num_classes, num_train=10, num_test=3, *, obs=True):
+    """Formatted files whose label rows can be recognised: row r has a 1 in column r % K."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for phase, n in (("train", num_train), ("val", num_test)):
+        labels = np.zeros((n, num_classes))
+        labels[np.arange(n), np.arange(n) % num_classes] = 1
+        labels[np.arange(n), (np.arange(n) + 3) % num_classes] = 1
+        observed = np.zeros((n, num_classes))
+        observed[np.arange(n), np.arange(n) % num_classes] = 1
+        arrays[f"formatted_{phase}_images.npy"] = np.array([f"{phase}_{r:03d}.jpg" for r in range(n)])
+        arrays[f"formatted_{phase}_labels.npy"] = labels
+        if obs:
+            arrays[f"formatted_{phase}_labels_obs.npy"] = observed
+    for name, array in arrays.items():
+        np.save(folder / name, array)
+    return arrays
+
+
+def test_load_splits_train_val_test(tmp_path):
+    arrays = _write_formatted(tmp_path / "pascal", 20)
+    splits = load_splits(tmp_path, "pascal")
+    assert set(splits) == {"train", "val", "test"}
+    train_rows, val_rows = [0, 1, 2, 4, 5, 6, 8, 9], [3, 7]  # see test_split_indices_literal_values
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    assert train.images.tolist() == [f"train_{r:03d}.jpg" for r in train_rows]
+    assert val.images.tolist() == [f"train_{r:03d}.jpg" for r in val_rows]
+    assert test.images.tolist() == ["val_000.jpg", "val_001.jpg", "val_002.jpg"]
+    labels, observed = arrays["formatted_train_labels.npy"], arrays["formatted_train_labels_obs.npy"]
+    np.testing.assert_array_equal(train.labels_true, labels[train_rows])
+    np.testing.assert_array_equal(train.labels_obs, observed[train_rows])
+    # val and test are evaluated against clean labels only
+    np.testing.assert_array_equal(val.labels_obs, labels[val_rows])
+    np.testing.assert_array_equal(val.labels_true, labels[val_rows])
+    np.testing.assert_array_equal(test.labels_obs, arrays["formatted_val_labels.npy"])
+    for split in splits.values():
+        assert split.labels_true.dtype == np.float32 and split.labels_obs.dtype == np.float32
+        assert not np.shares_memory(split.labels_true, split.labels_obs)
+        assert len(split) == len(split.images)
+    assert train.labels_obs[0].tolist() == [1.0] + [0.0] * 19
+    assert train.labels_true[0].tolist() == [1.0, 0, 0, 1.0] + [0.0] * 16
+
+
+def test_load_splits_clean_train_labels_needs_no_observed_file(tmp_path):
+    arrays = _write_formatted(tmp_path / "cub", 312, obs=False)
+    splits = load_splits(tmp_path, "cub", clean_train_labels=True)
+    np.testing.assert_array_equal(splits["train"].labels_obs,
+                                  arrays["formatted_train_labels.npy"][[0, 1, 2, 4, 5, 6, 8, 9]])
+    with pytest.raises(DataError, match=r"generate_observed_labels\.py --dataset cub"):
+        load_splits(tmp_path, "cub")
+
+
+def test_preformatted_nuswide_files_load(tmp_path):
+    # Users with the original's four pre-formatted NUS-WIDE files (no images needed to load).
+    folder = tmp_path / "nuswide"
+    _write_formatted(folder, 81)
+    (folder / "formatted_val_labels_obs.npy").unlink()
+    splits = load_splits(tmp_path, "nuswide")
+    assert splits["train"].labels_true.shape == (8, 81) and splits["test"].labels_true.shape == (3, 81)
+
+
+def test_load_splits_missing_files(tmp_path):
+    with pytest.raises(DataError, match=r"format_pascal\.py"):
+        load_splits(tmp_path, "pascal")
+    with pytest.raises(DataError, match=r"python main_clip\.py -d demo"):
+        load_splits(tmp_path, "demo")
+    (tmp_path / "demo").mkdir()
+    with pytest.raises(DataError, match=r"formatted_train_images\.npy not found.*main_clip\.py -d demo"):
+        load_splits(tmp_path, "demo")
+    _write_formatted(tmp_path / "coco", 80)
+    (tmp_path / "coco" / "formatted_val_labels.npy").unlink()
+    with pytest.raises(DataError, match=r"formatted_val_labels\.npy not found.*format_coco\.py"):
+        load_splits(tmp_path, "coco")
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_splits(tmp_path, "imagenet")
+
+
+@pytest.mark.parametrize("name, bad, message", [
+    ("formatted_train_labels.npy", np.zeros((9, 20)), "has 9 rows but the image list has 10"),
+    ("formatted_train_labels_obs.npy", np.zeros((11, 20)), "has 11 rows but the image list has 10"),
+    ("formatted_val_labels.npy", np.zeros((3, 19)), r"expected \(N, 20\)"),
+    ("formatted_train_labels_obs.npy", np.full((10, 20), 2.0), "values other than"),
+    ("formatted_train_labels.npy", -np.ones((10, 20)), "values other than"),
+    ("formatted_train_images.npy", np.zeros(10), "1-D array of strings"),
+    ("formatted_train_images.npy", np.array(["a"] * 10, dtype=object), "not a readable numpy array"),
+])
+def test_load_splits_refuses_inconsistent_files(tmp_path, name, bad, message):
+    _write_formatted(tmp_path / "pascal", 20)
+    np.save(tmp_path / "pascal" / name, bad, allow_pickle=True)
+    with pytest.raises(DataError, match=message) as err:
+        load_splits(tmp_path, "pascal")
+    assert name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_load_splits_too_few_rows(tmp_path):
+    _write_formatted(tmp_path / "pascal", 20, num_train=2)
+    with pytest.raises(DataError, match="too few"):
+        load_splits(tmp_path, "pascal")
+
+
+# ---------------------------------------------------------------- images
+
+def _image_split(tmp_path, num_classes=4):
+    rng = np.random.RandomState(0)
+    names = ["rgb.png", "sub/gray.png", "wide.jpg"]
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(rng.randint(0, 256, (23, 37, 3), dtype=np.uint8)).save(tmp_path / names[0])
+    Image.fromarray(rng.randint(0, 256, (30, 20), dtype=np.uint8), mode="L").save(tmp_path / names[1])
+    Image.fromarray(rng.randint(0, 256, (16, 64, 3), dtype=np.uint8)).save(tmp_path / names[2])
+    labels = np.eye(3, num_classes, dtype=np.float32)
+    observed = np.array([[1, 0, 0, 0], [0, 0, -1, 0], [0, 0, 0, 0]], dtype=np.float32)
+    return Split(np.array(names), labels, observed)
+
+
+def test_train_item_matches_torchvision_pipeline(tmp_path):
+    split = _image_split(tmp_path)
+    size = 24
+    reference = transforms.Compose([
+        transforms.Resize((size, size)), transforms.RandomHorizontalFlip(0.5), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    ds = MultiLabelImages(tmp_path, split, size, train=True)
+    assert len(ds) == 3
+    flips = set()
+    for seed in range(8):
+        for i in range(3):
+            torch.manual_seed(seed)
+            expected_flip = bool(torch.rand(1) < 0.5)
+            torch.manual_seed(seed)
+            expected = reference(Image.open(tmp_path / split.images[i]).convert("RGB"))
+            torch.manual_seed(seed)
+            item = ds[i]
+            assert item["image"].shape == (3, size, size) and item["image"].dtype == torch.float32
+            assert torch.equal(item["image"], expected)
+            assert item["flipped"].dtype == torch.bool and bool(item["flipped"]) == expected_flip
+            flips.add(expected_flip)
+    assert flips == {True, False}  # both branches were compared
+
+
+def test_eval_item_is_never_flipped(tmp_path):
+    split = _image_split(tmp_path)
+    reference = transforms.Compose([
+        transforms.Resize((16, 16)), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    ds = MultiLabelImages(tmp_path, split, 16, train=False)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        item = ds[0]
+        assert not item["flipped"]
+        assert torch.equal(item["image"], reference(Image.open(tmp_path / "rgb.png").convert("RGB")))
+    # eval items draw no random numbers
+    torch.manual_seed(0)
+    ds[1]
+    after_item = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after_item, torch.rand(1))
+
+
+def test_items_labels_and_batches(tmp_path):
+    split = _image_split(tmp_path)
+    ds = MultiLabelImages(tmp_path, split, 8, train=True)
+    item = ds[1]
+    assert item["label_true"].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert item["label_obs"].tolist() == [0.0, 0.0, -1.0, 0.0]
+    assert item["index"].dtype == torch.int64 and item["index"].item() == 1
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False)))
+    assert batch["image"].shape == (3, 3, 8, 8)
+    assert batch["label_obs"].shape == (3, 4) and batch["label_obs"].dtype == torch.float32
+    assert batch["index"].tolist() == [0, 1, 2]
+    assert batch["flipped"].dtype == torch.bool and batch["flipped"].shape == (3,)
+
+
+def test_unreadable_image_names_file_and_dataset(tmp_path):
+    (tmp_path / "broken.jpg").write_text("not an image")
+    split = Split(np.array(["broken.jpg", "absent.jpg"]), np.zeros((2, 4), np.float32),
+                  np.zeros((2, 4), np.float32))
+    ds = MultiLabelImages(tmp_path, split, 8, train=False, dataset="pascal")
+    with pytest.raises(DataError, match=r"broken\.jpg of dataset pascal"):
+        ds[0]
+    with pytest.raises(DataError, match=r"absent\.jpg of dataset pascal"):
+        ds[1]

@@ -1,0 +1,125 @@
+"""TrainLogger: stored values, best-epoch rule (first maximum), state and JSON round trips."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import instrumentation
+from instrumentation import TrainLogger, format_summary
+from metrics import compute_metrics
+
+LABELS = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=np.float32)
+OBSERVED = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=np.float32)
+PERFECT = np.where(LABELS == 1, 0.9, 0.1)                 # val mAP 100
+WORSE = np.array([[0.2, 0.6, 0.1], [0.7, 0.3, 0.4], [0.5, 0.5, 0.2], [0.4, 0.8, 0.9]])
+
+
+def run_epochs(logger, val_preds):
+    for epoch, vp in enumerate(val_preds, start=1):
+        logger.log_phase(epoch, 'train', WORSE, LABELS, OBSERVED, loss=0.5 / epoch)
+        logger.log_phase(epoch, 'val', vp, LABELS, LABELS, loss=None)
+        logger.log_phase(epoch, 'test', vp * 0.5 + 0.01 * epoch, LABELS, LABELS, loss=None)
+
+
+def test_log_phase_values_and_summary():
+    logger = TrainLogger(num_epochs=3, num_classes=3)
+    summary = logger.log_phase(1, 'train', WORSE, LABELS, OBSERVED, loss=0.25)
+    assert summary['clean'] == compute_metrics(WORSE, LABELS)
+    assert summary['observed'] == compute_metrics(WORSE, OBSERVED == 1)
+    assert summary['loss'] == 0.25
+    assert summary['mean_pos'] == pytest.approx(4 / 4)     # p > 0.5 per image: 1, 1, 0 (0.5 is not > 0.5), 2
+    assert summary['preds_k_hat'] == pytest.approx(WORSE.sum() / 4)
+    assert summary['epoch'] == 1 and summary['phase'] == 'train'
+    assert summary['best_epoch'] is None and summary['is_best'] is False
+    assert logger.get('train', 'map_clean')[0] == summary['clean']['map']
+    assert np.isnan(logger.get('train', 'map_clean')[1:]).all()
+    assert 'map' in format_summary(summary)
+
+
+def test_soft_negative_observed_labels_count_as_negative():
+    logger = TrainLogger(1, 3)
+    soft = OBSERVED.copy()
+    soft[1, 0] = -0.2
+    summary = logger.log_phase(1, 'train', WORSE, LABELS, soft, loss=1.0)
+    assert summary['observed'] == compute_metrics(WORSE, OBSERVED == 1)
+
+
+def test_best_epoch_first_maximum():
+    logger = TrainLogger(num_epochs=4, num_classes=3)
+    assert logger.best_epoch is None and logger.best_val_map is None and logger.best_test_map is None
+    run_epochs(logger, [WORSE, PERFECT, PERFECT, WORSE])   # epochs 2 and 3 tie at 100
+    assert logger.best_epoch == 2
+    assert logger.best_val_map == pytest.approx(100.0)
+    assert logger.best_test_map == logger.get('test', 'map_clean')[1]
+    assert logger.summary(2, 'val')['is_best'] and not logger.summary(3, 'val')['is_best']
+
+
+def test_best_test_map_missing_until_logged():
+    logger = TrainLogger(2, 3)
+    logger.log_phase(1, 'val', PERFECT, LABELS, LABELS, loss=None)
+    assert logger.best_epoch == 1 and logger.best_test_map is None
+    summary = logger.log_phase(1, 'test', PERFECT, LABELS, LABELS, loss=None)
+    assert logger.best_test_map == pytest.approx(100.0)
+    assert summary['loss'] is None
+
+
+def test_state_round_trip_json_and_torch(tmp_path):
+    logger = TrainLogger(3, 3)
+    run_epochs(logger, [WORSE, PERFECT])          # epoch 3 not logged yet
+    state = logger.state_dict()
+    text = json.dumps(state, allow_nan=False)     # plain, strict JSON
+    torch.save({'logger': state}, tmp_path / 'ckpt.pt')
+    loaded = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['logger']
+    for restored_state in (json.loads(text), loaded):
+        restored = TrainLogger(3, 3)
+        restored.load_state_dict(restored_state)
+        assert restored.best_epoch == 2
+        for phase in instrumentation.PHASES:
+            for name in instrumentation.SERIES:
+                np.testing.assert_array_equal(restored.get(phase, name), logger.get(phase, name))
+        assert restored.state_dict() == state
+        resumed = restored.log_phase(3, 'val', PERFECT, LABELS, LABELS, loss=None)
+        assert resumed['best_epoch'] == 2
+
+
+def test_load_state_dict_rejects_mismatch():
+    state = TrainLogger(3, 3).state_dict()
+    with pytest.raises(ValueError, match='3 epochs'):
+        TrainLogger(4, 3).load_state_dict(state)
+    del state['values']['val']
+    with pytest.raises(ValueError, match='lacks'):
+        TrainLogger(3, 3).load_state_dict(state)
+
+
+def test_save_json_atomic(tmp_path, monkeypatch):
+    logger = TrainLogger(2, 3)
+    run_epochs(logger, [PERFECT, WORSE])
+    path = tmp_path / 'sub' / 'log.json'
+    logger.save_json(path)
+    data = json.loads(path.read_text())
+    assert data['best_epoch'] == 1 and data['best_val_map'] == pytest.approx(100.0)
+    assert data['values']['val']['map_clean'][0] == pytest.approx(100.0)
+    before = path.read_text()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError('disk full')
+    monkeypatch.setattr(instrumentation.json, 'dump', boom)
+    with pytest.raises(RuntimeError):
+        logger.save_json(path)
+    assert path.read_text() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ['log.json']
+
+
+def test_invalid_calls():
+    logger = TrainLogger(2, 3)
+    with pytest.raises(ValueError, match='unknown phase'):
+        logger.log_phase(1, 'dev', WORSE, LABELS, LABELS, loss=None)
+    with pytest.raises(ValueError, match='outside 1..2'):
+        logger.log_phase(3, 'val', WORSE, LABELS, LABELS, loss=None)
+    with pytest.raises(ValueError, match='labels_obs has shape'):
+        logger.log_phase(1, 'val', WORSE, LABELS, LABELS[:2], loss=None)
+    with pytest.raises(ValueError, match=r'\(N, 4\)'):
+        TrainLogger(2, 4).log_phase(1, 'val', WORSE, LABELS, LABELS, loss=None)
+    with pytest.raises(ValueError, match='not been logged'):
+        logger.summary(1, 'val')

@@ -1,0 +1,177 @@
+"""End-to-end tests of main_clip.py on CPU: a tiny pascal-shaped dataset and a tiny random CLIP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import losses
+import main_clip
+import models
+from conftest import write_pascal_like
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def text_features(tiny_clip, tmp_path_factory) -> str:
+    clip, tokenizer = models.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    path = tmp_path_factory.mktemp('text') / 'pascal_tiny.npy'
+    models.save_text_features(path, models.compute_text_features(clip, tokenizer, models.read_classnames('pascal')))
+    return str(path)
+
+
+def base_args(data_root, tmp_path, tiny_clip, text_features, *, epochs=2) -> list[str]:
+    return ['-d', 'pascal', '--data-root', str(data_root), '--results-dir', str(tmp_path / 'results'),
+            '--cache-dir', str(tmp_path / 'cache'), '-m', 'small_cnn', '--no-pretrained', '--image-size', '32',
+            '--epochs', str(epochs), '--batch-size', '8', '--lr', '1e-3', '--num-workers', '0',
+            '--device', 'cpu', '--clip-model', tiny_clip['config'], '--clip-pretrained',
+            tiny_clip['checkpoint'], '--text-features', text_features]
+
+
+CLI_LOSSES = sorted(main_clip.build_parser()._option_string_actions['--loss'].choices)
+
+
+def test_every_loss_of_the_library_is_on_the_command_line():
+    assert set(CLI_LOSSES) == set(losses.LOSSES)
+    assert {'bce', 'iun', 'an', 'EM', 'EM_APL', 'EM_PL', 'EM_PL_ASL'} <= set(CLI_LOSSES)
+
+
+@pytest.mark.parametrize('loss', CLI_LOSSES)
+def test_two_epochs_with_each_loss(loss, tiny_pascal, tmp_path, tiny_clip, text_features, capsys):
+    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features) + ['-l', loss]
+    if loss == 'EM_APL':
+        args += ['--warmup-epoch', '1']  # its pseudo-labelling step then runs in epoch 1 and 2
+    assert main_clip.main(args) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / 'results' / f'pascal_{loss}_small_cnn_s0'
+    log = json.loads((run_dir / 'log.json').read_text())
+    assert log['best_epoch'] in (1, 2)
+    lines = out.strip().splitlines()[-3:]
+    assert lines[0] == f'Best epoch: {log["best_epoch"]}'
+    assert lines[1].startswith('Best epoch validation score: ')
+    test_map = float(lines[2].removeprefix('Best epoch test score: '))
+    assert math.isfinite(test_map) and 0 < test_map <= 100
+    assert test_map == pytest.approx(log['best_test_map'], abs=0.005)
+
+    best = torch.load(run_dir / 'best.pt', weights_only=True, map_location='cpu')
+    assert best['epoch'] == log['best_epoch']
+    assert (run_dir / 'test_preds_best.npy').exists()
+    last = torch.load(run_dir / 'last.pt', weights_only=True, map_location='cpu')
+    assert last['epoch'] == 2
+    if loss == 'EM_APL':  # the pseudo-labelling step turned some unknowns into soft negatives
+        assert (last['train_observed'] < 0).any()
+    else:
+        assert (last['train_observed'] >= 0).all()
+
+    # --evaluate on the best checkpoint reproduces the logged test mAP
+    capsys.readouterr()
+    assert main_clip.main(['--evaluate', str(run_dir / 'best.pt')]) == 0
+    evaluated = float(capsys.readouterr().out.strip().split()[-1])
+    assert evaluated == pytest.approx(log['best_test_map'], abs=0.005)
+
+
+def test_cached_and_online_clip_give_identical_runs(tiny_pascal, tmp_path, tiny_clip, text_features):
+    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features) + ['-l', 'EM_PL']
+    cached = main_clip.main(args + ['--run-name', 'cached'])
+    online = main_clip.main(args + ['--run-name', 'online', '--clip-mode', 'online'])
+    assert cached == online == 0
+    logs = [json.loads((tmp_path / 'results' / n / 'log.json').read_text()) for n in ('cached', 'online')]
+    assert logs[0]['values'] == logs[1]['values']
+    assert list((tmp_path / 'cache').glob('*.npy'))  # the cache was written
+
+
+def test_same_seed_repeats_and_another_seed_differs(tiny_pascal, tmp_path, tiny_clip, text_features):
+    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features, epochs=1) + ['-l', 'EM_PL']
+    for name, seed in (('a', '0'), ('b', '0'), ('c', '1')):
+        assert main_clip.main(args + ['--run-name', name, '-s', seed]) == 0
+    preds = {n: np.load(tmp_path / 'results' / n / 'test_preds_best.npy') for n in 'abc'}
+    assert np.array_equal(preds['a'], preds['b'])
+    assert not np.array_equal(preds['a'], preds['c'])
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_clip, text_features):
+    data = write_pascal_like(tmp_path / 'data', num_train=400, num_val=40, seed=1)
+    args = base_args(data, tmp_path, tiny_clip, text_features, epochs=3) + ['-l', 'EM_PL']
+    cmd = [sys.executable, '-u', str(REPO / 'main_clip.py')] + args
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    subprocess.run(cmd + ['--run-name', 'full'], cwd=REPO, env=env, check=True, capture_output=True)
+
+    proc = subprocess.Popen(cmd + ['--run-name', 'killed'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # kill during epoch 2, after epoch 1's checkpoint
+        if line.startswith('checkpoint: ') and line.rstrip().endswith('(epoch 1)'):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = tmp_path / 'results' / 'killed'
+    assert torch.load(killed / 'last.pt', weights_only=True)['epoch'] == 1
+    resumed = subprocess.run([sys.executable, str(REPO / 'main_clip.py'), '--resume', str(killed),
+                              '--num-workers', '0'], cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 'Resuming' in resumed.stdout
+    full = json.loads((tmp_path / 'results' / 'full' / 'log.json').read_text())
+    again = json.loads((killed / 'log.json').read_text())
+    assert full['values'] == again['values']
+    assert np.array_equal(np.load(tmp_path / 'results' / 'full' / 'test_preds_best.npy'),
+                          np.load(killed / 'test_preds_best.npy'))
+
+
+def test_resume_refuses_changed_settings_and_finished_runs(tiny_pascal, tmp_path, tiny_clip, text_features, capsys):
+    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features, epochs=1) + ['-l', 'an']
+    assert main_clip.main(args) == 0
+    run_dir = tmp_path / 'results' / 'pascal_an_small_cnn_s0'
+    capsys.readouterr()
+    assert main_clip.main(args) == 2  # the same command again would overwrite the run
+    assert '--resume' in capsys.readouterr().err
+    assert main_clip.main(['--resume', str(run_dir), '--lr', '0.5']) == 2
+    err = capsys.readouterr().err
+    assert 'lr' in err and '\n' not in err.strip()
+    assert main_clip.main(['--resume', str(run_dir)]) == 2
+    assert 'finished' in capsys.readouterr().err
+
+
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path, capsys):
+    junk = tmp_path / 'junk.pt'
+    junk.write_bytes(b'not a checkpoint at all')
+    assert main_clip.main(['--evaluate', str(junk)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(junk) in err and '\n' not in err
+    malicious = tmp_path / 'pickle.pt'
+    torch.save({'model': {}, 'config': {}, 'epoch': 1, 'payload': object()}, malicious)
+    assert main_clip.main(['--evaluate', str(malicious)]) == 2  # weights_only refuses arbitrary objects
+    assert str(malicious) in capsys.readouterr().err
+
+
+def test_missing_data_names_the_command_to_run(tmp_path, capsys):
+    assert main_clip.main(['-d', 'coco', '--data-root', str(tmp_path), '-l', 'an', '--results-dir',
+                           str(tmp_path / 'r')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'format_coco.py' in err and '\n' not in err
+
+
+@pytest.mark.parametrize('flags, reason', [
+    (['-th', '1.5'], 'threshold'), (['-th', '0'], 'threshold'), (['-t', '0'], 'temp'),
+    (['-p', '1.0'], 'partial'), (['-p', '-0.1'], 'partial'), (['--epochs', '0'], 'epochs'),
+    (['-l', 'role'], 'loss'), (['-l', 'EM_PL', '--warmup-epoch', '10'], 'warmup'),
+])
+def test_parser_refuses_out_of_range_flags(flags, reason, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_clip.parse_args(flags)
+    assert exc.value.code == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_nonfinite_loss_stops_with_epoch_and_batch(tiny_pascal, tmp_path, tiny_clip, text_features, capsys):
+    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features, epochs=1) + ['-l', 'an', '--lr', '1e30']
+    assert main_clip.main(args) == 2
+    err = capsys.readouterr().err
+    assert 'non-finite loss at epoch 1, batch' in err

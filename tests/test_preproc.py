@@ -1,0 +1,459 @@
+"""preproc/: the format scripts on tiny raw-format fixtures, and the observed-label sampling.
+
+Expected arrays are written out by hand from the fixtures; the observed-label stream is
+re-derived here from numpy's RandomState with an explicit loop.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from preproc import format_coco, format_cub, format_nuswide, format_pascal, generate_observed_labels
+from preproc.generate_observed_labels import generate_observed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(folder, phase):
+    images = np.load(folder / f"formatted_{phase}_images.npy", allow_pickle=False)
+    labels = np.load(folder / f"formatted_{phase}_labels.npy", allow_pickle=False)
+    return images, labels
+
+
+def rows(num_classes, *positives):
+    """Label matrix with a 1 at each listed column of each row."""
+    matrix = np.zeros((len(positives), num_classes))
+    for r, cols in enumerate(positives):
+        matrix[r, list(cols)] = 1.0
+    return matrix
+
+
+def assert_cli_error(capsys, main, argv, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def run_format(module, raw, out, *extra):
+    assert module.main(["--load-path", str(raw), "--save-path", str(out), *extra]) == 0
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ---------------------------------------------------------------- PASCAL VOC
+
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+
+# phase -> listed image ids (file order) and the labels that are not -1: {(image, class): 0 or 1}
+VOC = {
+    "train": (["2009_000001", "2008_000010", "2008_000002", "2008_000100", "2008_000003"], {
+        ("2009_000001", "dog"): 1, ("2009_000001", "person"): 1,
+        ("2008_000010", "aeroplane"): 1,
+        ("2008_000002", "tvmonitor"): 1, ("2008_000002", "chair"): 1, ("2008_000002", "sofa"): 0,
+        ("2008_000100", "cat"): 0,  # only "difficult": no positive, left out
+        ("2008_000003", "person"): 1, ("2008_000003", "bicycle"): 0,
+    }),
+    "val": (["2010_000005", "2007_000033", "2011_000001"], {
+        ("2010_000005", "bird"): 1,
+        ("2007_000033", "aeroplane"): 1, ("2007_000033", "tvmonitor"): 1,
+        ("2011_000001", "horse"): 0,
+    }),
+}
+
+
+@pytest.fixture
+def voc_root(tmp_path):
+    main = tmp_path / "raw" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main"
+    main.mkdir(parents=True)
+    for phase, (ids, labels) in VOC.items():
+        for name in VOC_CLASSES:
+            # VOC writes "<id> -1" with one space and "<id>  1" / "<id>  0" with two.
+            lines = [f"{i} -1" if labels.get((i, name), -1) == -1 else f"{i}  {labels[(i, name)]}"
+                     for i in ids]
+            (main / f"{name}_{phase}.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path / "raw"
+
+
+def test_format_pascal(voc_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_format(format_pascal, voc_root, out)
+    assert "1 without a positive label left out" in capsys.readouterr().out
+    images, labels = load(out, "train")
+    assert images.dtype.kind == "U"
+    assert images.tolist() == ["2008_000002.jpg", "2008_000003.jpg", "2008_000010.jpg", "2009_000001.jpg"]
+    # chair 8, tvmonitor 19 | person 14 | aeroplane 0 | dog 11, person 14
+    np.testing.assert_array_equal(labels, rows(20, [8, 19], [14], [0], [11, 14]))
+    assert labels.dtype == np.float64
+    images, labels = load(out, "val")
+    assert images.tolist() == ["2007_000033.jpg", "2010_000005.jpg"]
+    np.testing.assert_array_equal(labels, rows(20, [0, 19], [2]))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "formatted_train_images.npy", "formatted_train_labels.npy",
+        "formatted_val_images.npy", "formatted_val_labels.npy"]
+
+
+def test_format_pascal_runs_as_script(voc_root, tmp_path):
+    out = tmp_path / "script-out"
+    result = subprocess.run([sys.executable, "preproc/format_pascal.py", "--load-path", str(voc_root),
+                             "--save-path", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert load(out, "val")[0].tolist() == ["2007_000033.jpg", "2010_000005.jpg"]
+    result = subprocess.run([sys.executable, "preproc/format_pascal.py", "--load-path",
+                             str(tmp_path / "nothing")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "VOCtrainval_11-May-2012.tar" in result.stderr
+
+
+def test_format_pascal_bad_input(voc_root, tmp_path, capsys):
+    argv = ["--load-path", str(voc_root), "--save-path", str(tmp_path / "out")]
+    main_dir = voc_root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main"
+    assert format_pascal.main(argv) == 0
+    capsys.readouterr()
+    good = snapshot(tmp_path / "out")
+
+    cow = main_dir / "cow_val.txt"
+    cow.write_text("2010_000005 -1\n2007_000033  2\n2011_000001 -1\n")
+    assert_cli_error(capsys, format_pascal.main, argv, f"{cow}:2", "not one of [-1, 0, 1]")
+    cow.write_text("2010_000005 -1\n2007_000033 -1 extra\n2011_000001 -1\n")
+    assert_cli_error(capsys, format_pascal.main, argv, f"{cow}:2", "malformed line")
+    cow.write_text("2010_000005 -1\n2007_000033 -1\n")
+    assert_cli_error(capsys, format_pascal.main, argv, str(cow), "not the same")
+    cow.unlink()
+    assert_cli_error(capsys, format_pascal.main, argv, f"{cow} not found", "VOCtrainval_11-May-2012.tar")
+    # the failed runs left the earlier output untouched, with no temporary files
+    assert snapshot(tmp_path / "out") == good
+
+
+# ---------------------------------------------------------------- COCO
+
+COCO_CATEGORIES = [{"id": 5, "name": "airplane"}, {"id": 1, "name": "person"},
+                   {"id": 90, "name": "toothbrush"}]  # class index = position: 5->0, 1->1, 90->2
+
+
+def coco_json(image_ids, annotations, categories=COCO_CATEGORIES):
+    return {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in image_ids],
+            "annotations": [{"id": n, "image_id": i, "category_id": c, "bbox": [0, 0, 1, 1]}
+                            for n, (i, c) in enumerate(annotations)],
+            "categories": categories}
+
+
+@pytest.fixture
+def coco_root(tmp_path):
+    ann = tmp_path / "raw" / "annotations"
+    ann.mkdir(parents=True)
+    # image 7 has no annotation; 100 sorts before 25 and 9 as a string
+    train = coco_json([25, 100, 7, 9], [(25, 1), (100, 90), (100, 1), (9, 5), (100, 1)])
+    val = coco_json([3, 1000], [(1000, 5), (3, 90)])
+    (ann / "instances_train2014.json").write_text(json.dumps(train))
+    (ann / "instances_val2014.json").write_text(json.dumps(val))
+    return tmp_path / "raw"
+
+
+def test_format_coco(coco_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_format(format_coco, coco_root, out)
+    assert "1 listed images without annotation left out" in capsys.readouterr().out
+    images, labels = load(out, "train")
+    assert images.tolist() == ["train2014/COCO_train2014_000000000100.jpg",
+                               "train2014/COCO_train2014_000000000025.jpg",
+                               "train2014/COCO_train2014_000000000009.jpg"]
+    np.testing.assert_array_equal(labels, rows(3, [1, 2], [1], [0]))
+    images, labels = load(out, "val")
+    assert images.tolist() == ["val2014/COCO_val2014_000000001000.jpg",
+                               "val2014/COCO_val2014_000000000003.jpg"]
+    np.testing.assert_array_equal(labels, rows(3, [0], [2]))
+
+
+def test_format_coco_bad_input(coco_root, tmp_path, capsys):
+    argv = ["--load-path", str(coco_root), "--save-path", str(tmp_path / "out")]
+    val = coco_root / "annotations" / "instances_val2014.json"
+    val.write_text(json.dumps(coco_json([3], [(3, 90)], COCO_CATEGORIES[::-1])))
+    assert_cli_error(capsys, format_coco.main, argv, str(val), "categories list differs")
+    val.write_text(json.dumps(coco_json([3], [(3, 2)])))
+    assert_cli_error(capsys, format_coco.main, argv, str(val), "annotations[0]", "category_id 2")
+    val.write_text(json.dumps(coco_json([3], [(4, 90)])))
+    assert_cli_error(capsys, format_coco.main, argv, "refers to image 4")
+    val.write_text('{"categories": [],\n "annotations": [,]}')
+    assert_cli_error(capsys, format_coco.main, argv, f"{val}:2", "not valid JSON")
+    val.unlink()
+    assert_cli_error(capsys, format_coco.main, argv, f"{val} not found", "annotations_trainval2014.zip")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- CUB
+
+CUB_IMAGES = [  # id, path, is_train, is_present of the 4 attributes
+    (1, "001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg", 1, [1, 0, 0, 1]),
+    (2, "001.Black_footed_Albatross/Black_Footed_Albatross_0009_34.jpg", 0, [0, 0, 0, 0]),
+    (3, "002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg", 1, [0, 1, 1, 0]),
+    (4, "200.Common_Yellowthroat/Common_Yellowthroat_0003_190521.jpg", 0, [1, 1, 1, 1]),
+    (5, "002.Laysan_Albatross/Laysan_Albatross_0001_545.jpg", 1, [0, 0, 1, 0]),
+]
+
+
+@pytest.fixture
+def cub_root(tmp_path):
+    root = tmp_path / "raw"
+    cub = root / "CUB_200_2011"
+    (cub / "attributes").mkdir(parents=True)
+    (root / "attributes.txt").write_text(
+        "1 has_bill_shape::curved_(up_or_down)\n2 has_bill_shape::dagger\n"
+        "3 has_wing_color::blue\n4 has_wing_color::brown\n")
+    (cub / "images.txt").write_text("".join(f"{i} {p}\n" for i, p, _, _ in CUB_IMAGES))
+    (cub / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, t, _ in CUB_IMAGES))
+    lines = [f"{i} {a + 1} {v} 3 {2.5 + a}" for i, _, _, vs in CUB_IMAGES for a, v in enumerate(vs)]
+    lines[6] += " 0"  # the real file has a few lines with extra fields
+    (cub / "attributes" / "image_attribute_labels.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_format_cub(cub_root, tmp_path):
+    out = tmp_path / "out"
+    run_format(format_cub, cub_root, out)
+    images, labels = load(out, "train")
+    assert images.tolist() == ["001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg",
+                               "002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg",
+                               "002.Laysan_Albatross/Laysan_Albatross_0001_545.jpg"]
+    np.testing.assert_array_equal(labels, [[1, 0, 0, 1], [0, 1, 1, 0], [0, 0, 1, 0]])
+    images, labels = load(out, "val")
+    assert images.tolist() == ["001.Black_footed_Albatross/Black_Footed_Albatross_0009_34.jpg",
+                               "200.Common_Yellowthroat/Common_Yellowthroat_0003_190521.jpg"]
+    np.testing.assert_array_equal(labels, [[0, 0, 0, 0], [1, 1, 1, 1]])
+
+
+def test_format_cub_bad_input(cub_root, tmp_path, capsys):
+    argv = ["--load-path", str(cub_root), "--save-path", str(tmp_path / "out")]
+    labels_file = cub_root / "CUB_200_2011" / "attributes" / "image_attribute_labels.txt"
+    good_labels = labels_file.read_text()
+    lines = good_labels.splitlines()
+    labels_file.write_text("\n".join(lines[:-1]) + "\n")
+    assert_cli_error(capsys, format_cub.main, argv, "no label for image 5 attribute 4")
+    labels_file.write_text("\n".join(lines[:3] + ["1 4 yes 3 1.0"] + lines[4:]) + "\n")
+    assert_cli_error(capsys, format_cub.main, argv, f"{labels_file}:4", "expected integers")
+    labels_file.write_text("\n".join(lines + ["5 4 1 3 9.0"]) + "\n")
+    assert_cli_error(capsys, format_cub.main, argv, f"{labels_file}:21", "labelled twice")
+    labels_file.write_text(good_labels)
+    split_file = cub_root / "CUB_200_2011" / "train_test_split.txt"
+    split_file.write_text("1 1\n2 0\n3 1\n4 0\n")
+    assert_cli_error(capsys, format_cub.main, argv, str(split_file), "covers 4 images", "lists 5")
+    # attributes.txt belongs at the archive root, beside CUB_200_2011/
+    (cub_root / "attributes.txt").rename(cub_root / "CUB_200_2011" / "attributes.txt")
+    assert_cli_error(capsys, format_cub.main, argv, f"{cub_root / 'attributes.txt'} not found",
+                     "beside CUB_200_2011/")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- NUS-WIDE
+
+NUS_CONCEPTS = ["animal", "sky", "water"]
+NUS = {  # list name -> (list line, on disk, labels of the 3 concepts)
+    "Train": [("actor\\0001_2124494179.jpg", True, [1, 0, 1]),
+              ("actor\\0002_174174086.jpg", True, [0, 0, 0]),
+              ("beach\\0003_1.jpg", False, [0, 1, 0]),
+              ("beach\\0004_2.jpg", True, [0, 0, 1])],
+    "Test": [("sunset\\0001_9.jpg", True, [0, 1, 0]),
+             ("sunset\\0002_8.jpg", True, [0, 0, 0])],
+}
+
+
+@pytest.fixture
+def nus_root(tmp_path):
+    root = tmp_path / "raw"
+    (root / "ImageList").mkdir(parents=True)
+    (root / "Groundtruth" / "TrainTestLabels").mkdir(parents=True)
+    # NUS-WIDE's files come from Windows: CRLF line ends
+    (root / "Concepts81.txt").write_bytes("".join(c + "\r\n" for c in NUS_CONCEPTS).encode())
+    for name, entries in NUS.items():
+        (root / "ImageList" / f"{name}Imagelist.txt").write_bytes(
+            "".join(line + "\r\n" for line, _, _ in entries).encode())
+        for k, concept in enumerate(NUS_CONCEPTS):
+            (root / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_{name}.txt").write_bytes(
+                "".join(f"{labels[k]}\r\n" for _, _, labels in entries).encode())
+        for line, on_disk, _ in entries:
+            if on_disk:
+                path = root / "Flickr" / line.replace("\\", "/")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"jpeg")
+    return root
+
+
+def test_format_nuswide_default_drops_missing_and_unlabelled(nus_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_format(format_nuswide, nus_root, out)
+    report = capsys.readouterr().out.splitlines()
+    assert "4 listed, 1 missing" in report[0] and "1 with no label (left out)" in report[0]
+    assert "2 listed, 0 missing" in report[1] and "1 with no label (left out)" in report[1]
+    images, labels = load(out, "train")
+    assert images.tolist() == ["actor/0001_2124494179.jpg", "beach/0004_2.jpg"]
+    np.testing.assert_array_equal(labels, [[1, 0, 1], [0, 0, 1]])
+    images, labels = load(out, "val")
+    assert images.tolist() == ["sunset/0001_9.jpg"]
+    np.testing.assert_array_equal(labels, [[0, 1, 0]])
+
+
+def test_format_nuswide_keep_unlabelled(nus_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_format(format_nuswide, nus_root, out, "--no-label", "keep")
+    assert "1 with no label (kept)" in capsys.readouterr().out
+    images, labels = load(out, "train")
+    assert images.tolist() == ["actor/0001_2124494179.jpg", "actor/0002_174174086.jpg", "beach/0004_2.jpg"]
+    np.testing.assert_array_equal(labels, [[1, 0, 1], [0, 0, 0], [0, 0, 1]])
+    images, labels = load(out, "val")
+    assert images.tolist() == ["sunset/0001_9.jpg", "sunset/0002_8.jpg"]
+    np.testing.assert_array_equal(labels, [[0, 1, 0], [0, 0, 0]])
+
+
+def test_format_nuswide_bad_input(nus_root, tmp_path, capsys):
+    argv = ["--load-path", str(nus_root), "--save-path", str(tmp_path / "out")]
+    assert_cli_error(capsys, format_nuswide.main, argv + ["--missing-images", "error"],
+                     "1 images of", "TrainImagelist.txt", "beach/0003_1.jpg", "--missing-images drop")
+    sky = nus_root / "Groundtruth" / "TrainTestLabels" / "Labels_sky_Test.txt"
+    sky.write_text("1\n2\n")
+    assert_cli_error(capsys, format_nuswide.main, argv, f"{sky}:2", "not one of [0, 1]")
+    sky.write_text("1\n0\n0\n")
+    assert_cli_error(capsys, format_nuswide.main, argv, str(sky), "has 3 labels", "has 2 images")
+    sky.unlink()
+    assert_cli_error(capsys, format_nuswide.main, argv, f"{sky} not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_format_nuswide_needs_images(nus_root, tmp_path, capsys):
+    import shutil
+    shutil.rmtree(nus_root / "Flickr")
+    argv = ["--load-path", str(nus_root), "--save-path", str(tmp_path / "out")]
+    assert_cli_error(capsys, format_nuswide.main, argv, f"{nus_root / 'Flickr'} not found", "Flickr.zip")
+
+
+# ---------------------------------------------------------------- observed labels
+
+def observed_by_loop(labels, num_pos, num_neg, seed):
+    """REFERENCE 3 written independently: permutation(n) consumes the same draws as shuffling n items."""
+    rng = np.random.RandomState(seed)
+    out = np.zeros(labels.shape)
+    for i in range(labels.shape[0]):
+        pos = [k for k in range(labels.shape[1]) if labels[i, k] == 1]
+        pos = [pos[j] for j in rng.permutation(len(pos))]
+        neg = [k for k in range(labels.shape[1]) if labels[i, k] == 0]
+        neg = [neg[j] for j in rng.permutation(len(neg))]
+        for k in (pos if num_pos == -1 else pos[:num_pos]):
+            out[i, k] = 1
+        for k in (neg if num_neg == -1 else neg[:num_neg]):
+            out[i, k] = -1
+    return out
+
+
+@pytest.fixture
+def label_matrix():
+    labels = (np.random.RandomState(7).rand(40, 9) < 0.35).astype(np.float64)
+    labels[3] = 0  # a row without positives
+    labels[5] = 1  # a row without negatives
+    return labels
+
+
+@pytest.mark.parametrize("num_pos, num_neg, seed", [(1, 0, 1200), (2, 1, 1200), (-1, -1, 3), (0, 3, 1200)])
+def test_generate_observed_matches_randomstate(label_matrix, num_pos, num_neg, seed):
+    observed = generate_observed(label_matrix, num_pos, num_neg, seed)
+    assert observed.dtype == np.float32
+    np.testing.assert_array_equal(observed, observed_by_loop(label_matrix, num_pos, num_neg, seed))
+
+
+def test_generate_observed_single_positive(label_matrix):
+    observed = generate_observed(label_matrix)
+    has_positive = label_matrix.sum(axis=1) > 0
+    np.testing.assert_array_equal((observed == 1).sum(axis=1), has_positive.astype(int))
+    assert (observed >= 0).all() and (label_matrix[observed == 1] == 1).all()
+    # the negatives are shuffled even for num_neg=0: skipping that draw gives another stream
+    rng = np.random.RandomState(1200)
+    skipping = np.zeros_like(observed)
+    for i, row in enumerate(label_matrix):
+        pos = np.flatnonzero(row == 1)
+        if len(pos):
+            skipping[i, pos[rng.permutation(len(pos))[0]]] = 1
+    assert not np.array_equal(observed, skipping)
+
+
+def test_generate_observed_rejects_bad_input():
+    with pytest.raises(ValueError, match="0/1"):
+        generate_observed(np.array([[1, -1]]))
+    with pytest.raises(ValueError, match="num_neg"):
+        generate_observed(np.array([[1, 0]]), 1, -2)
+
+
+def test_generate_observed_labels_cli(tmp_path, capsys):
+    folder = tmp_path / "pascal"
+    folder.mkdir()
+    rng = np.random.RandomState(11)
+    train = (rng.rand(12, 20) < 0.2).astype(np.float64)
+    val = (rng.rand(6, 20) < 0.2).astype(np.float64)
+    np.save(folder / "formatted_train_labels.npy", train)
+    np.save(folder / "formatted_val_labels.npy", val)
+    argv = ["--dataset", "pascal", "--data-root", str(tmp_path)]
+    assert generate_observed_labels.main(argv) == 0
+    assert "pascal train: 12 images" in capsys.readouterr().out
+    for phase, labels in (("train", train), ("val", val)):
+        observed = np.load(folder / f"formatted_{phase}_labels_obs.npy", allow_pickle=False)
+        assert observed.dtype == np.float64  # the labels' dtype, as the original writes
+        # a fresh RandomState(1200) per phase
+        np.testing.assert_array_equal(observed, observed_by_loop(labels, 1, 0, 1200))
+
+    assert generate_observed_labels.main(argv + ["--num-pos", "-1", "--num-neg", "2", "--seed", "5"]) == 0
+    observed = np.load(folder / "formatted_val_labels_obs.npy", allow_pickle=False)
+    np.testing.assert_array_equal(observed, observed_by_loop(val, -1, 2, 5))
+
+    good = snapshot(folder)
+    np.save(folder / "formatted_val_labels.npy", np.zeros((6, 19)))
+    assert_cli_error(capsys, generate_observed_labels.main, argv, "formatted_val_labels.npy", "(N, 20)")
+    (folder / "formatted_val_labels.npy").unlink()
+    assert_cli_error(capsys, generate_observed_labels.main, argv, "formatted_val_labels.npy not found",
+                     "format_pascal.py")
+    del good["formatted_val_labels.npy"]
+    assert snapshot(folder) == good  # train observations were not rewritten by the failed runs
+    assert_cli_error(capsys, generate_observed_labels.main, argv + ["--num-neg", "-3"], "--num-neg")
+
+
+def test_generate_observed_labels_runs_as_script(tmp_path):
+    (tmp_path / "demo").mkdir()
+    result = subprocess.run([sys.executable, "preproc/generate_observed_labels.py", "--dataset", "demo",
+                             "--data-root", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "python main_clip.py -d demo" in result.stderr
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def test_save_arrays_keeps_old_files_when_a_write_fails(tmp_path, monkeypatch):
+    from preproc import _common
+    _common.save_arrays(tmp_path, {"a.npy": np.arange(3), "b.npy": np.ones(2)})
+    good = snapshot(tmp_path)
+    real_save, calls = np.save, []
+
+    def failing_save(f, array, **kwargs):
+        calls.append(array)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(f, array, **kwargs)
+
+    monkeypatch.setattr(_common.np, "save", failing_save)
+    with pytest.raises(_common.PreprocError, match="No space left on device"):
+        _common.save_arrays(tmp_path, {"a.npy": np.arange(5), "b.npy": np.zeros(2)})
+    assert snapshot(tmp_path) == good  # a.npy not replaced, no temporary file left
+
+
+@pytest.mark.parametrize("module, dataset", [(format_pascal, "pascal"), (format_coco, "coco"),
+                                             (format_cub, "cub"), (format_nuswide, "nuswide")])
+def test_format_help_names_defaults(module, dataset, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert help_text.count(f"(default: data/{dataset})") == 2
