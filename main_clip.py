@@ -374,14 +374,18 @@ def atomic_save(obj, path: Path) -> None:
     """
     import torch
     tmp = path.with_name(f'.{path.name}.tmp')
-    with open(tmp, 'wb') as f:
-        if isinstance(obj, np.ndarray):
-            np.save(f, obj)
-        else:
-            torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            if isinstance(obj, np.ndarray):
+                np.save(f, obj)
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk: drop the partial file, keep the previous one
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rng_state(sampler) -> dict:
@@ -439,15 +443,20 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
     if not resuming and (run_dir / 'last.pt').exists():
         raise UserError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, '
                         'or choose another --run-name')
+    ensure_writable(run_dir, '--results-dir')
+    ensure_writable(Path(cfg.cache_dir), '--cache-dir')
+    return run_dir
+
+
+def ensure_writable(folder: Path, flag: str) -> None:
+    """Fail before training, not after the first epoch, when a folder cannot be written."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / '.write-test'
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'.write-test-{os.getpid()}'
         probe.write_bytes(b'ok')
         probe.unlink()
     except OSError as e:
-        raise UserError(f'cannot write the results folder {run_dir}: {e.strerror}; '
-                        'choose a writable --results-dir') from None
-    return run_dir
+        raise UserError(f'cannot write to {folder}: {e.strerror}; choose a writable {flag}') from None
 
 
 def build_pseudo_labels(cfg: Config, clip_model, tokenizer, splits, train_eval_loader, device, num_classes):
@@ -624,6 +633,17 @@ def config_from_checkpoint(ckpt: dict, argv: list[str], path: Path, override_run
     return cfg
 
 
+def one_line(error: Exception) -> str:
+    """The user-facing message of an error, also when a DataLoader worker re-raised it with the
+    worker's traceback appended (its last line is then the original message)."""
+    text = str(error).strip()
+    if 'Original Traceback' in text:
+        text = text.splitlines()[-1]
+        prefix, sep, rest = text.partition(': ')
+        text = rest if sep and prefix.endswith('Error') else text
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def strip_flag(argv: list[str], flag: str) -> list[str]:
     out, skip = [], False
     for i, a in enumerate(argv):
@@ -658,8 +678,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         run(cfg, argv, resume)
         return 0
     except (UserError, datasets.DataError, models.ModelLoadError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a full disk while writing a checkpoint: the previous one is intact
+        where = f' {e.filename}' if e.filename else ''
+        print(f'error: cannot read or write{where}: {e.strerror or e}; the last complete checkpoint is kept',
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print('\ninterrupted: checkpoints are written atomically, so the last complete epoch is kept; '
               'continue with --resume RUN_DIR', file=sys.stderr)
