@@ -39,7 +39,6 @@ DATASET_SETTINGS = {
 }
 DEFAULTS = dict(image_size=448, model='resnet50', epochs=10,
                 clip_model='ViT-L-14-336', clip_pretrained='openai')
-EXPECTED_NUM_POS = {'pascal': 1.5, 'coco': 2.9, 'nuswide': 1.9, 'cub': 31.4, 'demo': 2.5}
 NUMPY_SEED = 1200
 
 
@@ -80,9 +79,10 @@ class Config:
 
     def hparams(self, num_classes: int) -> dict:
         """The loss hyper-parameters under the original's names (losses.compute_batch_loss)."""
+        import losses
         return dict(alpha=self.alpha, beta=self.beta, beta_pos=self.beta_pos, beta_neg=self.beta_neg,
                     positive=2, negative=4, unknown=4, warmup_epoch=self.warmup_epoch, ls_coef=0.1,
-                    expected_num_pos=EXPECTED_NUM_POS[self.dataset], num_classes=num_classes)
+                    expected_num_pos=losses.EXPECTED_NUM_POS[self.dataset], num_classes=num_classes)
 
 
 # Settings a resumed run may change without changing its results.
@@ -90,12 +90,21 @@ RESUMABLE_CHANGES = {'num_workers', 'device', 'results_dir', 'cache_dir', 'data_
                      'run_dir', 'skip_bad_images'}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' unless the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        if 'default' in (action.help or '') or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import losses
     import models
     p = argparse.ArgumentParser(
         description='VLPL: single-positive multi-label training with CLIP pseudo-labels.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument('-d', '--dataset', default='pascal', choices=sorted(DATASET_SETTINGS),
                    help='dataset under --data-root; "demo" is generated offline on first use')
     p.add_argument('-l', '--loss', default='EM_PL', choices=sorted(losses.LOSSES), help='training loss')
@@ -133,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--text-features', default=None,
                    help='(K, D) .npy of class text features (default: computed with the CLIP model and cached '
                         'under text_features/)')
-    p.add_argument('--backbone-weights', default=None, help='local weights file for the backbone')
-    p.add_argument('--no-pretrained', action='store_true', help='random initialisation of the backbone')
-    p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (losses stay float32)')
+    p.add_argument('--backbone-weights', default=None, help='local weights file for the backbone (default: download the published weights)')
+    p.add_argument('--no-pretrained', action='store_true', help='random initialisation of the backbone (default: ImageNet weights)')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (losses stay float32; default: float32)')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format (CNNs on GPU)')
     p.add_argument('--skip-bad-images', action='store_true',
                    help='skip unreadable images (reported) instead of stopping')
@@ -143,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--beta-pos', type=float, default=None, help='weight of positive pseudo-labels (default 0.7)')
     p.add_argument('--warmup-epoch', type=int, default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
-    p.add_argument('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR')
+    p.add_argument('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR from its last complete epoch; other flags may change only '
+                        'the device, workers and folders')
     p.add_argument('--evaluate', default=None, metavar='CHECKPOINT',
                    help='only compute the test metrics of a saved checkpoint')
     return p
@@ -242,14 +252,23 @@ CLEAN_LABEL_LOSSES = {'bce', 'bce_ls'}
 
 
 def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int):
-    """(K, D) normalised class text features: --text-features, or computed once and cached."""
+    """(K, D) normalised class text features: --text-features, or computed once and cached.
+
+    A computed file has a key file beside it (CLIP model, weights identity, class names), so new
+    weights under the same file name, e.g. a regenerated demo CLIP, are never paired with stale text.
+    """
     import models
-    path = Path(cfg.text_features) if cfg.text_features else models.default_text_features_path(
-        cfg.dataset, cfg.clip_model, cfg.clip_pretrained)
-    if cfg.text_features is None and not path.exists():
+    if cfg.text_features:
+        return models.load_text_features(cfg.text_features, num_classes)
+    path = models.default_text_features_path(cfg.dataset, cfg.clip_model, cfg.clip_pretrained)
+    classnames = models.read_classnames(cfg.dataset)
+    key = dict(clip_model=cfg.clip_model, weights=models.weights_identity(cfg.clip_pretrained),
+               classnames=classnames)
+    key_path = path.with_suffix('.json')
+    if not (path.exists() and key_path.exists() and json.loads(key_path.read_text()) == key):
         print(f'Computing text features of {cfg.dataset} with {cfg.clip_model} -> {path}')
-        feats = models.compute_text_features(clip_model, tokenizer, models.read_classnames(cfg.dataset))
-        models.save_text_features(path, feats)
+        models.save_text_features(path, models.compute_text_features(clip_model, tokenizer, classnames))
+        key_path.write_text(json.dumps(key, indent=1))
     return models.load_text_features(path, num_classes)
 
 

@@ -564,7 +564,7 @@ def load_text_features(path: str | os.PathLike, num_classes: int) -> torch.Tenso
 
 # --------------------------------------------------------------------------- embedding cache
 
-def _weights_identity(pretrained: str | None) -> dict:
+def weights_identity(pretrained: str | None) -> dict:
     """What identifies CLIP weights: the tag, or a local file's resolved path, size and mtime."""
     if pretrained is not None and _is_checkpoint_path(str(pretrained)) and Path(pretrained).is_file():
         stat = Path(pretrained).stat()
@@ -577,7 +577,7 @@ def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, cl
     """Everything a cached embedding depends on. A change of any entry selects another cache file."""
     return {'format': 1, 'dataset': dataset, 'image_root': str(Path(image_root).resolve()),
             'images_sha256': hashlib.sha256('\n'.join(map(str, images)).encode()).hexdigest(),
-            'num_images': len(images), 'clip_model': str(clip_model), 'weights': _weights_identity(clip_pretrained),
+            'num_images': len(images), 'clip_model': str(clip_model), 'weights': weights_identity(clip_pretrained),
             'image_size': int(image_size), 'clip_size': int(clip_size)}
 
 
