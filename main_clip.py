@@ -490,7 +490,7 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, splits, train_eval_l
     key = models.embedding_cache_key(
         dataset=cfg.dataset, image_root=train_eval_loader.dataset.root, images=splits['train'].images,
         clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, image_size=cfg.image_size,
-        clip_size=labeler.image_size)
+        clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32')
     emb = models.cached_embeddings(labeler, train_eval_loader, key, Path(cfg.cache_dir), device=device,
                                    amp=cfg.amp).to(device)  # (N, 2, D): unflipped, flipped
     quality = pseudo_label_quality(labeler.from_embeddings(emb[:, 0]).cpu().numpy(), splits['train'].labels_true)
@@ -572,6 +572,7 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
         if cfg.loss == 'EM_APL' and epoch >= cfg.warmup_epoch:
             preds = predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes, device,
                             f'epoch {epoch} APL')
+            preds = np.nan_to_num(preds, nan=1.0)  # a skipped image is never made a negative
             labels['obs'] = torch.as_tensor(losses.apl_update(
                 preds, labels['obs'].cpu().numpy(), unknown_counts, epoch=epoch, num_epochs=cfg.epochs,
                 warmup_epoch=cfg.warmup_epoch), dtype=torch.float32, device=device)

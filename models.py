@@ -573,12 +573,20 @@ def weights_identity(pretrained: str | None) -> dict:
 
 
 def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, clip_pretrained: str | None,
-                        image_size: int, clip_size: int) -> dict:
-    """Everything a cached embedding depends on. A change of any entry selects another cache file."""
+                        image_size: int, clip_size: int, precision: str = 'float32') -> dict:
+    """Everything a cached embedding depends on. A change of any entry selects another cache file.
+
+    precision: 'float32', or 'bf16' for a cache built under CUDA autocast (--amp). A JSON model
+    config is identified by its content too, so editing it in place invalidates the cache.
+    """
+    config = Path(str(clip_model))
+    config_sha = (hashlib.sha256(config.read_bytes()).hexdigest()
+                  if str(clip_model).endswith('.json') and config.is_file() else None)
     return {'format': 1, 'dataset': dataset, 'image_root': str(Path(image_root).resolve()),
             'images_sha256': hashlib.sha256('\n'.join(map(str, images)).encode()).hexdigest(),
-            'num_images': len(images), 'clip_model': str(clip_model), 'weights': weights_identity(clip_pretrained),
-            'image_size': int(image_size), 'clip_size': int(clip_size)}
+            'num_images': len(images), 'clip_model': str(clip_model), 'clip_config_sha256': config_sha,
+            'weights': weights_identity(clip_pretrained), 'image_size': int(image_size),
+            'clip_size': int(clip_size), 'precision': precision}
 
 
 def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str | os.PathLike, *,
@@ -605,7 +613,7 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
             array = np.load(path, allow_pickle=False)
             if stored_key == key and array.ndim == 3 and array.shape[:2] == (num_rows, 2):
                 return torch.from_numpy(array)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             pass  # unreadable or truncated: rebuilt below
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = None
@@ -629,6 +637,8 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
     try:
         with os.fdopen(fd, 'wb') as handle:
             np.save(handle, out)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,6 +16,16 @@ TINY_CLIP_CONFIG = {
 }
 
 
+@pytest.fixture(autouse=True, scope='session')
+def one_torch_thread():
+    """The tests' tensors are tiny: sharing each operation between threads costs far more than it
+    saves, and on a busy 2-core machine a second thread makes tiny operations ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def tiny_clip(tmp_path_factory) -> dict:
     """A randomly initialised open_clip model of a tiny custom config, saved like a real checkpoint."""
