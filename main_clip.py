@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -617,7 +616,6 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
 
 def evaluate(cfg: Config, ckpt: dict) -> float:
     """Test mAP of a saved model (no CLIP weights needed: the classifier carries its own)."""
-    import torch
     import datasets
     import models
     from metrics import compute_metrics

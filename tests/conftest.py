@@ -73,3 +73,23 @@ def write_pascal_like(root: Path, num_train: int, num_val: int, seed: int = 0, s
 @pytest.fixture(scope='session')
 def tiny_pascal(tmp_path_factory) -> Path:
     return write_pascal_like(tmp_path_factory.mktemp('data'), num_train=40, num_val=15)
+
+
+@pytest.fixture(scope='session')
+def tiny_text_features(tiny_clip, tmp_path_factory) -> str:
+    """Pascal class-name text features of the tiny CLIP, as a .npy file (for --text-features)."""
+    import models
+
+    clip, tokenizer = models.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    path = tmp_path_factory.mktemp('text') / 'pascal_tiny.npy'
+    models.save_text_features(path, models.compute_text_features(clip, tokenizer, models.read_classnames('pascal')))
+    return str(path)
+
+
+def tiny_run_args(data_root, tmp_path, tiny_clip, text_features, *, epochs: int = 2, workers: int = 0) -> list[str]:
+    """main_clip.py flags for a fast CPU run on a tiny pascal-shaped dataset and the tiny CLIP."""
+    return ['-d', 'pascal', '--data-root', str(data_root), '--results-dir', str(tmp_path / 'results'),
+            '--cache-dir', str(tmp_path / 'cache'), '-m', 'small_cnn', '--no-pretrained', '--image-size', '32',
+            '--epochs', str(epochs), '--batch-size', '8', '--lr', '1e-3', '--num-workers', str(workers),
+            '--device', 'cpu', '--clip-model', tiny_clip['config'], '--clip-pretrained',
+            tiny_clip['checkpoint'], '--text-features', text_features]

@@ -15,26 +15,9 @@ import torch
 
 import losses
 import main_clip
-import models
-from conftest import write_pascal_like
+from conftest import tiny_run_args, write_pascal_like
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module')
-def text_features(tiny_clip, tmp_path_factory) -> str:
-    clip, tokenizer = models.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
-    path = tmp_path_factory.mktemp('text') / 'pascal_tiny.npy'
-    models.save_text_features(path, models.compute_text_features(clip, tokenizer, models.read_classnames('pascal')))
-    return str(path)
-
-
-def base_args(data_root, tmp_path, tiny_clip, text_features, *, epochs=2) -> list[str]:
-    return ['-d', 'pascal', '--data-root', str(data_root), '--results-dir', str(tmp_path / 'results'),
-            '--cache-dir', str(tmp_path / 'cache'), '-m', 'small_cnn', '--no-pretrained', '--image-size', '32',
-            '--epochs', str(epochs), '--batch-size', '8', '--lr', '1e-3', '--num-workers', '0',
-            '--device', 'cpu', '--clip-model', tiny_clip['config'], '--clip-pretrained',
-            tiny_clip['checkpoint'], '--text-features', text_features]
 
 
 CLI_LOSSES = sorted(main_clip.build_parser()._option_string_actions['--loss'].choices)
@@ -46,8 +29,8 @@ def test_every_loss_of_the_library_is_on_the_command_line():
 
 
 @pytest.mark.parametrize('loss', CLI_LOSSES)
-def test_two_epochs_with_each_loss(loss, tiny_pascal, tmp_path, tiny_clip, text_features, capsys):
-    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features) + ['-l', loss]
+def test_two_epochs_with_each_loss(loss, tiny_pascal, tmp_path, tiny_clip, tiny_text_features, capsys):
+    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features) + ['-l', loss]
     if loss == 'EM_APL':
         args += ['--warmup-epoch', '1']  # its pseudo-labelling step then runs in epoch 1 and 2
     assert main_clip.main(args) == 0
@@ -79,8 +62,8 @@ def test_two_epochs_with_each_loss(loss, tiny_pascal, tmp_path, tiny_clip, text_
     assert evaluated == pytest.approx(log['best_test_map'], abs=0.005)
 
 
-def test_cached_and_online_clip_give_identical_runs(tiny_pascal, tmp_path, tiny_clip, text_features):
-    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features) + ['-l', 'EM_PL']
+def test_cached_and_online_clip_give_identical_runs(tiny_pascal, tmp_path, tiny_clip, tiny_text_features):
+    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features) + ['-l', 'EM_PL']
     cached = main_clip.main(args + ['--run-name', 'cached'])
     online = main_clip.main(args + ['--run-name', 'online', '--clip-mode', 'online'])
     assert cached == online == 0
@@ -89,8 +72,8 @@ def test_cached_and_online_clip_give_identical_runs(tiny_pascal, tmp_path, tiny_
     assert list((tmp_path / 'cache').glob('*.npy'))  # the cache was written
 
 
-def test_same_seed_repeats_and_another_seed_differs(tiny_pascal, tmp_path, tiny_clip, text_features):
-    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features, epochs=1) + ['-l', 'EM_PL']
+def test_same_seed_repeats_and_another_seed_differs(tiny_pascal, tmp_path, tiny_clip, tiny_text_features):
+    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=1) + ['-l', 'EM_PL']
     for name, seed in (('a', '0'), ('b', '0'), ('c', '1')):
         assert main_clip.main(args + ['--run-name', name, '-s', seed]) == 0
     preds = {n: np.load(tmp_path / 'results' / n / 'test_preds_best.npy') for n in 'abc'}
@@ -98,9 +81,9 @@ def test_same_seed_repeats_and_another_seed_differs(tiny_pascal, tmp_path, tiny_
     assert not np.array_equal(preds['a'], preds['c'])
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_clip, text_features):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_clip, tiny_text_features):
     data = write_pascal_like(tmp_path / 'data', num_train=400, num_val=40, seed=1)
-    args = base_args(data, tmp_path, tiny_clip, text_features, epochs=3) + ['-l', 'EM_PL']
+    args = tiny_run_args(data, tmp_path, tiny_clip, tiny_text_features, epochs=3) + ['-l', 'EM_PL']
     cmd = [sys.executable, '-u', str(REPO / 'main_clip.py')] + args
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
     subprocess.run(cmd + ['--run-name', 'full'], cwd=REPO, env=env, check=True, capture_output=True)
@@ -125,8 +108,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_clip, 
                           np.load(killed / 'test_preds_best.npy'))
 
 
-def test_resume_refuses_changed_settings_and_finished_runs(tiny_pascal, tmp_path, tiny_clip, text_features, capsys):
-    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features, epochs=1) + ['-l', 'an']
+def test_resume_refuses_changed_settings_and_finished_runs(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, capsys):
+    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=1) + ['-l', 'an']
     assert main_clip.main(args) == 0
     run_dir = tmp_path / 'results' / 'pascal_an_small_cnn_s0'
     capsys.readouterr()
@@ -170,8 +153,8 @@ def test_parser_refuses_out_of_range_flags(flags, reason, capsys):
     assert reason in capsys.readouterr().err
 
 
-def test_nonfinite_loss_stops_with_epoch_and_batch(tiny_pascal, tmp_path, tiny_clip, text_features, capsys):
-    args = base_args(tiny_pascal, tmp_path, tiny_clip, text_features, epochs=1) + ['-l', 'an', '--lr', '1e30']
+def test_nonfinite_loss_stops_with_epoch_and_batch(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, capsys):
+    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=1) + ['-l', 'an', '--lr', '1e30']
     assert main_clip.main(args) == 2
     err = capsys.readouterr().err
     assert 'non-finite loss at epoch 1, batch' in err

@@ -13,26 +13,13 @@ import pytest
 import torch
 
 import main_clip
-import models
-from conftest import write_pascal_like
+from conftest import tiny_run_args, write_pascal_like
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
-def text_features(tiny_clip, tmp_path_factory) -> str:
-    clip, tokenizer = models.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
-    path = tmp_path_factory.mktemp('text') / 'pascal_tiny.npy'
-    models.save_text_features(path, models.compute_text_features(clip, tokenizer, models.read_classnames('pascal')))
-    return str(path)
-
-
-def args_for(data_root, tmp_path, tiny_clip, text_features, *, epochs=1, workers=0) -> list[str]:
-    return ['-d', 'pascal', '--data-root', str(data_root), '--results-dir', str(tmp_path / 'results'),
-            '--cache-dir', str(tmp_path / 'cache'), '-m', 'small_cnn', '--no-pretrained', '--image-size', '32',
-            '--epochs', str(epochs), '--batch-size', '8', '--lr', '1e-3', '--num-workers', str(workers),
-            '--device', 'cpu', '--clip-model', tiny_clip['config'], '--clip-pretrained',
-            tiny_clip['checkpoint'], '--text-features', text_features, '-l', 'EM_PL']
+def args_for(data_root, tmp_path, tiny_clip, tiny_text_features, *, epochs=1, workers=0) -> list[str]:
+    return tiny_run_args(data_root, tmp_path, tiny_clip, tiny_text_features, epochs=epochs, workers=workers) + ['-l', 'EM_PL']
 
 
 def corrupt_one_train_image(data_root: Path) -> str:
@@ -44,20 +31,20 @@ def corrupt_one_train_image(data_root: Path) -> str:
 
 
 @pytest.mark.parametrize('workers', [0, 1])
-def test_unreadable_image_is_named_in_one_line(tmp_path, tiny_clip, text_features, capsys, workers):
+def test_unreadable_image_is_named_in_one_line(tmp_path, tiny_clip, tiny_text_features, capsys, workers):
     data = write_pascal_like(tmp_path / 'data', num_train=20, num_val=5)
     name = corrupt_one_train_image(data)
-    assert main_clip.main(args_for(data, tmp_path, tiny_clip, text_features, workers=workers)) == 2
+    assert main_clip.main(args_for(data, tmp_path, tiny_clip, tiny_text_features, workers=workers)) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and 'Traceback' not in err
     assert name in errors[0] and 'dataset pascal' in errors[0] and '--skip-bad-images' in errors[0]
 
 
-def test_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, tiny_clip, text_features, capsys):
+def test_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, tiny_clip, tiny_text_features, capsys):
     data = write_pascal_like(tmp_path / 'data', num_train=20, num_val=5)
     corrupt_one_train_image(data)
-    args = args_for(data, tmp_path, tiny_clip, text_features) + ['--skip-bad-images']
+    args = args_for(data, tmp_path, tiny_clip, tiny_text_features) + ['--skip-bad-images']
     assert main_clip.main(args) == 0
     out = capsys.readouterr().out
     skipped = [line for line in out.splitlines() if 'skipped 1 unreadable images' in line]
@@ -67,11 +54,11 @@ def test_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, tiny_clip, tex
 
 
 def test_labels_that_disagree_with_the_image_list_are_refused_before_training(tmp_path, tiny_clip,
-                                                                              text_features, capsys):
+                                                                              tiny_text_features, capsys):
     data = write_pascal_like(tmp_path / 'data', num_train=20, num_val=5)
     labels = np.load(data / 'pascal' / 'formatted_train_labels.npy')
     np.save(data / 'pascal' / 'formatted_train_labels.npy', labels[:-2])
-    assert main_clip.main(args_for(data, tmp_path, tiny_clip, text_features)) == 2
+    assert main_clip.main(args_for(data, tmp_path, tiny_clip, tiny_text_features)) == 2
     captured = capsys.readouterr()
     assert 'formatted_train_labels.npy' in captured.err and '\n' not in captured.err.strip()
     assert '[train]' not in captured.out
@@ -79,13 +66,13 @@ def test_labels_that_disagree_with_the_image_list_are_refused_before_training(tm
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason='root can write to read-only folders')
-def test_unwritable_results_folder_is_refused_before_training(tmp_path, tiny_pascal, tiny_clip, text_features,
+def test_unwritable_results_folder_is_refused_before_training(tmp_path, tiny_pascal, tiny_clip, tiny_text_features,
                                                               capsys):
     locked = tmp_path / 'locked'
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        args = args_for(tiny_pascal, tmp_path, tiny_clip, text_features) + ['--results-dir', str(locked)]
+        args = args_for(tiny_pascal, tmp_path, tiny_clip, tiny_text_features) + ['--results-dir', str(locked)]
         assert main_clip.main(args) == 2
         err = capsys.readouterr().err
         assert str(locked) in err and '--results-dir' in err
@@ -93,11 +80,11 @@ def test_unwritable_results_folder_is_refused_before_training(tmp_path, tiny_pas
         locked.chmod(0o700)
 
 
-def test_results_path_that_is_a_file_is_refused_before_training(tmp_path, tiny_pascal, tiny_clip, text_features,
+def test_results_path_that_is_a_file_is_refused_before_training(tmp_path, tiny_pascal, tiny_clip, tiny_text_features,
                                                                 capsys):
     blocker = tmp_path / 'results_file'
     blocker.write_text('not a folder')
-    args = args_for(tiny_pascal, tmp_path, tiny_clip, text_features) + ['--results-dir', str(blocker)]
+    args = args_for(tiny_pascal, tmp_path, tiny_clip, tiny_text_features) + ['--results-dir', str(blocker)]
     assert main_clip.main(args) == 2
     captured = capsys.readouterr()
     assert str(blocker) in captured.err and '--results-dir' in captured.err
@@ -105,9 +92,9 @@ def test_results_path_that_is_a_file_is_refused_before_training(tmp_path, tiny_p
     assert blocker.read_text() == 'not a folder'
 
 
-def test_ctrl_c_keeps_the_last_checkpoint_usable(tmp_path, tiny_clip, text_features):
+def test_ctrl_c_keeps_the_last_checkpoint_usable(tmp_path, tiny_clip, tiny_text_features):
     data = write_pascal_like(tmp_path / 'data', num_train=400, num_val=40, seed=2)
-    args = args_for(data, tmp_path, tiny_clip, text_features, epochs=3)
+    args = args_for(data, tmp_path, tiny_clip, tiny_text_features, epochs=3)
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
     proc = subprocess.Popen([sys.executable, '-u', str(REPO / 'main_clip.py')] + args, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
