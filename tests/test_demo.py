@@ -1,0 +1,206 @@
+"""Tests of preproc/make_demo.py: the synthetic demo dataset and its tiny CLIP.
+
+Small sizes throughout (tens of pictures, one short CLIP epoch), except the quality test, which
+trains the tiny CLIP at a moderate size and checks its zero-shot pseudo-labels through the same
+public path the training script uses (datasets.load_splits -> MultiLabelImages ->
+models.load_clip -> compute_text_features -> PseudoLabeler).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from preproc import make_demo
+from preproc.generate_observed_labels import generate_observed
+
+K = len(make_demo.DEMO_CLASSES)
+SMALL = dict(num_train=60, num_test=20, num_clip_pairs=64, clip_epochs=1)
+NPY_FILES = [f"formatted_{phase}_{kind}.npy" for phase in ("train", "val")
+             for kind in ("images", "labels", "labels_obs")]
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    """Relative path -> mtime_ns of every file and folder under root."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def read_pixels(demo_dir: Path, phase: str) -> np.ndarray:
+    paths = np.load(demo_dir / f"formatted_{phase}_images.npy")
+    return np.stack([np.asarray(Image.open(demo_dir / "images" / p)) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> dict[str, Path]:
+    """Three small demos: seed 0 twice (in different folders) and seed 1."""
+    roots = {}
+    for key, seed in (("a", 0), ("b", 0), ("other", 1)):
+        root = tmp_path_factory.mktemp(f"demo_{key}")
+        make_demo.ensure_demo(root, seed=seed, progress=False, **SMALL)
+        roots[key] = root
+    return roots
+
+
+def test_class_names_are_distinct_and_match_the_text_file():
+    import models
+
+    path = Path(make_demo.__file__).resolve().parents[1] / "text_features" / "demo_classnames.txt"
+    assert path.read_text(encoding="utf-8").splitlines() == make_demo.DEMO_CLASSES
+    assert models.read_classnames("demo") == make_demo.DEMO_CLASSES
+    assert len(set(make_demo.DEMO_CLASSES)) == K == 12
+    colours = [name.split()[0] for name in make_demo.DEMO_CLASSES]
+    shapes = [name.split()[1] for name in make_demo.DEMO_CLASSES]
+    assert len(set(colours)) == len(set(shapes)) == K
+
+
+def test_generation_is_deterministic_per_seed(demos):
+    a, b, other = (demos[k] / "demo" for k in ("a", "b", "other"))
+    for name in NPY_FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for phase in ("train", "val"):
+        pixels = read_pixels(a, phase)
+        assert np.array_equal(pixels, read_pixels(b, phase))
+        assert not np.array_equal(pixels, read_pixels(other, phase))
+    assert not np.array_equal(np.load(a / "formatted_train_labels.npy"),
+                              np.load(other / "formatted_train_labels.npy"))
+    # Training the tiny CLIP is deterministic too.
+    clip_a = torch.load(a / "clip" / "vlpl-demo-tiny.pt", weights_only=True)
+    clip_b = torch.load(b / "clip" / "vlpl-demo-tiny.pt", weights_only=True)
+    assert clip_a.keys() == clip_b.keys()
+    assert all(torch.equal(clip_a[k], clip_b[k]) for k in clip_a)
+
+
+def test_picture_streams_do_not_depend_on_size_and_differ_between_splits():
+    few, few_labels = make_demo.generate_pictures(3, make_demo.STREAM_TRAIN, 4)
+    more, more_labels = make_demo.generate_pictures(3, make_demo.STREAM_TRAIN, 9)
+    assert np.array_equal(few, more[:4]) and np.array_equal(few_labels, more_labels[:4])
+    for stream in (make_demo.STREAM_VAL, make_demo.STREAM_CLIP):
+        other, _ = make_demo.generate_pictures(3, stream, 9)
+        assert not any(np.array_equal(x, y) for x in more for y in other)
+
+
+def test_formatted_files_have_the_dataset_layout(demos):
+    demo_dir = demos["a"] / "demo"
+    for phase, n in (("train", SMALL["num_train"]), ("val", SMALL["num_test"])):
+        images = np.load(demo_dir / f"formatted_{phase}_images.npy")
+        labels = np.load(demo_dir / f"formatted_{phase}_labels.npy")
+        observed = np.load(demo_dir / f"formatted_{phase}_labels_obs.npy")
+        assert images.dtype.kind == "U" and images.shape == (n,)
+        assert images[0] == f"{phase}/00000.png" and len(set(images)) == n
+        assert labels.shape == observed.shape == (n, K)
+        assert set(np.unique(labels)) <= {0.0, 1.0}
+        assert labels.sum(axis=1).min() >= 1 and labels.sum(axis=1).max() <= 4
+        # Single positive: one +1 per row, on a true positive, nothing else observed.
+        assert np.array_equal((observed == 1).sum(axis=1), np.ones(n))
+        assert np.all(labels[observed == 1] == 1) and not np.any(observed == -1)
+        np.testing.assert_array_equal(observed, generate_observed(labels, 1, 0, 1200))
+        with Image.open(demo_dir / "images" / images[-1]) as picture:
+            assert picture.size == (64, 64) and picture.mode == "RGB"
+        assert len(os.listdir(demo_dir / "images" / phase)) == n
+
+
+def test_pictures_hold_on_average_more_than_two_objects():
+    _, labels = make_demo.generate_pictures(0, make_demo.STREAM_TRAIN, 300)
+    counts = labels.sum(axis=1)
+    assert counts.min() >= 1 and counts.max() <= 4
+    assert counts.mean() >= 2.2
+    assert labels.mean(axis=0).min() > 0.12  # every class is common
+
+
+def test_load_splits_reads_the_demo(demos):
+    import datasets
+
+    splits = datasets.load_splits(demos["a"], "demo")
+    assert len(splits["train"]) + len(splits["val"]) == SMALL["num_train"]
+    assert len(splits["test"]) == SMALL["num_test"]
+    train = splits["train"]
+    assert np.array_equal((train.labels_obs == 1).sum(axis=1), np.ones(len(train)))
+
+
+def test_ensure_demo_is_idempotent_and_rebuilds_only_what_changed(tmp_path):
+    checkpoint = make_demo.ensure_demo(tmp_path, seed=0, progress=False, **SMALL)
+    assert checkpoint == tmp_path / "demo" / "clip" / "vlpl-demo-tiny.pt"
+    before = snapshot(tmp_path)
+    assert make_demo.ensure_demo(tmp_path, seed=0, progress=False, **SMALL) == checkpoint
+    assert snapshot(tmp_path) == before  # nothing written, nothing left behind
+
+    # A new test-split size rebuilds the dataset but keeps the CLIP checkpoint.
+    make_demo.ensure_demo(tmp_path, seed=0, progress=False, **{**SMALL, "num_test": 7})
+    after = snapshot(tmp_path)
+    assert np.load(tmp_path / "demo" / "formatted_val_labels.npy").shape == (7, K)
+    assert len(os.listdir(tmp_path / "demo" / "images" / "val")) == 7
+    assert after["demo/clip/vlpl-demo-tiny.pt"] == before["demo/clip/vlpl-demo-tiny.pt"]
+    assert not [name for name in after if Path(name).name.startswith(".")]  # no temporary files
+
+    # A deleted file is recreated; a new seed rebuilds everything.
+    (tmp_path / "demo" / "formatted_train_labels_obs.npy").unlink()
+    make_demo.ensure_demo(tmp_path, seed=0, progress=False, **{**SMALL, "num_test": 7})
+    assert (tmp_path / "demo" / "formatted_train_labels_obs.npy").is_file()
+    labels_file = tmp_path / "demo" / "formatted_train_labels.npy"
+    old_labels, old_weights = np.load(labels_file), torch.load(checkpoint, weights_only=True)
+    make_demo.ensure_demo(tmp_path, seed=5, progress=False, **SMALL)
+    new_weights = torch.load(checkpoint, weights_only=True)
+    assert not all(torch.equal(old_weights[k], new_weights[k]) for k in old_weights)
+    assert not np.array_equal(np.load(labels_file), old_labels)
+
+    # force rebuilds what is up to date.
+    stamp = snapshot(tmp_path)
+    make_demo.ensure_demo(tmp_path, seed=5, progress=False, force=True, **SMALL)
+    forced = snapshot(tmp_path)
+    assert forced["demo/demo_manifest.json"] != stamp["demo/demo_manifest.json"]
+    assert forced["demo/clip/vlpl-demo-tiny.pt"] != stamp["demo/clip/vlpl-demo-tiny.pt"]
+
+
+def test_checkpoint_loads_through_load_clip(demos):
+    import models
+
+    checkpoint = demos["a"] / "demo" / "clip" / "vlpl-demo-tiny.pt"
+    model, tokenizer = models.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
+    saved = torch.load(checkpoint, weights_only=True)
+    loaded = model.state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert models.clip_image_size(model) == make_demo.IMAGE_SIZE
+    features = models.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES)
+    assert features.shape == (K, model.text_projection.shape[1])
+
+
+def test_cli_builds_the_demo_and_reports_bad_paths(tmp_path, capsys):
+    args = ["--num-train", "12", "--num-test", "5", "--clip-pairs", "16", "--clip-epochs", "1",
+            "--quiet"]
+    assert make_demo.main(["--data-root", str(tmp_path), *args]) == 0
+    assert (tmp_path / "demo" / "clip" / "vlpl-demo-tiny.pt").is_file()
+    capsys.readouterr()
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    assert make_demo.main(["--data-root", str(blocker), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("make_demo.py: error:") and "\n" not in err and str(blocker) in err
+
+
+def test_tiny_clip_pseudo_labels_beat_the_class_prior(tmp_path):
+    """Zero-shot pseudo-labels (class name only, temp 0.01, threshold 0.3) on the held-out test
+    split of a moderately trained tiny CLIP: precision must be far above the class prior."""
+    import datasets
+    import models
+
+    checkpoint = make_demo.ensure_demo(tmp_path, seed=0, progress=False, num_train=10,
+                                       num_test=300, num_clip_pairs=3000, clip_epochs=4)
+    test = datasets.load_splits(tmp_path, "demo")["test"]
+    images = datasets.MultiLabelImages(datasets.image_root(tmp_path, "demo"), test,
+                                       image_size=make_demo.IMAGE_SIZE, train=False)
+    batch = torch.stack([images[i]["image"] for i in range(len(images))])
+    model, tokenizer = models.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
+    text_features = models.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES, "{}")
+    labeler = models.PseudoLabeler(model.visual, text_features, temp=0.01, threshold=0.3)
+    positive = labeler(batch).numpy() == 1
+    truth = test.labels_true == 1
+
+    prior = truth.mean()
+    precision = (positive & truth).sum() / positive.sum()
+    assert positive.sum(axis=1).mean() >= 0.5  # it does make pseudo-labels
+    assert precision > 2.0 * prior
