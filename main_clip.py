@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import random
 import sys
 import time
@@ -23,6 +24,14 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
+from tqdm import tqdm
+
+import datasets
+import losses
+import models
+from instrumentation import TrainLogger, format_summary
+from metrics import compute_metrics
 
 # Per-dataset settings of the original (REFERENCE section 10). EM_APL takes beta, warmup and batch
 # size from its own paper (SPML-AckTheUnknown). The demo row is this project's: a small
@@ -78,7 +87,6 @@ class Config:
 
     def hparams(self, num_classes: int) -> dict:
         """The loss hyper-parameters under the original's names (losses.compute_batch_loss)."""
-        import losses
         return dict(alpha=self.alpha, beta=self.beta, beta_pos=self.beta_pos, beta_neg=self.beta_neg,
                     positive=2, negative=4, unknown=4, warmup_epoch=self.warmup_epoch, ls_coef=0.1,
                     expected_num_pos=losses.EXPECTED_NUM_POS[self.dataset], num_classes=num_classes)
@@ -99,8 +107,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import losses
-    import models
     p = argparse.ArgumentParser(
         description='VLPL: single-positive multi-label training with CLIP pseudo-labels.',
         formatter_class=HelpFormatter)
@@ -222,7 +228,6 @@ class UserError(Exception):
 
 
 def select_device(name: str):
-    import torch
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if name == 'cuda' and not torch.cuda.is_available():
@@ -231,7 +236,6 @@ def select_device(name: str):
 
 
 def seed_everything(seed: int) -> None:
-    import torch
     np.random.seed(NUMPY_SEED)
     random.seed(seed)
     torch.manual_seed(seed)
@@ -239,7 +243,6 @@ def seed_everything(seed: int) -> None:
 
 def prepare_data(cfg: Config) -> dict:
     """Formatted splits of REFERENCE section 4; the demo is generated on first use."""
-    import datasets
     if cfg.dataset == 'demo':
         from preproc import make_demo
         make_demo.ensure_demo(cfg.data_root, progress=True)
@@ -256,7 +259,6 @@ def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int):
     A computed file has a key file beside it (CLIP model, weights identity, class names), so new
     weights under the same file name, e.g. a regenerated demo CLIP, are never paired with stale text.
     """
-    import models
     if cfg.text_features:
         return models.load_text_features(cfg.text_features, num_classes)
     path = models.default_text_features_path(cfg.dataset, cfg.clip_model, cfg.clip_pretrained)
@@ -272,14 +274,12 @@ def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int):
 
 
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
-    import torch
+    """Batches in row order (or the sampler's), pinned for CUDA, workers kept across epochs."""
     workers = cfg.num_workers
-    import datasets
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-        collate_fn=datasets.collate_skipping,
-        pin_memory=device.type == 'cuda', persistent_workers=workers > 0, drop_last=False,
-        prefetch_factor=4 if workers > 0 else None)
+        collate_fn=datasets.collate_skipping, pin_memory=device.type == 'cuda',
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +287,6 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
 
 
 def autocast(cfg: Config, device):
-    import torch
     if cfg.amp and device.type == 'cuda':
         return torch.autocast('cuda', dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -305,9 +304,6 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, labels: d
     the pseudo-labels of a batch (None when the loss uses none). Host syncs happen only every
     `check_every` steps, for the progress bar and the non-finite-loss check.
     """
-    import torch
-    from tqdm import tqdm
-    import losses
 
     model.train()
     num_rows, num_classes = labels['obs'].shape
@@ -356,8 +352,6 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, labels: d
 
 def predict(cfg: Config, model, loader, num_rows: int, num_classes: int, device, desc: str):
     """Sigmoid outputs (N, K) in row order, eval mode, no CLIP work; NaN rows for skipped images."""
-    import torch
-    from tqdm import tqdm
     model.eval()
     preds_all = torch.full((num_rows, num_classes), float('nan'), device=device)  # NaN: skipped image
     with torch.inference_mode():
@@ -390,7 +384,6 @@ def atomic_save(obj, path: Path) -> None:
 
     numpy arrays are saved with np.save, everything else with torch.save.
     """
-    import torch
     tmp = path.with_name(f'.{path.name}.tmp')
     try:
         with open(tmp, 'wb') as f:
@@ -407,7 +400,6 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def rng_state(sampler) -> dict:
-    import torch
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = dict(torch=torch.get_rng_state(), numpy_keys=torch.from_numpy(keys.astype(np.int64)),
                  numpy_rest=[kind, int(pos), int(has_gauss), float(cached)],
@@ -419,7 +411,6 @@ def rng_state(sampler) -> dict:
 
 
 def set_rng_state(state: dict, sampler) -> None:
-    import torch
     torch.set_rng_state(state['torch'])
     kind, pos, has_gauss, cached = state['numpy_rest']
     np.random.set_state((kind, state['numpy_keys'].numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -432,8 +423,6 @@ def set_rng_state(state: dict, sampler) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """weights_only loading: a file that is not one of our checkpoints is refused, not executed."""
-    import pickle
-    import torch
     if not path.is_file():
         raise UserError(f'{path}: no such checkpoint')
     try:
@@ -479,7 +468,6 @@ def ensure_writable(folder: Path, flag: str) -> None:
 
 def build_pseudo_labels(cfg: Config, clip_model, tokenizer, splits, train_eval_loader, device, num_classes):
     """The frozen-CLIP pseudo-label source of the training phase: (images, index, flipped) -> pl."""
-    import models
     text = text_features_for(cfg, clip_model, tokenizer, num_classes).to(device)
     labeler = models.PseudoLabeler(clip_model.visual, text, temp=cfg.temp, threshold=cfg.threshold,
                                    partial=cfg.partial).to(device)
@@ -497,12 +485,7 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, splits, train_eval_l
 
 
 def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
-    import torch
-    import datasets
-    import losses
-    import models
-    from instrumentation import TrainLogger, format_summary
-
+    """A training run (or the rest of one, from `resume`); returns the best epoch's results."""
     device = select_device(cfg.device)
     run_dir = prepare_run_dir(cfg, resuming=resume is not None)
     seed_everything(cfg.seed)
@@ -616,9 +599,6 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
 
 def evaluate(cfg: Config, ckpt: dict) -> float:
     """Test mAP of a saved model (no CLIP weights needed: the classifier carries its own)."""
-    import datasets
-    import models
-    from metrics import compute_metrics
     device = select_device(cfg.device)
     splits = prepare_data(cfg)
     num_classes = splits['test'].labels_true.shape[1]
@@ -676,8 +656,6 @@ def strip_flag(argv: list[str], flag: str) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    import datasets
-    import models
     try:
         cfg, args = parse_args(argv)
         if args.evaluate:
