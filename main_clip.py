@@ -472,7 +472,8 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, splits, train_eval_l
     labeler = models.PseudoLabeler(clip_model.visual, text, temp=cfg.temp, threshold=cfg.threshold,
                                    partial=cfg.partial).to(device)
     if cfg.clip_mode == 'online':
-        print('Frozen CLIP runs on every training batch (--clip-mode online).')
+        print('Frozen CLIP runs on every training batch (--clip-mode online); the pseudo-label '
+              'precision and recall are reported on each train line.')
         return lambda images, index, flipped: labeler(images), None
     key = models.embedding_cache_key(
         dataset=cfg.dataset, image_root=train_eval_loader.dataset.root, images=splits['train'].images,
