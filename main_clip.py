@@ -310,6 +310,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, labels: d
     preds_all = torch.full((num_rows, num_classes), float('nan'), device=device)  # NaN: skipped image
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    step_on_device = torch.zeros((), dtype=torch.long, device=device)
     pl_counts = torch.zeros(3, device=device)  # true positives, predicted positives, true positives available
     bar = tqdm(loader, desc=f'epoch {epoch} train', leave=False, dynamic_ncols=True)
     for step, batch in enumerate(bar):
@@ -338,8 +339,8 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, labels: d
         preds_all[index] = preds.detach()
         loss = loss.detach()
         loss_sum += loss
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device),
-                                first_bad)
+        step_on_device.fill_(step)  # a kernel argument, not a host-to-device copy
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step_on_device, first_bad)
         if (step + 1) % check_every == 0 or step + 1 == len(loader):
             if first_bad.item() >= 0:
                 raise NonFiniteLoss(f'non-finite loss at epoch {epoch}, batch {first_bad.item()} '
