@@ -237,3 +237,40 @@ def test_unreadable_image_names_file_and_dataset(tmp_path):
         ds[0]
     with pytest.raises(DataError, match=r"absent\.jpg of dataset pascal"):
         ds[1]
+
+
+# ---------------------------------------------------------------- training sampler
+
+def test_flip_sampler_draws_each_row_once_and_resumes_exactly():
+    sampler = datasets.FlipSampler(50, seed=3)
+    first = list(sampler)
+    assert sorted(row for row, _ in first) == list(range(50))
+    assert {flip for _, flip in first} == {True, False}
+    state = sampler.state()
+    second = list(sampler)
+    assert second != first  # a new permutation and new flips every epoch
+    sampler.load_state(state)
+    assert list(sampler) == second  # restored generator state replays the same epoch
+    assert list(datasets.FlipSampler(50, seed=3)) == first
+    assert list(datasets.FlipSampler(50, seed=4)) != first
+
+
+def test_keyed_item_applies_the_samplers_flip_and_eval_ignores_it(tmp_path):
+    split = _image_split(tmp_path)
+    train = MultiLabelImages(tmp_path, split, 16, train=True)
+    plain, flipped = train[(0, False)], train[(0, True)]
+    assert not plain["flipped"] and flipped["flipped"]
+    assert torch.equal(flipped["image"], plain["image"].flip(-1))  # flip after resize, as torchvision
+    assert torch.equal(plain["image"], MultiLabelImages(tmp_path, split, 16, train=False)[0]["image"])
+    evaluation = MultiLabelImages(tmp_path, split, 16, train=False)[(0, True)]
+    assert not evaluation["flipped"] and torch.equal(evaluation["image"], plain["image"])
+
+
+def test_skip_bad_gives_none_and_collate_drops_it(tmp_path):
+    split = _image_split(tmp_path)
+    (tmp_path / "wide.jpg").write_bytes(b"not an image")
+    ds = MultiLabelImages(tmp_path, split, 16, train=False, dataset="pascal", skip_bad=True)
+    assert ds[2] is None
+    batch = datasets.collate_skipping([ds[0], ds[2], ds[1]])
+    assert batch["index"].tolist() == [0, 1]
+    assert datasets.collate_skipping([None, None]) is None
