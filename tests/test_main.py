@@ -158,3 +158,19 @@ def test_nonfinite_loss_stops_with_epoch_and_batch(tiny_pascal, tmp_path, tiny_c
     assert main_clip.main(args) == 2
     err = capsys.readouterr().err
     assert 'non-finite loss at epoch 1, batch' in err
+
+
+@pytest.mark.parametrize('backbone', ['resnet50', 'clip_vision'])
+def test_real_backbones_train_and_evaluate(backbone, tiny_pascal, tmp_path, tiny_clip, tiny_text_features, capsys):
+    """ResNet-50 (random init) and the trainable copy of the (tiny) CLIP image tower, end to end."""
+    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=1) + ['-l', 'EM_PL']
+    args[args.index('small_cnn')] = backbone
+    if backbone == 'clip_vision':
+        args.remove('--no-pretrained')  # its weights come from --clip-pretrained
+    assert main_clip.main(args) == 0
+    run_dir = tmp_path / 'results' / f'pascal_EM_PL_{backbone}_s0'
+    log = json.loads((run_dir / 'log.json').read_text())
+    assert math.isfinite(log['best_test_map'])
+    capsys.readouterr()
+    assert main_clip.main(['--evaluate', str(run_dir / 'best.pt')]) == 0
+    assert float(capsys.readouterr().out.strip().split()[-1]) == pytest.approx(log['best_test_map'], abs=0.005)
