@@ -147,9 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--text-features', default=None,
                    help='(K, D) .npy of class text features (default: computed with the CLIP model and cached '
                         'under text_features/)')
-    p.add_argument('--backbone-weights', default=None, help='local weights file for the backbone (default: download the published weights)')
-    p.add_argument('--no-pretrained', action='store_true', help='random initialisation of the backbone (default: ImageNet weights)')
-    p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (losses stay float32; default: float32)')
+    p.add_argument('--backbone-weights', default=None,
+                   help='local weights file for the backbone (default: download the published weights)')
+    p.add_argument('--no-pretrained', action='store_true',
+                   help='random initialisation of the backbone (default: ImageNet weights)')
+    p.add_argument('--amp', action='store_true',
+                   help='bf16 autocast on CUDA (losses stay float32; default: float32)')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format (CNNs on GPU)')
     p.add_argument('--skip-bad-images', action='store_true',
                    help='skip unreadable images (reported) instead of stopping')
@@ -157,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--beta-pos', type=float, default=None, help='weight of positive pseudo-labels (default 0.7)')
     p.add_argument('--warmup-epoch', type=int, default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
-    p.add_argument('--resume', default=None, metavar='RUN_DIR', help='continue the run in RUN_DIR from its last complete epoch; other flags may change only '
-                        'the device, workers and folders')
+    p.add_argument('--resume', default=None, metavar='RUN_DIR',
+                   help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
+                        'only the device, workers and folders')
     p.add_argument('--evaluate', default=None, metavar='CHECKPOINT',
                    help='only compute the test metrics of a saved checkpoint')
     return p
@@ -266,10 +270,14 @@ def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int):
     key = dict(clip_model=cfg.clip_model, weights=models.weights_identity(cfg.clip_pretrained),
                classnames=classnames)
     key_path = path.with_suffix('.json')
-    if not (path.exists() and key_path.exists() and json.loads(key_path.read_text()) == key):
+    try:
+        stored = json.loads(key_path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        stored = None  # no key file, or a damaged one: compute again
+    if stored != key:
         print(f'Computing text features of {cfg.dataset} with {cfg.clip_model} -> {path}')
         models.save_text_features(path, models.compute_text_features(clip_model, tokenizer, classnames))
-        key_path.write_text(json.dumps(key, indent=1))
+        models.atomic_write(key_path, lambda handle: handle.write(json.dumps(key, indent=1).encode()))
     return models.load_text_features(path, num_classes)
 
 
@@ -304,7 +312,6 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, labels: d
     the pseudo-labels of a batch (None when the loss uses none). Host syncs happen only every
     `check_every` steps, for the progress bar and the non-finite-loss check.
     """
-
     model.train()
     num_rows, num_classes = labels['obs'].shape
     preds_all = torch.full((num_rows, num_classes), float('nan'), device=device)  # NaN: skipped image
@@ -381,23 +388,12 @@ def pseudo_label_quality(pl, true) -> dict:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """Save to a temporary file, flushed to disk, then renamed: never a half-written file.
-
-    numpy arrays are saved with np.save, everything else with torch.save.
-    """
-    tmp = path.with_name(f'.{path.name}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            if isinstance(obj, np.ndarray):
-                np.save(f, obj)
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C or a full disk: drop the partial file, keep the previous one
-        tmp.unlink(missing_ok=True)
-        raise
+    """np.save (arrays) or torch.save (everything else) through models.atomic_write: a checkpoint
+    is never half-written, and Ctrl-C or a full disk keeps the previous one."""
+    if isinstance(obj, np.ndarray):
+        models.atomic_write(path, lambda handle: np.save(handle, obj))
+    else:
+        models.atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def rng_state(sampler) -> dict:
@@ -646,7 +642,7 @@ def one_line(error: Exception) -> str:
 
 def strip_flag(argv: list[str], flag: str) -> list[str]:
     out, skip = [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip:
             skip = False
         elif a == flag:

@@ -18,7 +18,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -514,21 +513,30 @@ def default_text_features_path(dataset: str, clip_model: str, clip_pretrained: s
     return Path(folder) / f'{dataset}_{clean(model)}_{clean(weights)}{suffix}.npy'
 
 
-def save_text_features(path: str | os.PathLike, features: torch.Tensor | np.ndarray) -> Path:
-    """Write K x D float32 features to `path` (.npy) atomically: temporary file, then os.replace."""
+def atomic_write(path: str | os.PathLike, write: Callable) -> Path:
+    """Call `write(binary file)` on a temporary file beside `path`, flush it to disk, then
+    os.replace it into place: readers see the old file or the whole new one, never a part.
+    On any exception (Ctrl-C included) the temporary file is removed and the old file kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = np.ascontiguousarray(
-        features.detach().cpu().numpy() if torch.is_tensor(features) else np.asarray(features), dtype=np.float32)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
-        with os.fdopen(fd, 'wb') as handle:
-            np.save(handle, array)
+        with open(tmp, 'wb') as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save_text_features(path: str | os.PathLike, features: torch.Tensor | np.ndarray) -> Path:
+    """Write K x D float32 features to `path` (.npy) atomically (atomic_write)."""
+    array = np.ascontiguousarray(
+        features.detach().cpu().numpy() if torch.is_tensor(features) else np.asarray(features), dtype=np.float32)
+    return atomic_write(path, lambda handle: np.save(handle, array))
 
 
 def load_text_features(path: str | os.PathLike, num_classes: int) -> torch.Tensor:
@@ -633,17 +641,6 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
     if out is None:
         raise ValueError('the embedding cache loader yielded no image')
     key_path.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            np.save(handle, out)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    tmp_key = key_path.with_name(f'.{key_path.name}.tmp')
-    tmp_key.write_text(json.dumps(key, sort_keys=True))
-    os.replace(tmp_key, key_path)
+    atomic_write(path, lambda handle: np.save(handle, out))
+    atomic_write(key_path, lambda handle: handle.write(json.dumps(key, sort_keys=True).encode()))
     return torch.from_numpy(out)

@@ -42,6 +42,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from preproc._common import PreprocError, run_cli, save_arrays  # noqa: E402
+from models import atomic_write  # noqa: E402
 from preproc.generate_observed_labels import generate_observed  # noqa: E402
 
 # (colour name, RGB, shape); colour and shape both differ between classes.
@@ -391,20 +392,8 @@ def train_demo_clip(seed: int = 0, *, num_pairs: int = DEFAULT_SIZES["num_clip_p
 
 # --------------------------------------------------------------------------- files
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # open() keeps the umask permissions
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_json(path: Path, obj: dict) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -470,7 +459,7 @@ def _write_data(demo_dir: Path, seed: int, sizes: dict, progress: bool) -> None:
 def _save_state_dict(path: Path, model) -> None:
     import torch
 
-    _atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+    atomic_write(path, lambda f: torch.save(model.state_dict(), f))
 
 
 def ensure_demo(data_root: str | Path = "data", *, seed: int = 0, progress: bool = True,
