@@ -1,7 +1,7 @@
 """Formatted multi-label datasets: loading, the train/val/test split and the image pipeline.
 
 Every dataset lives in ``<data_root>/<name>/`` as six numpy files written by ``preproc/``
-(REFERENCE section 2): ``formatted_{train,val}_images.npy`` (1-D unicode paths relative to the
+(docs/original-vlpl.md section 2): ``formatted_{train,val}_images.npy`` (1-D unicode paths relative to the
 dataset's image folder), ``formatted_{train,val}_labels.npy`` ((N, K) 0/1 ground truth) and
 ``formatted_{train,val}_labels_obs.npy`` ((N, K) observed labels in {-1, 0, 1}).
 The official "val" split is our test set; the official train split is cut into train and val.
@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from config import DATASETS, DatasetInfo, VLPLError  # DATASETS: each dataset's facts in one row
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -23,26 +25,7 @@ SPLIT_SEED = 1200
 VAL_FRACTION = 0.2
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    num_classes: int
-    image_dir: str  # relative to <data_root>/<name>
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec("pascal", 20, "VOCdevkit/VOC2012/JPEGImages"),
-        DatasetSpec("coco", 80, "."),  # image paths already start with train2014/ or val2014/
-        DatasetSpec("nuswide", 81, "Flickr"),
-        DatasetSpec("cub", 312, "CUB_200_2011/images"),
-        DatasetSpec("demo", 12, "images"),
-    )
-}
-
-
-class DataError(Exception):
+class DataError(VLPLError):
     """A missing or inconsistent data file; the message names the file and what to do."""
 
 
@@ -56,7 +39,7 @@ class Split:
         return len(self.images)
 
 
-def _spec(dataset: str) -> DatasetSpec:
+def _spec(dataset: str) -> DatasetInfo:
     try:
         return DATASETS[dataset]
     except KeyError:
@@ -70,7 +53,7 @@ def image_root(data_root: str | Path, dataset: str) -> Path:
 
 def split_indices(num_rows: int, val_fraction: float = VAL_FRACTION,
                   seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the official train split into (train, val) row indices, both sorted (REFERENCE 4).
+    """Cut the official train split into (train, val) row indices, both sorted (docs/original-vlpl.md section 4).
 
     ``n_val = int(np.round(val_fraction * num_rows))``; ``perm = RandomState(seed).permutation(num_rows)``;
     train = ``sort(perm[:num_rows - n_val])``, val = ``sort(perm[num_rows - n_val:])``.
@@ -142,7 +125,7 @@ def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int,
 
 def load_splits(data_root: str | Path, dataset: str, *,
                 clean_train_labels: bool = False) -> dict[str, Split]:
-    """Load the formatted files and return the 'train', 'val' and 'test' splits (REFERENCE 4).
+    """Load the formatted files and return the 'train', 'val' and 'test' splits (docs/original-vlpl.md section 4).
 
     train/val are rows of the official train split chosen by :func:`split_indices`; test is the
     official val split. Train carries the observed labels as ``labels_obs`` (the clean labels when
@@ -171,7 +154,7 @@ def load_splits(data_root: str | Path, dataset: str, *,
 
 
 class MultiLabelImages(torch.utils.data.Dataset):
-    """Images of one split with their labels (REFERENCE 5).
+    """Images of one split with their labels (docs/original-vlpl.md section 5).
 
     Item ``i``: ``image`` (3 x S x S float, ImageNet-normalised), ``label_obs`` (K,), ``label_true``
     (K,), ``index`` (int64 row in the split) and ``flipped`` (bool). Train: Resize((S, S)) on the RGB

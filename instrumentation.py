@@ -1,4 +1,4 @@
-"""Training logger: per-epoch metrics of every phase and the best-epoch rule (REFERENCE.md 9-10).
+"""Training logger: per-epoch metrics of every phase and the best-epoch rule (docs/original-vlpl.md sections 9-10).
 
 All values live in preallocated (num_epochs,) float64 arrays filled with NaN until logged;
 `state_dict()` turns them into plain lists (None for "not logged") so a checkpoint holding it
@@ -6,14 +6,11 @@ loads with `torch.load(..., weights_only=True)` and the JSON log is strict JSON.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
+from files import save_json
 from metrics import METRIC_KEYS, compute_metrics
 
 PHASES = ('train', 'val', 'test')
@@ -178,19 +175,9 @@ class TrainLogger:
                 'best_test_map': self.best_test_map, **self.state_dict()}
 
     def save_json(self, path) -> None:
-        """Write `to_json_dict()` to `path` atomically (temporary file in the same folder,
-        then os.replace), so an interrupted write never leaves a truncated log."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-        try:
-            with os.fdopen(fd, 'w') as f:
-                json.dump(self.to_json_dict(), f, indent=1, allow_nan=False)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write `to_json_dict()` to `path` atomically (files.save_json), so an interrupted write
+        never leaves a truncated log."""
+        save_json(path, self.to_json_dict(), indent=1)
 
 
 def format_summary(summary: dict) -> str:

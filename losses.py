@@ -1,4 +1,4 @@
-"""Single-positive multi-label losses of the original code base (REFERENCE.md section 8).
+"""Single-positive multi-label losses of the original code base (docs/original-vlpl.md section 8).
 
 Notation (every docstring below): p = sigmoid outputs (B x K) in [0, 1]; o = observed labels
 (B x K) in [-1, 1] (+1 positive, 0 unknown, -1 negative, other negative values are soft
@@ -36,10 +36,6 @@ import torch
 from torch import Tensor
 
 LOG_EPSILON = 1e-5
-
-# Expected number of positives per image (epr regulariser; Cole et al.). demo: the mean
-# number of objects of preproc/make_demo.py's generator (2.76 measured on its train split).
-EXPECTED_NUM_POS = {'pascal': 1.5, 'coco': 2.9, 'nuswide': 1.9, 'cub': 31.4, 'demo': 2.75}
 
 LossOutput = tuple[Tensor, Tensor | None]
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the original code base (REFERENCE.md section 9), vectorised.
+"""Evaluation metrics of the original code base (docs/original-vlpl.md section 9), vectorised.
 
 The original computes these with a Python loop over images (14.4 s for one 40,137 x 80
 evaluation); here the per-image metrics are whole-array numpy operations and the average

@@ -10,11 +10,11 @@ the frozen CLIP ViT-L-14-336 image tower with random unit text features (K = 80)
 same random batch for every variant. The batch is already on the device: data loading is not
 timed.
 
-  train    one EM_PL step of main_clip.train_one_epoch on a one-batch loader: pseudo-labels from
+  train    one EM_PL step of engine.train_one_epoch on a one-batch loader: pseudo-labels from
            the frozen CLIP run on the batch (--clip-mode online, the original) vs looked up from
            cached embeddings (--clip-mode cache)
   eval     one evaluation step: the original also runs the frozen CLIP (its output is unused);
-           ours (main_clip.predict) runs the classifier only, under inference_mode
+           ours (engine.predict) runs the classifier only, under inference_mode
   metrics  metrics.compute_metrics vs the original's per-image loop (40,137 x 80, COCO test size)
   parts    (not run by default) the pieces of a step alone, to see which one dominates
 
@@ -111,12 +111,13 @@ def progress(message: str) -> None:
 @dataclasses.dataclass
 class Setup:
     device: object
-    cfg: object            # main_clip.Config of the original run (float32, --clip-mode online)
+    cfg: object            # config.Config of the original run (float32, --clip-mode online)
     model: object          # ResNet-50 classifier
     optimizer: object
-    labeler: object        # models.PseudoLabeler around the random CLIP ViT-L-14-336 image tower
+    labeler: object        # clip_labels.PseudoLabeler around the random CLIP ViT-L-14-336 image tower
     batch: dict            # one training batch as the loader gives it: image, index, flipped
-    labels: dict           # 'obs' and 'true' (B x K) device tensors, as train_one_epoch expects
+    method: object         # methods.Method of EM_PL over the batch's observed labels (B x K)
+    train_true: object     # B x K clean labels on the device, as train_one_epoch expects
     embeddings: object     # (B, 2, D) cache of the batch: [:, 0] = labeler.embed(image), [:, 1] unused
     sync: Callable[[], None]
     amp_model: object = None      # channels_last copy of the classifier for the --amp rows
@@ -125,23 +126,23 @@ class Setup:
 
 def make_setup(args, device) -> Setup:
     import torch
-    import main_clip
+    import clip_labels
+    import methods
     import models
+    from config import build_config
 
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    cfg, _ = main_clip.parse_args([
-        '-d', 'coco', '-l', 'EM_PL', '-m', 'resnet50', '--no-pretrained', '--device', device.type,
-        '--batch-size', str(args.batch_size), '--image-size', str(args.image_size), '--clip-mode', 'online',
-        '--num-workers', '0'])
+    cfg = build_config(dataset='coco', loss='EM_PL', model='resnet50', pretrained=False, device=device.type,
+                       batch_size=args.batch_size, image_size=args.image_size, clip_mode='online')
     torch.manual_seed(args.seed)
     progress('building CLIP ViT-L-14-336 (random init) and ResNet-50 (random init) ...')
-    clip, _ = models.load_clip('ViT-L-14-336', None, device=device)
+    clip, _ = clip_labels.load_clip('ViT-L-14-336', None, device=device)
     text = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, clip.visual.output_dim), dim=1)
-    labeler = models.PseudoLabeler(clip.visual, text, temp=cfg.temp, threshold=cfg.threshold,
+    labeler = clip_labels.PseudoLabeler(clip.visual, text, temp=cfg.temp, threshold=cfg.threshold,
                                    partial=cfg.partial).to(device)
     del clip  # the text tower is not needed
     model = models.build_classifier('resnet50', NUM_CLASSES, pretrained=False).to(device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.param_groups(cfg.lr), lr=cfg.lr)
 
     b, s = args.batch_size, args.image_size
     images = torch.randn(b, 3, s, s, device=device)
@@ -155,13 +156,13 @@ def make_setup(args, device) -> Setup:
     progress('embedding the batch once with the frozen CLIP (the cache the cached step reads) ...')
     embeddings = torch.nn.functional.normalize(torch.randn(b, 2, text.shape[1], device=device), dim=-1)
     embeddings[:, 0] = labeler.embed(images)
+    method = methods.build_method(cfg, observed.cpu().numpy(), device)
     setup = Setup(device=device, cfg=cfg, model=model, optimizer=optimizer, labeler=labeler, batch=batch,
-                  labels={'obs': observed, 'true': true}, embeddings=embeddings, sync=sync)
+                  method=method, train_true=true, embeddings=embeddings, sync=sync)
     if args.amp:
         import copy
         setup.amp_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        setup.amp_optimizer = torch.optim.Adam(
-            [p for p in setup.amp_model.parameters() if p.requires_grad], lr=cfg.lr)
+        setup.amp_optimizer = torch.optim.Adam(setup.amp_model.param_groups(cfg.lr), lr=cfg.lr)
     return setup
 
 
@@ -184,16 +185,15 @@ def amp_label(device) -> str:
 
 
 def bench_train(st: Setup, args) -> list[Row]:
-    """One training step: main_clip.train_one_epoch over a loader of one batch."""
-    import main_clip
+    """One training step: engine.train_one_epoch over a loader of one batch."""
+    import engine
 
     cfg = st.cfg
-    hparams = cfg.hparams(NUM_CLASSES)
     loader = [st.batch]
 
     def step(config, model, optimizer, source):
-        return lambda: main_clip.train_one_epoch(1, config, model, optimizer, loader, st.labels, source,
-                                                 hparams, st.device)
+        return lambda: engine.train_one_epoch(1, config, model, optimizer, loader, st.method, st.train_true,
+                                              source, st.device)
 
     variants = {
         'online': ('original: frozen CLIP on the batch (--clip-mode online), float32',
@@ -211,9 +211,9 @@ def bench_train(st: Setup, args) -> list[Row]:
 
 
 def bench_eval(st: Setup, args) -> list[Row]:
-    """One evaluation step: the original's CLIP + classifier vs main_clip.predict."""
+    """One evaluation step: the original's CLIP + classifier vs engine.predict."""
     import torch
-    import main_clip
+    import engine
 
     cfg, b = st.cfg, args.batch_size
     images = st.batch['image']
@@ -226,7 +226,7 @@ def bench_eval(st: Setup, args) -> list[Row]:
         return preds.cpu().numpy()
 
     def ours(config, model):
-        return lambda: main_clip.predict(config, model, [st.batch], b, NUM_CLASSES, st.device, 'eval')
+        return lambda: engine.predict(config, model, [st.batch], b, NUM_CLASSES, st.device, 'eval')
 
     variants = {'original': ('original: frozen CLIP (output unused) + classifier, float32', original),
                 'ours': ('ours: classifier only, inference_mode, float32', ours(cfg, st.model))}
@@ -259,14 +259,14 @@ def bench_parts(st: Setup, args) -> list[Row]:
     import torch
     import losses
 
-    images, labels = st.batch['image'], st.labels
-    hparams = st.cfg.hparams(NUM_CLASSES)
+    images = st.batch['image']
     pl = st.labeler.from_embeddings(st.embeddings[:, 0])
 
     def classifier_step():
         st.model.train()
         preds = torch.sigmoid(st.model(images).float())
-        loss = losses.compute_batch_loss('EM_PL', preds, labels['obs'], hparams, pseudo_labels=pl, validate=False)
+        loss = losses.compute_batch_loss('EM_PL', preds, st.method.observed, st.method.hparams, pseudo_labels=pl,
+                                         validate=False)
         st.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         st.optimizer.step()

@@ -3,12 +3,14 @@ tables with line numbers, and atomic saving of the formatted arrays."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+from files import replace_all
 
 
 class PreprocError(Exception):
@@ -88,26 +90,20 @@ def save_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
     """Save each array as folder/<name> so that old files stay intact if anything fails.
 
     Every array is first written to a temporary file in the same folder; only when all of them
-    are written are they moved into place with os.replace (atomic per file).
+    are written are they moved into place (files.replace_all, atomic per file).
     """
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise PreprocError(f"cannot create output folder {folder}: {err.strerror or err}") from None
-    temporary: dict[str, Path] = {}
     try:
-        for name, array in arrays.items():
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
-            temporary[name] = tmp
-            with open(tmp, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-        for name, tmp in temporary.items():
-            os.replace(tmp, folder / name)
+        replace_all({folder / name: partial(_write_npy, array=array) for name, array in arrays.items()})
     except OSError as err:
         raise PreprocError(f"cannot write {folder}: {err.strerror or err}") from None
-    finally:
-        for tmp in temporary.values():
-            tmp.unlink(missing_ok=True)
+
+
+def _write_npy(handle, array: np.ndarray) -> None:
+    np.save(handle, array, allow_pickle=False)
 
 
 def save_formatted(folder: Path, phases: dict[str, tuple[list[str], np.ndarray]]) -> None:

@@ -1,6 +1,6 @@
 """Format MS-COCO 2014 into formatted_{train,val}_{images,labels}.npy as the original VLPL does.
 
-REFERENCE section 2 (faithful).
+docs/original-vlpl.md section 2 (faithful).
 
 For phase in (train, val), annotations/instances_<phase>2014.json is read. Class index = position
 of the category in the file's `categories` list (both files must list the same categories in the

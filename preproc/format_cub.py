@@ -1,6 +1,6 @@
 """Format CUB-200-2011 into formatted_{train,val}_{images,labels}.npy as the original VLPL does.
 
-REFERENCE section 2 (faithful).
+docs/original-vlpl.md section 2 (faithful).
 
 The 312 binary attributes are the labels. Files (paths relative to the extracted archive):
 attributes.txt (`<attr id> <name>`, at the archive root beside CUB_200_2011/),

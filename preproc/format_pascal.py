@@ -1,6 +1,6 @@
 """Format PASCAL VOC 2012 into formatted_{train,val}_{images,labels}.npy as the original VLPL does.
 
-REFERENCE section 2 (faithful).
+docs/original-vlpl.md section 2 (faithful).
 
 For each phase and each class in CLASSES order, VOCdevkit/VOC2012/ImageSets/Main/<class>_<phase>.txt
 lists `<image id> <label>` with label in {-1, 0, 1}; only 1 is positive (0 marks "difficult").

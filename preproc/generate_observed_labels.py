@@ -1,6 +1,6 @@
 """Sample the observed (single-positive) labels from the full labels, as the original VLPL does.
 
-REFERENCE section 3 (bit for bit).
+docs/original-vlpl.md section 3 (bit for bit).
 
 For phase in (train, val): formatted_<phase>_labels.npy -> formatted_<phase>_labels_obs.npy in
 <data-root>/<dataset>/, each phase with a fresh numpy RandomState(seed).

@@ -7,13 +7,13 @@ Everything is generated from one integer seed, so a fresh clone needs no downloa
   noisy background; objects keep apart (centre distance >= ``MIN_GAP`` x the sum of their radii)
   so that every object stays visible.
 * ``formatted_{train,val}_{images,labels,labels_obs}.npy`` in the layout of every other dataset
-  (REFERENCE section 2); observed labels come from ``generate_observed(labels, 1, 0, 1200)``.
+  (docs/original-vlpl.md section 2); observed labels come from ``generate_observed(labels, 1, 0, 1200)``.
 * ``clip/vlpl-demo-tiny.pt``: the state dict of the open_clip model described by
   ``preproc/clip_configs/vlpl-demo-tiny.json`` (a ViT with 16 px patches at 64 px and a
   two-layer text transformer), trained with open_clip's contrastive ``ClipLoss`` on a separate
   stream of generated pictures whose captions name only some of the objects, as web captions
   do (``make_caption``). CLIP sees the pictures exactly as the training pipeline hands them to
-  the pseudo-labeller (REFERENCE section 5): ImageNet-normalised, then resized to the CLIP
+  the pseudo-labeller (docs/original-vlpl.md section 5): ImageNet-normalised, then resized to the CLIP
   image size (64, so the resize is the identity).
 
 Streams of randomness: picture i of split s is drawn from ``default_rng([seed, s, i])``
@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from preproc._common import PreprocError, run_cli, save_arrays  # noqa: E402
-from models import atomic_write  # noqa: E402
+from files import atomic_write  # noqa: E402
 from preproc.generate_observed_labels import generate_observed  # noqa: E402
 
 # (colour name, RGB, shape); colour and shape both differ between classes.
@@ -65,7 +65,7 @@ DEMO_CLIP_CONFIG = "vlpl-demo-tiny"
 CLIP_CONFIG_PATH = Path(__file__).resolve().parent / "clip_configs" / f"{DEMO_CLIP_CONFIG}.json"
 
 IMAGE_SIZE = 64
-OBSERVED_SEED = 1200  # the seed every dataset's observed labels use (REFERENCE section 3)
+OBSERVED_SEED = 1200  # the seed every dataset's observed labels use (docs/original-vlpl.md section 3)
 STREAM_TRAIN, STREAM_VAL, STREAM_CLIP = 0, 1, 2
 NUM_OBJECTS_P = (0.10, 0.30, 0.35, 0.25)  # P(1..4 objects): mean 2.75 before placement failures
 # The CLIP pairs show single objects more often, as web photos do: uniform over 1..4 objects.
@@ -278,11 +278,11 @@ def register_clip_config() -> None:
 
 def _normalise_for_clip(images_u8, image_size: int):
     """uint8 B x S x S x 3 -> what the pseudo-labeller sees: the pipeline's ToTensor + ImageNet
-    Normalize (datasets.py), then models.resize_for_clip to the CLIP size (identity at 64)."""
+    Normalize (datasets.py), then clip_labels.resize_for_clip to the CLIP size (identity at 64)."""
     import torch
 
     from datasets import IMAGENET_MEAN, IMAGENET_STD
-    from models import resize_for_clip
+    from clip_labels import resize_for_clip
 
     x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

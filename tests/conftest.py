@@ -78,11 +78,11 @@ def tiny_pascal(tmp_path_factory) -> Path:
 @pytest.fixture(scope='session')
 def tiny_text_features(tiny_clip, tmp_path_factory) -> str:
     """Pascal class-name text features of the tiny CLIP, as a .npy file (for --text-features)."""
-    import models
+    import clip_labels
 
-    clip, tokenizer = models.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    clip, tokenizer = clip_labels.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
     path = tmp_path_factory.mktemp('text') / 'pascal_tiny.npy'
-    models.save_text_features(path, models.compute_text_features(clip, tokenizer, models.read_classnames('pascal')))
+    clip_labels.save_text_features(path, clip_labels.compute_text_features(clip, tokenizer, clip_labels.read_classnames('pascal')))
     return str(path)
 
 

@@ -3,7 +3,7 @@
 Small sizes throughout (tens of pictures, one short CLIP epoch), except the quality test, which
 trains the tiny CLIP at a moderate size and checks its zero-shot pseudo-labels through the same
 public path the training script uses (datasets.load_splits -> MultiLabelImages ->
-models.load_clip -> compute_text_features -> PseudoLabeler).
+clip_labels.load_clip -> compute_text_features -> PseudoLabeler).
 """
 from __future__ import annotations
 
@@ -46,11 +46,11 @@ def demos(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_class_names_are_distinct_and_match_the_text_file():
-    import models
+    import clip_labels
 
     path = Path(make_demo.__file__).resolve().parents[1] / "text_features" / "demo_classnames.txt"
     assert path.read_text(encoding="utf-8").splitlines() == make_demo.DEMO_CLASSES
-    assert models.read_classnames("demo") == make_demo.DEMO_CLASSES
+    assert clip_labels.read_classnames("demo") == make_demo.DEMO_CLASSES
     assert len(set(make_demo.DEMO_CLASSES)) == K == 12
     colours = [name.split()[0] for name in make_demo.DEMO_CLASSES]
     shapes = [name.split()[1] for name in make_demo.DEMO_CLASSES]
@@ -156,16 +156,16 @@ def test_ensure_demo_is_idempotent_and_rebuilds_only_what_changed(tmp_path):
 
 
 def test_checkpoint_loads_through_load_clip(demos):
-    import models
+    import clip_labels
 
     checkpoint = demos["a"] / "demo" / "clip" / "vlpl-demo-tiny.pt"
-    model, tokenizer = models.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
+    model, tokenizer = clip_labels.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
     saved = torch.load(checkpoint, weights_only=True)
     loaded = model.state_dict()
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
-    assert models.clip_image_size(model) == make_demo.IMAGE_SIZE
-    features = models.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES)
+    assert clip_labels.clip_image_size(model) == make_demo.IMAGE_SIZE
+    features = clip_labels.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES)
     assert features.shape == (K, model.text_projection.shape[1])
 
 
@@ -186,7 +186,7 @@ def test_tiny_clip_pseudo_labels_beat_the_class_prior(tmp_path):
     """Zero-shot pseudo-labels (class name only, temp 0.01, threshold 0.3) on the held-out test
     split of a moderately trained tiny CLIP: precision must be far above the class prior."""
     import datasets
-    import models
+    import clip_labels
 
     checkpoint = make_demo.ensure_demo(tmp_path, seed=0, progress=False, num_train=10,
                                        num_test=300, num_clip_pairs=3000, clip_epochs=4)
@@ -194,9 +194,9 @@ def test_tiny_clip_pseudo_labels_beat_the_class_prior(tmp_path):
     images = datasets.MultiLabelImages(datasets.image_root(tmp_path, "demo"), test,
                                        image_size=make_demo.IMAGE_SIZE, train=False)
     batch = torch.stack([images[i]["image"] for i in range(len(images))])
-    model, tokenizer = models.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
-    text_features = models.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES, "{}")
-    labeler = models.PseudoLabeler(model.visual, text_features, temp=0.01, threshold=0.3)
+    model, tokenizer = clip_labels.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
+    text_features = clip_labels.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES, "{}")
+    labeler = clip_labels.PseudoLabeler(model.visual, text_features, temp=0.01, threshold=0.3)
     positive = labeler(batch).numpy() == 1
     truth = test.labels_true == 1
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import files
 import instrumentation
 from instrumentation import TrainLogger, format_summary
 from metrics import compute_metrics
@@ -102,10 +103,10 @@ def test_save_json_atomic(tmp_path, monkeypatch):
     assert data['values']['val']['map_clean'][0] == pytest.approx(100.0)
     before = path.read_text()
 
-    def boom(*args, **kwargs):
-        raise RuntimeError('disk full')
-    monkeypatch.setattr(instrumentation.json, 'dump', boom)
-    with pytest.raises(RuntimeError):
+    def boom(*args, **kwargs):  # the disk fills after the new log was written, before it is synced
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(files.os, 'fsync', boom)
+    with pytest.raises(OSError):
         logger.save_json(path)
     assert path.read_text() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ['log.json']

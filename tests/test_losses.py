@@ -40,7 +40,7 @@ def ent(p):
 
 
 def ref_element(name, p, o, t, pl, hp, epoch):
-    """The rules table of REFERENCE.md section 8 for one entry, written independently."""
+    """The rules table of docs/original-vlpl.md section 8 for one entry, written independently."""
     c, a = hp['ls_coef'], hp['alpha']
     f = o if o != 0 else pl
     if name in ('EM_PL', 'EM_PL_ASL') and epoch <= hp['warmup_epoch']:
@@ -124,7 +124,9 @@ def test_registry_and_needs():
     assert losses.loss_hparams('EM_APL') == ('alpha', 'beta')
     assert losses.loss_hparams('EM_PL') == ('alpha', 'beta_pos', 'warmup_epoch')
     assert losses.loss_hparams('an') == ()
-    assert losses.EXPECTED_NUM_POS == {'pascal': 1.5, 'coco': 2.9, 'nuswide': 1.9, 'cub': 31.4, 'demo': 2.75}
+    from config import DATASETS
+    assert {d.name: d.expected_num_pos for d in DATASETS.values()} == {
+        'pascal': 1.5, 'coco': 2.9, 'nuswide': 1.9, 'cub': 31.4, 'demo': 2.75}
 
 
 @pytest.mark.parametrize('name', sorted(set(LOSSES) - {'EM_APL'}))

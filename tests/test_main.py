@@ -51,9 +51,9 @@ def test_two_epochs_with_each_loss(loss, tiny_pascal, tmp_path, tiny_clip, tiny_
     last = torch.load(run_dir / 'last.pt', weights_only=True, map_location='cpu')
     assert last['epoch'] == 2
     if loss == 'EM_APL':  # the pseudo-labelling step turned some unknowns into soft negatives
-        assert (last['train_observed'] < 0).any()
+        assert (last['method']['observed'] < 0).any()
     else:
-        assert (last['train_observed'] >= 0).all()
+        assert (last['method']['observed'] >= 0).all()
 
     # --evaluate on the best checkpoint reproduces the logged test mAP
     capsys.readouterr()

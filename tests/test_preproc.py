@@ -337,7 +337,7 @@ def test_format_nuswide_needs_images(nus_root, tmp_path, capsys):
 # ---------------------------------------------------------------- observed labels
 
 def observed_by_loop(labels, num_pos, num_neg, seed):
-    """REFERENCE 3 written independently: permutation(n) consumes the same draws as shuffling n items."""
+    """docs/original-vlpl.md section 3 written independently: permutation(n) consumes the same draws as shuffling n items."""
     rng = np.random.RandomState(seed)
     out = np.zeros(labels.shape)
     for i in range(labels.shape[0]):

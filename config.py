@@ -1,0 +1,189 @@
+"""What a run is: the error types, each dataset's facts in one row, and the frozen `Config`.
+
+A leaf module (it imports nothing of the project), so every other module may use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+NUMPY_SEED = 1200  # np.random.seed of the original main_clip.py, whatever -s says
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+class VLPLError(Exception):
+    """A problem the user can fix. main_clip.main catches it once and prints `error: <one line>`
+    without a traceback; the message names the file or flag and what to do."""
+
+
+class UserError(VLPLError):
+    """A bad command line, a missing run folder or checkpoint, and the like."""
+
+
+class ModelLoadError(VLPLError):
+    """A model, checkpoint or text-feature file could not be loaded; the message names the flag or
+    command that fixes it."""
+
+
+def one_line(error: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an error's message (its type alone when it has none).
+
+    A DataLoader worker re-raises an error with the worker's traceback appended; the original
+    message is then the last line and is the one returned. with_type: prefix 'TypeName: ', for
+    quoting a foreign library's error inside one of ours.
+    """
+    text = str(error).strip()
+    if 'Original Traceback' in text:
+        text = text.splitlines()[-1]
+        prefix, sep, rest = text.partition(': ')
+        text = rest if sep and prefix.endswith('Error') else text
+    first = text.splitlines()[0] if text else ''
+    if with_type:
+        return f'{type(error).__name__}: {first}'.rstrip(': ')
+    return first or type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything that is particular to one dataset.
+
+    lr, batch_size, alpha, beta_pos: the original's per-dataset settings (github.com/mvrl/VLPL,
+    main_clip.py, its argument defaults per dataset); expected_num_pos: the `epr` loss's expected positives per image
+    (Cole et al., single-positive-multi-label, config.py); apl_*: EM_APL's beta, warm-up epochs and
+    batch size from its own paper (SPML-AckTheUnknown, Table of hyperparameters).
+    """
+    name: str
+    num_classes: int
+    image_dir: str  # relative to <data_root>/<name>
+    lr: float
+    batch_size: int
+    alpha: float
+    beta_pos: float
+    expected_num_pos: float
+    apl_beta: float
+    apl_warmup: int
+    apl_batch_size: int
+    image_size: int = 448
+    model: str = 'resnet50'
+    epochs: int = 10
+    clip_model: str = 'ViT-L-14-336'
+    clip_pretrained: str = 'openai'  # may hold '{data_root}'
+
+
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
+    DatasetInfo('pascal', 20, 'VOCdevkit/VOC2012/JPEGImages', lr=1e-5, batch_size=8, alpha=0.2, beta_pos=0.7,
+                expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8),
+    DatasetInfo('coco', 80, '.', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,  # paths start with train2014/
+                expected_num_pos=2.9, apl_beta=0.9, apl_warmup=5, apl_batch_size=16),
+    DatasetInfo('nuswide', 81, 'Flickr', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,
+                expected_num_pos=1.9, apl_beta=0.2, apl_warmup=4, apl_batch_size=16),
+    DatasetInfo('cub', 312, 'CUB_200_2011/images', lr=1e-4, batch_size=8, alpha=0.01, beta_pos=0.7,
+                expected_num_pos=31.4, apl_beta=0.4, apl_warmup=3, apl_batch_size=8),
+    # This project's offline demo (preproc/make_demo.py): a small random-init network on 64 px
+    # synthetic pictures with the locally trained tiny CLIP. expected_num_pos: the generator's mean
+    # number of objects (2.76 measured on its train split).
+    DatasetInfo('demo', 12, 'images', lr=1e-3, batch_size=32, alpha=0.1, beta_pos=0.7,
+                expected_num_pos=2.75, apl_beta=0.2, apl_warmup=3, apl_batch_size=32,
+                image_size=64, model='small_cnn', epochs=10, clip_model='vlpl-demo-tiny',
+                clip_pretrained='{data_root}/demo/clip/vlpl-demo-tiny.pt'),
+)}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise VLPLError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run depends on; saved with every checkpoint and compared on resume."""
+    dataset: str
+    loss: str
+    model: str
+    temp: float
+    threshold: float
+    partial: float
+    seed: int
+    data_root: str
+    results_dir: str
+    cache_dir: str
+    epochs: int
+    batch_size: int
+    lr: float
+    image_size: int
+    num_workers: int
+    device: str
+    clip_model: str
+    clip_pretrained: str
+    clip_mode: str
+    text_features: Optional[str]
+    backbone_weights: Optional[str]
+    pretrained: bool
+    amp: bool
+    channels_last: bool
+    skip_bad_images: bool
+    alpha: float
+    beta: float
+    beta_pos: float
+    beta_neg: float
+    warmup_epoch: int
+    run_dir: str
+    head: str = 'linear'
+
+    @property
+    def data(self) -> DatasetInfo:
+        return DATASETS[self.dataset]
+
+
+# Settings a resumed run may change without changing its results.
+RESUMABLE_CHANGES = frozenset({'num_workers', 'device', 'results_dir', 'cache_dir', 'data_root', 'clip_mode',
+                               'run_dir', 'skip_bad_images'})
+
+
+def build_config(*, dataset: str, loss: str, model: str | None = None, temp: float = 0.01,
+                 threshold: float = 0.3, partial: float = 0.0, partial_everywhere: bool = False, seed: int = 0,
+                 data_root: str = 'data', results_dir: str = 'results', run_name: str | None = None,
+                 cache_dir: str = 'cache', epochs: int | None = None, batch_size: int | None = None,
+                 lr: float | None = None, image_size: int | None = None, num_workers: int = 0,
+                 device: str = 'auto', clip_model: str | None = None, clip_pretrained: str | None = None,
+                 clip_mode: str = 'cache', text_features: str | None = None, backbone_weights: str | None = None,
+                 pretrained: bool = True, amp: bool = False, channels_last: bool = False,
+                 skip_bad_images: bool = False, alpha: float | None = None, beta_pos: float | None = None,
+                 warmup_epoch: int | None = None, head: str = 'linear') -> Config:
+    """The Config of a run: every setting left None takes the dataset's value (DATASETS row).
+
+    The original's rules kept here: -p (partial) acts for pascal with clip_vision only unless
+    partial_everywhere; EM_APL takes its beta, warm-up and batch size from the row's apl_* values.
+    """
+    row = dataset_info(dataset)
+    model = model or row.model
+    is_apl = loss == 'EM_APL'
+    partial_applies = partial_everywhere or (dataset == 'pascal' and model == 'clip_vision')
+    return Config(
+        dataset=dataset, loss=loss, model=model, temp=temp, threshold=threshold,
+        partial=partial if partial_applies else 0.0, seed=seed, data_root=data_root, results_dir=results_dir,
+        cache_dir=cache_dir, epochs=epochs or row.epochs,
+        batch_size=batch_size or (row.apl_batch_size if is_apl else row.batch_size),
+        lr=lr or row.lr, image_size=image_size or row.image_size, num_workers=num_workers, device=device,
+        clip_model=clip_model or row.clip_model,
+        clip_pretrained=clip_pretrained or row.clip_pretrained.format(data_root=data_root),
+        clip_mode=clip_mode, text_features=text_features, backbone_weights=backbone_weights,
+        pretrained=pretrained, amp=amp, channels_last=channels_last, skip_bad_images=skip_bad_images,
+        alpha=alpha if alpha is not None else row.alpha, beta=row.apl_beta,
+        beta_pos=beta_pos if beta_pos is not None else row.beta_pos, beta_neg=0.0,
+        warmup_epoch=warmup_epoch if warmup_epoch is not None else (row.apl_warmup if is_apl else 0),
+        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head)

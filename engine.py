@@ -1,0 +1,103 @@
+"""The training engine: one training epoch, a forward pass over a split, autocast, and the
+non-finite-loss check. It knows nothing of the command line; main_clip.py, bench/ and tests call it.
+
+Host syncs are rare on purpose: the training step runs without reading anything back from the
+device except every `check_every` steps (progress bar and non-finite check) and the input-range
+check of the first batch of an epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+import distributed
+from config import Config, UserError
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def autocast(cfg: Config, device):
+    """bf16 autocast on CUDA with --amp; full precision otherwise."""
+    if cfg.amp and device.type == 'cuda':
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _images(cfg: Config, batch: dict, device) -> torch.Tensor:
+    images = batch['image'].to(device, non_blocking=True)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, train_true: torch.Tensor,
+                    pl_source, device, check_every: int = 50):
+    """One pass over the training split. Returns (preds (N, K) in row order, mean loss, pl stats).
+
+    method: the methods.Method of the run (its `observed` rows are the observed labels of a batch);
+    train_true: N x K clean labels on the device (for the methods that read them, and for the
+    pseudo-label statistics); pl_source(images, index, flipped) gives the pseudo-labels of a batch
+    (None when the method uses none). pl stats: (hits, predicted positives, true positives
+    available) of the positive pseudo-labels on the unknown entries.
+    """
+    model.train()
+    num_rows, num_classes = method.observed.shape
+    preds_all = torch.full((num_rows, num_classes), float('nan'), device=device)  # NaN: skipped image
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    step_on_device = torch.zeros((), dtype=torch.long, device=device)
+    pl_counts = torch.zeros(3, device=device)  # true positives, predicted positives, true positives available
+    bar = distributed.progress(loader, desc=f'epoch {epoch} train', leave=False)
+    for step, batch in enumerate(bar):
+        if batch is None:  # every image of the batch was unreadable (--skip-bad-images)
+            continue
+        images = _images(cfg, batch, device)
+        index = batch['index'].to(device, non_blocking=True)
+        observed = method.observed[index]
+        true = train_true[index]
+        pl = None
+        if pl_source is not None:
+            pl = pl_source(images, index, batch['flipped'].to(device, non_blocking=True))
+            unknown_pos = (pl == 1) & (observed == 0)
+            pl_counts += torch.stack([(unknown_pos & (true == 1)).sum(), unknown_pos.sum(),
+                                      ((observed == 0) & (true == 1)).sum()]).float()
+        with autocast(cfg, device):
+            logits = model(images)
+        logits = logits.float()
+        preds = torch.sigmoid(logits)
+        loss = method.loss(logits, preds, dict(index=index, observed=observed, true=true, pseudo_labels=pl),
+                           epoch=epoch, step=step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        preds_all[index] = preds.detach()
+        loss = loss.detach()
+        loss_sum += loss
+        step_on_device.fill_(step)  # a kernel argument, not a host-to-device copy
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step_on_device, first_bad)
+        if (step + 1) % check_every == 0 or step + 1 == len(loader):
+            if first_bad.item() >= 0:
+                raise NonFiniteLoss(f'non-finite loss at epoch {epoch}, batch {first_bad.item()} '
+                                    f'(loss {cfg.loss}, lr {cfg.lr}); the last checkpoint of {cfg.run_dir} '
+                                    'is kept: lower --lr or check the data, then --resume')
+            bar.set_postfix(loss=f'{loss.item():.4f}')
+    bar.close()
+    return preds_all.cpu().numpy(), (loss_sum / max(len(loader), 1)).item(), pl_counts.cpu().numpy()
+
+
+def predict(cfg: Config, model, loader, num_rows: int, num_classes: int, device, desc: str) -> np.ndarray:
+    """Sigmoid outputs (N, K) in row order, eval mode, no CLIP work; NaN rows for skipped images."""
+    model.eval()
+    preds_all = torch.full((num_rows, num_classes), float('nan'), device=device)  # NaN: skipped image
+    with torch.inference_mode():
+        for batch in distributed.progress(loader, desc=desc, leave=False):
+            if batch is None:
+                continue
+            with autocast(cfg, device):
+                logits = model(_images(cfg, batch, device))
+            preds_all[batch['index'].to(device)] = torch.sigmoid(logits.float())
+    return preds_all.cpu().numpy()

@@ -1,0 +1,148 @@
+"""Training methods: one object per method, owning what lasts across batches and epochs.
+
+The pure loss functions stay in losses.py (the math); a method object around them says what it
+needs (pseudo-labels, clean labels, a warm-up), computes the batch loss, and owns its state: the
+observed-label matrix that EM_APL rewrites after each epoch today; later a per-image label
+estimator with its own parameter group (ROLE), schedules and permanent flips (LL), class priors
+(CSL). The training loop calls every method the same way:
+
+    method = build_method(cfg, train_split, device)
+    optimizer = Adam(model.param_groups(lr) + method.param_groups(lr))
+    for each batch:  loss = method.loss(logits, preds, batch, epoch=..., step=...)
+    after the train phase of each epoch:  method.end_epoch(epoch, predict_train)
+    checkpoint['method'] = method.state_dict();  method.load_state_dict(...) on resume
+
+as Cole et al.'s LabelEstimator (single-positive-multi-label, models.py) and the task objects of
+timm and open_clip own their state. A new method is a subclass and one entry of `METHODS`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+import losses
+from config import Config
+
+
+class Method:
+    """A loss of the `losses.LOSSES` registry, with the observed-label matrix of the train split.
+
+    Class attributes say what the training loop must supply:
+    needs_pseudo_labels: batch['pseudo_labels'] from the frozen CLIP; uses_warmup: --warmup-epoch
+    counts epochs before the method's own rule starts; clean_train_labels: train on the clean
+    labels instead of the observed ones (the full-label baselines bce, bce_ls).
+    """
+    needs_pseudo_labels = False
+    uses_warmup = False
+    clean_train_labels = False
+
+    def __init__(self, cfg: Config, train_observed: np.ndarray, device):
+        self.name = cfg.loss
+        self.cfg = cfg
+        self.num_classes = train_observed.shape[1]
+        self.hparams = dict(alpha=cfg.alpha, beta=cfg.beta, beta_pos=cfg.beta_pos, beta_neg=cfg.beta_neg,
+                            positive=2, negative=4, unknown=4, warmup_epoch=cfg.warmup_epoch, ls_coef=0.1,
+                            expected_num_pos=cfg.data.expected_num_pos, num_classes=self.num_classes)
+        self.observed = torch.as_tensor(train_observed, device=device)  # N x K
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Extra optimiser parameter groups the method trains (none for a plain loss)."""
+        return []
+
+    def loss(self, logits: torch.Tensor, preds: torch.Tensor, batch: dict, *, epoch: int, step: int) -> torch.Tensor:
+        """Scalar loss of one batch. logits, preds = sigmoid(logits): B x K float32; batch holds
+        'index' (B,), 'observed' (B x K, rows of self.observed), 'true' (B x K) and
+        'pseudo_labels' (B x K or None). The input ranges are checked on the first step of an epoch."""
+        return losses.compute_batch_loss(self.name, preds, batch['observed'], self.hparams,
+                                         true_labels=batch['true'], pseudo_labels=batch['pseudo_labels'],
+                                         epoch=epoch, validate=step == 0)
+
+    def end_epoch(self, epoch: int, predict_train: Callable[[], np.ndarray]) -> None:
+        """Called after the train phase of every epoch; predict_train() gives the N x K sigmoid
+        outputs of the current model on the train split (eval mode, row order, NaN rows for
+        skipped images)."""
+
+    def state_dict(self) -> dict:
+        return {'observed': self.observed.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.observed = state['observed'].to(self.observed.device)
+
+
+class PseudoLabelMethod(Method):
+    """EM_PL and EM_PL_ASL: the frozen CLIP's pseudo-labels enter the loss after the warm-up."""
+    needs_pseudo_labels = True
+    uses_warmup = True
+
+
+class CleanLabelMethod(Method):
+    """bce, bce_ls: trained on every clean label (the full-label upper bound)."""
+    clean_train_labels = True
+
+
+class AsymmetricPseudoLabelling(Method):
+    """EM_APL (Zhou et al., SPML-AckTheUnknown): after the train phase of every epoch from the
+    warm-up on, the lowest-scoring unknown entries of each class become soft negatives of the
+    observed matrix (losses.apl_update), which the next epochs train on."""
+    uses_warmup = True
+
+    def __init__(self, cfg: Config, train_observed: np.ndarray, device):
+        super().__init__(cfg, train_observed, device)
+        self.unknown_counts = losses.count_unknowns(train_observed)  # U_c of the initial matrix
+
+    def end_epoch(self, epoch: int, predict_train: Callable[[], np.ndarray]) -> None:
+        if epoch < self.cfg.warmup_epoch:
+            return
+        preds = np.nan_to_num(predict_train(), nan=1.0)  # a skipped image is never made a negative
+        self.observed = torch.as_tensor(losses.apl_update(
+            preds, self.observed.cpu().numpy(), self.unknown_counts, epoch=epoch, num_epochs=self.cfg.epochs,
+            warmup_epoch=self.cfg.warmup_epoch), dtype=torch.float32, device=self.observed.device)
+
+
+def _method_class(name: str) -> type[Method]:
+    if name == 'EM_APL':
+        return AsymmetricPseudoLabelling
+    if name in losses.NEEDS_PSEUDO_LABELS:
+        return PseudoLabelMethod
+    if name in ('bce', 'bce_ls'):
+        return CleanLabelMethod
+    return Method
+
+
+METHODS: dict[str, type[Method]] = {name: _method_class(name) for name in losses.LOSSES}
+
+HELP = {
+    'an': 'assume every unobserved label negative',
+    'an_ls': 'assume negative, with label smoothing 0.1',
+    'wan': 'assume negative, down-weighted by 1/(K-1)',
+    'epr': 'observed positives + expected number of positives per image as a regulariser (Cole et al.)',
+    'iu': 'ignore unobserved labels (observed positives and negatives only)',
+    'iun': 'ignore unobserved, but use the true negatives (needs clean labels; an upper bound)',
+    'pr': 'pairwise ranking: each observed positive scored above every unobserved class by a margin of 1',
+    'bce': 'full-label BCE on the clean labels (upper bound)',
+    'bce_ls': 'full-label BCE with label smoothing 0.1 (upper bound)',
+    'EM': 'entropy maximisation on unobserved labels (Zhou et al.)',
+    'EM_APL': 'EM + asymmetric pseudo-labelling of the lowest-scoring unknowns after each epoch (Zhou et al.)',
+    'EM_PL': 'VLPL: EM + CLIP positive pseudo-labels (label-smoothed BCE weighted by --beta-pos)',
+    'EM_PL_ASL': 'VLPL with asymmetric focusing (gammas 2 / 4 / 4 for positives, negatives, unknowns)',
+}
+
+
+def register(name: str, help: str):
+    """Class decorator: make a Method subclass selectable as `-l name` (help: one line for --help).
+    Modules of further methods register theirs on import, as timm's register_model does."""
+    def add(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f'method {name!r} is registered twice')
+        METHODS[name], HELP[name] = cls, help
+        return cls
+    return add
+
+
+def build_method(cfg: Config, train_observed: np.ndarray, device) -> Method:
+    """The method object of cfg.loss for the train split's observed labels (N x K)."""
+    if cfg.loss not in METHODS:
+        losses._get_loss(cfg.loss)  # raises the registry's message (unknown name, or 'role')
+    return METHODS[cfg.loss](cfg, train_observed, device)
