@@ -10,14 +10,18 @@ so both load with torch.load(weights_only=True): a file that is not ours is refu
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 import pickle
 import random
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import RESUMABLE_CHANGES, Config, UserError, one_line
+from config import DATASETS, RESUMABLE_CHANGES, Config, UserError, one_line
 from files import save_npy, save_torch
 
 
@@ -59,18 +63,118 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f'{path}: no such checkpoint')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise UserError(f'{path}: not a readable VLPL checkpoint ({one_line(e)[:200]})') from None
+    except pickle.UnpicklingError:
+        # torch's message goes on to suggest weights_only=False, which would run the file's code:
+        # not an option for a file that is not ours.
+        raise UserError(f'{path}: not a VLPL checkpoint: it holds Python objects that a checkpoint written by '
+                        'main_clip.py never holds, so it was not loaded (no code in it ran)') from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise UserError(f'{path}: not a readable VLPL checkpoint, truncated or damaged ({one_line(e)[:120]}); '
+                        'use another checkpoint (last.pt or best.pt of the run)') from None
     if not isinstance(ckpt, dict) or not {'model', 'config', 'epoch'} <= set(ckpt):
         raise UserError(f'{path}: not a VLPL checkpoint (missing model/config/epoch)')
     return ckpt
 
 
-def config_differences(old: dict, new: Config) -> list[str]:
+def config_differences(old: dict, new: Config, *, more_epochs_ok: bool = False) -> list[str]:
     """'name: old -> new' for every setting that differs and that a resumed run may not change.
-    A setting added to Config after the checkpoint was written counts as its default there."""
+
+    A setting added to Config after the checkpoint was written counts as its default there. A CLIP
+    checkpoint path derived from --data-root (the demo's) follows a moved data folder.
+    more_epochs_ok: a larger --epochs is allowed (the method's schedule does not use the total).
+    """
     new_d = dataclasses.asdict(new)
     defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
     old = {**defaults, **old}
+    template = DATASETS[new.dataset].clip_pretrained if new.dataset in DATASETS else ''
+    if '{data_root}' in template and old.get('clip_pretrained') == template.format(data_root=old.get('data_root')) \
+            and new.clip_pretrained == template.format(data_root=new.data_root):
+        old['clip_pretrained'] = new.clip_pretrained
+    if more_epochs_ok and isinstance(old.get('epochs'), int) and new.epochs > old['epochs']:
+        old['epochs'] = new.epochs
     return [f'{k}: {old.get(k)!r} -> {new_d[k]!r}' for k in new_d
             if k not in RESUMABLE_CHANGES and old.get(k) != new_d[k]]
+
+
+class RunFolder:
+    """The folder of one run, from the checks before the run to its first checkpoint.
+
+    - Locked for the whole run (a POSIX lock on results_dir/.<name>.lock, which the kernel releases
+      when the process ends, however it ends; POSIX locks also hold across the nodes of a shared
+      NFS file system): a second run of the same name refuses in one line naming the holder.
+    - Created only when the run starts writing (`create`), so a failed start leaves nothing behind;
+      a run that fails before its first checkpoint removes the folder it created.
+    - `overwrite`: an existing run folder is moved aside when the new run starts writing and deleted
+      once the new run's first checkpoint exists (`committed`); if the new run fails before that,
+      the old folder is put back.
+    """
+
+    def __init__(self, path: Path, *, resuming: bool, overwrite: bool = False):
+        self.path = Path(path)
+        self.resuming, self.overwrite = resuming, overwrite
+        self.created = False
+        self.aside: Path | None = None
+        self._lock = None
+
+    def __enter__(self) -> 'RunFolder':
+        if not self.resuming and (self.path / 'last.pt').exists() and not self.overwrite:
+            raise UserError(f'{self.path} already holds a run: continue it with --resume {self.path}, '
+                            'replace it with --overwrite, or choose another --run-name')
+        ensure_writable(self.path.parent, '--results-dir')
+        self._acquire()
+        return self
+
+    def _acquire(self) -> None:
+        lock_path = self.path.parent / f'.{self.path.name}.lock'
+        handle = open(lock_path, 'a+')
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or 'unknown'
+            handle.close()
+            raise UserError(f'{self.path} is in use by another run ({holder}); wait for it to end or choose '
+                            'another --run-name') from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f'host {socket.gethostname()}, pid {os.getpid()}\n')
+        handle.flush()
+        self._lock = handle
+
+    def create(self) -> Path:
+        """Make the folder (moving an old run aside under --overwrite); idempotent."""
+        if self.overwrite and not self.resuming and self.path.exists() and self.aside is None:
+            self.aside = self.path.with_name(f'.{self.path.name}.replaced')
+            if self.aside.exists():
+                shutil.rmtree(self.aside)
+            self.path.rename(self.aside)
+        if not self.path.exists():
+            self.path.mkdir(parents=True)
+            self.created = True
+        return self.path
+
+    def committed(self) -> None:
+        """The first checkpoint of this run exists: the replaced run may go."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not (self.path / 'last.pt').exists():
+            if self.created:
+                shutil.rmtree(self.path, ignore_errors=True)
+            if self.aside is not None:
+                self.aside.rename(self.path)
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+
+
+def ensure_writable(folder: Path, flag: str) -> None:
+    """Fail before training, not after the first epoch, when a folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'.write-test-{os.getpid()}'
+        probe.write_bytes(b'ok')
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f'cannot write to {folder}: {e.strerror}; choose a writable {flag}') from None

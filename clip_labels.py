@@ -26,13 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import distributed
-from config import Config, ModelLoadError, one_line
+from config import DEFAULT_DIRS, REPO_ROOT, Config, ModelLoadError, one_line
 from files import save_json, save_npy
 
-REPO_ROOT = Path(__file__).resolve().parent
 CLASSNAMES_DIR = REPO_ROOT / 'text_features'
 CLIP_CONFIG_DIR = REPO_ROOT / 'preproc' / 'clip_configs'
-TEXT_FEATURES_DIR = 'text_features'  # default output folder, relative to the working directory
+TEXT_FEATURES_DIR = DEFAULT_DIRS['text_features']  # default output folder (--text-features-dir)
 CLIP_FLAG = '--clip-pretrained PATH (a local open_clip or OpenAI checkpoint file)'
 
 
@@ -409,7 +408,7 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
                 else contextlib.nullcontext())
     with autocast:
         for batch in distributed.progress(loader, desc='frozen CLIP embeddings (once, cached)'):
-            if batch is None:
+            if 'image' not in batch:  # every image of the batch was skipped (--skip-bad-images)
                 continue
             images = batch['image'].to(device, non_blocking=True)
             plain, flipped = labeler.embed(images), labeler.embed(images.flip(-1))  # B x D each
@@ -436,7 +435,7 @@ def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int) -> t
     """
     if cfg.text_features:
         return load_text_features(cfg.text_features, num_classes)
-    path = default_text_features_path(cfg.dataset, cfg.clip_model, cfg.clip_pretrained)
+    path = default_text_features_path(cfg.dataset, cfg.clip_model, cfg.clip_pretrained, folder=cfg.text_features_dir)
     classnames = read_classnames(cfg.dataset)
     key = dict(clip_model=cfg.clip_model, weights=weights_identity(cfg.clip_pretrained), classnames=classnames)
     key_path = path.with_suffix('.json')
@@ -469,6 +468,11 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
     per flip state and reads the embedding of the flip the sampler drew.
     """
     text = text_features_for(cfg, clip_model, tokenizer, num_classes).to(device)
+    width = clip_embed_dim(clip_model)
+    if text.shape[1] != width:
+        raise ModelLoadError(f'text features {cfg.text_features or "(computed)"} are {text.shape[1]} wide but the CLIP '
+                             f'model {cfg.clip_model} embeds images in {width}: features of another CLIP model? '
+                             'Pass the matching --text-features or --clip-model')
     labeler = PseudoLabeler(clip_model.visual, text, temp=cfg.temp, threshold=cfg.threshold,
                             partial=cfg.partial).to(device)
     if cfg.clip_mode == 'online':

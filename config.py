@@ -10,6 +10,11 @@ from typing import Optional
 
 NUMPY_SEED = 1200  # np.random.seed of the original main_clip.py, whatever -s says
 
+# Default folders are those beside this file (data/, results/, cache/, text_features/), wherever the
+# command runs from; paths a user gives are relative to the working directory, as usual.
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_DIRS = {name: str(REPO_ROOT / name) for name in ('data', 'results', 'cache', 'text_features')}
+
 
 # ----------------------------------------------------------------------------------------------
 # Errors
@@ -143,6 +148,8 @@ class Config:
     warmup_epoch: int
     run_dir: str
     head: str = 'linear'
+    text_features_dir: str = DEFAULT_DIRS['text_features']
+    init_from: Optional[str] = None
 
     @property
     def data(self) -> DatasetInfo:
@@ -151,19 +158,20 @@ class Config:
 
 # Settings a resumed run may change without changing its results.
 RESUMABLE_CHANGES = frozenset({'num_workers', 'device', 'results_dir', 'cache_dir', 'data_root', 'clip_mode',
-                               'run_dir', 'skip_bad_images'})
+                               'run_dir', 'skip_bad_images', 'text_features_dir'})
 
 
 def build_config(*, dataset: str, loss: str, model: str | None = None, temp: float = 0.01,
                  threshold: float = 0.3, partial: float = 0.0, partial_everywhere: bool = False, seed: int = 0,
-                 data_root: str = 'data', results_dir: str = 'results', run_name: str | None = None,
-                 cache_dir: str = 'cache', epochs: int | None = None, batch_size: int | None = None,
+                 data_root: str = DEFAULT_DIRS['data'], results_dir: str = DEFAULT_DIRS['results'],
+                 run_name: str | None = None, cache_dir: str = DEFAULT_DIRS['cache'], epochs: int | None = None, batch_size: int | None = None,
                  lr: float | None = None, image_size: int | None = None, num_workers: int = 0,
                  device: str = 'auto', clip_model: str | None = None, clip_pretrained: str | None = None,
                  clip_mode: str = 'cache', text_features: str | None = None, backbone_weights: str | None = None,
                  pretrained: bool = True, amp: bool = False, channels_last: bool = False,
                  skip_bad_images: bool = False, alpha: float | None = None, beta_pos: float | None = None,
-                 warmup_epoch: int | None = None, head: str = 'linear') -> Config:
+                 warmup_epoch: int | None = None, head: str = 'linear', text_features_dir: str = DEFAULT_DIRS['text_features'],
+                 init_from: str | None = None) -> Config:
     """The Config of a run: every setting left None takes the dataset's value (DATASETS row).
 
     The original's rules kept here: -p (partial) acts for pascal with clip_vision only unless
@@ -186,4 +194,5 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
         alpha=alpha if alpha is not None else row.alpha, beta=row.apl_beta,
         beta_pos=beta_pos if beta_pos is not None else row.beta_pos, beta_neg=0.0,
         warmup_epoch=warmup_epoch if warmup_epoch is not None else (row.apl_warmup if is_apl else 0),
-        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head)
+        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head,
+        text_features_dir=text_features_dir, init_from=init_from)

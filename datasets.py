@@ -188,7 +188,8 @@ class MultiLabelImages(torch.utils.data.Dataset):
         """``key`` is a row index, or a (row, flip) pair from FlipSampler (train only).
 
         With a plain index the train flip is drawn here, as torchvision's RandomHorizontalFlip
-        would. With ``skip_bad`` an unreadable image gives None, which ``collate_skipping`` drops.
+        would. With ``skip_bad`` an unreadable image gives ``{"skipped": row}``, which
+        ``collate_skipping`` drops from the batch and lists under "skipped".
         """
         if isinstance(key, tuple):
             i, flipped = int(key[0]), bool(key[1]) and self.train
@@ -198,7 +199,7 @@ class MultiLabelImages(torch.utils.data.Dataset):
             img = self._open(self.root / str(self.split.images[i]))
         except DataError:
             if self.skip_bad:
-                return None
+                return {"skipped": i}
             raise
         img = TF.resize(img, [self.image_size, self.image_size])
         if flipped:
@@ -213,10 +214,46 @@ class MultiLabelImages(torch.utils.data.Dataset):
         }
 
 
-def collate_skipping(items: list) -> dict | None:
-    """default_collate without the items MultiLabelImages gave up on (None); None if all were."""
-    kept = [item for item in items if item is not None]
-    return torch.utils.data.default_collate(kept) if kept else None
+def collate_skipping(items: list) -> dict:
+    """default_collate of the items MultiLabelImages could read; the rows it gave up on are listed
+    under "skipped" (a list of row indices), and a batch of skipped items only has that key."""
+    kept = [item for item in items if "skipped" not in item]
+    batch = torch.utils.data.default_collate(kept) if kept else {}
+    batch["skipped"] = [item["skipped"] for item in items if "skipped" in item]
+    return batch
+
+
+def report_skipped(dataset: "MultiLabelImages", rows: list[int]) -> None:
+    """Name each skipped image once in the log (--skip-bad-images); runs in the main process."""
+    from distributed import log
+
+    seen = dataset.__dict__.setdefault("_reported", set())
+    for row in rows:
+        if row not in seen:
+            seen.add(row)
+            log.warning(f"skipped unreadable image {dataset.root / str(dataset.split.images[row])} (--skip-bad-images)")
+
+
+def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: bool) -> list[str]:
+    """The image files of a split that do not exist, found before any expensive work.
+
+    Missing files stop the run unless skip_bad; even then a split that is mostly missing (more than
+    half) stops it, since that is a wrong image folder rather than a few bad files.
+    """
+    if not root.is_dir():
+        raise DataError(f"image folder {root} of dataset {dataset} not found: check --data-root "
+                        f"({formatting_hint(dataset)})")
+    missing = [str(p) for p in split.images if not (root / str(p)).is_file()]
+    if not missing:
+        return []
+    what = f"{len(missing)} of {len(split)} {phase} images of dataset {dataset} are missing under {root} " \
+           f"(first: {missing[0]})"
+    if not skip_bad:
+        raise DataError(f"{what}: fix the image folder (--data-root) or pass --skip-bad-images")
+    if len(missing) > len(split) // 2:
+        raise DataError(f"{what}: wrong image folder? (--data-root); --skip-bad-images skips a few bad "
+                        "images, not most of a split")
+    return missing
 
 
 class FlipSampler(torch.utils.data.Sampler):

@@ -12,6 +12,7 @@ import contextlib
 import numpy as np
 import torch
 
+import datasets
 import distributed
 from config import Config, UserError
 
@@ -53,7 +54,9 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     pl_counts = torch.zeros(3, device=device)  # true positives, predicted positives, true positives available
     bar = distributed.progress(loader, desc=f'epoch {epoch} train', leave=False)
     for step, batch in enumerate(bar):
-        if batch is None:  # every image of the batch was unreadable (--skip-bad-images)
+        if batch.get('skipped'):
+            datasets.report_skipped(loader.dataset, batch['skipped'])
+        if 'image' not in batch:  # every image of the batch was unreadable (--skip-bad-images)
             continue
         images = _images(cfg, batch, device)
         index = batch['index'].to(device, non_blocking=True)
@@ -82,8 +85,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
         if (step + 1) % check_every == 0 or step + 1 == len(loader):
             if first_bad.item() >= 0:
                 raise NonFiniteLoss(f'non-finite loss at epoch {epoch}, batch {first_bad.item()} '
-                                    f'(loss {cfg.loss}, lr {cfg.lr}); the last checkpoint of {cfg.run_dir} '
-                                    'is kept: lower --lr or check the data, then --resume')
+                                    f'(method {cfg.loss}, lr {cfg.lr}): lower --lr or check the data')
             bar.set_postfix(loss=f'{loss.item():.4f}')
     bar.close()
     return preds_all.cpu().numpy(), (loss_sum / max(len(loader), 1)).item(), pl_counts.cpu().numpy()
@@ -95,7 +97,9 @@ def predict(cfg: Config, model, loader, num_rows: int, num_classes: int, device,
     preds_all = torch.full((num_rows, num_classes), float('nan'), device=device)  # NaN: skipped image
     with torch.inference_mode():
         for batch in distributed.progress(loader, desc=desc, leave=False):
-            if batch is None:
+            if batch.get('skipped'):
+                datasets.report_skipped(loader.dataset, batch['skipped'])
+            if 'image' not in batch:
                 continue
             with autocast(cfg, device):
                 logits = model(_images(cfg, batch, device))

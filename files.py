@@ -7,6 +7,7 @@ interrupted write (Ctrl-C, full disk) leaves the previous file intact.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -60,7 +61,13 @@ def save_json(path: str | os.PathLike, obj, *, indent: int | None = 2) -> Path:
 
 
 def save_torch(path: str | os.PathLike, obj) -> Path:
-    """torch.save, atomically (a checkpoint is never half-written)."""
+    """torch.save, atomically (a checkpoint is never half-written). torch.save reports a failed
+    write (a full disk) as RuntimeError; it is raised here as the OSError it is."""
     import torch
 
-    return atomic_write(path, lambda handle: torch.save(obj, handle))
+    def write(handle):
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as e:
+            raise OSError(errno.EIO, f'writing failed ({str(e).strip().splitlines()[0][:120]})', str(path)) from None
+    return atomic_write(path, write)

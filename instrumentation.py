@@ -151,16 +151,20 @@ class TrainLogger:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from `state_dict()`; the epoch and class counts must match this logger."""
-        if state.get('num_epochs') != self.num_epochs or state.get('num_classes') != self.num_classes:
-            raise ValueError(f"logger state is for {state.get('num_epochs')} epochs / "
+        """Restore from `state_dict()`. The class count must match; a state of fewer epochs fills
+        the first ones (a finished run resumed for more epochs)."""
+        saved_epochs = state.get('num_epochs')
+        if not isinstance(saved_epochs, int) or saved_epochs > self.num_epochs \
+                or state.get('num_classes') != self.num_classes:
+            raise ValueError(f"logger state is for {saved_epochs} epochs / "
                              f"{state.get('num_classes')} classes, this run has {self.num_epochs} / "
                              f'{self.num_classes}')
+        pad = self.num_epochs - saved_epochs
         try:
             for phase in PHASES:
-                logged = np.asarray(state['logged'][phase], dtype=bool)
-                series = {name: np.array([np.nan if v is None else v for v in state['values'][phase][name]],
-                                         dtype=np.float64) for name in SERIES}
+                logged = np.concatenate([np.asarray(state['logged'][phase], dtype=bool), np.zeros(pad, bool)])
+                series = {name: np.array([np.nan if v is None else v for v in state['values'][phase][name]]
+                                         + [np.nan] * pad, dtype=np.float64) for name in SERIES}
                 if logged.shape != (self.num_epochs,) or any(a.shape != (self.num_epochs,)
                                                              for a in series.values()):
                     raise ValueError(f'logger state for phase {phase!r} has the wrong length')

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -26,10 +27,11 @@ import clip_labels
 import datasets
 import methods
 import models
-from checkpoints import atomic_save, config_differences, load_checkpoint, rng_state, set_rng_state
-from config import DATASETS, NUMPY_SEED, Config, UserError, VLPLError, build_config, one_line
+from checkpoints import (RunFolder, atomic_save, config_differences, ensure_writable, load_checkpoint, rng_state,
+                         set_rng_state)
+from config import DATASETS, DEFAULT_DIRS, NUMPY_SEED, Config, UserError, VLPLError, build_config, one_line
 from distributed import is_primary, log
-from engine import predict, train_one_epoch
+from engine import NonFiniteLoss, predict, train_one_epoch
 from files import save_json
 from instrumentation import TrainLogger, format_summary
 from metrics import compute_metrics
@@ -39,14 +41,47 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: X)' unless the help text already says what the default is."""
 
     def _get_help_string(self, action):
-        if 'default' in (action.help or '') or action.default in (None, False):
+        if 'default' in (action.help or '') or action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block above it)."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def number(kind=float, *, low=None, high=None, low_open=False, high_open=False):
+    """argparse type: an int or a finite float inside [low, high] (open ends where asked).
+    'nan' and 'inf' are refused, so no value reaches the run that the run cannot use."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}')
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f'must be {">" if low_open else ">="} {low}, got {text}')
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f'must be {"<" if high_open else "<="} {high}, got {text}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = number(float, low=0, low_open=True)
+NON_NEGATIVE = number(float, low=0)
+COUNT = number(int, low=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description='VLPL: single-positive multi-label training with CLIP pseudo-labels.',
+    p = Parser(
+        description='VLPL: single-positive multi-label training with CLIP pseudo-labels. Default folders '
+                    '(data, results, cache, text_features) are those beside main_clip.py; paths you give '
+                    'are relative to the working directory.',
         formatter_class=HelpFormatter)
     p.add_argument('-d', '--dataset', default='pascal', choices=sorted(DATASETS),
                    help='dataset under --data-root; "demo" is generated offline on first use')
@@ -56,24 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help='GPU index, exported as CUDA_VISIBLE_DEVICES (default: leave it as it is)')
     p.add_argument('-m', '--model', default=None, choices=sorted(models.BACKBONES),
                    help='trainable backbone (default: resnet50; small_cnn for the demo)')
-    p.add_argument('-t', '--temp', type=float, default=0.01, help='softmax temperature of the CLIP scores')
-    p.add_argument('-th', '--threshold', type=float, default=0.3, help='positive pseudo-label threshold')
-    p.add_argument('-p', '--partial', type=float, default=0.0,
-                   help='fraction of lowest-scoring classes made negative pseudo-labels; as in the original '
-                        'it applies to pascal with -m clip_vision only, unless --partial-everywhere')
+    p.add_argument('-t', '--temp', type=POSITIVE, default=0.01, help='softmax temperature of the CLIP scores')
+    p.add_argument('-th', '--threshold', type=number(low=0, high=1, low_open=True, high_open=True), default=0.3,
+                   help='positive pseudo-label threshold, in (0, 1)')
+    p.add_argument('-p', '--partial', type=number(low=0, high=1, high_open=True), default=0.0,
+                   help='fraction of lowest-scoring classes made negative pseudo-labels, in [0, 1); as in the '
+                        'original it applies to pascal with -m clip_vision only, unless --partial-everywhere')
     p.add_argument('--partial-everywhere', action='store_true',
                    help='apply -p to every dataset and backbone')
-    p.add_argument('-s', '--pytorch_seed', '--seed', dest='seed', type=int, default=0, help='torch seed')
-    p.add_argument('--data-root', default='data', help='folder holding <dataset>/formatted_*.npy')
-    p.add_argument('--results-dir', default='results', help='each run writes a folder here')
+    p.add_argument('-s', '--pytorch_seed', '--seed', dest='seed', type=number(int), default=0, help='torch seed')
+    p.add_argument('--data-root', default=DEFAULT_DIRS['data'], help='folder holding <dataset>/formatted_*.npy')
+    p.add_argument('--results-dir', default=DEFAULT_DIRS['results'], help='each run writes a folder here')
     p.add_argument('--run-name', default=None,
                    help='name of the run folder (default: <dataset>_<loss>_<model>_s<seed>)')
-    p.add_argument('--cache-dir', default='cache', help='frozen-CLIP embedding cache')
-    p.add_argument('--epochs', type=int, default=None, help='number of epochs (default 10)')
-    p.add_argument('--batch-size', type=int, default=None, help='default: per dataset (8; EM_APL: its paper)')
-    p.add_argument('--lr', type=float, default=None, help='Adam learning rate (default: per dataset)')
-    p.add_argument('--image-size', type=int, default=None, help='input size (default 448; demo 64)')
-    p.add_argument('--num-workers', type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument('--cache-dir', default=DEFAULT_DIRS['cache'], help='frozen-CLIP embedding cache')
+    p.add_argument('--epochs', type=COUNT, default=None, help='number of epochs (default 10)')
+    p.add_argument('--batch-size', type=COUNT, default=None, help='default: per dataset (8; EM_APL: its paper)')
+    p.add_argument('--lr', type=POSITIVE, default=None, help='Adam learning rate (default: per dataset)')
+    p.add_argument('--image-size', type=COUNT, default=None, help='input size (default 448; demo 64)')
+    p.add_argument('--num-workers', type=number(int, low=0), default=min(8, os.cpu_count() or 1),
                    help='DataLoader worker processes')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto = cuda if available')
     p.add_argument('--clip-model', default=None,
@@ -85,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'online: run the frozen CLIP on every training batch, as the original')
     p.add_argument('--text-features', default=None,
                    help='(K, D) .npy of class text features (default: computed with the CLIP model and cached '
-                        'under text_features/)')
+                        'in --text-features-dir)')
+    p.add_argument('--text-features-dir', default=DEFAULT_DIRS['text_features'],
+                   help='folder for computed class text features')
     p.add_argument('--backbone-weights', default=None,
                    help='local weights file for the backbone (default: download the published weights)')
     p.add_argument('--no-pretrained', action='store_true',
@@ -94,17 +132,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help='bf16 autocast on CUDA (losses stay float32; default: float32)')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format (CNNs on GPU)')
     p.add_argument('--skip-bad-images', action='store_true',
-                   help='skip unreadable images (reported) instead of stopping')
-    p.add_argument('--alpha', type=float, default=None, help='entropy weight of EM losses (default: per dataset)')
-    p.add_argument('--beta-pos', type=float, default=None, help='weight of positive pseudo-labels (default 0.7)')
-    p.add_argument('--warmup-epoch', type=int, default=None,
+                   help='skip unreadable images (each named once in the log) instead of stopping')
+    p.add_argument('--alpha', type=NON_NEGATIVE, default=None,
+                   help='entropy weight of EM losses (default: per dataset)')
+    p.add_argument('--beta-pos', type=NON_NEGATIVE, default=None,
+                   help='weight of positive pseudo-labels (default 0.7)')
+    p.add_argument('--warmup-epoch', type=number(int, low=0), default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
-    p.add_argument('--resume', default=None, metavar='RUN_DIR',
+    g = p.add_argument_group('runs and checkpoints')
+    g.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
-                        'only the device, workers and folders')
-    p.add_argument('--evaluate', default=None, metavar='CHECKPOINT',
+                        'only the device, workers and folders, and --epochs may grow where the method allows')
+    g.add_argument('--evaluate', default=None, metavar='CHECKPOINT',
                    help='only compute the test metrics of a saved checkpoint')
+    g.add_argument('--init-from', default=None, metavar='CHECKPOINT',
+                   help='start a new run from the model weights of a saved checkpoint (same backbone and classes)')
+    g.add_argument('--overwrite', action='store_true',
+                   help='replace an existing run folder of the same name (default: refuse)')
     return p
+
+
+# Flags that exclude each other: (flag, flag, why).
+EXCLUSIVE = [('evaluate', 'resume', 'evaluate a checkpoint or continue a run, not both'),
+             ('evaluate', 'init_from', '--evaluate trains nothing'),
+             ('evaluate', 'overwrite', '--evaluate writes no run folder'),
+             ('resume', 'init_from', 'a resumed run continues from its own last.pt'),
+             ('resume', 'overwrite', 'a resumed run keeps its folder'),
+             ('no_pretrained', 'backbone_weights', 'random initialisation or the weights file, not both'),
+             ('init_from', 'backbone_weights', 'the checkpoint already holds the backbone weights')]
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
@@ -112,21 +167,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     a = parser.parse_args(argv)
     if a.gpu is not None:
         os.environ['CUDA_VISIBLE_DEVICES'] = str(a.gpu)
-    if not 0.0 < a.threshold < 1.0:
-        parser.error(f'-th/--threshold must be in (0, 1), got {a.threshold}')
-    if a.temp <= 0:
-        parser.error(f'-t/--temp must be > 0, got {a.temp}')
-    if not 0.0 <= a.partial < 1.0:
-        parser.error(f'-p/--partial must be in [0, 1), got {a.partial}')
-    for flag in ('epochs', 'batch_size', 'image_size'):
-        if getattr(a, flag) is not None and getattr(a, flag) < 1:
-            parser.error(f'--{flag.replace("_", "-")} must be >= 1')
-    if a.lr is not None and a.lr <= 0:
-        parser.error('--lr must be > 0')
-    if a.num_workers < 0:
-        parser.error('--num-workers must be >= 0')
-    if a.no_pretrained and a.backbone_weights:
-        parser.error('--no-pretrained and --backbone-weights exclude each other')
+    for first, second, why in EXCLUSIVE:
+        if getattr(a, first) and getattr(a, second):
+            parser.error(f'--{first.replace("_", "-")} and --{second.replace("_", "-")} exclude each other: {why}')
 
     cfg = build_config(
         dataset=a.dataset, loss=a.loss, model=a.model, temp=a.temp, threshold=a.threshold, partial=a.partial,
@@ -136,7 +179,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
-        warmup_epoch=a.warmup_epoch)
+        warmup_epoch=a.warmup_epoch, text_features_dir=a.text_features_dir, init_from=a.init_from)
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
@@ -187,31 +230,31 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
 # The run
 
 
-def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
-    run_dir = Path(cfg.run_dir)
-    if not resuming and (run_dir / 'last.pt').exists():
-        raise UserError(f'{run_dir} already holds a run: continue it with --resume {run_dir}, '
-                        'or choose another --run-name')
-    ensure_writable(run_dir, '--results-dir')
+def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
+    """Every input file checked before the expensive work (CLIP, the embedding cache, training)."""
+    for phase, split in splits.items():
+        for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images):
+            log.warning(f'skipped missing image {root / path} (--skip-bad-images)')
+    for flag, path in (('--backbone-weights', cfg.backbone_weights), ('--text-features', cfg.text_features),
+                       ('--init-from', cfg.init_from)):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f'{flag} {path}: no such file')
+    if cfg.text_features:
+        clip_labels.load_text_features(cfg.text_features, splits['train'].labels_obs.shape[1])
     ensure_writable(Path(cfg.cache_dir), '--cache-dir')
-    return run_dir
 
 
-def ensure_writable(folder: Path, flag: str) -> None:
-    """Fail before training, not after the first epoch, when a folder cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f'.write-test-{os.getpid()}'
-        probe.write_bytes(b'ok')
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f'cannot write to {folder}: {e.strerror}; choose a writable {flag}') from None
-
-
-def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
-    """A training run (or the rest of one, from `resume`); returns the best epoch's results."""
+def run(cfg: Config, argv: list[str], resume: Optional[dict], overwrite: bool = False) -> dict:
+    """A training run (or the rest of one, from `resume`); returns the best epoch's results.
+    The run folder is locked for the run and created only when the run starts writing."""
     device = select_device(cfg.device)
-    run_dir = prepare_run_dir(cfg, resuming=resume is not None)
+    folder = RunFolder(Path(cfg.run_dir), resuming=resume is not None, overwrite=overwrite)
+    with folder:
+        return _run(cfg, argv, resume, device, folder)
+
+
+def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: RunFolder) -> dict:
+    run_dir = folder.path
     seed_everything(cfg.seed)
     splits = prepare_data(cfg)
     num_classes = splits['train'].labels_obs.shape[1]
@@ -221,6 +264,8 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
                  f'{split.labels_true.sum(1).mean():.2f} true positives / image')
 
     root = datasets.image_root(cfg.data_root, cfg.dataset)
+    check_inputs(cfg, splits, root)
+    init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
     sets = {phase: datasets.MultiLabelImages(root, split, cfg.image_size, train=phase == 'train',
                                              dataset=cfg.dataset, skip_bad=cfg.skip_bad_images)
             for phase, split in splits.items()}
@@ -249,9 +294,16 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
     # Reseed so that the head's initialisation does not depend on what ran before (CLIP loading and
     # every DataLoader iterator draw from the global generator).
     torch.manual_seed(cfg.seed)
-    model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and resume is None,
-                                    weights_path=cfg.backbone_weights if resume is None else None,
+    fresh = resume is None and init_state is None  # else the weights come from a checkpoint
+    model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
+                                    weights_path=cfg.backbone_weights if fresh else None,
                                     clip_model=clip_model, head=cfg.head).to(device)
+    if init_state is not None:
+        try:
+            model.load_state_dict(init_state)
+        except RuntimeError as e:
+            raise UserError(f'--init-from {cfg.init_from}: its model does not fit -m {cfg.model} with '
+                            f'{num_classes} classes ({one_line(e)[:120]})') from None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = methods.build_method(cfg, splits['train'].labels_obs, device)
@@ -269,6 +321,7 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
         start_epoch = resume['epoch'] + 1
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
     if is_primary():
+        folder.create()
         save_json(run_dir / 'config.json', dataclasses.asdict(cfg))
 
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -301,6 +354,7 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
         if is_primary():
             save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
                        phase_preds['test'])
+            folder.committed()
         log.info(f'checkpoint: {run_dir / "last.pt"} (epoch {epoch})')
 
     log.info(f'Best epoch: {logger.best_epoch}')
@@ -350,11 +404,24 @@ def config_from_checkpoint(ckpt: dict, argv: list[str], path: Path, override_run
     cfg, _ = parse_args(saved + argv)
     if override_run_dir:
         cfg = dataclasses.replace(cfg, run_dir=override_run_dir)
-    diffs = config_differences(ckpt['config'], cfg)
+    more_ok = not methods.METHODS[cfg.loss].schedule_uses_epochs
+    diffs = config_differences(ckpt['config'], cfg, more_epochs_ok=more_ok)
     if diffs:
-        raise UserError(f'{path}: this command changes settings of the saved run ({"; ".join(diffs)}); '
-                        'start a new run instead')
+        why = ('' if more_ok or not any(d.startswith('epochs:') for d in diffs)
+               else f' ({cfg.loss} uses the total number of epochs in its schedule, so more epochs would not '
+                    'continue the same run)')
+        raise UserError(f'{path}: this command changes settings of the saved run ({"; ".join(diffs)}){why}; '
+                        'start a new run instead (--init-from can start it from these weights)')
     return cfg
+
+
+def resume_hint(cfg: Optional[Config]) -> str:
+    """What is true about the run folder after a failure, and what to do."""
+    if cfg is None:
+        return ''
+    if (Path(cfg.run_dir) / 'last.pt').exists():
+        return f'; the last complete epoch is kept: continue with --resume {cfg.run_dir}'
+    return '; no epoch was complete, so nothing was kept: start the run again'
 
 
 def strip_flag(argv: list[str], flag: str) -> list[str]:
@@ -371,6 +438,7 @@ def strip_flag(argv: list[str], flag: str) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = None
     try:
         cfg, args = parse_args(argv)
         if args.evaluate:
@@ -384,21 +452,31 @@ def main(argv: Optional[list[str]] = None) -> int:
             resume = load_checkpoint(last)
             cfg = config_from_checkpoint(resume, strip_flag(argv, '--resume'), last, args.resume)
             if resume['epoch'] >= cfg.epochs:
-                raise UserError(f'{args.resume} already finished all {cfg.epochs} epochs')
+                more = ('' if methods.METHODS[cfg.loss].schedule_uses_epochs
+                        else f'; add --epochs N (N > {cfg.epochs}) to train it further')
+                raise UserError(f'{args.resume} already finished all {cfg.epochs} epochs{more}')
             argv = resume.get('argv', []) + strip_flag(argv, '--resume')
-        run(cfg, argv, resume)
+        run(cfg, argv, resume, overwrite=args.overwrite)
         return 0
+    except NonFiniteLoss as e:
+        log.error(f'error: {one_line(e)}{resume_hint(cfg)}')
+        return 2
     except VLPLError as e:
         log.error(f'error: {one_line(e)}')
         return 2
     except OSError as e:  # e.g. a full disk while writing a checkpoint: the previous one is intact
         where = f' {e.filename}' if e.filename else ''
-        log.error(f'error: cannot read or write{where}: {e.strerror or e}; the last complete checkpoint is kept')
+        log.error(f'error: cannot read or write{where}: {e.strerror or e}{resume_hint(cfg)}')
         return 1
     except KeyboardInterrupt:
-        log.error('\ninterrupted: checkpoints are written atomically, so the last complete epoch is kept; '
-                  'continue with --resume RUN_DIR')
+        log.error(f'\ninterrupted{resume_hint(cfg)}')
         return 130
+    except Exception as e:  # a bug: one line, and the traceback on request
+        if os.environ.get('VLPL_TRACEBACK'):
+            raise
+        log.error(f'error: unexpected {type(e).__name__}: {one_line(e)[:300]} (this is a bug; run again with '
+                  'VLPL_TRACEBACK=1 to see where, and report it)')
+        return 1
 
 
 if __name__ == '__main__':

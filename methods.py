@@ -32,11 +32,13 @@ class Method:
     Class attributes say what the training loop must supply:
     needs_pseudo_labels: batch['pseudo_labels'] from the frozen CLIP; uses_warmup: --warmup-epoch
     counts epochs before the method's own rule starts; clean_train_labels: train on the clean
-    labels instead of the observed ones (the full-label baselines bce, bce_ls).
+    labels instead of the observed ones (the full-label baselines bce, bce_ls); schedule_uses_epochs:
+    the total number of epochs enters the method, so a finished run cannot be resumed for more.
     """
     needs_pseudo_labels = False
     uses_warmup = False
     clean_train_labels = False
+    schedule_uses_epochs = False  # True: the total number of epochs enters the method (no resume with more)
 
     def __init__(self, cfg: Config, train_observed: np.ndarray, device):
         self.name = cfg.loss
@@ -45,7 +47,8 @@ class Method:
         self.hparams = dict(alpha=cfg.alpha, beta=cfg.beta, beta_pos=cfg.beta_pos, beta_neg=cfg.beta_neg,
                             positive=2, negative=4, unknown=4, warmup_epoch=cfg.warmup_epoch, ls_coef=0.1,
                             expected_num_pos=cfg.data.expected_num_pos, num_classes=self.num_classes)
-        self.observed = torch.as_tensor(train_observed, device=device)  # N x K
+        # N x K, a copy: a method that edits it in place (LL-Cp) must not edit the split's labels.
+        self.observed = torch.tensor(train_observed, device=device)
 
     def param_groups(self, lr: float) -> list[dict]:
         """Extra optimiser parameter groups the method trains (none for a plain loss)."""
@@ -87,6 +90,7 @@ class AsymmetricPseudoLabelling(Method):
     warm-up on, the lowest-scoring unknown entries of each class become soft negatives of the
     observed matrix (losses.apl_update), which the next epochs train on."""
     uses_warmup = True
+    schedule_uses_epochs = True  # n_c = U_c / (epochs - warm-up)
 
     def __init__(self, cfg: Config, train_observed: np.ndarray, device):
         super().__init__(cfg, train_observed, device)

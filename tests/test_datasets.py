@@ -266,11 +266,11 @@ def test_keyed_item_applies_the_samplers_flip_and_eval_ignores_it(tmp_path):
     assert not evaluation["flipped"] and torch.equal(evaluation["image"], plain["image"])
 
 
-def test_skip_bad_gives_none_and_collate_drops_it(tmp_path):
+def test_skip_bad_marks_the_row_and_collate_lists_it(tmp_path):
     split = _image_split(tmp_path)
     (tmp_path / "wide.jpg").write_bytes(b"not an image")
     ds = MultiLabelImages(tmp_path, split, 16, train=False, dataset="pascal", skip_bad=True)
-    assert ds[2] is None
+    assert ds[2] == {"skipped": 2}
     batch = datasets.collate_skipping([ds[0], ds[2], ds[1]])
-    assert batch["index"].tolist() == [0, 1]
-    assert datasets.collate_skipping([None, None]) is None
+    assert batch["index"].tolist() == [0, 1] and batch["skipped"] == [2]
+    assert datasets.collate_skipping([ds[2], ds[2]]) == {"skipped": [2, 2]}

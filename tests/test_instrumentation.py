@@ -84,10 +84,20 @@ def test_state_round_trip_json_and_torch(tmp_path):
         assert resumed['best_epoch'] == 2
 
 
-def test_load_state_dict_rejects_mismatch():
-    state = TrainLogger(3, 3).state_dict()
+def test_load_state_dict_rejects_mismatch_and_extends_to_more_epochs():
+    logger = TrainLogger(3, 3)
+    run_epochs(logger, [PERFECT, WORSE])
+    state = logger.state_dict()
     with pytest.raises(ValueError, match='3 epochs'):
-        TrainLogger(4, 3).load_state_dict(state)
+        TrainLogger(2, 3).load_state_dict(state)  # fewer epochs than were saved
+    with pytest.raises(ValueError, match='3 classes'):
+        TrainLogger(3, 4).load_state_dict(state)
+    longer = TrainLogger(5, 3)  # a finished run resumed for more epochs
+    longer.load_state_dict(state)
+    assert longer.best_epoch == logger.best_epoch == 1
+    assert longer.state_dict()['values']['val']['map_clean'][:3] == state['values']['val']['map_clean']
+    assert longer.state_dict()['values']['val']['map_clean'][3:] == [None, None]
+    assert longer.state_dict()['logged']['val'] == state['logged']['val'] + [False, False]
     del state['values']['val']
     with pytest.raises(ValueError, match='lacks'):
         TrainLogger(3, 3).load_state_dict(state)

@@ -116,10 +116,11 @@ def test_template_is_filled_with_each_class_name(tiny_clip):
 
 def test_default_file_names():
     path = clip_labels.default_text_features_path
-    assert path('pascal', 'ViT-L-14-336', 'openai') == Path('text_features/pascal_ViT-L-14-336_openai.npy')
+    folder = Path(clip_labels.__file__).parent / 'text_features'  # the repository's, wherever the test runs from
+    assert path('pascal', 'ViT-L-14-336', 'openai') == folder / 'pascal_ViT-L-14-336_openai.npy'
     assert path('demo', 'preproc/clip_configs/vlpl-demo-tiny.json', 'data/demo/clip/vlpl-demo-tiny.pt') == \
-        Path('text_features/demo_vlpl-demo-tiny_vlpl-demo-tiny.npy')
-    assert path('cub', 'hf-hub:org/model', None) == Path('text_features/cub_hf-hub-org-model_random.npy')
+        folder / 'demo_vlpl-demo-tiny_vlpl-demo-tiny.npy'
+    assert path('cub', 'hf-hub:org/model', None) == folder / 'cub_hf-hub-org-model_random.npy'
     digest = hashlib.sha1('a photo of a {}.'.encode()).hexdigest()[:8]
     assert path('coco', 'ViT-B-32', 'openai', 'a photo of a {}.', folder='out') == \
         Path(f'out/coco_ViT-B-32_openai_t{digest}.npy')
