@@ -168,3 +168,17 @@ def test_user_errors_one_line(checkpoint, folder, tmp_path, capsys):
         rc, out, err = run([checkpoint, *argv], capsys)
         err = [line for line in err if not line.startswith('skipped')]
         assert rc == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
+def test_rebuild_clip_vision_without_clip_weights(tiny_clip, tmp_path):
+    """clip_vision: the architecture comes from the CLIP config alone, every weight from the checkpoint."""
+    clip_model, _ = models.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    torch.manual_seed(1)
+    trained = models.build_classifier('clip_vision', 3, clip_model=clip_model).eval()
+    ckpt = {'model': trained.state_dict(), 'epoch': 1, 'classnames': CLASSNAMES,
+            'config': {'model': 'clip_vision', 'image_size': 40, 'clip_model': tiny_clip['config']}}
+    model, classnames, size = predict.rebuild_from_checkpoint(ckpt)
+    images = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(model(images), trained(images))
+    assert classnames == CLASSNAMES and size == 40
