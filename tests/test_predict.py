@@ -182,3 +182,12 @@ def test_rebuild_clip_vision_without_clip_weights(tiny_clip, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(images), trained(images))
     assert classnames == CLASSNAMES and size == 40
+
+
+def test_load_thresholds_npy_and_list(tmp_path):
+    np.save(tmp_path / 't.npy', np.array([0.1, 0.2, 0.3]))
+    (tmp_path / 't.json').write_text('[0.1, 0.2, 0.3]')
+    for name in ('t.npy', 't.json'):
+        assert predict.load_thresholds(tmp_path / name, CLASSNAMES).tolist() == [0.1, 0.2, 0.3]
+    with pytest.raises(predict.PredictError, match='expected 2 finite numbers'):
+        predict.load_thresholds(tmp_path / 't.npy', CLASSNAMES[:2])
