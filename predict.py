@@ -262,11 +262,18 @@ def to_json(rows: list[dict], skipped: list[tuple[str, str]], checkpoint: str, t
 # Command line
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """'(default: X)' for every flag that has a value by default; the help of the others says it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description='Label images with a trained VLPL classifier: per image the classes whose score reaches '
                     'the threshold and the top-k classes with their scores.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument('checkpoint', help='best.pt or last.pt of a run folder')
     p.add_argument('paths', nargs='+', metavar='PATH', help='image files and/or folders (searched recursively)')
     p.add_argument('--output', default=None, metavar='FILE',
@@ -276,11 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                             help='one threshold for every class: a class is predicted when its score >= it')
     thresholds.add_argument('--thresholds', default=None, metavar='FILE',
                             help='per-class thresholds (.json {"classnames", "thresholds"} or a .npy of K numbers), '
-                                 'e.g. those training chose on the val split')
+                                 'e.g. those training chose on the val split (default: --threshold for every class)')
     p.add_argument('--top-k', type=int, default=5, help='also list the k highest-scoring classes (0: none)')
     p.add_argument('--batch-size', type=int, default=32, help='images per forward pass')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto = cuda if available')
-    p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (ignored on the CPU)')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (ignored on the CPU; default: float32)')
     p.add_argument('--num-workers', type=int, default=min(4, os.cpu_count() or 1),
                    help='processes that read and resize the images')
     return p
