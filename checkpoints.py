@@ -68,7 +68,7 @@ def load_checkpoint(path: Path) -> dict:
         # not an option for a file that is not ours.
         raise UserError(f'{path}: not a VLPL checkpoint: it holds Python objects that a checkpoint written by '
                         'main_clip.py never holds, so it was not loaded (no code in it ran)') from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # a damaged archive fails in many ways inside torch (zip, unpickler, storage)
         raise UserError(f'{path}: not a readable VLPL checkpoint, truncated or damaged ({one_line(e)[:120]}); '
                         'use another checkpoint (last.pt or best.pt of the run)') from None
     if not isinstance(ckpt, dict) or not {'model', 'config', 'epoch'} <= set(ckpt):

@@ -150,6 +150,7 @@ class Config:
     head: str = 'linear'
     text_features_dir: str = DEFAULT_DIRS['text_features']
     init_from: Optional[str] = None
+    tensorboard: bool = False
 
     @property
     def data(self) -> DatasetInfo:
@@ -158,7 +159,7 @@ class Config:
 
 # Settings a resumed run may change without changing its results.
 RESUMABLE_CHANGES = frozenset({'num_workers', 'device', 'results_dir', 'cache_dir', 'data_root', 'clip_mode',
-                               'run_dir', 'skip_bad_images', 'text_features_dir'})
+                               'run_dir', 'skip_bad_images', 'text_features_dir', 'tensorboard'})
 
 
 def build_config(*, dataset: str, loss: str, model: str | None = None, temp: float = 0.01,
@@ -171,7 +172,7 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
                  pretrained: bool = True, amp: bool = False, channels_last: bool = False,
                  skip_bad_images: bool = False, alpha: float | None = None, beta_pos: float | None = None,
                  warmup_epoch: int | None = None, head: str = 'linear', text_features_dir: str = DEFAULT_DIRS['text_features'],
-                 init_from: str | None = None) -> Config:
+                 init_from: str | None = None, tensorboard: bool = False) -> Config:
     """The Config of a run: every setting left None takes the dataset's value (DATASETS row).
 
     The original's rules kept here: -p (partial) acts for pascal with clip_vision only unless
@@ -195,4 +196,4 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
         beta_pos=beta_pos if beta_pos is not None else row.beta_pos, beta_neg=0.0,
         warmup_epoch=warmup_epoch if warmup_epoch is not None else (row.apl_warmup if is_apl else 0),
         run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head,
-        text_features_dir=text_features_dir, init_from=init_from)
+        text_features_dir=text_features_dir, init_from=init_from, tensorboard=tensorboard)

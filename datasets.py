@@ -153,6 +153,16 @@ def load_splits(data_root: str | Path, dataset: str, *,
     }
 
 
+def image_tensor(img: Image.Image, image_size: int, *, flipped: bool = False) -> torch.Tensor:
+    """The network input of an RGB PIL image: Resize((S, S)) (bilinear, antialias), optional
+    horizontal flip, ToTensor, ImageNet Normalize -> 3 x S x S float. Used for training,
+    evaluation and predict.py alike."""
+    img = TF.resize(img, [image_size, image_size])
+    if flipped:
+        img = TF.hflip(img)
+    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
 class MultiLabelImages(torch.utils.data.Dataset):
     """Images of one split with their labels (docs/original-vlpl.md section 5).
 
@@ -201,10 +211,7 @@ class MultiLabelImages(torch.utils.data.Dataset):
             if self.skip_bad:
                 return {"skipped": i}
             raise
-        img = TF.resize(img, [self.image_size, self.image_size])
-        if flipped:
-            img = TF.hflip(img)
-        image = TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+        image = image_tensor(img, self.image_size, flipped=flipped)
         return {
             "image": image,
             "label_obs": torch.from_numpy(self.split.labels_obs[i].copy()),

@@ -3,14 +3,19 @@
 All values live in preallocated (num_epochs,) float64 arrays filled with NaN until logged;
 `state_dict()` turns them into plain lists (None for "not logged") so a checkpoint holding it
 loads with `torch.load(..., weights_only=True)` and the JSON log is strict JSON.
+
+Two records are written from it: `save_json` (log.json, everything) and `save_summary_csv`
+(summary.csv, one row per epoch, as timm's train.py writes it).
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 
 import numpy as np
 
-from files import save_json
+from files import atomic_write, save_json
 from metrics import METRIC_KEYS, compute_metrics
 
 PHASES = ('train', 'val', 'test')
@@ -29,6 +34,23 @@ SERIES = SCALARS + tuple(_series_name(kind, key) for kind in LABEL_KINDS for key
 
 def _to_jsonable(values: np.ndarray) -> list:
     return [None if math.isnan(v) else float(v) for v in values.tolist()]
+
+
+# summary.csv columns '<phase>_<column>' after epoch, train_loss and the clean mAP of each phase:
+# column name -> logger series.
+SUMMARY_METRICS = {'map_observed': 'map_observed', 'prec_at_1': 'prec_at_1_clean',
+                   'rec_at_3': 'rec_at_3_clean', 'mean_pos': 'mean_pos'}
+
+
+def _write_text(path, fill) -> None:
+    """Write the text that `fill(text_file)` writes to `path` through the project's one atomic
+    writer (files.atomic_write): a reader sees the old file or the whole new one, an exception
+    in `fill` keeps the old file, and the file gets the mode of a plain open() (not 0600)."""
+    def write(handle):
+        text = io.StringIO()
+        fill(text)
+        handle.write(text.getvalue().encode('utf-8'))
+    atomic_write(path, write)
 
 
 class TrainLogger:
@@ -51,6 +73,8 @@ class TrainLogger:
         self._values = {phase: {name: np.full(self.num_epochs, np.nan) for name in SERIES}
                         for phase in PHASES}
         self._logged = {phase: np.zeros(self.num_epochs, dtype=bool) for phase in PHASES}
+        # Optional named scalars (log_scalar), e.g. the pseudo-label precision of a train phase.
+        self._extra: dict[str, dict[str, np.ndarray]] = {phase: {} for phase in PHASES}
 
     def _check_epoch_phase(self, epoch: int, phase: str) -> int:
         if phase not in PHASES:
@@ -92,6 +116,20 @@ class TrainLogger:
         self._logged[phase][row] = True
         return self.summary(epoch, phase)
 
+    def log_scalar(self, epoch: int, phase: str, name: str, value: float | None) -> None:
+        """Record one extra per-epoch scalar that is not a metric of `log_phase`, e.g.
+        log_scalar(epoch, 'train', 'pl_precision', 0.93) or log_scalar(epoch, 'train', 'time', 41.2).
+
+        Stored in state_dict()['extra'][phase][name] (a list over epochs, None where not logged),
+        hence in log.json, and written to summary.csv as the column '<phase>_<name>'.
+        report.py plots 'pl_precision' and 'pl_recall' of the train phase when present.
+        """
+        row = self._check_epoch_phase(epoch, phase)
+        if not name or name in SERIES:
+            raise ValueError(f'log_scalar: {name!r} is empty or a log_phase series; use another name')
+        series = self._extra[phase].setdefault(name, np.full(self.num_epochs, np.nan))
+        series[row] = np.nan if value is None else float(value)
+
     def summary(self, epoch: int, phase: str) -> dict:
         """The summary dict of an already logged phase (see `log_phase`)."""
         row = self._check_epoch_phase(epoch, phase)
@@ -113,7 +151,10 @@ class TrainLogger:
         return out
 
     def get(self, phase: str, name: str) -> np.ndarray:
-        """A copy of one series, e.g. get('val', 'map_clean'): (num_epochs,), NaN where not logged."""
+        """A copy of one series, e.g. get('val', 'map_clean') or an extra scalar of log_scalar:
+        (num_epochs,), NaN where not logged."""
+        if phase in PHASES and name in self._extra[phase]:
+            return self._extra[phase][name].copy()
         if phase not in PHASES or name not in SERIES:
             raise ValueError(f'unknown series {phase!r}/{name!r}; names: {", ".join(SERIES)}')
         return self._values[phase][name].copy()
@@ -148,6 +189,8 @@ class TrainLogger:
             'logged': {phase: [bool(x) for x in self._logged[phase]] for phase in PHASES},
             'values': {phase: {name: _to_jsonable(self._values[phase][name]) for name in SERIES}
                        for phase in PHASES},
+            'extra': {phase: {name: _to_jsonable(series) for name, series in self._extra[phase].items()}
+                      for phase in PHASES},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -168,8 +211,14 @@ class TrainLogger:
                 if logged.shape != (self.num_epochs,) or any(a.shape != (self.num_epochs,)
                                                              for a in series.values()):
                     raise ValueError(f'logger state for phase {phase!r} has the wrong length')
+                extra = {name: np.array([np.nan if v is None else v for v in values] + [np.nan] * pad,
+                                        dtype=np.float64)
+                         for name, values in state.get('extra', {}).get(phase, {}).items()}
+                if any(a.shape != (self.num_epochs,) for a in extra.values()):
+                    raise ValueError(f'logger state for phase {phase!r} has an extra series of the wrong length')
                 self._logged[phase] = logged
                 self._values[phase] = series
+                self._extra[phase] = extra  # absent in states saved before log_scalar existed
         except KeyError as missing:
             raise ValueError(f'logger state lacks {missing}; was it written by TrainLogger.state_dict()?') from None
 
@@ -182,6 +231,47 @@ class TrainLogger:
         """Write `to_json_dict()` to `path` atomically (files.save_json), so an interrupted write
         never leaves a truncated log."""
         save_json(path, self.to_json_dict(), indent=1)
+
+    def summary_rows(self) -> list[dict]:
+        """One dict per epoch with at least one logged phase, in epoch order (see save_summary_csv)."""
+        best = self.best_epoch
+        extra_columns = [(phase, name) for phase in PHASES for name in sorted(self._extra[phase])]
+        rows = []
+        for row in range(self.num_epochs):
+            if not any(self._logged[phase][row] for phase in PHASES):
+                continue
+
+            def value(array):
+                v = float(array[row])
+                return None if math.isnan(v) else v
+
+            out = {'epoch': row + 1, 'train_loss': value(self._values['train']['loss'])}
+            out.update({f'{phase}_map': value(self._values[phase]['map_clean']) for phase in PHASES})
+            for column, series in SUMMARY_METRICS.items():
+                out.update({f'{phase}_{column}': value(self._values[phase][series]) for phase in PHASES})
+            out.update({f'{phase}_{name}': value(self._extra[phase][name]) for phase, name in extra_columns})
+            out['best'] = int(best == row + 1)
+            rows.append(out)
+        return rows
+
+    def save_summary_csv(self, path) -> None:
+        """Write summary.csv atomically: one row per logged epoch, as timm's `update_summary`
+        (pytorch-image-models, timm/utils/summary.py) writes one row per epoch.
+
+        Columns: epoch, train_loss, train_map, val_map, test_map (clean mAP in percent), then
+        <phase>_map_observed, <phase>_prec_at_1, <phase>_rec_at_3 (clean labels) and <phase>_mean_pos
+        for each phase, one column <phase>_<name> per log_scalar series, and best (1 on the best epoch).
+        Missing values are empty cells; numbers are written with repr precision.
+        """
+        rows = self.summary_rows()
+        columns = list(rows[0]) if rows else ['epoch', 'train_loss'] + [f'{p}_map' for p in PHASES] + ['best']
+
+        def fill(f):
+            writer = csv.DictWriter(f, fieldnames=columns, lineterminator='\n')
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: '' if v is None else v for k, v in row.items()})
+        _write_text(path, fill)
 
 
 def format_summary(summary: dict) -> str:

@@ -25,6 +25,7 @@ import torch
 
 import clip_labels
 import datasets
+import losses
 import methods
 import models
 from checkpoints import (RunFolder, atomic_save, config_differences, ensure_writable, load_checkpoint, rng_state,
@@ -34,7 +35,7 @@ from distributed import is_primary, log
 from engine import NonFiniteLoss, predict, train_one_epoch
 from files import save_json
 from instrumentation import TrainLogger, format_summary
-from metrics import compute_metrics
+from metrics import average_precision_per_class, choose_thresholds, compute_metrics
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='only compute the test metrics of a saved checkpoint')
     g.add_argument('--init-from', default=None, metavar='CHECKPOINT',
                    help='start a new run from the model weights of a saved checkpoint (same backbone and classes)')
+    g.add_argument('--tensorboard', action='store_true',
+                   help='also write TensorBoard event files to RUN_DIR/tensorboard (needs the tensorboard package)')
     g.add_argument('--overwrite', action='store_true',
                    help='replace an existing run folder of the same name (default: refuse)')
     return p
@@ -179,7 +182,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
-        warmup_epoch=a.warmup_epoch, text_features_dir=a.text_features_dir, init_from=a.init_from)
+        warmup_epoch=a.warmup_epoch, text_features_dir=a.text_features_dir, init_from=a.init_from,
+        tensorboard=a.tensorboard)
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
@@ -320,9 +324,11 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         set_rng_state(resume['rng'], sampler)
         start_epoch = resume['epoch'] + 1
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
+    record = run_record(cfg, device, method_class)
+    tensorboard = open_tensorboard(cfg, run_dir) if is_primary() else None
     if is_primary():
         folder.create()
-        save_json(run_dir / 'config.json', dataclasses.asdict(cfg))
+        save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -346,15 +352,25 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
                          'metrics cover the rest')
             s = logger.log_phase(epoch, phase, phase_preds[phase][seen], split.labels_true[seen], observed[seen],
                                  train_loss if phase == 'train' else None)
+            logger.log_scalar(epoch, phase, 'seconds', times[phase])
             extra = ''
             if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
-                extra = (f' | PL on unknown: precision {pl_counts[0] / pl_counts[1]:.3f}, '
-                         f'recall {pl_counts[0] / max(pl_counts[2], 1):.3f}')
+                precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)
+                logger.log_scalar(epoch, 'train', 'pl_precision', float(precision))
+                logger.log_scalar(epoch, 'train', 'pl_recall', float(recall))
+                extra = f' | PL on unknown: precision {precision:.3f}, recall {recall:.3f}'
             log.info(f'{format_summary(s)} | {times[phase]:.1f} s{extra}')
         if is_primary():
+            record['epoch_seconds'] = record.get('epoch_seconds', {}) | {str(epoch): round(sum(times.values()), 2)}
             save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
-                       phase_preds['test'])
+                       phase_preds, splits)
+            save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
             folder.committed()
+            if tensorboard is not None:
+                for phase in ('train', 'val', 'test'):
+                    tensorboard.add_scalar(f'mAP/{phase}', logger.get(phase, 'map_clean')[epoch - 1], epoch)
+                tensorboard.add_scalar('loss/train', train_loss, epoch)
+                tensorboard.flush()
         log.info(f'checkpoint: {run_dir / "last.pt"} (epoch {epoch})')
 
     log.info(f'Best epoch: {logger.best_epoch}')
@@ -365,16 +381,70 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
 
 
 def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, optimizer, logger, method,
-               sampler, classnames: list[str], test_preds: np.ndarray) -> None:
-    """last.pt every epoch; best.pt and the test predictions when this epoch is the best so far."""
+               sampler, classnames: list[str], phase_preds: dict, splits: dict) -> None:
+    """last.pt, log.json and summary.csv every epoch; when this epoch is the best so far also best.pt,
+    the test predictions, the per-class AP and the per-class thresholds that maximise F1 on val
+    (predict.py --thresholds)."""
     common = dict(model=model.state_dict(), epoch=epoch, config=dataclasses.asdict(cfg), argv=list(argv),
                   classnames=classnames)
     if logger.best_epoch == epoch:
-        atomic_save(test_preds, run_dir / 'test_preds_best.npy')
+        atomic_save(phase_preds['test'], run_dir / 'test_preds_best.npy')
         atomic_save(common | {'test_map': logger.best_test_map}, run_dir / 'best.pt')
+        per_class, thresholds = {'classnames': classnames, 'epoch': epoch}, None
+        for phase in ('val', 'test'):
+            preds, labels = phase_preds[phase], splits[phase].labels_true
+            seen = ~np.isnan(preds[:, 0])  # rows of skipped images are NaN
+            per_class[phase] = (100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)).tolist()
+            if phase == 'val':
+                thresholds = choose_thresholds(preds[seen], labels[seen]).tolist()
+        save_json(run_dir / 'per_class_ap.json', per_class)
+        save_json(run_dir / 'thresholds.json', {'classnames': classnames, 'thresholds': thresholds, 'epoch': epoch,
+                                                'rule': 'score >= threshold; maximises F1 per class on val'})
     atomic_save(common | dict(optimizer=optimizer.state_dict(), logger=logger.state_dict(),
                               method=method.state_dict(), rng=rng_state(sampler)), run_dir / 'last.pt')
     logger.save_json(run_dir / 'log.json')
+    logger.save_summary_csv(run_dir / 'summary.csv')
+
+
+def run_record(cfg: Config, device, method_class) -> dict:
+    """What config.json records beside the settings: the device used, versions, commit, start time,
+    and the settings this method does not read (kept for the record, marked unused)."""
+    import platform
+    import subprocess
+
+    import torchvision
+
+    versions = {'python': platform.python_version(), 'torch': torch.__version__,
+                'torchvision': torchvision.__version__}
+    for name in ('open_clip', 'timm'):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # an optional dependency that is not installed has no version to record
+            versions[name] = None
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    used = set(losses.loss_hparams(cfg.loss)) if cfg.loss in losses.LOSSES else set()
+    unused = sorted({'alpha', 'beta', 'beta_pos', 'beta_neg', 'warmup_epoch'} - used)
+    if not method_class.needs_pseudo_labels:
+        unused += ['temp', 'threshold', 'partial', 'clip_mode', 'text_features']
+        if cfg.model != 'clip_vision':
+            unused += ['clip_model', 'clip_pretrained']
+    return {'device': str(device), 'versions': versions, 'git_commit': commit,
+            'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'unused_settings': unused}
+
+
+def open_tensorboard(cfg: Config, run_dir: Path):
+    """A SummaryWriter under RUN_DIR/tensorboard with --tensorboard (an optional dependency)."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard') from None
+    return SummaryWriter(str(run_dir / 'tensorboard'))
 
 
 def evaluate(cfg: Config, ckpt: dict) -> float:

@@ -14,25 +14,25 @@ METRIC_KEYS = ('map',) + tuple(
     f'{name}_at_{k}' for name in ('prec', 'rec') for k in TOP_KS) + tuple(f'top_{k}' for k in TOP_KS)
 
 
-def _validate(preds, labels) -> tuple[np.ndarray, np.ndarray]:
+def _validate(preds, labels, name: str = 'compute_metrics') -> tuple[np.ndarray, np.ndarray]:
     preds = np.asarray(preds)
     labels = np.asarray(labels)
     if preds.ndim != 2 or labels.ndim != 2:
-        raise ValueError(f'compute_metrics: preds and labels must be 2-D (N x K), got shapes '
+        raise ValueError(f'{name}: preds and labels must be 2-D (N x K), got shapes '
                          f'{preds.shape} and {labels.shape}')
     if preds.shape != labels.shape:
-        raise ValueError(f'compute_metrics: preds {preds.shape} and labels {labels.shape} must have '
+        raise ValueError(f'{name}: preds {preds.shape} and labels {labels.shape} must have '
                          f'the same shape')
     if preds.shape[0] == 0 or preds.shape[1] == 0:
-        raise ValueError(f'compute_metrics: need at least one image and one class, got shape {preds.shape}')
+        raise ValueError(f'{name}: need at least one image and one class, got shape {preds.shape}')
     if not (np.issubdtype(preds.dtype, np.floating) or np.issubdtype(preds.dtype, np.integer)):
-        raise ValueError(f'compute_metrics: preds must be numeric, got dtype {preds.dtype}')
+        raise ValueError(f'{name}: preds must be numeric, got dtype {preds.dtype}')
     if not np.isfinite(preds).all():
-        raise ValueError('compute_metrics: preds contain NaN or infinite values')
+        raise ValueError(f'{name}: preds contain NaN or infinite values')
     if labels.dtype != np.bool_:
         if not ((labels == 0) | (labels == 1)).all():
             bad = np.unique(labels[(labels != 0) & (labels != 1)])[:5]
-            raise ValueError(f'compute_metrics: labels must be 0/1 (convert observed labels with '
+            raise ValueError(f'{name}: labels must be 0/1 (convert observed labels with '
                              f'labels == 1 first), found values such as {bad.tolist()}')
         labels = labels == 1
     return preds, labels
@@ -120,6 +120,37 @@ def compute_metrics(preds, labels) -> dict[str, float]:
         results[f'rec_at_{k}'] = float(np.mean(h / np.maximum(num_pos, 1)))
         results[f'top_{k}'] = float(np.mean(h > 0))
     return {key: results[key] for key in METRIC_KEYS}
+
+
+def choose_thresholds(preds, labels, *, default: float = 0.5) -> np.ndarray:
+    """Per-class decision thresholds that maximise the F1 score on held-out predictions.
+
+    preds: (N, K) finite scores (e.g. the val split's sigmoid outputs; drop the NaN rows of
+    skipped images first); labels: (N, K) 0/1 or bool. Returns (K,) float64 thresholds t_c,
+    to be used with the rule "class c is predicted when score >= t_c".
+
+    For class c the candidates are its distinct scores s; with TP(s) = #positives with score >= s
+    and P(s) = #images with score >= s, F1(s) = 2 TP(s) / (P(s) + n_pos). Rules:
+    - ties in F1: the highest threshold wins (fewest predicted positives);
+    - equal scores form one candidate (all of them are predicted together);
+    - a class without positives has F1 = 0 at every threshold: it gets `default`.
+    Vectorised: one sort per column and cumulative sums, no loop over classes or thresholds.
+    """
+    preds, labels = _validate(preds, labels, 'choose_thresholds')
+    num_images, num_classes = preds.shape
+    order = np.argsort(-preds, axis=0, kind='stable')           # N x K, descending score
+    scores = np.take_along_axis(preds, order, axis=0).astype(np.float64)
+    hits = np.cumsum(np.take_along_axis(labels, order, axis=0), axis=0)   # TP(s) at each position
+    num_pos = labels.sum(axis=0)                                 # (K,)
+    predicted = np.arange(1, num_images + 1)[:, None]            # P(s) at each position
+    # Only the last position of a run of equal scores is a threshold: "score >= s" takes the whole run.
+    last_of_run = np.ones((num_images, num_classes), dtype=bool)
+    last_of_run[:-1] = scores[:-1] != scores[1:]
+    f1 = np.where(last_of_run, 2.0 * hits / (predicted + num_pos), -1.0)
+    best = np.argmax(f1, axis=0)                                 # first maximum = highest threshold
+    thresholds = scores[best, np.arange(num_classes)]
+    thresholds[num_pos == 0] = float(default)
+    return thresholds
 
 
 def compute_metrics_loop(preds, labels) -> dict[str, float]:

@@ -180,13 +180,14 @@ def test_resume_for_more_epochs_init_from_and_overwrite(tmp_path, run_args, caps
     assert main_clip.main(['--resume', str(folder)]) == 2
     one_error_line(capsys.readouterr().err, 'already finished all 1 epochs', '--epochs')
     assert main_clip.main(['--resume', str(folder), '--epochs', '2']) == 0
-    log = (folder / 'log.json').read_text()
-    assert '"num_epochs": 2' in log and torch.load(folder / 'last.pt', weights_only=True)['epoch'] == 2
+    log = json.loads((folder / 'log.json').read_text())
+    assert log['num_epochs'] == 2 and torch.load(folder / 'last.pt', weights_only=True)['epoch'] == 2
 
-    # the same run, uninterrupted, gives the same numbers
+    # the same run, uninterrupted, gives the same numbers (wall times aside)
     other = tmp_path / 'straight'
     assert main_clip.main(run_args(epochs=2) + ['--results-dir', str(other)]) == 0
-    assert (other / folder.name / 'log.json').read_text() == log
+    straight = json.loads((other / folder.name / 'log.json').read_text())
+    assert straight['values'] == log['values'] and straight['best_test_map'] == log['best_test_map']
 
     assert main_clip.main(run_args(epochs=1)) == 2  # the folder holds a run
     one_error_line(capsys.readouterr().err, 'already holds a run', '--overwrite')

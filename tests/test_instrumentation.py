@@ -134,3 +134,48 @@ def test_invalid_calls():
         TrainLogger(2, 4).log_phase(1, 'val', WORSE, LABELS, LABELS, loss=None)
     with pytest.raises(ValueError, match='not been logged'):
         logger.summary(1, 'val')
+
+
+def test_summary_csv_one_row_per_epoch(tmp_path):
+    import csv
+    import os
+    logger = TrainLogger(3, 3)
+    run_epochs(logger, [WORSE, PERFECT])                       # epoch 3 never logged
+    logger.log_scalar(1, 'train', 'pl_precision', 0.75)
+    logger.log_scalar(2, 'train', 'pl_precision', None)
+    path = tmp_path / 'summary.csv'
+    logger.save_summary_csv(path)
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['epoch'] for r in rows] == ['1', '2']
+    assert list(rows[0])[:5] == ['epoch', 'train_loss', 'train_map', 'val_map', 'test_map']
+    for r, epoch in zip(rows, (1, 2)):
+        assert float(r['train_loss']) == 0.5 / epoch             # repr precision: exact round trip
+        for phase in ('train', 'val', 'test'):
+            assert float(r[f'{phase}_map']) == logger.get(phase, 'map_clean')[epoch - 1]
+            assert float(r[f'{phase}_mean_pos']) == logger.get(phase, 'mean_pos')[epoch - 1]
+    assert rows[0]['train_pl_precision'] == '0.75' and rows[1]['train_pl_precision'] == ''
+    assert [r['best'] for r in rows] == ['0', '1']
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask     # not mkstemp's 0600
+    logger.save_json(tmp_path / 'log.json')
+    assert os.stat(tmp_path / 'log.json').st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['log.json', 'summary.csv']
+
+
+def test_log_scalar_state_round_trip_and_old_states():
+    logger = TrainLogger(2, 3)
+    run_epochs(logger, [WORSE, PERFECT])
+    logger.log_scalar(2, 'train', 'pl_recall', 0.5)
+    state = logger.state_dict()
+    assert state['extra']['train'] == {'pl_recall': [None, 0.5]}
+    restored = TrainLogger(2, 3)
+    restored.load_state_dict(json.loads(json.dumps(state)))
+    assert restored.state_dict() == state
+    assert restored.get('train', 'pl_recall')[1] == 0.5
+    old = {k: v for k, v in state.items() if k != 'extra'}    # a checkpoint written before log_scalar
+    restored.load_state_dict(old)
+    assert restored.state_dict()['extra'] == {'train': {}, 'val': {}, 'test': {}}
+    with pytest.raises(ValueError, match='log_phase series'):
+        logger.log_scalar(1, 'train', 'map_clean', 1.0)

@@ -87,3 +87,50 @@ def test_invalid_input():
         compute_metrics(good, good - 1)
     with pytest.raises(ValueError, match='at least one image'):
         compute_metrics(np.zeros((0, 3)), np.zeros((0, 3)))
+
+
+def _thresholds_loop(preds, labels, default=0.5):
+    """Reference for choose_thresholds: every class, every distinct score as threshold, scikit-learn's
+    F1 of 'score >= t'; the highest threshold among the best F1 values."""
+    from sklearn.metrics import f1_score
+
+    out = []
+    for c in range(preds.shape[1]):
+        if labels[:, c].sum() == 0:
+            out.append(default)
+            continue
+        best_t, best_f1 = None, -1.0
+        for t in sorted(set(preds[:, c].tolist()), reverse=True):
+            f1 = f1_score(labels[:, c], preds[:, c] >= t)
+            if f1 > best_f1 + 1e-12:
+                best_t, best_f1 = t, f1
+        out.append(best_t)
+    return np.array(out)
+
+
+def test_choose_thresholds_matches_loop_reference():
+    from metrics import choose_thresholds
+
+    rng = np.random.RandomState(0)
+    for n, k in ((30, 5), (57, 9)):
+        labels = (rng.rand(n, k) < 0.3).astype(np.float32)
+        labels[:, 0] = 0                                          # a class without positives
+        preds = np.round(rng.rand(n, k) * 0.6 + 0.4 * labels, 1)  # rounding makes many ties
+        got = choose_thresholds(preds, labels, default=0.5)
+        np.testing.assert_array_equal(got, _thresholds_loop(preds, labels))
+        assert got[0] == 0.5
+
+
+def test_choose_thresholds_hand_computed():
+    from metrics import choose_thresholds
+
+    preds = np.array([[0.9, 0.2], [0.8, 0.2], [0.3, 0.7], [0.6, 0.2]])
+    labels = np.array([[1, 0], [1, 0], [0, 1], [0, 0]])
+    # class 0: t=0.9 F1 2/3, t=0.8 F1 1, t=0.6 F1 0.8 -> 0.8. class 1: t=0.7 F1 1.
+    np.testing.assert_array_equal(choose_thresholds(preds, labels), [0.8, 0.7])
+    # equal F1 at t=0.9 (P=1, TP=1 -> 2/3) and t=0.3 (P=4, TP=2 -> 2/3): the higher one wins
+    preds = np.array([[0.9], [0.5], [0.5], [0.3]])
+    labels = np.array([[1], [0], [0], [1]])
+    assert choose_thresholds(preds, labels)[0] == 0.9
+    with pytest.raises(ValueError, match='choose_thresholds: preds contain NaN'):
+        choose_thresholds(np.array([[np.nan]]), np.array([[1]]))

@@ -1,0 +1,569 @@
+"""Compare training runs: a table of runs, seeds grouped as mean ± std, per-class AP and plots.
+
+    python report.py results/demo_EM_PL_small_cnn_s0 results/demo_EM_PL_small_cnn_s1
+    python report.py results --out report          # every run folder inside results/
+
+Reads what a run folder holds (config.json, log.json, and per_class_ap.json or test_preds_best.npy
+when present) and writes into --out:
+
+    report.md          the tables below, with the plots embedded
+    runs.csv           one row per run: dataset, method (loss), backbone, head, seed, best epoch,
+                       val and test mAP of the best epoch (the values of log.json, full precision)
+    groups.csv         runs that differ only by seed: n, seeds, mean and sample std (n - 1) of the mAPs
+    per_class_ap.csv   run, class, val and test AP (%) of the best epoch, when available
+    curves_<group>.png per-epoch mAP (train/val/test), loss, and the pseudo-label precision/recall
+                       when logged; one thin line per seed, the mean thick
+    map_by_group.png   val and test mAP of every group, mean ± std
+    per_class_ap_<group>.png  test AP per class of the best epoch, sorted
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from config import RESUMABLE_CHANGES
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+# Config entries that do not define the experiment: runs differing only in these (and in seed) are
+# one group. Entries whose value is a JSON object (e.g. library versions, timings) are records,
+# not settings, and are ignored as well.
+# Settings that do not split a group: those a resumed run may change (they do not change results,
+# config.RESUMABLE_CHANGES), the seed, and records. config.json's 'record' (a JSON object) is ignored too.
+IGNORED_SETTINGS = RESUMABLE_CHANGES | frozenset({'seed', 'channels_last', 'argv', 'init_from'})
+TABLE_COLUMNS = ('dataset', 'method', 'backbone', 'head')
+PER_CLASS_PLOT_MAX = 60  # more classes: the plot shows the lowest and highest PER_CLASS_PLOT_MAX / 2
+
+
+class ReportError(Exception):
+    """A problem the user can fix; printed as one line (`error: ...`), exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading run folders
+
+
+@dataclass
+class Run:
+    folder: Path
+    name: str
+    config: dict
+    log: dict
+    per_class: dict | None = None     # {'classnames': [...], 'val': [...] or None, 'test': [...]} in %
+    per_class_note: str = ''          # why per_class is missing, or where it came from
+
+    @property
+    def row(self) -> dict:
+        """The table row: identity columns from config.json, results from log.json."""
+        c = self.config
+        return {'dataset': c.get('dataset'), 'method': c.get('loss'), 'backbone': c.get('model'),
+                'head': c.get('head', 'linear'), 'seed': c.get('seed'), 'best_epoch': self.log.get('best_epoch'),
+                'val_map': self.log.get('best_val_map'), 'test_map': self.log.get('best_test_map'),
+                'run': self.name}
+
+    def series(self, phase: str, name: str) -> np.ndarray:
+        """(epochs,) float array of log.json values[phase][name] or extra[phase][name]; NaN where not
+        logged, all NaN when absent."""
+        values = (self.log.get('values', {}).get(phase, {}).get(name)
+                  or self.log.get('extra', {}).get(phase, {}).get(name))
+        if values is None:
+            return np.full(int(self.log.get('num_epochs', 0)), np.nan)
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def find_run_folders(paths: list[str]) -> list[Path]:
+    """Each path is a run folder (it holds config.json) or a folder of run folders."""
+    folders = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise ReportError(f'{p}: no such folder (pass run folders such as results/<run> or results/)')
+        if (p / 'config.json').is_file():
+            folders.append(p)
+            continue
+        inside = sorted(q.parent for q in p.glob('*/config.json'))
+        if not inside:
+            raise ReportError(f'{p}: neither a run folder (no config.json) nor a folder of run folders')
+        folders += inside
+    return folders
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReportError(f'{path}: not readable JSON ({str(e).splitlines()[0]})') from None
+    if not isinstance(data, dict):
+        raise ReportError(f'{path}: expected a JSON object')
+    return data
+
+
+def load_run(folder: Path) -> Run:
+    """A run from its folder; ReportError when config.json or log.json is missing or damaged."""
+    if not (folder / 'log.json').is_file():
+        raise ReportError(f'{folder}: no log.json (no epoch has finished)')
+    run = Run(folder, folder.name, _read_json(folder / 'config.json'), _read_json(folder / 'log.json'))
+    run.per_class, run.per_class_note = per_class_ap(run)
+    return run
+
+
+def _as_percent(values, reference_map: float | None) -> np.ndarray:
+    """AP values in percent. Fractions (as metrics.average_precision_per_class gives) are scaled by 100;
+    which scale was used is decided by the run's mAP when known, else by max <= 1."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(np.nanmean(values)) if values.size else 0.0
+    if reference_map is not None:
+        return values * 100.0 if abs(100.0 * mean - reference_map) < abs(mean - reference_map) else values
+    return values * 100.0 if np.nanmax(values, initial=0.0) <= 1.0 else values
+
+
+def per_class_ap(run: Run) -> tuple[dict | None, str]:
+    """Per-class AP of the best epoch: per_class_ap.json {'classnames', 'val', 'test'} when training wrote it,
+    else the test AP recomputed from test_preds_best.npy and the dataset's test labels when both are
+    at hand, else None with the reason."""
+    path = run.folder / 'per_class_ap.json'
+    if path.is_file():
+        data = _read_json(path)
+        names = [str(n) for n in data.get('classnames', [])]
+        out = {'classnames': names}
+        for phase in ('val', 'test'):
+            values = data.get(phase)
+            if values is not None and len(values) != len(names):
+                raise ReportError(f'{path}: {phase} has {len(values)} values for {len(names)} classes')
+            out[phase] = None if values is None else _as_percent(values, run.log.get(f'best_{phase}_map'))
+        return out, 'per_class_ap.json'
+    preds_path = run.folder / 'test_preds_best.npy'
+    if not preds_path.is_file():
+        return None, 'no per_class_ap.json or test_preds_best.npy in the run folder'
+    try:
+        import clip_labels
+        import datasets  # torch is imported only for this fallback
+        from metrics import average_precision_per_class
+
+        data_root = Path(run.config.get('data_root', 'data'))
+        if not data_root.is_absolute() and not data_root.is_dir():
+            data_root = REPO_ROOT / data_root
+        splits = datasets.load_splits(data_root, run.config['dataset'])
+        labels = splits['test'].labels_true
+        preds = np.load(preds_path, allow_pickle=False)
+        seen = ~np.isnan(preds).any(axis=1)  # rows of images skipped in training are NaN
+        ap = 100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)
+        names = clip_labels.read_classnames(run.config['dataset'])
+    except Exception as e:  # data not on this machine, other labels, ...: the report goes on without it
+        return None, f'no per_class_ap.json, and test AP could not be recomputed ({str(e).splitlines()[0][:120]})'
+    if len(names) != ap.size:
+        return None, 'no per_class_ap.json, and the class names do not match test_preds_best.npy'
+    return {'classnames': names, 'val': None, 'test': ap}, 'recomputed from test_preds_best.npy'
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups of seeds
+
+
+@dataclass
+class Group:
+    runs: list[Run]
+    name: str = ''
+    settings: str = ''   # what tells it apart from groups with the same table columns
+    key: tuple = field(default_factory=tuple)
+
+    @property
+    def identity(self) -> dict:
+        return {k: self.runs[0].row[k] for k in TABLE_COLUMNS}
+
+
+def _settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in IGNORED_SETTINGS and not isinstance(v, dict)}
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs whose configurations are equal except for IGNORED_SETTINGS (seed, folders, device, ...),
+    in the order of their first run. Each group gets a file-name-safe name and, where groups share
+    dataset/method/backbone/head, the settings that differ."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        key = json.dumps(_settings(run.config), sort_keys=True, default=str)
+        groups.setdefault(key, Group([], key=(key,))).runs.append(run)
+    out = list(groups.values())
+    for g in out:
+        same = [h for h in out if h.identity == g.identity]
+        if len(same) > 1:
+            mine = _settings(g.runs[0].config)
+            differing = sorted(k for k in mine if any(_settings(h.runs[0].config).get(k) != mine[k] for h in same))
+            g.settings = ', '.join(f'{k}={mine[k]}' for k in differing)
+    used = set()
+    for g in out:
+        base = '_'.join(str(g.identity[k]) for k in ('dataset', 'method', 'backbone'))
+        if g.identity['head'] != 'linear':
+            base += f'_{g.identity["head"]}'
+        base = re.sub(r'[^A-Za-z0-9_.-]+', '-', base)
+        name, i = base, 2
+        while name in used:
+            name, i = f'{base}_{i}', i + 1
+        used.add(name)
+        g.name = name
+    return out
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof = 1) of the values that are not None; std is None
+    for fewer than two values, mean None for none."""
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return None, None
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None)
+
+
+def _fmt(value, spec='.2f') -> str:
+    return 'n/a' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _fmt_mean_std(mean, std) -> str:
+    if mean is None:
+        return 'n/a'
+    return f'{mean:.2f} ± {std:.2f}' if std is not None else f'{mean:.2f}'
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def group_summary(g: Group) -> dict:
+    val = mean_std([r.row['val_map'] for r in g.runs])
+    test = mean_std([r.row['test_map'] for r in g.runs])
+    return {**g.identity, 'settings': g.settings, 'n': len(g.runs),
+            'seeds': ' '.join(str(r.row['seed']) for r in g.runs),
+            'best_epochs': ' '.join(str(r.row['best_epoch']) for r in g.runs),
+            'val_map_mean': val[0], 'val_map_std': val[1], 'test_map_mean': test[0], 'test_map_std': test[1]}
+
+
+def _csv(header: list[str], rows: list[list]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator='\n')
+    writer.writerow(header)
+    writer.writerows([['' if v is None else v for v in row] for row in rows])
+    return out.getvalue()
+
+
+def _markdown_table(header: list[str], rows: list[list[str]], align: str) -> str:
+    lines = ['| ' + ' | '.join(header) + ' |',
+             '|' + '|'.join('---:' if a == 'r' else '---' for a in align) + '|']
+    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines) + '\n'
+
+
+def runs_table(runs: list[Run]) -> tuple[str, str]:
+    """(Markdown, CSV) of one row per run."""
+    keys = ['dataset', 'method', 'backbone', 'head', 'seed', 'best_epoch', 'val_map', 'test_map', 'run']
+    md = _markdown_table(['dataset', 'method', 'backbone', 'head', 'seed', 'best epoch', 'val mAP', 'test mAP', 'run'],
+                         [[r.row['dataset'], r.row['method'], r.row['backbone'], r.row['head'], r.row['seed'],
+                           r.row['best_epoch'], _fmt(r.row['val_map']), _fmt(r.row['test_map']), r.name]
+                          for r in runs], 'lllllrrrl')
+    return md, _csv(keys + ['folder'], [[r.row[k] for k in keys] + [str(r.folder)] for r in runs])
+
+
+def groups_table(groups: list[Group]) -> tuple[str, str]:
+    """(Markdown, CSV) of one row per group of seeds."""
+    rows = [group_summary(g) for g in groups]
+    md = _markdown_table(['dataset', 'method', 'backbone', 'head', 'settings', 'n', 'seeds', 'best epochs',
+                          'val mAP', 'test mAP'],
+                         [[s['dataset'], s['method'], s['backbone'], s['head'], s['settings'] or '—', s['n'],
+                           s['seeds'], s['best_epochs'], _fmt_mean_std(s['val_map_mean'], s['val_map_std']),
+                           _fmt_mean_std(s['test_map_mean'], s['test_map_std'])] for s in rows], 'llllllllrr')
+    keys = list(rows[0]) if rows else []
+    return md, _csv(keys, [[s[k] for k in keys] for s in rows])
+
+
+def group_per_class(g: Group) -> dict | None:
+    """Per-class AP of a group: class names and (n_runs x K) val/test arrays (NaN rows where missing)."""
+    have = [r.per_class for r in g.runs if r.per_class is not None]
+    if not have:
+        return None
+    names = have[0]['classnames']
+    if any(p['classnames'] != names for p in have):
+        return None
+    out = {'classnames': names}
+    for phase in ('val', 'test'):
+        rows = [p[phase] for p in have if p[phase] is not None]
+        out[phase] = np.stack(rows) if rows else None
+    return out
+
+
+def per_class_markdown(g: Group, pc: dict) -> str:
+    def cell(array, c):
+        if array is None:
+            return 'n/a'
+        m, s = mean_std([float(x) for x in array[:, c]])
+        return _fmt_mean_std(m, s)
+    rows = [[name, cell(pc['test'], c), cell(pc['val'], c)] for c, name in enumerate(pc['classnames'])]
+    return _markdown_table(['class', 'test AP', 'val AP'], rows, 'lrr')
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg backend: no display needed)
+
+
+PHASE_COLORS = {'train': '#1f77b4', 'val': '#ff7f0e', 'test': '#2ca02c'}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({'font.size': 11, 'axes.grid': True, 'grid.alpha': 0.3, 'axes.titlesize': 12})
+    return plt
+
+
+def _plot_series(ax, runs: list[Run], phase: str, name: str, label: str, color: str) -> bool:
+    """Thin line per run, thick mean over runs (the only line for one run); False if nothing logged."""
+    series = [r.series(phase, name) for r in runs]
+    length = max((s.size for s in series), default=0)
+    if length == 0 or all(np.isnan(s).all() for s in series):
+        return False
+    stack = np.full((len(series), length), np.nan)
+    for i, s in enumerate(series):
+        stack[i, :s.size] = s
+    epochs = np.arange(1, length + 1)
+    if len(runs) > 1:
+        for s in stack:
+            ax.plot(epochs, s, color=color, alpha=0.35, linewidth=1)
+    with np.errstate(all='ignore'):
+        mean = np.nanmean(stack, axis=0) if len(runs) > 1 else stack[0]
+    ax.plot(epochs, mean, color=color, linewidth=2.2, marker='o', markersize=4,
+            label=label + (f' (mean of {len(runs)})' if len(runs) > 1 else ''))
+    return True
+
+
+def plot_curves(g: Group, path: Path) -> None:
+    """Per-epoch clean mAP of train/val/test with the best epochs marked, the loss, and the
+    pseudo-label precision and recall of the train phase when the log has them."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    has_pl = any(not np.isnan(r.series('train', n)).all() for r in g.runs for n in ('pl_precision', 'pl_recall'))
+    panels = 3 if has_pl else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), constrained_layout=True)
+    ax = axes[0]
+    for phase in ('train', 'val', 'test'):
+        _plot_series(ax, g.runs, phase, 'map_clean', f'{phase} mAP', PHASE_COLORS[phase])
+    for r in g.runs:
+        best = r.log.get('best_epoch')
+        if best:
+            val = r.series('val', 'map_clean')
+            ax.axvline(best, color=PHASE_COLORS['val'], linestyle=':', linewidth=1)
+            ax.plot([best], [val[best - 1]], marker='*', markersize=14, color=PHASE_COLORS['val'],
+                    markeredgecolor='black', linestyle='none')
+    ax.plot([], [], marker='*', markersize=12, color=PHASE_COLORS['val'], markeredgecolor='black',
+            linestyle='none', label='best epoch (val)')
+    ax.set(title='mAP on clean labels (%)', xlabel='epoch', ylabel='mAP (%)')
+    ax.legend(loc='lower right', fontsize=9)
+    ax = axes[1]
+    drawn = [_plot_series(ax, g.runs, phase, 'loss', f'{phase} loss', PHASE_COLORS[phase]) for phase in PHASE_COLORS]
+    ax.set(title='loss' + (' (negative for the EM losses: entropy term)' if str(g.identity['method']).startswith('EM')
+                           else ''), xlabel='epoch', ylabel='loss')
+    if any(drawn):
+        ax.legend(fontsize=9)
+    if has_pl:
+        ax = axes[2]
+        _plot_series(ax, g.runs, 'train', 'pl_precision', 'precision', '#9467bd')
+        _plot_series(ax, g.runs, 'train', 'pl_recall', 'recall', '#8c564b')
+        ax.set(title='pseudo-labels on unknown entries (train)', xlabel='epoch', ylim=(0, 1.02))
+        ax.legend(fontsize=9)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    seeds = ', '.join(str(r.row['seed']) for r in g.runs)
+    fig.suptitle(f'{_group_title(g)}  (seed{"s" if len(g.runs) > 1 else ""} {seeds})', fontsize=13)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _group_title(g: Group) -> str:
+    i = g.identity
+    title = f'{i["dataset"]} · {i["method"]} · {i["backbone"]}'
+    if i['head'] != 'linear':
+        title += f' · {i["head"]} head'
+    return title + (f' · {g.settings}' if g.settings else '')
+
+
+def plot_map_by_group(groups: list[Group], path: Path) -> None:
+    """Val and test mAP of every group: mean as a dot, sample std as error bar, seeds as small
+    crosses; the axis is zoomed to the values so that close results stay apart."""
+    plt = _pyplot()
+    rows = [group_summary(g) for g in groups]
+    labels = [f'{_group_title(g)}  (n={len(g.runs)})' for g in groups]
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.8 * len(groups)), constrained_layout=True)
+    values = []
+    for offset, phase in ((-0.15, 'val'), (0.15, 'test')):
+        for y, (g, s) in enumerate(zip(groups, rows)):
+            mean, std = s[f'{phase}_map_mean'], s[f'{phase}_map_std']
+            if mean is None:
+                continue
+            seeds = [r.row[f'{phase}_map'] for r in g.runs if r.row[f'{phase}_map'] is not None]
+            values += seeds
+            ax.plot(seeds, [y + offset] * len(seeds), 'x', color=PHASE_COLORS[phase], alpha=0.6, markersize=6)
+            ax.errorbar(mean, y + offset, xerr=std or 0.0, fmt='o', color=PHASE_COLORS[phase], capsize=4,
+                        markersize=8, label=f'{phase} mAP' if y == 0 else None)
+            ax.annotate(_fmt_mean_std(mean, std), (mean + (std or 0.0), y + offset), xytext=(8, 0),
+                        textcoords='offset points', va='center', fontsize=9, color=PHASE_COLORS[phase])
+    low, high = (min(values), max(values)) if values else (0.0, 100.0)
+    pad = max(1.0, 0.15 * (high - low))
+    ax.set_xlim(max(0.0, low - pad), min(100.0, high + pad) + 3.5 * pad)  # room for the labels
+    ax.set_ylim(len(groups) - 0.5, -0.5)
+    ax.set_yticks(range(len(groups)), labels)
+    ax.set(xlabel='mAP of the best epoch (%): dot = mean, bar = sample std, x = one seed',
+           title='mAP by group of seeds')
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.32 if len(groups) < 3 else -0.12), ncol=2, fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_class(g: Group, pc: dict, path: Path) -> None:
+    """Test AP of every class at the best epoch, highest first; mean ± std over seeds for several
+    runs. Beyond PER_CLASS_PLOT_MAX classes only the lowest and the highest half of that number are shown."""
+    plt = _pyplot()
+    phase = 'test' if pc['test'] is not None else 'val'
+    stack = pc[phase]
+    mean = np.nanmean(stack, axis=0)
+    several = stack.shape[0] > 1
+    std = np.nanstd(stack, axis=0, ddof=1) if several else np.zeros_like(mean)
+    order = np.argsort(-mean, kind='stable')
+    title = f'{phase} AP per class at the best epoch (mAP {np.nanmean(mean):.2f})\n{_group_title(g)}'
+    if order.size > PER_CLASS_PLOT_MAX:
+        half = PER_CLASS_PLOT_MAX // 2
+        title += f' — highest and lowest {half} of {order.size} classes'
+        order = np.concatenate([order[:half], order[-half:]])
+    hidden = mean.size - order.size
+    names = [pc['classnames'][c] for c in order]
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.3 * len(order)), constrained_layout=True)
+    if hidden:
+        ax.axhline(PER_CLASS_PLOT_MAX // 2 - 0.5, color='black', linestyle='--', linewidth=1)
+        ax.text(99, PER_CLASS_PLOT_MAX // 2 - 0.5, f'{hidden} classes not shown', ha='right', va='center',
+                fontsize=8, backgroundcolor='white')
+    y = np.arange(len(order))
+    ax.barh(y, mean[order], xerr=std[order] if several else None, capsize=2, color=PHASE_COLORS[phase],
+            error_kw={'elinewidth': 1, 'ecolor': '#333333'})
+    for yi, c in zip(y, order):
+        text = f'{mean[c]:.1f}' + (f' ± {std[c]:.1f}' if several else '')
+        if mean[c] >= 25:   # inside the bar, at its left end
+            ax.text(1, yi, text, va='center', ha='left', fontsize=8, color='white', fontweight='bold')
+        else:
+            ax.text(mean[c] + std[c] + 1, yi, text, va='center', ha='left', fontsize=8)
+    ax.set_yticks(y, names, fontsize=9)
+    ax.set_ylim(len(order) - 0.5, -0.5)
+    ax.set(xlim=(0, 100), xlabel='AP (%)' + (f', mean ± sample std of {stack.shape[0]} seeds' if several else ''),
+           title=title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(runs: list[Run], out: Path) -> list[Path]:
+    """Write tables, CSVs and PNGs into `out`; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    written = []
+
+    def write(name: str, text: str) -> None:
+        (out / name).write_text(text)
+        written.append(out / name)
+
+    runs_md, runs_csv = runs_table(runs)
+    groups_md, groups_csv = groups_table(groups)
+    write('runs.csv', runs_csv)
+    write('groups.csv', groups_csv)
+    md = [f'# Report of {len(runs)} run{"s" if len(runs) != 1 else ""}\n',
+          'mAP in percent, of the best epoch (highest val mAP, first on ties), as log.json records it.\n',
+          '## Runs\n', runs_md,
+          '## Groups of seeds\n',
+          'Runs whose configurations differ only by seed (and folders, device, workers). '
+          'Values: mean ± sample standard deviation (n − 1 in the denominator); one run shows its value alone.\n',
+          groups_md]
+
+    plot_map_by_group(groups, out / 'map_by_group.png')
+    written.append(out / 'map_by_group.png')
+    md += ['\n![mAP by group](map_by_group.png)\n', '## Training curves\n']
+    for g in groups:
+        name = f'curves_{g.name}.png'
+        plot_curves(g, out / name)
+        written.append(out / name)
+        md.append(f'![{_group_title(g)}]({name})\n')
+
+    md.append('## Per-class AP of the best epoch\n')
+    per_class_rows = []
+    for g in groups:
+        pc = group_per_class(g)
+        md.append(f'### {_group_title(g)}\n')
+        if pc is None:
+            notes = sorted({r.per_class_note for r in g.runs if r.per_class is None})
+            md.append(f'Not available: {"; ".join(notes) or "class names differ between seeds"}.\n')
+            continue
+        sources = sorted({r.per_class_note for r in g.runs if r.per_class is not None})
+        md.append(f'Source: {", ".join(sources)}; AP in percent, mean ± sample std over seeds.\n')
+        name = f'per_class_ap_{g.name}.png'
+        plot_per_class(g, pc, out / name)
+        written.append(out / name)
+        md += [f'![per-class AP]({name})\n', '<details><summary>table</summary>\n\n',
+               per_class_markdown(g, pc), '\n</details>\n']
+    for r in runs:
+        if r.per_class is None:
+            continue
+        for c, cls in enumerate(r.per_class['classnames']):
+            val, test = r.per_class['val'], r.per_class['test']
+            per_class_rows.append([r.name, cls, None if val is None else float(val[c]),
+                                   None if test is None else float(test[c])])
+    if per_class_rows:
+        write('per_class_ap.csv', _csv(['run', 'class', 'val_ap', 'test_ap'], per_class_rows))
+    write('report.md', '\n'.join(md))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description='Compare training runs: tables (Markdown, CSV) of best-epoch mAP, seeds grouped as '
+                    'mean ± sample std, per-class AP and PNG plots.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('runs', nargs='+', metavar='RUN_DIR',
+                   help='run folders (holding config.json and log.json), or folders of run folders')
+    p.add_argument('--out', default='report', help='folder for report.md, the CSV files and the plots')
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runs = []
+        for folder in find_run_folders(args.runs):
+            try:
+                runs.append(load_run(folder))
+            except ReportError as e:
+                print(f'skipped {e}', file=sys.stderr)
+        if not runs:
+            raise ReportError('no run with a log.json among the given folders; train one with main_clip.py first')
+        names = [r.name for r in runs]
+        for r in runs:  # the same run name under two results folders: tell them apart
+            if names.count(r.name) > 1:
+                r.name = f'{r.folder.parent.name}/{r.name}'
+        written = write_report(runs, Path(args.out))
+    except ReportError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f'error: cannot write to {args.out} ({e.strerror or e}); choose another --out', file=sys.stderr)
+        return 2
+    print(f'{len(runs)} runs -> {Path(args.out) / "report.md"} ({len(written)} files)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
