@@ -143,6 +143,19 @@ class Config:
     warmup_epoch: int
     run_dir: str
     head: str = 'linear'
+    # Peer methods (issue 13, methods_peers.py): LL's rate in percent per epoch and LL-Cp as released,
+    # BoostLU and its alpha, ROLE's estimator lr multiplier, GR's schedules and q, the head's lr
+    # multiplier, and the epochs of --linear-init.
+    ll_delta_rel: float = 0.0
+    llcp_as_released: bool = False
+    boostlu: bool = False
+    boostlu_alpha: float = 5.0
+    role_lr_mult: float = 10.0
+    gr_beta: tuple = ()
+    gr_alpha: tuple = ()
+    gr_q: tuple = ()
+    head_lr_mult: float = 1.0
+    linear_init: int = 0
 
     @property
     def data(self) -> DatasetInfo:
@@ -163,7 +176,10 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
                  clip_mode: str = 'cache', text_features: str | None = None, backbone_weights: str | None = None,
                  pretrained: bool = True, amp: bool = False, channels_last: bool = False,
                  skip_bad_images: bool = False, alpha: float | None = None, beta_pos: float | None = None,
-                 warmup_epoch: int | None = None, head: str = 'linear') -> Config:
+                 warmup_epoch: int | None = None, head: str = 'linear', ll_delta_rel: float = 0.0,
+                 llcp_as_released: bool = False, boostlu: bool = False, boostlu_alpha: float = 5.0,
+                 role_lr_mult: float = 10.0, gr_beta: tuple = (), gr_alpha: tuple = (), gr_q: tuple = (),
+                 head_lr_mult: float = 1.0, linear_init: int = 0) -> Config:
     """The Config of a run: every setting left None takes the dataset's value (DATASETS row).
 
     The original's rules kept here: -p (partial) acts for pascal with clip_vision only unless
@@ -186,4 +202,7 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
         alpha=alpha if alpha is not None else row.alpha, beta=row.apl_beta,
         beta_pos=beta_pos if beta_pos is not None else row.beta_pos, beta_neg=0.0,
         warmup_epoch=warmup_epoch if warmup_epoch is not None else (row.apl_warmup if is_apl else 0),
-        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head)
+        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head,
+        ll_delta_rel=ll_delta_rel, llcp_as_released=llcp_as_released, boostlu=boostlu, boostlu_alpha=boostlu_alpha,
+        role_lr_mult=role_lr_mult, gr_beta=tuple(gr_beta), gr_alpha=tuple(gr_alpha), gr_q=tuple(gr_q),
+        head_lr_mult=head_lr_mult, linear_init=linear_init)

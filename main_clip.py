@@ -25,6 +25,7 @@ import torch
 import clip_labels
 import datasets
 import methods
+import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
 from checkpoints import atomic_save, config_differences, load_checkpoint, rng_state, set_rng_state
 from config import DATASETS, NUMPY_SEED, Config, UserError, VLPLError, build_config, one_line
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--beta-pos', type=float, default=None, help='weight of positive pseudo-labels (default 0.7)')
     p.add_argument('--warmup-epoch', type=int, default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
+    methods_peers.add_arguments(p)
     p.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
                         'only the device, workers and folders')
@@ -128,6 +130,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     if a.no_pretrained and a.backbone_weights:
         parser.error('--no-pretrained and --backbone-weights exclude each other')
 
+    peer = methods_peers.apply_defaults(a, parser.error)
     cfg = build_config(
         dataset=a.dataset, loss=a.loss, model=a.model, temp=a.temp, threshold=a.threshold, partial=a.partial,
         partial_everywhere=a.partial_everywhere, seed=a.seed, data_root=a.data_root, results_dir=a.results_dir,
@@ -136,7 +139,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
-        warmup_epoch=a.warmup_epoch)
+        warmup_epoch=a.warmup_epoch, **peer)
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
@@ -251,11 +254,13 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
     torch.manual_seed(cfg.seed)
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and resume is None,
                                     weights_path=cfg.backbone_weights if resume is None else None,
-                                    clip_model=clip_model, head=cfg.head).to(device)
+                                    clip_model=clip_model, head=cfg.head,
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = methods.build_method(cfg, splits['train'].labels_obs, device)
-    optimizer = torch.optim.Adam(model.param_groups(cfg.lr) + method.param_groups(cfg.lr), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.param_groups(cfg.lr, cfg.head_lr_mult) + method.param_groups(cfg.lr),
+                                 lr=cfg.lr)
     logger = TrainLogger(cfg.epochs, num_classes)
     train_true = torch.as_tensor(splits['train'].labels_true, device=device)
     classnames = clip_labels.read_classnames(cfg.dataset)
@@ -273,6 +278,8 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if cfg.linear_init:  # LinearInit: a frozen trunk for the first --linear-init epochs
+            model.set_trunk_frozen(epoch <= cfg.linear_init)
         train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, model, optimizer, loaders['train'],
                                                              method, train_true, pl_source, device)
         method.end_epoch(epoch, lambda: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,
@@ -331,7 +338,8 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
     clip_model = None
     if cfg.model == 'clip_vision':
         clip_model, _ = clip_labels.load_clip(cfg.clip_model, None, device=device)
-    model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head)
+    model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None)
     model.load_state_dict(ckpt['model'])
     model.to(device)
     test_set = datasets.MultiLabelImages(datasets.image_root(cfg.data_root, cfg.dataset), splits['test'],

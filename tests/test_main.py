@@ -144,7 +144,7 @@ def test_missing_data_names_the_command_to_run(tmp_path, capsys):
 @pytest.mark.parametrize('flags, reason', [
     (['-th', '1.5'], 'threshold'), (['-th', '0'], 'threshold'), (['-t', '0'], 'temp'),
     (['-p', '1.0'], 'partial'), (['-p', '-0.1'], 'partial'), (['--epochs', '0'], 'epochs'),
-    (['-l', 'role'], 'loss'), (['-l', 'EM_PL', '--warmup-epoch', '10'], 'warmup'),
+    (['-l', 'nope'], 'loss'), (['-l', 'EM_PL', '--warmup-epoch', '10'], 'warmup'),
 ])
 def test_parser_refuses_out_of_range_flags(flags, reason, capsys):
     with pytest.raises(SystemExit) as exc:
