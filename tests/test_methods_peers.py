@@ -28,6 +28,11 @@ def test_peer_methods_train_end_to_end(flags, tiny_pascal, tmp_path, tiny_clip, 
     assert log['values']
     ckpt = torch.load(tmp_path / 'results' / 'r' / 'last.pt', weights_only=True)
     assert ckpt['epoch'] == 2
+    # --evaluate rebuilds the same network (BoostLU included) from the saved command line
+    path = tmp_path / 'results' / 'r' / 'best.pt'
+    best = torch.load(path, weights_only=True)
+    cfg = main_clip.config_from_checkpoint(best, [], path, None)
+    assert main_clip.evaluate(cfg, best) == pytest.approx(best['test_map'], abs=1e-9)
 
 
 def _interrupt_after(monkeypatch, stop_epoch: int):
