@@ -4,6 +4,8 @@ A leaf module (it imports nothing of the project), so every other module may use
 """
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -151,6 +153,19 @@ class Config:
     text_features_dir: str = DEFAULT_DIRS['text_features']
     init_from: Optional[str] = None
     tensorboard: bool = False
+    # Peer methods (issue 13, methods_peers.py): LL's rate in percent per epoch and LL-Cp as released,
+    # BoostLU and its alpha, ROLE's estimator lr multiplier, GR's schedules and q, the head's lr
+    # multiplier, and the epochs of --linear-init.
+    ll_delta_rel: float = 0.0
+    llcp_as_released: bool = False
+    boostlu: bool = False
+    boostlu_alpha: float = 5.0
+    role_lr_mult: float = 10.0
+    gr_beta: tuple = ()
+    gr_alpha: tuple = ()
+    gr_q: tuple = ()
+    head_lr_mult: float = 1.0
+    linear_init: int = 0
 
     @property
     def data(self) -> DatasetInfo:
@@ -171,9 +186,9 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
                  clip_mode: str = 'cache', text_features: str | None = None, backbone_weights: str | None = None,
                  pretrained: bool = True, amp: bool = False, channels_last: bool = False,
                  skip_bad_images: bool = False, alpha: float | None = None, beta_pos: float | None = None,
-                 warmup_epoch: int | None = None, head: str = 'linear', text_features_dir: str = DEFAULT_DIRS['text_features'],
-                 init_from: str | None = None, tensorboard: bool = False) -> Config:
-    """The Config of a run: every setting left None takes the dataset's value (DATASETS row).
+                 warmup_epoch: int | None = None, **settings) -> Config:
+    """The Config of a run: every setting left None takes the dataset's value (DATASETS row);
+    `settings` are further Config fields (those with defaults: head, methods' own settings, ...).
 
     The original's rules kept here: -p (partial) acts for pascal with clip_vision only unless
     partial_everywhere; EM_APL takes its beta, warm-up and batch size from the row's apl_* values.
@@ -195,5 +210,33 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
         alpha=alpha if alpha is not None else row.alpha, beta=row.apl_beta,
         beta_pos=beta_pos if beta_pos is not None else row.beta_pos, beta_neg=0.0,
         warmup_epoch=warmup_epoch if warmup_epoch is not None else (row.apl_warmup if is_apl else 0),
-        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head,
-        text_features_dir=text_features_dir, init_from=init_from, tensorboard=tensorboard)
+        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')),
+        **settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line value types (shared by every module that adds flags)
+
+
+def number(kind=float, *, low=None, high=None, low_open=False, high_open=False):
+    """argparse type: an int or a finite float inside [low, high] (open ends where asked).
+    'nan' and 'inf' are refused, so no value reaches the run that the run cannot use."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}')
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f'must be {">" if low_open else ">="} {low}, got {text}')
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f'must be {"<" if high_open else "<="} {high}, got {text}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = number(float, low=0, low_open=True)
+NON_NEGATIVE = number(float, low=0)
+COUNT = number(int, low=1)

@@ -12,9 +12,9 @@ the hparams mapping (original names) and from its own keyword arguments, so no f
 reads a shared dictionary. The batch loss is sum(loss_mtx / (B*K)) + reg.
 
 Differences from the original (documented defects or deliberate choices):
-- `role` is not provided: it needs a learnable per-image label estimator (Cole et al.), which
-  the original VLPL never builds, so selecting it there cannot work. Asking for it raises a
-  ValueError that says so.
+- `role` is not in this registry: it needs a learnable per-image label estimator (Cole et al.),
+  which the original VLPL never builds. Its loss is losses_peers.role_loss and the method with the
+  estimator is methods_peers.Role (`-l role`).
 - `bce` and `bce_ls` take the clean labels explicitly (`true_labels`); the original read them
   through the observed-label slot when its train set variant was 'clean'. The numbers are the
   same; the observed matrix is then only shape-checked.
@@ -214,9 +214,8 @@ def _get_loss(name: str) -> Callable[..., LossOutput]:
     if name in LOSSES:
         return LOSSES[name]
     if name == 'role':
-        raise ValueError("loss 'role' is not available: it needs a learnable per-image label estimator "
-                         "(Cole et al.) that VLPL never builds, so the original cannot run it either; "
-                         f"choose one of {', '.join(LOSSES)}")
+        raise ValueError("loss 'role' needs its label estimator: use the method (-l role, methods_peers.Role) "
+                         "and its loss losses_peers.role_loss")
     raise ValueError(f'unknown loss {name!r}; valid losses: {", ".join(LOSSES)}')
 
 

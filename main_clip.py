@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import random
 import sys
@@ -27,10 +26,12 @@ import clip_labels
 import datasets
 import losses
 import methods
+import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
 from checkpoints import (RunFolder, atomic_save, config_differences, ensure_writable, load_checkpoint, rng_state,
                          set_rng_state)
-from config import DATASETS, DEFAULT_DIRS, NUMPY_SEED, Config, UserError, VLPLError, build_config, one_line
+from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
+                    build_config, number, one_line)
 from distributed import is_primary, log
 from engine import NonFiniteLoss, predict, train_one_epoch
 from files import save_json
@@ -52,30 +53,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
-
-
-def number(kind=float, *, low=None, high=None, low_open=False, high_open=False):
-    """argparse type: an int or a finite float inside [low, high] (open ends where asked).
-    'nan' and 'inf' are refused, so no value reaches the run that the run cannot use."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}')
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f'{text!r} is not a finite number')
-        if low is not None and (value < low or (low_open and value == low)):
-            raise argparse.ArgumentTypeError(f'must be {">" if low_open else ">="} {low}, got {text}')
-        if high is not None and (value > high or (high_open and value == high)):
-            raise argparse.ArgumentTypeError(f'must be {"<" if high_open else "<="} {high}, got {text}')
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-POSITIVE = number(float, low=0, low_open=True)
-NON_NEGATIVE = number(float, low=0)
-COUNT = number(int, low=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='weight of positive pseudo-labels (default 0.7)')
     p.add_argument('--warmup-epoch', type=number(int, low=0), default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
+    methods_peers.add_arguments(p)
     g = p.add_argument_group('runs and checkpoints')
     g.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
@@ -174,6 +152,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         if getattr(a, first) and getattr(a, second):
             parser.error(f'--{first.replace("_", "-")} and --{second.replace("_", "-")} exclude each other: {why}')
 
+    peer = methods_peers.apply_defaults(a, parser.error)
     cfg = build_config(
         dataset=a.dataset, loss=a.loss, model=a.model, temp=a.temp, threshold=a.threshold, partial=a.partial,
         partial_everywhere=a.partial_everywhere, seed=a.seed, data_root=a.data_root, results_dir=a.results_dir,
@@ -183,7 +162,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
         warmup_epoch=a.warmup_epoch, text_features_dir=a.text_features_dir, init_from=a.init_from,
-        tensorboard=a.tensorboard)
+        tensorboard=a.tensorboard, **peer)
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
@@ -301,7 +280,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     fresh = resume is None and init_state is None  # else the weights come from a checkpoint
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
                                     weights_path=cfg.backbone_weights if fresh else None,
-                                    clip_model=clip_model, head=cfg.head).to(device)
+                                    clip_model=clip_model, head=cfg.head,
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None).to(device)
     if init_state is not None:
         try:
             model.load_state_dict(init_state)
@@ -311,7 +291,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = methods.build_method(cfg, splits['train'].labels_obs, device)
-    optimizer = torch.optim.Adam(model.param_groups(cfg.lr) + method.param_groups(cfg.lr), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.param_groups(cfg.lr, cfg.head_lr_mult) + method.param_groups(cfg.lr),
+                                 lr=cfg.lr)
     logger = TrainLogger(cfg.epochs, num_classes)
     train_true = torch.as_tensor(splits['train'].labels_true, device=device)
     classnames = clip_labels.read_classnames(cfg.dataset)
@@ -332,6 +313,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if cfg.linear_init:  # LinearInit: a frozen trunk for the first --linear-init epochs
+            model.set_trunk_frozen(epoch <= cfg.linear_init)
         train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, model, optimizer, loaders['train'],
                                                              method, train_true, pl_source, device)
         method.end_epoch(epoch, lambda: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,
@@ -455,7 +438,8 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
     clip_model = None
     if cfg.model == 'clip_vision':
         clip_model, _ = clip_labels.load_clip(cfg.clip_model, None, device=device)
-    model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head)
+    model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None)
     model.load_state_dict(ckpt['model'])
     model.to(device)
     test_set = datasets.MultiLabelImages(datasets.image_root(cfg.data_root, cfg.dataset), splits['test'],

@@ -148,5 +148,5 @@ def register(name: str, help: str):
 def build_method(cfg: Config, train_observed: np.ndarray, device) -> Method:
     """The method object of cfg.loss for the train split's observed labels (N x K)."""
     if cfg.loss not in METHODS:
-        losses._get_loss(cfg.loss)  # raises the registry's message (unknown name, or 'role')
+        losses._get_loss(cfg.loss)  # raises the registry's message (an unknown name)
     return METHODS[cfg.loss](cfg, train_observed, device)

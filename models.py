@@ -27,6 +27,7 @@ from torch import nn
 
 from clip_labels import clip_embed_dim, clip_image_size, resize_for_clip
 from config import ModelLoadError, one_line
+from losses_peers import boostlu_logits
 
 BACKBONE_FLAGS = '--backbone-weights PATH (a local weights file) or --no-pretrained (random initialisation)'
 
@@ -256,13 +257,20 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, trunk: nn.Module, spec: BackboneSpec, feature_dim: int, num_classes: int,
-                 head: str = 'linear', **head_options):
+                 head: str = 'linear', cam_boost: float | None = None, **head_options):
         super().__init__()
         self.trunk = trunk
         self.head = HEADS[head].make(feature_dim, num_classes, **head_options)
         self.spec = spec
         self.head_reads = HEADS[head].reads
         self.feature_dim = feature_dim
+        # BoostLU (--boostlu): logits = mean over positions of the CAM with its positive values times
+        # cam_boost, in training and inference (youngwk/BridgeGapExplanationPAMC, models.py
+        # ImageClassifier.forward). None: the plain head.
+        if cam_boost is not None and (not spec.cam or not isinstance(self.head, nn.Linear)):
+            raise ValueError('BoostLU needs an average-pooled trunk (BackboneSpec.cam) and the linear head')
+        self.cam_boost = cam_boost
+        self.trunk_frozen = False
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S -> B x C x h x w."""
@@ -270,6 +278,8 @@ class Classifier(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """B x C x h x w -> logits B x K."""
+        if self.cam_boost is not None:
+            return boostlu_logits(cam=self.class_activation_maps(features), alpha=self.cam_boost)
         if self.head_reads == 'map':
             return self.head(features)
         return self.head(self.spec.pool(self.trunk, features))
@@ -289,14 +299,32 @@ class Classifier(nn.Module):
             raise ValueError('class activation maps need an average-pooled trunk and the linear head')
         return torch.einsum('bchw,kc->bkhw', features, self.head.weight) + self.head.bias[None, :, None, None]
 
-    def param_groups(self, lr: float) -> list[dict]:
-        """The optimiser's parameter groups of the network: every trainable parameter at lr."""
-        return [{'params': [p for p in self.parameters() if p.requires_grad], 'lr': lr}]
+    def param_groups(self, lr: float, head_lr_mult: float = 1.0) -> list[dict]:
+        """The optimiser's parameter groups of the network: every trainable parameter at lr; with
+        head_lr_mult != 1, two groups: the trunk at lr and the head at head_lr_mult * lr (the
+        `lr_mult` of LargeLossMatters, BridgeGapExplanationPAMC and GRLoss, train.py)."""
+        if head_lr_mult == 1.0:
+            return [{'params': [p for p in self.parameters() if p.requires_grad], 'lr': lr}]
+        return [{'params': [p for p in self.trunk.parameters() if p.requires_grad], 'lr': lr},
+                {'params': [p for p in self.head.parameters() if p.requires_grad], 'lr': head_lr_mult * lr}]
+
+    def set_trunk_frozen(self, frozen: bool) -> None:
+        """--linear-init: a frozen trunk gets no gradient and stays in eval mode (its batch-norm
+        statistics do not move), so only the head (and a method's own parameters) train."""
+        self.trunk_frozen = frozen
+        self.trunk.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.trunk_frozen:
+            self.trunk.eval()
+        return self
 
 
 def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
                      weights_path: str | os.PathLike | None = None, clip_model: nn.Module | None = None,
-                     head: str = 'linear', **head_options) -> Classifier:
+                     head: str = 'linear', cam_boost: float | None = None, **head_options) -> Classifier:
     """Classifier for backbone `name` (a key of BACKBONES) and head `head` (a key of HEADS):
     forward(images B x 3 x S x S) -> logits B x K.
 
@@ -316,7 +344,7 @@ def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
         raise ModelLoadError('--backbone-weights and --no-pretrained contradict each other: give one')
     spec = BACKBONES[name]
     trunk, feature_dim = spec.make_trunk(pretrained, None if weights_path is None else str(weights_path), clip_model)
-    return Classifier(trunk, spec, feature_dim, num_classes, head, **head_options)
+    return Classifier(trunk, spec, feature_dim, num_classes, head, cam_boost=cam_boost, **head_options)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,275 @@
+"""The single-positive peer methods as methods of this CLI (issue 13): ROLE, LL-R / LL-Ct / LL-Cp, GR-Loss,
+and the run-level options --boostlu and --linear-init. AEVLP is listed but refused (see `Aevlp`).
+
+The math is in losses_peers.py (each function tested against values computed by its original code);
+this module holds what lasts across batches and epochs, as each original keeps it:
+- ROLE (elijahcole/single-positive-multi-label): the label estimator, an N x K table of logits with its
+  own Adam group at lr_mult * lr (train.py `initialize_training_run`), trained densely (the whole table
+  is one parameter, so Adam's moments keep moving rows of earlier batches, as there).
+- LL (snucml/LargeLossMatters): the clean rate, a function of the epoch (`losses_peers.ll_clean_rate`,
+  the original's repeated subtraction), and for LL-Cp the permanent flips in the observed matrix
+  (train.py `run_train`: `label_matrix_obs[idx[r], c] = 1.0`).
+- GR (yan4xi1/GRLoss): the per-epoch (w, b, mu, sigma) of `losses_peers.gr_schedule`.
+Their state goes into the checkpoint through `state_dict` (and the optimiser's, for ROLE's Adam moments).
+
+Importing this module registers the methods (methods.register); main_clip.py imports it once.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from torch import nn
+
+import losses_peers as lp
+import methods
+from config import DATASETS, Config, UserError, number
+
+LL_SCHEMES = lp.LL_SCHEMES
+# Methods whose original code offers LinearInit: every loss of Cole et al.'s train.py (train_mode
+# 'linear_init') and GR-Loss (GRLoss train.py, `linear_init` epochs with a frozen feature extractor).
+LINEAR_INIT_METHODS = ('an', 'an_ls', 'wan', 'epr', 'iu', 'iun', 'pr', 'bce', 'bce_ls', 'role', 'GR')
+
+
+def _delta_rel(cfg: Config) -> float:
+    """The per-epoch rate of LL from --ll-delta-rel (in percent, as LargeLossMatters' --delta_rel)."""
+    return lp.ll_delta_rel(cfg.ll_delta_rel)
+
+
+# ----------------------------------------------------------------------------------------------
+# ROLE
+
+
+class LabelEstimator(nn.Module):
+    """Cole et al.'s g (models.py `LabelEstimator`): one row of logits per training image (row i = row
+    i of the train split, as datasets.load_splits orders it). estimates(index) = sigmoid(logits[index])."""
+
+    def __init__(self, observed: np.ndarray):
+        super().__init__()
+        # The global torch generator, as the original (there unseeded; here seeded by -s in main_clip.run).
+        self.logits = nn.Parameter(lp.role_init_logits(observed=observed))
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits[index])
+
+
+@methods.register('role', "ROLE (Cole et al.): a per-image label estimator trained jointly, with its own "
+                          "Adam group at --role-lr-mult x lr")
+class Role(methods.Method):
+
+    def __init__(self, cfg: Config, train_observed: np.ndarray, device):
+        super().__init__(cfg, train_observed, device)
+        if (np.asarray(train_observed) < 0).any():
+            raise UserError('-l role: the observed labels hold negatives (-1); ROLE takes single positives only '
+                            '(its original asserts it): regenerate them with 0 negatives')
+        self.estimator = LabelEstimator(train_observed).to(device)
+        self.expected_num_pos = cfg.data.expected_num_pos
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{'params': [self.estimator.logits], 'lr': self.cfg.role_lr_mult * lr}]
+
+    def loss(self, logits, preds, batch, *, epoch, step):
+        return lp.role_loss(preds=preds, estimates=self.estimator(batch['index']), observed=batch['observed'],
+                            expected_num_pos=self.expected_num_pos)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), 'estimator': self.estimator.logits.detach().cpu().clone(),
+                'rows': self.estimator.logits.shape[0]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get('rows') != self.estimator.logits.shape[0]:
+            raise UserError(f'the checkpoint\'s ROLE table has {state.get("rows")} rows, the train split '
+                            f'{self.estimator.logits.shape[0]}: resume with the same data')
+        super().load_state_dict(state)
+        with torch.no_grad():  # in place: the optimiser holds this parameter
+            self.estimator.logits.copy_(state['estimator'])
+
+
+# ----------------------------------------------------------------------------------------------
+# LL-R / LL-Ct / LL-Cp
+
+
+class LargeLoss(methods.Method):
+    """Large-loss rejection (LL-R) or correction (LL-Ct, LL-Cp) of the assume-negative BCE (Kim et al.
+    2022). With --boostlu, BridgeGapExplanationPAMC's copy of these losses: its LL-Cp flips the entries
+    with u >= tau (k of them) where LargeLossMatters flips u > tau (k - 1)."""
+    scheme = ''
+
+    def __init__(self, cfg: Config, train_observed: np.ndarray, device):
+        super().__init__(cfg, train_observed, device)
+        self.observed = self.observed.clone()  # LL-Cp writes into it: never into the split's array
+
+    def loss(self, logits, preds, batch, *, epoch, step):
+        delta_rel = _delta_rel(self.cfg)
+        loss, flips = lp.ll_loss(logits=logits, observed=batch['observed'],
+                                 clean_rate=lp.ll_clean_rate(epoch=epoch, delta_rel=delta_rel), delta_rel=delta_rel,
+                                 scheme=self.scheme, llcp_as_released=self.cfg.llcp_as_released,
+                                 flips_include_threshold=self.cfg.boostlu)
+        if flips is not None:  # LL-Cp: permanent, as the original's label_matrix_obs[idx[r], c] = 1.0
+            self.observed[batch['index']] = torch.where(flips, torch.ones_like(batch['observed']), batch['observed'])
+        return loss
+
+
+@methods.register('LL-R', 'Large Loss Matters (Kim et al.): assume negative, the largest unobserved losses '
+                          'rejected, a rate growing by --ll-delta-rel percent per epoch')
+class LargeLossRejection(LargeLoss):
+    scheme = 'LL-R'
+
+
+@methods.register('LL-Ct', 'Large Loss Matters: the largest unobserved losses corrected (target 1) for the step')
+class LargeLossCorrectionTemporary(LargeLoss):
+    scheme = 'LL-Ct'
+
+
+@methods.register('LL-Cp', 'Large Loss Matters: the largest unobserved losses corrected permanently in the '
+                           'observed labels (--llcp-as-released: as LL-Ct, as the released code runs)')
+class LargeLossCorrectionPermanent(LargeLoss):
+    scheme = 'LL-Cp'
+
+
+# ----------------------------------------------------------------------------------------------
+# GR-Loss
+
+
+@methods.register('GR', 'GR-Loss (Chen et al.): soft pseudo-labels k(p) and Gaussian re-weighting v(p) of the '
+                        'unknowns, on per-epoch schedules (--gr-beta, --gr-alpha, --gr-q)')
+class GeneralizedRobust(methods.Method):
+
+    def loss(self, logits, preds, batch, *, epoch, step):
+        s = lp.gr_schedule(epoch=epoch, num_epochs=self.cfg.epochs, beta=self.cfg.gr_beta, alpha=self.cfg.gr_alpha,
+                           linear_init=self.cfg.linear_init)
+        q2, q3 = self.cfg.gr_q
+        return lp.gr_loss(preds=preds, observed=batch['observed'], w=s.w, b=s.b, mu=s.mu, sigma=s.sigma, q2=q2, q3=q3)
+
+
+# ----------------------------------------------------------------------------------------------
+# AEVLP: refused
+
+
+AEVLP_MISSING = ('-l AEVLP is not available: its pseudo-labels need the frozen random GCN residual that its '
+                 'original adds to the CLIP text features (weights from its constructors, not exported here) and '
+                 'fp16 OpenAI ViT-B/16 scores of 224 px crops; see docs/peer-methods.md')
+
+
+@methods.register('AEVLP', 'AEVLP (Tran et al.): not available yet, see docs/peer-methods.md')
+class Aevlp(methods.Method):
+    unavailable = AEVLP_MISSING
+
+    def __init__(self, cfg, train_observed, device):
+        raise UserError(AEVLP_MISSING)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The 'Peer methods' group of --help."""
+    g = parser.add_argument_group('Peer methods', 'settings of -l role, LL-R, LL-Ct, LL-Cp, GR and of --boostlu / '
+                                  '--linear-init (docs/peer-methods.md); unset: the paper\'s value per dataset')
+    g.add_argument('--ll-delta-rel', type=number(), default=None, metavar='PERCENT',
+                   help='LL-*: growth of the rejection / correction rate per epoch, in percent (default: LL-R 0.5, '
+                        'LL-Ct 0.2, LL-Cp 0.1, BridgeGapExplanationPAMC\'s values; LargeLossMatters publishes none)')
+    g.add_argument('--llcp-as-released', action='store_true',
+                   help='LL-Cp: run as the released LargeLossMatters does (as LL-Ct; its `is` test is never true)')
+    g.add_argument('--boostlu', action='store_true',
+                   help='BoostLU (Kim et al. 2023): multiply the positive class-activation-map values by '
+                        '--boostlu-alpha before pooling, in training and inference; any method, CAM backbones')
+    g.add_argument('--boostlu-alpha', type=number(), default=None, help='BoostLU factor (default 5, its README)')
+    g.add_argument('--role-lr-mult', type=number(), default=None,
+                   help="role: the label estimator's lr = this x --lr (default 10, Cole et al.)")
+    g.add_argument('--gr-beta', type=number(), nargs=4, default=None, metavar=('W0', 'WT', 'B0', 'BT'),
+                   help='GR: schedule of the soft pseudo-label k(p) = sigmoid(w p + b) (default: per dataset)')
+    g.add_argument('--gr-alpha', type=number(), nargs=4, default=None, metavar=('MU0', 'SIGMA0', 'MUT', 'SIGMAT'),
+                   help='GR: schedule of the re-weight v(p) = exp(-(p - mu)^2 / 2 sigma^2) (default: per dataset)')
+    g.add_argument('--gr-q', type=number(), nargs=2, default=None, metavar=('Q2', 'Q3'),
+                   help='GR: the generalised cross-entropy exponents (default: per dataset)')
+    g.add_argument('--head-lr-mult', type=number(), default=None,
+                   help="the linear head's lr = this x --lr (default: 10 for LL-*, GR and --boostlu, as their "
+                        'originals; 1 otherwise)')
+    g.add_argument('--linear-init', type=number(int, low=0), default=0, metavar='EPOCHS',
+                   help='LinearInit: the first EPOCHS of the run train the head (and ROLE\'s estimator) on a '
+                        'frozen trunk, the rest end to end (Cole et al.; GR-Loss); default 0')
+
+
+def _method_key(loss: str) -> str | None:
+    return {'role': 'role', 'GR': 'GR', 'AEVLP': 'AEVLP', **{s: 'LL' for s in LL_SCHEMES}}.get(loss)
+
+
+def apply_defaults(a: argparse.Namespace, error) -> dict:
+    """Checks the peer flags of the parsed command line `a` (error(message) refuses in one line), fills
+    a.batch_size, a.lr, a.epochs from the paper's values where unset (not for the demo, which keeps its
+    own training settings), and returns the build_config keyword arguments of the peer settings."""
+    method = methods.METHODS[a.loss]
+    if getattr(method, 'unavailable', None):
+        error(method.unavailable)
+    key = _method_key(a.loss)
+    given = {flag: getattr(a, flag.lstrip('-').replace('-', '_')) for flag in
+             ('--ll-delta-rel', '--boostlu-alpha', '--role-lr-mult', '--gr-beta', '--gr-alpha', '--gr-q')}
+    owners = {'--ll-delta-rel': 'LL', '--role-lr-mult': 'role', '--gr-beta': 'GR', '--gr-alpha': 'GR', '--gr-q': 'GR'}
+    for flag, owner in owners.items():
+        if given[flag] is not None and key != owner:
+            error(f'{flag} is a setting of {"-l LL-R / LL-Ct / LL-Cp" if owner == "LL" else "-l " + owner}, '
+                  f'not of -l {a.loss}')
+    if a.llcp_as_released and a.loss != 'LL-Cp':
+        error(f'--llcp-as-released is a setting of -l LL-Cp, not of -l {a.loss}')
+    if given['--boostlu-alpha'] is not None and not a.boostlu:
+        error('--boostlu-alpha needs --boostlu')
+    if a.linear_init and a.loss not in LINEAR_INIT_METHODS:
+        error(f'--linear-init: the original of -l {a.loss} offers no LinearInit; it applies to '
+              f'{", ".join(LINEAR_INIT_METHODS)}')
+
+    row_key = 'pascal' if a.dataset == 'demo' else a.dataset
+    paper = {}
+    if key in ('role', 'LL', 'GR'):
+        paper = lp.peer_hparams(key, row_key)
+    boost = lp.peer_hparams('boostlu', row_key)
+    if a.dataset != 'demo' and (key or a.boostlu):
+        # Each paper's training settings (PEER_DEFAULTS sources); BoostLU's when it is on.
+        settings = boost if a.boostlu else paper
+        a.batch_size = a.batch_size or settings['bsize']
+        a.lr = a.lr or settings['lr']
+        a.epochs = a.epochs or settings['num_epochs']
+    epochs = a.epochs or DATASETS[a.dataset].epochs
+
+    kw = dict(boostlu=a.boostlu, linear_init=a.linear_init, llcp_as_released=a.llcp_as_released)
+    mult_default = 10.0 if key in ('LL', 'GR') or a.boostlu else 1.0
+    kw['head_lr_mult'] = a.head_lr_mult if a.head_lr_mult is not None else mult_default
+    if kw['head_lr_mult'] <= 0:
+        error(f'--head-lr-mult must be > 0, got {a.head_lr_mult}')
+    if a.boostlu:
+        kw['boostlu_alpha'] = a.boostlu_alpha if a.boostlu_alpha is not None else float(boost['alpha'])
+        if not kw['boostlu_alpha'] > 0:
+            error(f'--boostlu-alpha must be > 0, got {a.boostlu_alpha}')
+    if key == 'role':
+        kw['role_lr_mult'] = a.role_lr_mult if a.role_lr_mult is not None else float(paper['lr_mult'])
+        if not kw['role_lr_mult'] > 0:
+            error(f'--role-lr-mult must be > 0, got {a.role_lr_mult}')
+    if key == 'LL':
+        source = boost if a.boostlu else paper
+        d = a.ll_delta_rel if a.ll_delta_rel is not None else float(source[f'delta_rel_percent[{a.loss}]'])
+        if not 0 < d < 100:
+            error(f'--ll-delta-rel must be in (0, 100) percent per epoch, got {d}')
+        if (epochs - 1) * d >= 100:
+            error(f'--ll-delta-rel {d} reaches a rate of 100 % within --epochs {epochs}: lower it')
+        kw['ll_delta_rel'] = d
+    if key == 'GR':
+        kw['gr_beta'] = tuple(a.gr_beta if a.gr_beta is not None else paper['beta'])
+        kw['gr_alpha'] = tuple(a.gr_alpha if a.gr_alpha is not None else paper['alpha'])
+        kw['gr_q'] = tuple(a.gr_q if a.gr_q is not None else paper['q2q3'])
+        if kw['gr_alpha'][1] <= 0 or kw['gr_alpha'][3] <= 0:
+            error(f'--gr-alpha: both sigmas must be > 0, got {list(kw["gr_alpha"])}')
+        if min(kw['gr_q']) <= 0:
+            error(f'--gr-q: q2 and q3 must be > 0, got {list(kw["gr_q"])}')
+    if a.linear_init < 0 or a.linear_init >= epochs:
+        error(f'--linear-init must be in [0, --epochs {epochs}), got {a.linear_init}')
+    if a.boostlu:
+        from models import BACKBONES  # models imports losses_peers; not needed otherwise
+        model = a.model or DATASETS[a.dataset].model
+        if not BACKBONES[model].cam:
+            error(f'--boostlu needs a class activation map: -m {model} does not average-pool its feature map; '
+                  f'use one of {", ".join(n for n, b in BACKBONES.items() if b.cam)}')
+        if a.run_name is None:
+            a.run_name = f'{a.dataset}_{a.loss}+boostlu_{model}_s{a.seed}'
+    return kw
