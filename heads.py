@@ -440,7 +440,8 @@ class SGREHead(nn.Module):
     att x att product, ~263 GFLOP per forward of a COCO batch of 8); `chunk_classes=8` keeps ~0
     and peaks at ~0.5 copy (each block is recomputed in the backward pass). So a COCO batch of 8
     needs ~1.6 GB for the attention alone (~0.25 GB chunked by 8); a batch of 128 ~25 GB.
-    bfloat16/float16 autocast halves each figure.
+    Under bfloat16/float16 autocast the intermediates are 2-byte, which should halve these (not
+    measured here: no GPU in this session).
 
     `forward(x)` returns the logits; `forward(x, return_aux=True)` returns an `SGREOutput`; the
     last forward's outputs are also kept in `self.last_output` so a caller that only sees logits
@@ -640,4 +641,5 @@ def build_schedule(optimizer: torch.optim.Optimizer, name: str, epochs: int, ste
                                                **onecycle)
 
 
-HEADS_EXTRA = {'q2l': Query2LabelHead, 'sgre': SGREHead}
+# Rows for the HEADS table of models.py: HEADS[name](feature_channels, num_classes, **opts).
+TRANSFORMER_HEADS = {'q2l': Query2LabelHead, 'sgre': SGREHead}
