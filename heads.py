@@ -41,9 +41,12 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.utils.checkpoint import checkpoint
 
+from config import VLPLError
 
-class HeadConfigError(ValueError):
-    """A head option that the user can fix (one line naming the option)."""
+
+class HeadConfigError(VLPLError, ValueError):
+    """A head option that the user can fix (one line naming the option); main_clip prints it as
+    one line, as every VLPLError."""
 
 
 # ----------------------------------------------------------------------------------- recipes
@@ -443,9 +446,8 @@ class SGREHead(nn.Module):
     Under bfloat16/float16 autocast the intermediates are 2-byte, which should halve these (not
     measured here: no GPU in this session).
 
-    `forward(x)` returns the logits; `forward(x, return_aux=True)` returns an `SGREOutput`; the
-    last forward's outputs are also kept in `self.last_output` so a caller that only sees logits
-    can add the auxiliary loss (`sgre_total_loss`).
+    `forward(x)` returns the logits; `forward(x, return_aux=True)` returns an `SGREOutput`
+    (models.Classifier.forward_with_aux uses it to add the auxiliary loss).
     """
 
     def __init__(self, in_channels: int, num_classes: int, label_embeddings=None, *,
@@ -482,7 +484,6 @@ class SGREHead(nn.Module):
         self.use_pos = pos
         self.tau = tau
         self._pos = _PositionCache()
-        self.last_output: SGREOutput | None = None
 
     def forward(self, x: Tensor, return_aux: bool = False):
         b, d, h, w = x.shape
@@ -500,9 +501,7 @@ class SGREHead(nn.Module):
         v = self.net3(f.transpose(1, 2)).transpose(1, 2)                # B x K x D
         xt = self.net4(torch.bmm(s, v).transpose(1, 2)).transpose(1, 2)  # B x N x D
         logits = self.fc2(torch.cat([x, xt], dim=-1)).max(dim=1)[0]     # B x K
-        out = SGREOutput(logits, aux_logits, alpha)
-        self.last_output = out
-        return out if return_aux else logits
+        return SGREOutput(logits, aux_logits, alpha) if return_aux else logits
 
 
 def sgre_attention_memory(batch: int, num_classes: int, tokens: int, *, att_dim: int = 1024,
