@@ -143,6 +143,33 @@ class Config:
     warmup_epoch: int
     run_dir: str
     head: str = 'linear'
+    # Transformer heads, weight EMA and the heads' training recipe (issue 15; heads.py, heads_run.py,
+    # docs/heads.md). Query2Label options (defaults: the original's main_mlc.py parser):
+    q2l_hidden: int = 2048
+    q2l_enc_layers: int = 1
+    q2l_dec_layers: int = 2
+    q2l_heads: int = 4
+    q2l_ffn: int = 8192
+    q2l_dropout: float = 0.1
+    q2l_pre_norm: bool = False
+    q2l_dec_self_attn: bool = False
+    # SGRE options (defaults: the original's lib/util.py get_args and README commands):
+    sgre_layers: int = 1
+    sgre_heads: int = 8
+    sgre_ffn: int = 2048
+    sgre_dropout: float = 0.1
+    sgre_att_dim: int = 1024
+    sgre_tau: float = 1.0
+    sgre_pos: bool = True
+    sgre_chunk: Optional[int] = None
+    sgre_fused_score: bool = False
+    label_embeddings: Optional[str] = None  # K x E .npy; None: the run's CLIP text features
+    lamda: float = 0.0  # weight of the head's auxiliary loss (SGRE); 0 for heads without one
+    # Weight EMA (0: off) and the optimiser recipe (defaults: Adam, constant lr, as the original VLPL).
+    ema_decay: float = 0.0
+    optimizer: str = 'adam'
+    weight_decay: float = 0.0
+    schedule: str = 'none'
 
     @property
     def data(self) -> DatasetInfo:
@@ -163,11 +190,14 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
                  clip_mode: str = 'cache', text_features: str | None = None, backbone_weights: str | None = None,
                  pretrained: bool = True, amp: bool = False, channels_last: bool = False,
                  skip_bad_images: bool = False, alpha: float | None = None, beta_pos: float | None = None,
-                 warmup_epoch: int | None = None, head: str = 'linear') -> Config:
+                 warmup_epoch: int | None = None, head: str = 'linear', **heads_options) -> Config:
     """The Config of a run: every setting left None takes the dataset's value (DATASETS row).
 
     The original's rules kept here: -p (partial) acts for pascal with clip_vision only unless
     partial_everywhere; EM_APL takes its beta, warm-up and batch size from the row's apl_* values.
+    heads_options: the transformer-head, EMA and optimiser fields of Config by name (q2l_*, sgre_*,
+    label_embeddings, lamda, ema_decay, optimizer, weight_decay, schedule); main_clip.parse_args
+    fills lamda's per-dataset default (heads.dataset_defaults).
     """
     row = dataset_info(dataset)
     model = model or row.model
@@ -186,4 +216,5 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
         alpha=alpha if alpha is not None else row.alpha, beta=row.apl_beta,
         beta_pos=beta_pos if beta_pos is not None else row.beta_pos, beta_neg=0.0,
         warmup_epoch=warmup_epoch if warmup_epoch is not None else (row.apl_warmup if is_apl else 0),
-        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head)
+        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head,
+        **heads_options)

@@ -24,6 +24,7 @@ import torch
 
 import clip_labels
 import datasets
+import heads_run
 import methods
 import models
 from checkpoints import atomic_save, config_differences, load_checkpoint, rng_state, set_rng_state
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--beta-pos', type=float, default=None, help='weight of positive pseudo-labels (default 0.7)')
     p.add_argument('--warmup-epoch', type=int, default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
+    heads_run.add_arguments(p.add_argument_group('Transformer heads'))  # --head, --ema-decay, ... (docs/heads.md)
     p.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
                         'only the device, workers and folders')
@@ -136,7 +138,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
-        warmup_epoch=a.warmup_epoch)
+        warmup_epoch=a.warmup_epoch, head=a.head, **heads_run.config_options(a, parser))
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
@@ -235,7 +237,7 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
 
     method_class = methods.METHODS[cfg.loss]
     clip_model = tokenizer = None
-    if method_class.needs_pseudo_labels or cfg.model == 'clip_vision':
+    if method_class.needs_pseudo_labels or cfg.model == 'clip_vision' or heads_run.needs_clip(cfg):
         clip_model, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
     pl_source = None
     if method_class.needs_pseudo_labels:
@@ -248,14 +250,17 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
 
     # Reseed so that the head's initialisation does not depend on what ran before (CLIP loading and
     # every DataLoader iterator draw from the global generator).
+    label_embeddings = heads_run.label_embeddings(cfg, clip_model, tokenizer, num_classes, resume)
     torch.manual_seed(cfg.seed)
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and resume is None,
                                     weights_path=cfg.backbone_weights if resume is None else None,
-                                    clip_model=clip_model, head=cfg.head).to(device)
+                                    clip_model=clip_model, head=cfg.head,
+                                    **heads_run.head_options(cfg, label_embeddings)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = methods.build_method(cfg, splits['train'].labels_obs, device)
-    optimizer = torch.optim.Adam(model.param_groups(cfg.lr) + method.param_groups(cfg.lr), lr=cfg.lr)
+    optimizer, scheduler = heads_run.build_optimization(cfg, model.param_groups(cfg.lr) + method.param_groups(cfg.lr),
+                                                        len(loaders['train']))
     logger = TrainLogger(cfg.epochs, num_classes)
     train_true = torch.as_tensor(splits['train'].labels_true, device=device)
     classnames = clip_labels.read_classnames(cfg.dataset)
@@ -267,6 +272,9 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
         method.load_state_dict(resume['method'])
         set_rng_state(resume['rng'], sampler)
         start_epoch = resume['epoch'] + 1
+    ema = heads_run.build_ema(cfg, model)
+    if resume is not None:
+        heads_run.load_training_state(resume, ema, scheduler)
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
     if is_primary():
         save_json(run_dir / 'config.json', dataclasses.asdict(cfg))
@@ -274,15 +282,22 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, model, optimizer, loaders['train'],
-                                                             method, train_true, pl_source, device)
+                                                             method, train_true, pl_source, device,
+                                                             scheduler=scheduler, ema=ema)
         method.end_epoch(epoch, lambda: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,
                                                 device, f'epoch {epoch} {cfg.loss} update'))
         times = {'train': time.perf_counter() - t0}
         phase_preds = {'train': train_preds}
+        evaluated = model  # with --ema-decay: the model or its average, whichever is better on val
         for phase in ('val', 'test'):
             t0 = time.perf_counter()
-            phase_preds[phase] = predict(cfg, model, loaders[phase], len(sets[phase]), num_classes, device,
+            phase_preds[phase] = predict(cfg, evaluated, loaders[phase], len(sets[phase]), num_classes, device,
                                          f'epoch {epoch} {phase}')
+            if phase == 'val' and ema is not None:
+                ema_preds = predict(cfg, ema.module, loaders[phase], len(sets[phase]), num_classes, device,
+                                    f'epoch {epoch} {phase} (EMA)')
+                if heads_run.ema_wins(phase_preds[phase], ema_preds, splits[phase].labels_true, epoch):
+                    evaluated, phase_preds[phase] = ema.module, ema_preds
             times[phase] = time.perf_counter() - t0
         for phase in ('train', 'val', 'test'):
             split = splits[phase]
@@ -300,7 +315,8 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
             log.info(f'{format_summary(s)} | {times[phase]:.1f} s{extra}')
         if is_primary():
             save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
-                       phase_preds['test'])
+                       phase_preds['test'], evaluated=evaluated,
+                       extra=heads_run.training_state(ema, scheduler))
         log.info(f'checkpoint: {run_dir / "last.pt"} (epoch {epoch})')
 
     log.info(f'Best epoch: {logger.best_epoch}')
@@ -311,15 +327,19 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
 
 
 def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, optimizer, logger, method,
-               sampler, classnames: list[str], test_preds: np.ndarray) -> None:
-    """last.pt every epoch; best.pt and the test predictions when this epoch is the best so far."""
+               sampler, classnames: list[str], test_preds: np.ndarray, evaluated=None, extra=None) -> None:
+    """last.pt every epoch; best.pt and the test predictions when this epoch is the best so far.
+    evaluated: the weights that gave the val/test predictions, saved in best.pt (default: model;
+    with --ema-decay maybe its average); extra: more last.pt entries (EMA, schedule)."""
     common = dict(model=model.state_dict(), epoch=epoch, config=dataclasses.asdict(cfg), argv=list(argv),
-                  classnames=classnames)
+                  classnames=classnames) | heads_run.checkpoint_entries(model)
     if logger.best_epoch == epoch:
         atomic_save(test_preds, run_dir / 'test_preds_best.npy')
-        atomic_save(common | {'test_map': logger.best_test_map}, run_dir / 'best.pt')
+        best = common if evaluated is None or evaluated is model else common | {'model': evaluated.state_dict()}
+        atomic_save(best | {'test_map': logger.best_test_map}, run_dir / 'best.pt')
     atomic_save(common | dict(optimizer=optimizer.state_dict(), logger=logger.state_dict(),
-                              method=method.state_dict(), rng=rng_state(sampler)), run_dir / 'last.pt')
+                              method=method.state_dict(), rng=rng_state(sampler)) | (extra or {}),
+                run_dir / 'last.pt')
     logger.save_json(run_dir / 'log.json')
 
 
@@ -331,7 +351,9 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
     clip_model = None
     if cfg.model == 'clip_vision':
         clip_model, _ = clip_labels.load_clip(cfg.clip_model, None, device=device)
-    model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head)
+    label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
+    model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
+                                    **heads_run.head_options(cfg, label_embeddings))
     model.load_state_dict(ckpt['model'])
     model.to(device)
     test_set = datasets.MultiLabelImages(datasets.image_root(cfg.data_root, cfg.dataset), splits['test'],
