@@ -166,6 +166,33 @@ class Config:
     gr_q: tuple = ()
     head_lr_mult: float = 1.0
     linear_init: int = 0
+    # Transformer heads, weight EMA and the heads' training recipe (issue 15; heads.py, heads_run.py,
+    # docs/heads.md). Query2Label options (defaults: the original's main_mlc.py parser):
+    q2l_hidden: int = 2048
+    q2l_enc_layers: int = 1
+    q2l_dec_layers: int = 2
+    q2l_heads: int = 4
+    q2l_ffn: int = 8192
+    q2l_dropout: float = 0.1
+    q2l_pre_norm: bool = False
+    q2l_dec_self_attn: bool = False
+    # SGRE options (defaults: the original's lib/util.py get_args and README commands):
+    sgre_layers: int = 1
+    sgre_heads: int = 8
+    sgre_ffn: int = 2048
+    sgre_dropout: float = 0.1
+    sgre_att_dim: int = 1024
+    sgre_tau: float = 1.0
+    sgre_pos: bool = True
+    sgre_chunk: Optional[int] = None
+    sgre_fused_score: bool = False
+    label_embeddings: Optional[str] = None  # K x E .npy; None: the run's CLIP text features
+    lamda: float = 0.0  # weight of the head's auxiliary loss (SGRE); 0 for heads without one
+    # Weight EMA (0: off) and the optimiser recipe (defaults: Adam, constant lr, as the original VLPL).
+    ema_decay: float = 0.0
+    optimizer: str = 'adam'
+    weight_decay: float = 0.0
+    schedule: str = 'none'
 
     @property
     def data(self) -> DatasetInfo:
@@ -192,6 +219,9 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
 
     The original's rules kept here: -p (partial) acts for pascal with clip_vision only unless
     partial_everywhere; EM_APL takes its beta, warm-up and batch size from the row's apl_* values.
+    heads_options: the transformer-head, EMA and optimiser fields of Config by name (q2l_*, sgre_*,
+    label_embeddings, lamda, ema_decay, optimizer, weight_decay, schedule); main_clip.parse_args
+    fills lamda's per-dataset default (heads.dataset_defaults).
     """
     row = dataset_info(dataset)
     model = model or row.model

@@ -35,8 +35,15 @@ def _images(cfg: Config, batch: dict, device) -> torch.Tensor:
     return images
 
 
+def _forward_train(model, images: torch.Tensor):
+    """(logits, auxiliary logits or None): models.Classifier.forward_with_aux, or a plain module."""
+    if hasattr(model, 'forward_with_aux'):
+        return model.forward_with_aux(images)
+    return model(images), None
+
+
 def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, train_true: torch.Tensor,
-                    pl_source, device, check_every: int = 50):
+                    pl_source, device, check_every: int = 50, *, scheduler=None, ema=None):
     """One pass over the training split. Returns (preds (N, K) in row order, mean loss, pl stats).
 
     method: the methods.Method of the run (its `observed` rows are the observed labels of a batch);
@@ -44,6 +51,11 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     pseudo-label statistics); pl_source(images, index, flipped) gives the pseudo-labels of a batch
     (None when the method uses none). pl stats: (hits, predicted positives, true positives
     available) of the positive pseudo-labels on the unknown entries.
+
+    A head with auxiliary logits (SGRE) adds cfg.lamda * method.aux_loss(aux logits) to the batch
+    loss, as SGRE's loss(logits) + lamda * loss(aux logits). After every optimiser step:
+    scheduler.step() (a per-step schedule such as OneCycleLR) and ema.update(model)
+    (heads.ModelEMA), when given.
     """
     model.train()
     num_rows, num_classes = method.observed.shape
@@ -69,14 +81,22 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
             pl_counts += torch.stack([(unknown_pos & (true == 1)).sum(), unknown_pos.sum(),
                                       ((observed == 0) & (true == 1)).sum()]).float()
         with autocast(cfg, device):
-            logits = model(images)
+            logits, aux_logits = _forward_train(model, images)
         logits = logits.float()
         preds = torch.sigmoid(logits)
-        loss = method.loss(logits, preds, dict(index=index, observed=observed, true=true, pseudo_labels=pl),
-                           epoch=epoch, step=step)
+        batch_labels = dict(index=index, observed=observed, true=true, pseudo_labels=pl)
+        loss = method.loss(logits, preds, batch_labels, epoch=epoch, step=step)
+        if aux_logits is not None and cfg.lamda:
+            aux_logits = aux_logits.float()
+            loss = loss + cfg.lamda * method.aux_loss(aux_logits, torch.sigmoid(aux_logits), batch_labels,
+                                                      epoch=epoch, step=step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update(model)
         preds_all[index] = preds.detach()
         loss = loss.detach()
         loss_sum += loss

@@ -24,6 +24,7 @@ import torch
 
 import clip_labels
 import datasets
+import heads_run
 import losses
 import methods
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--warmup-epoch', type=number(int, low=0), default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
     methods_peers.add_arguments(p)
+    heads_run.add_arguments(p.add_argument_group('Transformer heads'))  # --head, --ema-decay, ... (docs/heads.md)
     g = p.add_argument_group('runs and checkpoints')
     g.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
@@ -162,7 +164,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
         warmup_epoch=a.warmup_epoch, text_features_dir=a.text_features_dir, init_from=a.init_from,
-        tensorboard=a.tensorboard, **peer)
+        tensorboard=a.tensorboard, head=a.head, **peer, **heads_run.config_options(a, parser))
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
@@ -263,7 +265,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
 
     method_class = methods.METHODS[cfg.loss]
     clip_model = tokenizer = None
-    if method_class.needs_pseudo_labels or cfg.model == 'clip_vision':
+    if method_class.needs_pseudo_labels or cfg.model == 'clip_vision' or heads_run.needs_clip(cfg):
         clip_model, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
     pl_source = None
     if method_class.needs_pseudo_labels:
@@ -276,12 +278,14 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
 
     # Reseed so that the head's initialisation does not depend on what ran before (CLIP loading and
     # every DataLoader iterator draw from the global generator).
+    label_embeddings = heads_run.label_embeddings(cfg, clip_model, tokenizer, num_classes, resume)
     torch.manual_seed(cfg.seed)
     fresh = resume is None and init_state is None  # else the weights come from a checkpoint
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
                                     weights_path=cfg.backbone_weights if fresh else None,
                                     clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None).to(device)
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,
+                                    **heads_run.head_options(cfg, label_embeddings)).to(device)
     if init_state is not None:
         try:
             model.load_state_dict(init_state)
@@ -291,8 +295,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = methods.build_method(cfg, splits['train'].labels_obs, device)
-    optimizer = torch.optim.Adam(model.param_groups(cfg.lr, cfg.head_lr_mult) + method.param_groups(cfg.lr),
-                                 lr=cfg.lr)
+    optimizer, scheduler = heads_run.build_optimization(
+        cfg, model.param_groups(cfg.lr, cfg.head_lr_mult) + method.param_groups(cfg.lr), len(loaders['train']))
     logger = TrainLogger(cfg.epochs, num_classes)
     train_true = torch.as_tensor(splits['train'].labels_true, device=device)
     classnames = clip_labels.read_classnames(cfg.dataset)
@@ -304,6 +308,9 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         method.load_state_dict(resume['method'])
         set_rng_state(resume['rng'], sampler)
         start_epoch = resume['epoch'] + 1
+    ema = heads_run.build_ema(cfg, model)
+    if resume is not None:
+        heads_run.load_training_state(resume, ema, scheduler)
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
     record = run_record(cfg, device, method_class)
     tensorboard = open_tensorboard(cfg, run_dir) if is_primary() else None
@@ -316,15 +323,22 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         if cfg.linear_init:  # LinearInit: a frozen trunk for the first --linear-init epochs
             model.set_trunk_frozen(epoch <= cfg.linear_init)
         train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, model, optimizer, loaders['train'],
-                                                             method, train_true, pl_source, device)
+                                                             method, train_true, pl_source, device,
+                                                             scheduler=scheduler, ema=ema)
         method.end_epoch(epoch, lambda: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,
                                                 device, f'epoch {epoch} {cfg.loss} update'))
         times = {'train': time.perf_counter() - t0}
         phase_preds = {'train': train_preds}
+        evaluated = model  # with --ema-decay: the model or its average, whichever is better on val
         for phase in ('val', 'test'):
             t0 = time.perf_counter()
-            phase_preds[phase] = predict(cfg, model, loaders[phase], len(sets[phase]), num_classes, device,
+            phase_preds[phase] = predict(cfg, evaluated, loaders[phase], len(sets[phase]), num_classes, device,
                                          f'epoch {epoch} {phase}')
+            if phase == 'val' and ema is not None:
+                ema_preds = predict(cfg, ema.module, loaders[phase], len(sets[phase]), num_classes, device,
+                                    f'epoch {epoch} {phase} (EMA)')
+                if heads_run.ema_wins(phase_preds[phase], ema_preds, splits[phase].labels_true, epoch):
+                    evaluated, phase_preds[phase] = ema.module, ema_preds
             times[phase] = time.perf_counter() - t0
         for phase in ('train', 'val', 'test'):
             split = splits[phase]
@@ -335,7 +349,6 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
                          'metrics cover the rest')
             s = logger.log_phase(epoch, phase, phase_preds[phase][seen], split.labels_true[seen], observed[seen],
                                  train_loss if phase == 'train' else None)
-            logger.log_scalar(epoch, phase, 'seconds', times[phase])
             extra = ''
             if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
                 precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)
@@ -344,9 +357,10 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
                 extra = f' | PL on unknown: precision {precision:.3f}, recall {recall:.3f}'
             log.info(f'{format_summary(s)} | {times[phase]:.1f} s{extra}')
         if is_primary():
+            # wall times go to config.json's record, so that log.json holds only reproducible numbers
             record['epoch_seconds'] = record.get('epoch_seconds', {}) | {str(epoch): round(sum(times.values()), 2)}
             save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
-                       phase_preds, splits)
+                       phase_preds, splits, evaluated=evaluated, extra=heads_run.training_state(ema, scheduler))
             save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
             folder.committed()
             if tensorboard is not None:
@@ -364,15 +378,19 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
 
 
 def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, optimizer, logger, method,
-               sampler, classnames: list[str], phase_preds: dict, splits: dict) -> None:
+               sampler, classnames: list[str], phase_preds: dict, splits: dict, evaluated=None,
+               extra=None) -> None:
     """last.pt, log.json and summary.csv every epoch; when this epoch is the best so far also best.pt,
     the test predictions, the per-class AP and the per-class thresholds that maximise F1 on val
-    (predict.py --thresholds)."""
+    (predict.py --thresholds). evaluated: the weights that gave the val/test predictions, saved in
+    best.pt (default: model; with --ema-decay maybe its average); extra: more last.pt entries (EMA,
+    schedule)."""
     common = dict(model=model.state_dict(), epoch=epoch, config=dataclasses.asdict(cfg), argv=list(argv),
-                  classnames=classnames)
+                  classnames=classnames) | heads_run.checkpoint_entries(model)
     if logger.best_epoch == epoch:
         atomic_save(phase_preds['test'], run_dir / 'test_preds_best.npy')
-        atomic_save(common | {'test_map': logger.best_test_map}, run_dir / 'best.pt')
+        best = common if evaluated is None or evaluated is model else common | {'model': evaluated.state_dict()}
+        atomic_save(best | {'test_map': logger.best_test_map}, run_dir / 'best.pt')
         per_class, thresholds = {'classnames': classnames, 'epoch': epoch}, None
         for phase in ('val', 'test'):
             preds, labels = phase_preds[phase], splits[phase].labels_true
@@ -384,7 +402,8 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
         save_json(run_dir / 'thresholds.json', {'classnames': classnames, 'thresholds': thresholds, 'epoch': epoch,
                                                 'rule': 'score >= threshold; maximises F1 per class on val'})
     atomic_save(common | dict(optimizer=optimizer.state_dict(), logger=logger.state_dict(),
-                              method=method.state_dict(), rng=rng_state(sampler)), run_dir / 'last.pt')
+                              method=method.state_dict(), rng=rng_state(sampler)) | (extra or {}),
+                run_dir / 'last.pt')
     logger.save_json(run_dir / 'log.json')
     logger.save_summary_csv(run_dir / 'summary.csv')
 
@@ -438,8 +457,10 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
     clip_model = None
     if cfg.model == 'clip_vision':
         clip_model, _ = clip_labels.load_clip(cfg.clip_model, None, device=device)
+    label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
     model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None)
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,
+                                    **heads_run.head_options(cfg, label_embeddings))
     model.load_state_dict(ckpt['model'])
     model.to(device)
     test_set = datasets.MultiLabelImages(datasets.image_root(cfg.data_root, cfg.dataset), splits['test'],

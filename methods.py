@@ -62,6 +62,14 @@ class Method:
                                          true_labels=batch['true'], pseudo_labels=batch['pseudo_labels'],
                                          epoch=epoch, validate=step == 0)
 
+    def aux_loss(self, logits: torch.Tensor, preds: torch.Tensor, batch: dict, *, epoch: int,
+                 step: int) -> torch.Tensor:
+        """Loss of a head's auxiliary logits (SGRE's label-attention branch), which the engine
+        weights by --lamda: by default the method's own loss, as SGRE applies one criterion to both
+        outputs. A method whose `loss` has terms that are not about the logits (a label
+        estimator's, a prior's) overrides this so that they do not count twice."""
+        return self.loss(logits, preds, batch, epoch=epoch, step=step)
+
     def end_epoch(self, epoch: int, predict_train: Callable[[], np.ndarray]) -> None:
         """Called after the train phase of every epoch; predict_train() gives the N x K sigmoid
         outputs of the current model on the train split (eval mode, row order, NaN rows for

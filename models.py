@@ -3,8 +3,8 @@
 A classifier is trunk + head, as timm splits forward_features / forward_head:
 - a trunk maps images (B x 3 x S x S) to a feature map (B x C x h x w; `feature_shape` says
   which) and knows how it pools that map to one vector per image (B x C);
-- a head comes from the `HEADS` table: 'linear' (Linear(C, K) on the pooled vector) today; a head
-  that reads the whole map (a transformer decoder, a CAM head) is one more row.
+- a head comes from the `HEADS` table: 'linear' (Linear(C, K) on the pooled vector, the default),
+  'q2l' and 'sgre' (transformer heads reading the whole map; heads.py, docs/heads.md).
 Backbones are rows of `BACKBONES`; `build_classifier` builds any pair. The trunks follow the
 original's networks (github.com/mvrl/VLPL, models.py: ResNet-50 with fc removed, the trainable CLIP
 image tower, timm ConvNeXt-XL with head.fc replaced; see docs/original-vlpl.md section 6).
@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from clip_labels import clip_embed_dim, clip_image_size, resize_for_clip
-from config import ModelLoadError, one_line
+from config import ModelLoadError, UserError, one_line
+from heads import Query2LabelHead, SGREHead
 from losses_peers import boostlu_logits
 
 BACKBONE_FLAGS = '--backbone-weights PATH (a local weights file) or --no-pretrained (random initialisation)'
@@ -48,6 +49,31 @@ class ClipVisionTrunk(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(resize_for_clip(images, self.image_size))
+
+    def token_shape(self) -> tuple[int, int, int]:
+        """(width, gh, gw) of `token_map`: an open_clip VisionTransformer's patch-token grid."""
+        visual = self.visual
+        if not (hasattr(visual, 'output_tokens') and hasattr(visual, 'grid_size')
+                and hasattr(visual, 'transformer')):
+            raise UserError(f'-m clip_vision with a head that reads the feature map needs a ViT CLIP image tower '
+                            f'(its patch-token grid); {type(visual).__name__} gives only its pooled embedding: '
+                            'use --head linear or a ViT --clip-model')
+        gh, gw = visual.grid_size
+        return int(visual.transformer.width), int(gh), int(gw)
+
+    def token_map(self, images: torch.Tensor) -> torch.Tensor:
+        """B x width x gh x gw: the ViT's patch tokens after ln_post, before the projection
+        (open_clip VisionTransformer with output_tokens=True), laid out on the patch grid."""
+        width, gh, gw = self.token_shape()
+        visual, before = self.visual, self.visual.output_tokens
+        visual.output_tokens = True
+        try:
+            _, tokens = visual(resize_for_clip(images, self.image_size))
+        finally:
+            visual.output_tokens = before
+        if tokens.shape[1] != gh * gw:  # e.g. pool_type 'none' keeps the class token
+            tokens = tokens[:, -gh * gw:]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], width, gh, gw)
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -170,6 +196,14 @@ def _embedding_as_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net(x)[:, :, None, None]
 
 
+def _clip_token_map(net: ClipVisionTrunk, x: torch.Tensor) -> torch.Tensor:
+    return net.token_map(x)
+
+
+def _clip_token_shape(net: ClipVisionTrunk, image_size: int) -> tuple[int, int, int]:
+    return net.token_shape()  # the input is resized to the CLIP size: the grid is fixed
+
+
 def _flatten(net: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return features.flatten(1)
 
@@ -200,7 +234,9 @@ class BackboneSpec:
     make_trunk(pretrained, weights_path, clip_model) -> (trunk, C); features(trunk, images) ->
     B x C x h x w with h = w = grid(S); pool(trunk, features) -> B x C; cam: whether a linear head
     applied at every position of the map gives the class activation map of the pooled logits
-    (true where pool is a plain average).
+    (true where pool is a plain average). map_features / map_shape(trunk, S) -> (C, h, w): the
+    map given to heads that read the map, where `features` is no real grid (clip_vision: the
+    ViT's patch tokens instead of the 1 x 1 embedding); None = `features`.
     """
     make_trunk: Callable[..., tuple[nn.Module, int]]
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -208,6 +244,8 @@ class BackboneSpec:
     grid: Callable[[int], int]
     cam: bool
     description: str
+    map_features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    map_shape: Callable[[nn.Module, int], tuple[int, int, int]] | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -217,7 +255,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     'clip_vision': BackboneSpec(
         _clip_vision_trunk, _embedding_as_map, _flatten, lambda size: 1, False,
         'trainable copy of the CLIP image tower (input resized to the CLIP size); the unnormalised projected '
-        'embedding, a 1 x 1 map'),
+        'embedding, a 1 x 1 map; heads that read the map get the ViT patch-token grid (width x g x g)',
+        map_features=_clip_token_map, map_shape=_clip_token_shape),
     'convnext_xlarge_22k': BackboneSpec(
         partial(_timm_trunk, 'convnext_xlarge.fb_in22k'), _timm_features, _timm_pool, _halvings(5, ceil=False),
         False, "timm 'convnext_xlarge.fb_in22k'; map 2048 x S/32 x S/32, pooled with timm's head norm"),
@@ -236,14 +275,21 @@ BACKBONES: dict[str, BackboneSpec] = {
 @dataclass(frozen=True)
 class HeadSpec:
     """One head: make(C, K, **options) -> module; reads 'pooled' (B x C) or the whole 'map'
-    (B x C x h x w); returns logits B x K."""
+    (B x C x h x w); returns logits B x K. aux: the module also takes return_aux=True and then
+    returns an object with .logits and .aux_logits (B x K each), the latter trained with weight
+    --lamda (Classifier.forward_with_aux, engine.train_one_epoch)."""
     make: Callable[..., nn.Module]
     reads: str
     description: str
+    aux: bool = False
 
 
 HEADS: dict[str, HeadSpec] = {
     'linear': HeadSpec(nn.Linear, 'pooled', 'Linear(C, K) on the pooled features (the original head)'),
+    'q2l': HeadSpec(Query2LabelHead, 'map', 'Query2Label: transformer encoder + class-query decoder '
+                    '(github.com/SlongLiu/query2labels)'),
+    'sgre': HeadSpec(SGREHead, 'map', 'SGRE: label-to-pixel attention and semantic-guided enhancement '
+                     '(github.com/jasonseu/SGRE)', aux=True),
 }
 
 
@@ -260,9 +306,15 @@ class Classifier(nn.Module):
                  head: str = 'linear', cam_boost: float | None = None, **head_options):
         super().__init__()
         self.trunk = trunk
-        self.head = HEADS[head].make(feature_dim, num_classes, **head_options)
+        row = HEADS[head]
+        self._features, self._map_shape = spec.features, None
+        if row.reads == 'map' and spec.map_features is not None:
+            self._features, self._map_shape = spec.map_features, spec.map_shape
+            feature_dim = spec.map_shape(trunk, 0)[0]
+        self.head = row.make(feature_dim, num_classes, **head_options)
         self.spec = spec
-        self.head_reads = HEADS[head].reads
+        self.head_reads = row.reads
+        self.head_aux = row.aux
         self.feature_dim = feature_dim
         # BoostLU (--boostlu): logits = mean over positions of the CAM with its positive values times
         # cam_boost, in training and inference (youngwk/BridgeGapExplanationPAMC, models.py
@@ -274,7 +326,7 @@ class Classifier(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S -> B x C x h x w."""
-        return self.spec.features(self.trunk, images)
+        return self._features(self.trunk, images)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """B x C x h x w -> logits B x K."""
@@ -287,8 +339,19 @@ class Classifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(images))
 
+    def forward_with_aux(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, auxiliary logits or None), both B x K: the training forward. The auxiliary
+        logits are those of a head with an auxiliary loss (SGRE's label-attention branch);
+        None for every other head, whose logits are then exactly forward(images)."""
+        if not self.head_aux:
+            return self(images), None
+        out = self.head(self.forward_features(images), return_aux=True)
+        return out.logits, out.aux_logits
+
     def feature_shape(self, image_size: int) -> tuple[int, int, int]:
         """(C, h, w) of forward_features for S x S inputs."""
+        if self._map_shape is not None:
+            return self._map_shape(self.trunk, image_size)
         side = self.spec.grid(image_size)
         return self.feature_dim, side, side
 
