@@ -143,6 +143,18 @@ class Config:
     warmup_epoch: int
     run_dir: str
     head: str = 'linear'
+    # Partial labels: ASL / CSL (docs/partial-labels.md). None: the method's default
+    # (methods_partial.partial_settings), filled in by main_clip.parse_args.
+    observed: Optional[str] = None  # TAG of formatted_train_labels_obs_<TAG>.npy; None: single positive
+    gamma_pos: Optional[float] = None
+    gamma_neg: Optional[float] = None
+    gamma_unann: Optional[float] = None
+    asl_clip: Optional[float] = None
+    asl_focal_grad: bool = False
+    csl_mode: Optional[str] = None
+    likelihood_topk: Optional[int] = None
+    prior_threshold: Optional[float] = None
+    prior_file: Optional[str] = None
 
     @property
     def data(self) -> DatasetInfo:
@@ -163,7 +175,11 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
                  clip_mode: str = 'cache', text_features: str | None = None, backbone_weights: str | None = None,
                  pretrained: bool = True, amp: bool = False, channels_last: bool = False,
                  skip_bad_images: bool = False, alpha: float | None = None, beta_pos: float | None = None,
-                 warmup_epoch: int | None = None, head: str = 'linear') -> Config:
+                 warmup_epoch: int | None = None, head: str = 'linear',
+                 observed: str | None = None, gamma_pos: float | None = None, gamma_neg: float | None = None,
+                 gamma_unann: float | None = None, asl_clip: float | None = None, asl_focal_grad: bool = False,
+                 csl_mode: str | None = None, likelihood_topk: int | None = None,
+                 prior_threshold: float | None = None, prior_file: str | None = None) -> Config:
     """The Config of a run: every setting left None takes the dataset's value (DATASETS row).
 
     The original's rules kept here: -p (partial) acts for pascal with clip_vision only unless
@@ -186,4 +202,8 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
         alpha=alpha if alpha is not None else row.alpha, beta=row.apl_beta,
         beta_pos=beta_pos if beta_pos is not None else row.beta_pos, beta_neg=0.0,
         warmup_epoch=warmup_epoch if warmup_epoch is not None else (row.apl_warmup if is_apl else 0),
-        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head)
+        run_dir=str(Path(results_dir) / (run_name or f'{dataset}{"-" + observed if observed else ""}_{loss}_{model}_s{seed}')),
+        head=head,
+        observed=observed, gamma_pos=gamma_pos, gamma_neg=gamma_neg, gamma_unann=gamma_unann, asl_clip=asl_clip,
+        asl_focal_grad=asl_focal_grad, csl_mode=csl_mode, likelihood_topk=likelihood_topk,
+        prior_threshold=prior_threshold, prior_file=prior_file)

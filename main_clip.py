@@ -25,6 +25,7 @@ import torch
 import clip_labels
 import datasets
 import methods
+import methods_partial  # registers -l ASL and -l CSL
 import models
 from checkpoints import atomic_save, config_differences, load_checkpoint, rng_state, set_rng_state
 from config import DATASETS, NUMPY_SEED, Config, UserError, VLPLError, build_config, one_line
@@ -99,6 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--beta-pos', type=float, default=None, help='weight of positive pseudo-labels (default 0.7)')
     p.add_argument('--warmup-epoch', type=int, default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
+    g = p.add_argument_group('Partial labels: ASL / CSL',
+                             'observed positives, annotated negatives and unannotated entries '
+                             '(docs/partial-labels.md); defaults: CSL\'s published settings')
+    g.add_argument('--observed', default=None, metavar='TAG',
+                   help='train on formatted_train_labels_obs_<TAG>.npy, e.g. rps0.5 or fpc1000, made by '
+                        'preproc/generate_observed_labels.py --scheme rps|fpc (the demo makes its own); '
+                        'default: the single-positive file')
+    g.add_argument('--gamma-pos', type=float, default=None,
+                   help='focusing of positives (default: ASL 1, CSL 0)')
+    g.add_argument('--gamma-neg', type=float, default=None,
+                   help='focusing of annotated negatives (default: ASL 4 (every negative); CSL 1, or 3 with '
+                        'an fpc TAG, as its README commands)')
+    g.add_argument('--gamma-unann', type=float, default=None,
+                   help='CSL: focusing of the unannotated entries kept as negatives (default 4)')
+    g.add_argument('--asl-clip', type=float, default=None,
+                   help='probability margin m: q = min(1 - p + m, 1) (CSL\'s clip; default: ASL 0.05, CSL 0)')
+    g.add_argument('--asl-focal-grad', action='store_true',
+                   help='ASL: let the gradient flow through the focusing weight (AsymmetricLossOptimized); '
+                        'default: detached, as AsymmetricLoss')
+    g.add_argument('--csl-mode', default=None, choices=list(methods_partial.lp.MODES),
+                   help='CSL: what unannotated entries are: negative, ignore, ignore_normalize_classes, '
+                        'selective (default)')
+    g.add_argument('--likelihood-topk', type=int, default=None,
+                   help='CSL selective: per image of the batch, how many of the most likely unannotated '
+                        'entries to ignore (one budget for the batch; default 5)')
+    g.add_argument('--prior-threshold', type=float, default=None,
+                   help='CSL selective: ignore the unannotated entries of classes whose prior exceeds it; '
+                        '0 turns the prior step off (default 0.5)')
+    g.add_argument('--prior-file', default=None, metavar='CSV',
+                   help='CSL: class priors as CSV (Classes,avg_pred in class order, e.g. the '
+                        f'{methods_partial.PRIOR_CSV} of an earlier run); default: estimated online from the '
+                        'model\'s training predictions, the average up to the previous epoch')
     p.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
                         'only the device, workers and folders')
@@ -136,7 +169,13 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
-        warmup_epoch=a.warmup_epoch)
+        warmup_epoch=a.warmup_epoch, observed=a.observed, gamma_pos=a.gamma_pos, gamma_neg=a.gamma_neg,
+        gamma_unann=a.gamma_unann, asl_clip=a.asl_clip, asl_focal_grad=a.asl_focal_grad, csl_mode=a.csl_mode,
+        likelihood_topk=a.likelihood_topk, prior_threshold=a.prior_threshold, prior_file=a.prior_file)
+    problem = methods_partial.flag_problem(cfg)
+    if problem:
+        parser.error(problem)
+    cfg = methods_partial.resolve(cfg)
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
@@ -170,8 +209,26 @@ def prepare_data(cfg: Config) -> dict:
     if cfg.dataset == 'demo':
         from preproc import make_demo
         make_demo.ensure_demo(cfg.data_root, progress=is_primary())
-    return datasets.load_splits(cfg.data_root, cfg.dataset,
+        if cfg.observed is not None:
+            ensure_demo_observed(cfg)
+    return datasets.load_splits(cfg.data_root, cfg.dataset, observed=cfg.observed,
                                 clean_train_labels=methods.METHODS[cfg.loss].clean_train_labels)
+
+
+def ensure_demo_observed(cfg: Config) -> None:
+    """The demo makes its own partial-annotation file (seed 1200) when it lacks it, or when the demo
+    was rebuilt since: generate_observed_labels.py --scheme rps|fpc for a tag it can parse."""
+    from preproc import generate_observed_labels
+
+    parsed = datasets.parse_observed_tag(cfg.observed)
+    if parsed is None or datasets.canonical_observed_tag(*parsed) != cfg.observed:
+        return  # load_splits names the command
+    folder = Path(cfg.data_root) / 'demo'
+    path = folder / datasets.observed_file_name(cfg.observed)
+    if path.is_file() and path.stat().st_mtime >= (folder / 'formatted_train_labels.npy').stat().st_mtime:
+        return
+    if is_primary():
+        log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed))
 
 
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
@@ -216,8 +273,11 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
     splits = prepare_data(cfg)
     num_classes = splits['train'].labels_obs.shape[1]
     for phase, split in splits.items():
+        negatives = ''
+        if phase == 'train' and cfg.observed is not None:
+            negatives = f'{(split.labels_obs == -1).sum(1).mean():.2f} observed negatives / image ({cfg.observed}), '
         log.info(f'{phase:>5}: {len(split.images):6d} images, {num_classes} classes, '
-                 f'{split.labels_obs.clip(min=0).sum(1).mean():.2f} observed positives / image, '
+                 f'{split.labels_obs.clip(min=0).sum(1).mean():.2f} observed positives / image, {negatives}'
                  f'{split.labels_true.sum(1).mean():.2f} true positives / image')
 
     root = datasets.image_root(cfg.data_root, cfg.dataset)
@@ -297,6 +357,8 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
             if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
                 extra = (f' | PL on unknown: precision {pl_counts[0] / pl_counts[1]:.3f}, '
                          f'recall {pl_counts[0] / max(pl_counts[2], 1):.3f}')
+                if pl_counts[3] > 0:
+                    extra += f', {int(pl_counts[3])} positive PL on annotated negatives ignored'
             log.info(f'{format_summary(s)} | {times[phase]:.1f} s{extra}')
         if is_primary():
             save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,

@@ -31,7 +31,8 @@ import argparse
 
 import numpy as np
 
-from datasets import DATASETS, DataError, check_labels, formatting_hint, load_array
+from datasets import (DATASETS, DataError, canonical_observed_tag, check_labels, formatting_hint, load_array,
+                      observed_file_name)
 from preproc._common import PreprocError, run_cli, save_arrays
 
 PHASES = ("train", "val")
@@ -117,12 +118,11 @@ def simulate_fpc(labels: np.ndarray, per_class: int, seed: int = 1200) -> np.nda
 
 
 def partial_tag(scheme: str, param: float) -> str:
-    """File tag of a partial scheme: rps<P> with P as Python writes the float (rps0.5), fpc<N>."""
-    if scheme == "rps":
-        return f"rps{float(param)!r}"
-    if scheme == "fpc":
-        return f"fpc{int(param)}"
-    raise ValueError(f"scheme must be rps or fpc, got {scheme!r}")
+    """File tag of a partial scheme: rps<P> with P as Python writes the float (rps0.5), fpc<N>;
+    main_clip.py --observed TAG reads formatted_train_labels_obs_<TAG>.npy."""
+    if scheme not in ("rps", "fpc"):
+        raise ValueError(f"scheme must be rps or fpc, got {scheme!r}")
+    return canonical_observed_tag(scheme, param)
 
 
 def _as_written(observed: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -161,12 +161,20 @@ def _run_partial(args, folder, num_classes):
         param = CSL_PER_CLASS if args.per_class is None else args.per_class
         if param < 0:
             raise PreprocError(f"--per-class must be >= 0, got {param}")
-    labels = _load_labels(args.dataset, folder, "train", num_classes)
-    simulate = simulate_rps if args.scheme == "rps" else simulate_fpc
-    observed = simulate(labels, param, args.seed)
-    name = f"formatted_train_labels_obs_{partial_tag(args.scheme, param)}.npy"
+    return [write_partial(args.data_root, args.dataset, args.scheme, param, args.seed)]
+
+
+def write_partial(data_root: str | Path, dataset: str, scheme: str, param: float, seed: int = 1200) -> str:
+    """Simulate scheme (rps / fpc) with param on <data_root>/<dataset>/formatted_train_labels.npy and
+    write formatted_train_labels_obs_<partial_tag>.npy next to it; returns the one-line summary.
+    main_clip.py calls it for `-d demo --observed TAG` when the demo lacks the file."""
+    folder = Path(data_root) / dataset
+    labels = _load_labels(dataset, folder, "train", DATASETS[dataset].num_classes)
+    simulate = simulate_rps if scheme == "rps" else simulate_fpc
+    observed = simulate(labels, param, seed)
+    name = observed_file_name(partial_tag(scheme, param))
     save_arrays(folder, {name: _as_written(observed, labels)})
-    return [_summary(args.dataset, "train", observed, folder, name)]
+    return _summary(dataset, "train", observed, folder, name)
 
 
 def _load_labels(dataset: str, folder: Path, phase: str, num_classes: int) -> np.ndarray:
