@@ -68,6 +68,8 @@ def defaults(loss: str, observed_tag: str | None) -> dict:
 
 def flag_problem(cfg: Config) -> str | None:
     """A one-line complaint about the partial-label flags of cfg, or None when they are fine."""
+    if cfg.observed is not None and methods.METHODS[cfg.loss].clean_train_labels:
+        return f'--observed does nothing with -l {cfg.loss}: it trains on every clean label; drop one of them'
     fields = ASL_FIELDS if cfg.loss == 'ASL' else CSL_FIELDS if cfg.loss == 'CSL' else ()
     for name in FLAG:
         value = getattr(cfg, name)
