@@ -144,7 +144,7 @@ class Config:
     run_dir: str
     head: str = 'linear'
     # Partial labels: ASL / CSL (docs/partial-labels.md). None: the method's default
-    # (methods_partial.partial_settings), filled in by main_clip.parse_args.
+    # (methods_partial.defaults), filled in by main_clip.parse_args (methods_partial.resolve).
     observed: Optional[str] = None  # TAG of formatted_train_labels_obs_<TAG>.npy; None: single positive
     gamma_pos: Optional[float] = None
     gamma_neg: Optional[float] = None

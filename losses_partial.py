@@ -85,10 +85,11 @@ class PriorFileError(ValueError):
     """A prior CSV file that cannot be used; the message is one line naming the file."""
 
 
-def csl_targets(observed: Tensor) -> Tensor:
+def csl_targets(observed: Tensor, validate: bool = True) -> Tensor:
     """CSL's int64 targets (B x K) from this project's observed labels (B x K) in {1, 0, -1}:
-    1 -> 1 (positive), -1 -> 0 (annotated negative), 0 -> -1 (unannotated)."""
-    if not torch.isin(observed, torch.tensor([-1, 0, 1], dtype=observed.dtype, device=observed.device)).all():
+    1 -> 1 (positive), -1 -> 0 (annotated negative), 0 -> -1 (unannotated). validate=False skips
+    the value check (a host sync), for callers that checked the whole matrix once."""
+    if validate and not torch.isin(observed, torch.tensor([-1, 0, 1], dtype=observed.dtype, device=observed.device)).all():
         raise ValueError("observed labels must be in {-1, 0, 1} for the partial-label losses "
                          "(1 positive, -1 annotated negative, 0 unannotated)")
     return torch.where(observed == 1, 1, torch.where(observed == -1, 0, -1)).long()
@@ -182,7 +183,7 @@ def partial_selective_loss(logits: Tensor, observed: Tensor, *, mode: str = CSL_
                            alpha_unann: float = CSL_DEFAULTS["alpha_unann"], clip: float = CSL_DEFAULTS["clip"],
                            likelihood_topk: int = CSL_DEFAULTS["likelihood_topk"], prior: Tensor | None = None,
                            prior_threshold: float | None = CSL_DEFAULTS["prior_threshold"],
-                           reduction: str = "sum") -> Tensor:
+                           reduction: str = "sum", validate: bool = True) -> Tensor:
     """P-ASL with CSL's partial-label weights (PartialSelectiveLoss.forward).
 
     logits: B x K float; observed: B x K in {1, 0, -1} in *this project's* convention (1 positive,
@@ -196,7 +197,7 @@ def partial_selective_loss(logits: Tensor, observed: Tensor, *, mode: str = CSL_
     The defaults are CSL_DEFAULTS; the prior is what the original reads from --prior_path.
     """
     _check_pair(logits, observed)
-    targets = csl_targets(observed)
+    targets = csl_targets(observed, validate)
     positive = (targets == 1).float()
     negative = (targets == 0).float()
     unannotated = (targets == -1).float()

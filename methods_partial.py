@@ -151,7 +151,7 @@ class ClassAwareSelectiveLoss(_PartialLabelMethod):
         loss = lp.partial_selective_loss(
             logits, batch['observed'], mode=s['csl_mode'], gamma_pos=s['gamma_pos'], gamma_neg=s['gamma_neg'],
             gamma_unann=s['gamma_unann'], clip=s['asl_clip'], likelihood_topk=s['likelihood_topk'],
-            prior=self.prior(), prior_threshold=s['prior_threshold'])
+            prior=self.prior(), prior_threshold=s['prior_threshold'], validate=False)  # checked in __init__
         self.estimator.update(logits)  # CSL: prior.update(output) on every training step
         return loss
 
