@@ -193,6 +193,18 @@ class Config:
     optimizer: str = 'adam'
     weight_decay: float = 0.0
     schedule: str = 'none'
+    # Partial labels: ASL / CSL (docs/partial-labels.md). None: the method's default
+    # (methods_partial.defaults), filled in by main_clip.parse_args (methods_partial.resolve).
+    observed: Optional[str] = None  # TAG of formatted_train_labels_obs_<TAG>.npy; None: single positive
+    gamma_pos: Optional[float] = None
+    gamma_neg: Optional[float] = None
+    gamma_unann: Optional[float] = None
+    asl_clip: Optional[float] = None
+    asl_focal_grad: bool = False
+    csl_mode: Optional[str] = None
+    likelihood_topk: Optional[int] = None
+    prior_threshold: Optional[float] = None
+    prior_file: Optional[str] = None
 
     @property
     def data(self) -> DatasetInfo:
@@ -240,8 +252,13 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
         alpha=alpha if alpha is not None else row.alpha, beta=row.apl_beta,
         beta_pos=beta_pos if beta_pos is not None else row.beta_pos, beta_neg=0.0,
         warmup_epoch=warmup_epoch if warmup_epoch is not None else (row.apl_warmup if is_apl else 0),
-        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')),
+        run_dir=str(Path(results_dir) / (run_name or default_run_name(dataset, loss, model, seed, settings.get('observed')))),
         **settings)
+
+
+def default_run_name(dataset: str, loss: str, model: str, seed: int, observed: str | None = None) -> str:
+    """<dataset>[-<observed TAG>]_<method>_<backbone>_s<seed>."""
+    return f'{dataset}{"-" + observed if observed else ""}_{loss}_{model}_s{seed}'
 
 
 # ----------------------------------------------------------------------------------------------

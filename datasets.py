@@ -8,6 +8,7 @@ The official "val" split is our test set; the official train split is cut into t
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,45 @@ def observed_labels_hint(dataset: str) -> str:
     return f"run `python preproc/generate_observed_labels.py --dataset {dataset}`"
 
 
+# Partial annotations (docs/partial-labels.md): formatted_train_labels_obs_<TAG>.npy, TAG rps<P> or
+# fpc<N>, written by preproc/generate_observed_labels.py --scheme rps|fpc (train split only).
+_TAG_PATTERN = re.compile(r"(rps)(\d+(?:\.\d*)?|\.\d+)|(fpc)(\d+)")
+
+
+def observed_file_name(tag: str | None, phase: str = "train") -> str:
+    """formatted_<phase>_labels_obs.npy (single positive, tag None) or ..._obs_<tag>.npy."""
+    return f"formatted_{phase}_labels_obs.npy" if tag is None else f"formatted_{phase}_labels_obs_{tag}.npy"
+
+
+def parse_observed_tag(tag: str) -> tuple[str, float | int] | None:
+    """('rps', P) for 'rps<P>', ('fpc', N) for 'fpc<N>', None for any other tag."""
+    match = _TAG_PATTERN.fullmatch(tag)
+    if match is None:
+        return None
+    return ("rps", float(match.group(2))) if match.group(1) else ("fpc", int(match.group(4)))
+
+
+def canonical_observed_tag(scheme: str, param: float | int) -> str:
+    """The tag generate_observed_labels.py writes: rps<P> with P as Python prints the float, fpc<N>."""
+    return f"rps{float(param)!r}" if scheme == "rps" else f"fpc{int(param)}"
+
+
+def observed_tag_hint(dataset: str, tag: str, data_root: str | Path = "data") -> str:
+    """What to run when formatted_train_labels_obs_<tag>.npy is missing (one line)."""
+    parsed = parse_observed_tag(tag)
+    if parsed is None:
+        return ("tags are rps<P> (each annotation dropped with probability P) or fpc<N> (N positives and N "
+                "negatives kept per class), written by `python preproc/generate_observed_labels.py --dataset "
+                f"{dataset} --scheme rps --drop-prob 0.5` (tag rps0.5) or `--scheme fpc --per-class 1000` (tag fpc1000)")
+    scheme, param = parsed
+    canonical = canonical_observed_tag(scheme, param)
+    flag = f"--drop-prob {param!r}" if scheme == "rps" else f"--per-class {param}"
+    root = "" if str(data_root) == "data" else f" --data-root {data_root}"
+    command = (f"run `python preproc/generate_observed_labels.py --dataset {dataset}{root} --scheme {scheme} "
+               f"{flag}`")
+    return command if canonical == tag else f"{command}, then pass --observed {canonical}"
+
+
 def formatting_hint(dataset: str) -> str:
     """What to run when formatted_*_{images,labels}.npy are missing."""
     if dataset == "demo":
@@ -106,8 +146,8 @@ def check_labels(path: Path, labels: np.ndarray, num_classes: int, allowed: tupl
     return labels
 
 
-def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int,
-                with_observed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int, with_observed: bool,
+                observed_tag: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     hint = formatting_hint(dataset)
     images_path = folder / f"formatted_{phase}_images.npy"
     images = load_array(images_path, hint)
@@ -117,34 +157,50 @@ def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int,
     labels = check_labels(labels_path, load_array(labels_path, hint), num_classes, (0, 1), len(images))
     observed = None
     if with_observed:
-        obs_path = folder / f"formatted_{phase}_labels_obs.npy"
-        observed = check_labels(obs_path, load_array(obs_path, observed_labels_hint(dataset)),
+        obs_path = folder / observed_file_name(observed_tag, phase)
+        hint = (observed_labels_hint(dataset) if observed_tag is None
+                else observed_tag_hint(dataset, observed_tag, folder.parent))
+        observed = check_labels(obs_path, load_array(obs_path, hint),
                                 num_classes, (-1, 0, 1), len(images)).astype(np.float32)
     return images, labels.astype(np.float32), observed
 
 
+def _check_agrees(path: Path, observed: np.ndarray, labels: np.ndarray, how_to_create: str) -> None:
+    """A partial-annotation file is sampled from the true labels: an observed positive on a true
+    negative, or an observed negative on a true positive, means it was made from other labels."""
+    wrong = int(((observed == 1) & (labels == 0)).sum() + ((observed == -1) & (labels == 1)).sum())
+    if wrong:
+        raise DataError(f"{path} contradicts formatted_train_labels.npy in {wrong} entries (made from other "
+                        f"labels?): {how_to_create} again")
+
+
 def load_splits(data_root: str | Path, dataset: str, *,
-                clean_train_labels: bool = False) -> dict[str, Split]:
+                clean_train_labels: bool = False, observed: str | None = None) -> dict[str, Split]:
     """Load the formatted files and return the 'train', 'val' and 'test' splits (docs/original-vlpl.md section 4).
 
     train/val are rows of the official train split chosen by :func:`split_indices`; test is the
     official val split. Train carries the observed labels as ``labels_obs`` (the clean labels when
     ``clean_train_labels``, as the original does for the ``bce`` loss); val and test always carry
-    the clean labels as ``labels_obs``. Only the train observed-label file is read.
+    the clean labels as ``labels_obs``. Only the train observed-label file is read:
+    formatted_train_labels_obs.npy (single positive), or formatted_train_labels_obs_<observed>.npy
+    for a partial-annotation tag such as 'rps0.5' (docs/partial-labels.md).
     """
     spec = _spec(dataset)
     folder = Path(data_root) / dataset
     if not folder.is_dir():
         raise DataError(f"{folder} not found: {formatting_hint(dataset)}")
-    images, labels, observed = _load_phase(folder, dataset, "train", spec.num_classes,
-                                           with_observed=not clean_train_labels)
+    images, labels, train_observed = _load_phase(folder, dataset, "train", spec.num_classes,
+                                                 with_observed=not clean_train_labels, observed_tag=observed)
     test_images, test_labels, _ = _load_phase(folder, dataset, "val", spec.num_classes,
                                               with_observed=False)
     train_idx, val_idx = split_indices(len(images))
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
                         f"to cut a train and a val split: {formatting_hint(dataset)}")
-    train_obs = labels if observed is None else observed
+    if observed is not None and train_observed is not None:
+        _check_agrees(folder / observed_file_name(observed), train_observed, labels,
+                      observed_tag_hint(dataset, observed, data_root))
+    train_obs = labels if train_observed is None else train_observed
     # Separate arrays for labels_obs, so that updating observed labels (APL) never edits the truth.
     return {
         "train": Split(images[train_idx], labels[train_idx], train_obs[train_idx]),

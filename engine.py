@@ -50,7 +50,8 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     train_true: N x K clean labels on the device (for the methods that read them, and for the
     pseudo-label statistics); pl_source(images, index, flipped) gives the pseudo-labels of a batch
     (None when the method uses none). pl stats: (hits, predicted positives, true positives
-    available) of the positive pseudo-labels on the unknown entries.
+    available) of the positive pseudo-labels on the unknown entries (o = 0), and the positive
+    pseudo-labels that fell on annotated negatives (o = -1, which keep their label).
 
     A head with auxiliary logits (SGRE) adds cfg.lamda * method.aux_loss(aux logits) to the batch
     loss, as SGRE's loss(logits) + lamda * loss(aux logits). After every optimiser step:
@@ -63,7 +64,8 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     step_on_device = torch.zeros((), dtype=torch.long, device=device)
-    pl_counts = torch.zeros(3, device=device)  # true positives, predicted positives, true positives available
+    # true positives, predicted positives, true positives available, positives on annotated negatives
+    pl_counts = torch.zeros(4, device=device)
     bar = distributed.progress(loader, desc=f'epoch {epoch} train', leave=False)
     for step, batch in enumerate(bar):
         if batch.get('skipped'):
@@ -79,7 +81,8 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
             pl = pl_source(images, index, batch['flipped'].to(device, non_blocking=True))
             unknown_pos = (pl == 1) & (observed == 0)
             pl_counts += torch.stack([(unknown_pos & (true == 1)).sum(), unknown_pos.sum(),
-                                      ((observed == 0) & (true == 1)).sum()]).float()
+                                      ((observed == 0) & (true == 1)).sum(),
+                                      ((pl == 1) & (observed == -1)).sum()]).float()
         with autocast(cfg, device):
             logits, aux_logits = _forward_train(model, images)
         logits = logits.float()

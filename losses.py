@@ -23,6 +23,14 @@ Differences from the original (documented defects or deliberate choices):
 - The original asserted `min(o) >= 0` for most losses; here an observed negative simply gets
   no term in losses without a rule for it (a documented 0), rather than crashing.
 - Invalid input raises ValueError (the original used assert).
+
+Observed negatives (o = -1, partial annotations: main_clip.py --observed, docs/partial-labels.md).
+The original's observed labels never hold -1 (one positive per image), so it has no rule for
+them; here an annotated negative is a certain negative in every loss: neglog(1-p) with weight 1
+(an, an_ls smoothed, wan unweighted, epr, EM, EM_APL, EM_PL; EM_PL_ASL with its negative focusing
+p^gn), iu already had that rule, pr ranks every positive above it, and a pseudo-label (positive or
+negative) only ever fills an unknown entry (o = 0), never an observed one. Without -1 entries
+every number is unchanged.
 """
 from __future__ import annotations
 
@@ -57,6 +65,11 @@ def _smoothed(p: Tensor, positive: Tensor, ls_coef: float) -> Tensor:
                        (1.0 - ls_coef) * neglog(1.0 - p) + ls_coef * neglog(p))
 
 
+def _with_observed_negatives(preds: Tensor, observed: Tensor, mtx: Tensor) -> Tensor:
+    """mtx with neglog(1-p) at the annotated negatives (o = -1); mtx itself where there are none."""
+    return torch.where(observed == -1, neglog(1.0 - preds), mtx)
+
+
 # --- losses ------------------------------------------------------------------------------
 
 def loss_bce(preds: Tensor, observed: Tensor, *, true_labels: Tensor) -> LossOutput:
@@ -87,57 +100,62 @@ def loss_iu(preds: Tensor, observed: Tensor) -> LossOutput:
 
 def loss_pr(preds: Tensor, observed: Tensor) -> LossOutput:
     """Pairwise ranking: at each observed positive i of an image,
-    sum over the unobserved classes j (o_j = 0) of max(0, 1 - p_i + p_j)."""
-    unobserved = (observed == 0).to(preds.dtype)                            # B x K (j)
+    sum over the unobserved classes and observed negatives j (o_j = 0 or -1) of max(0, 1 - p_i + p_j)."""
+    unobserved = ((observed == 0) | (observed == -1)).to(preds.dtype)       # B x K (j)
     margins = torch.clamp(1.0 - preds.unsqueeze(2) + preds.unsqueeze(1), min=0.0)  # B x K(i) x K(j)
     per_positive = (margins * unobserved.unsqueeze(1)).sum(dim=2)          # B x K (i)
     return torch.where(observed == 1, per_positive, 0.0), None
 
 
 def loss_an(preds: Tensor, observed: Tensor) -> LossOutput:
-    """Assume negative: o=1: neglog(p); o=0: neglog(1-p)."""
+    """Assume negative: o=1: neglog(p); o=0 or o=-1: neglog(1-p)."""
     mtx = torch.where(observed == 1, neglog(preds), 0.0)
-    return torch.where(observed == 0, neglog(1.0 - preds), mtx), None
+    return torch.where((observed == 0) | (observed == -1), neglog(1.0 - preds), mtx), None
 
 
 def loss_an_ls(preds: Tensor, observed: Tensor, *, ls_coef: float) -> LossOutput:
     """Assume negative with label smoothing c:
-    o=1: (1-c) neglog(p) + c neglog(1-p); o=0: (1-c) neglog(1-p) + c neglog(p)."""
-    return torch.where((observed == 1) | (observed == 0), _smoothed(preds, observed == 1, ls_coef), 0.0), None
+    o=1: (1-c) neglog(p) + c neglog(1-p); o=0 or o=-1: (1-c) neglog(1-p) + c neglog(p)."""
+    known = (observed == 1) | (observed == 0) | (observed == -1)
+    return torch.where(known, _smoothed(preds, observed == 1, ls_coef), 0.0), None
 
 
 def loss_wan(preds: Tensor, observed: Tensor) -> LossOutput:
-    """Weak assume negative: o=1: neglog(p); o=0: neglog(1-p) / (K-1)."""
+    """Weak assume negative: o=1: neglog(p); o=0: neglog(1-p) / (K-1); o=-1: neglog(1-p)."""
     num_classes = preds.shape[1]
-    mtx = torch.where(observed == 1, neglog(preds), 0.0)
+    mtx = _with_observed_negatives(preds, observed, torch.where(observed == 1, neglog(preds), 0.0))
     return torch.where(observed == 0, neglog(1.0 - preds) / float(num_classes - 1), mtx), None
 
 
 def loss_epr(preds: Tensor, observed: Tensor, *, expected_num_pos: float) -> LossOutput:
-    """Expected positive regularisation: o=1: neglog(p);
+    """Expected positive regularisation: o=1: neglog(p); o=-1: neglog(1-p);
     regulariser (mean over the batch of sum_k p_k - expected_num_pos)^2 / K^2."""
     num_classes = preds.shape[1]
     reg = (preds.sum(dim=1).mean(dim=0) - expected_num_pos) ** 2 / (num_classes ** 2)
-    return torch.where(observed == 1, neglog(preds), 0.0), reg
+    return _with_observed_negatives(preds, observed, torch.where(observed == 1, neglog(preds), 0.0)), reg
 
 
 def loss_EM(preds: Tensor, observed: Tensor, *, alpha: float) -> LossOutput:
-    """Entropy maximisation: o=1: neglog(p); o=0: -alpha H(p)."""
-    mtx = torch.where(observed == 1, neglog(preds), 0.0)
+    """Entropy maximisation: o=1: neglog(p); o=0: -alpha H(p); o=-1: neglog(1-p)."""
+    mtx = _with_observed_negatives(preds, observed, torch.where(observed == 1, neglog(preds), 0.0))
     return torch.where(observed == 0, -alpha * binary_entropy(preds), mtx), None
 
 
 def loss_EM_APL(preds: Tensor, observed: Tensor, *, alpha: float, beta: float) -> LossOutput:
     """EM plus asymmetric pseudo-labels: o=1: neglog(p); o=0: -alpha H(p);
-    o<0 (soft negative with soft label s = -o): beta (s neglog(p) + (1-s) neglog(1-p)).
+    -1<o<0 (soft negative with soft label s = -o): beta (s neglog(p) + (1-s) neglog(1-p));
+    o=-1 (an annotated negative): neglog(1-p).
 
-    As in the original, a hard o = -1 is read as s = 1 by the last rule; `apl_update`
-    writes o = -p_old (small), so the soft label is the old prediction.
+    `apl_update` writes o = -p_old (small), so the soft label is the old prediction. The original
+    read a hard o = -1 as s = 1 (a positive target), which its single-positive data never holds;
+    here it is an annotated negative (docs/partial-labels.md). apl_update only ever writes to
+    unknown entries (o = 0), so annotated labels are never replaced.
     """
     mtx, _ = loss_EM(preds, observed, alpha=alpha)
     soft = -observed
     soft_term = beta * (soft * neglog(preds) + (1.0 - soft) * neglog(1.0 - preds))
-    return torch.where(observed < 0, soft_term, mtx), None
+    mtx = torch.where(observed < 0, soft_term, mtx)
+    return _with_observed_negatives(preds, observed, mtx), None
 
 
 def loss_EM_PL(preds: Tensor, observed: Tensor, *, pseudo_labels: Tensor, alpha: float, beta_pos: float,
@@ -146,11 +164,12 @@ def loss_EM_PL(preds: Tensor, observed: Tensor, *, pseudo_labels: Tensor, alpha:
     o=1: neglog(p); f=0: -alpha H(p);
     o=0 and pl=1: beta_pos (0.9 neglog(p) + 0.1 neglog(1-p));
     o=0 and pl=-1: 0 (negative pseudo-labels only leave the entropy term; beta_neg is unused,
-    the original's negative pseudo-label term is commented out)."""
+    the original's negative pseudo-label term is commented out);
+    o=-1: neglog(1-p) whatever pl says (pseudo-labels fill unknown entries only)."""
     if epoch <= warmup_epoch:
         return loss_EM(preds, observed, alpha=alpha)
     final = torch.where(observed == 0, pseudo_labels, observed)
-    mtx = torch.where(observed == 1, neglog(preds), 0.0)
+    mtx = _with_observed_negatives(preds, observed, torch.where(observed == 1, neglog(preds), 0.0))
     mtx = torch.where(final == 0, -alpha * binary_entropy(preds), mtx)
     pseudo_pos = (observed == 0) & (pseudo_labels == 1)
     return torch.where(pseudo_pos, beta_pos * (0.9 * neglog(preds) + 0.1 * neglog(1.0 - preds)), mtx), None
@@ -162,7 +181,8 @@ def loss_EM_PL_ASL(preds: Tensor, observed: Tensor, *, pseudo_labels: Tensor, al
     """VLPL loss with asymmetric focusing (gp = positive, gn = negative, gu = unknown).
     epoch <= warmup_epoch: EM (with alpha). Otherwise, with f = o where o != 0 else pl:
     o=1: (1-p)^gp neglog(p); f=0: -(1-p)^gu H(p); o=0 and pl=1: (1-p)^gp neglog(p);
-    o=0 and pl=-1: p^gn neglog(1-p). No alpha or beta weights after warmup."""
+    o=0 and pl=-1: p^gn neglog(1-p); o=-1 (annotated negative, whatever pl says): p^gn neglog(1-p).
+    No alpha or beta weights after warmup."""
     if epoch <= warmup_epoch:
         return loss_EM(preds, observed, alpha=alpha)
     final = torch.where(observed == 0, pseudo_labels, observed)
@@ -172,7 +192,8 @@ def loss_EM_PL_ASL(preds: Tensor, observed: Tensor, *, pseudo_labels: Tensor, al
     unknown_obs = observed == 0
     mtx = torch.where(unknown_obs & (pseudo_labels == 1), focal_pos, mtx)
     focal_neg = torch.pow(preds, negative) * neglog(1.0 - preds)
-    return torch.where(unknown_obs & (pseudo_labels == -1), focal_neg, mtx), None
+    negative_target = (unknown_obs & (pseudo_labels == -1)) | (observed == -1)
+    return torch.where(negative_target, focal_neg, mtx), None
 
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {

@@ -27,6 +27,7 @@ import datasets
 import heads_run
 import losses
 import methods
+import methods_partial  # registers -l ASL and -l CSL
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
 from checkpoints import (RunFolder, atomic_save, config_differences, ensure_writable, load_checkpoint, rng_state,
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--warmup-epoch', type=number(int, low=0), default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
     methods_peers.add_arguments(p)
+    methods_partial.add_arguments(p)
     heads_run.add_arguments(p.add_argument_group('Transformer heads'))  # --head, --ema-decay, ... (docs/heads.md)
     g = p.add_argument_group('runs and checkpoints')
     g.add_argument('--resume', default=None, metavar='RUN_DIR',
@@ -164,7 +166,14 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
         warmup_epoch=a.warmup_epoch, text_features_dir=a.text_features_dir, init_from=a.init_from,
-        tensorboard=a.tensorboard, head=a.head, **peer, **heads_run.config_options(a, parser))
+        tensorboard=a.tensorboard, head=a.head, observed=a.observed, gamma_pos=a.gamma_pos, gamma_neg=a.gamma_neg,
+        gamma_unann=a.gamma_unann, asl_clip=a.asl_clip, asl_focal_grad=a.asl_focal_grad, csl_mode=a.csl_mode,
+        likelihood_topk=a.likelihood_topk, prior_threshold=a.prior_threshold, prior_file=a.prior_file,
+        **peer, **heads_run.config_options(a, parser))
+    problem = methods_partial.flag_problem(cfg)
+    if problem:
+        parser.error(problem)
+    cfg = methods_partial.resolve(cfg)
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
@@ -198,8 +207,26 @@ def prepare_data(cfg: Config) -> dict:
     if cfg.dataset == 'demo':
         from preproc import make_demo
         make_demo.ensure_demo(cfg.data_root, progress=is_primary())
-    return datasets.load_splits(cfg.data_root, cfg.dataset,
+        if cfg.observed is not None:
+            ensure_demo_observed(cfg)
+    return datasets.load_splits(cfg.data_root, cfg.dataset, observed=cfg.observed,
                                 clean_train_labels=methods.METHODS[cfg.loss].clean_train_labels)
+
+
+def ensure_demo_observed(cfg: Config) -> None:
+    """The demo makes its own partial-annotation file (seed 1200) when it lacks it, or when the demo
+    was rebuilt since: generate_observed_labels.py --scheme rps|fpc for a tag it can parse."""
+    from preproc import generate_observed_labels
+
+    parsed = datasets.parse_observed_tag(cfg.observed)
+    if parsed is None or datasets.canonical_observed_tag(*parsed) != cfg.observed:
+        return  # load_splits names the command
+    folder = Path(cfg.data_root) / 'demo'
+    path = folder / datasets.observed_file_name(cfg.observed)
+    if path.is_file() and path.stat().st_mtime >= (folder / 'formatted_train_labels.npy').stat().st_mtime:
+        return
+    if is_primary():
+        log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed))
 
 
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
@@ -244,8 +271,11 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     splits = prepare_data(cfg)
     num_classes = splits['train'].labels_obs.shape[1]
     for phase, split in splits.items():
+        negatives = ''
+        if phase == 'train' and cfg.observed is not None:
+            negatives = f'{(split.labels_obs == -1).sum(1).mean():.2f} observed negatives / image ({cfg.observed}), '
         log.info(f'{phase:>5}: {len(split.images):6d} images, {num_classes} classes, '
-                 f'{split.labels_obs.clip(min=0).sum(1).mean():.2f} observed positives / image, '
+                 f'{split.labels_obs.clip(min=0).sum(1).mean():.2f} observed positives / image, {negatives}'
                  f'{split.labels_true.sum(1).mean():.2f} true positives / image')
 
     root = datasets.image_root(cfg.data_root, cfg.dataset)
@@ -355,6 +385,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
                 logger.log_scalar(epoch, 'train', 'pl_precision', float(precision))
                 logger.log_scalar(epoch, 'train', 'pl_recall', float(recall))
                 extra = f' | PL on unknown: precision {precision:.3f}, recall {recall:.3f}'
+                if pl_counts[3] > 0:
+                    extra += f', {int(pl_counts[3])} positive PL on annotated negatives ignored'
             log.info(f'{format_summary(s)} | {times[phase]:.1f} s{extra}')
         if is_primary():
             # wall times go to config.json's record, so that log.json holds only reproducible numbers

@@ -1,9 +1,23 @@
-"""Sample the observed (single-positive) labels from the full labels, as the original VLPL does.
+"""Sample observed labels from the full labels: single positive (VLPL) or partial (CSL's RPS / FPC).
 
-docs/original-vlpl.md section 3 (bit for bit).
+Observed labels are in {1, 0, -1}: 1 an observed positive, -1 an observed (annotated) negative,
+0 unannotated.
 
-For phase in (train, val): formatted_<phase>_labels.npy -> formatted_<phase>_labels_obs.npy in
-<data-root>/<dataset>/, each phase with a fresh numpy RandomState(seed).
+--scheme single (default), docs/original-vlpl.md section 3, bit for bit: for phase in (train, val),
+formatted_<phase>_labels.npy -> formatted_<phase>_labels_obs.npy in <data-root>/<dataset>/, each
+phase with a fresh numpy RandomState(seed).
+
+--scheme rps / fpc: the partial-annotation simulations of PartialLabelingCSL
+(Alibaba-MIIL/PartialLabelingCSL, src/helper_functions/coco_simulation.py, simulate_coco), for
+the train split only (CSL keeps its validation labels complete; so does this project, whose val
+split is cut from the train file with clean labels). formatted_train_labels.npy ->
+formatted_train_labels_obs_<tag>.npy, tag rps<P> or fpc<N> (partial_tag), e.g.
+formatted_train_labels_obs_rps0.5.npy, formatted_train_labels_obs_fpc1000.npy.
+
+Seeding. CSL draws from numpy's global generator and never seeds it (train.py), so its
+simulation is not reproducible. Here the same rule draws the same calls, in the same order, from
+a fresh RandomState(--seed): with --seed s the result equals CSL's simulate_coco run right after
+np.random.seed(s) on the same label matrix (rows in file order), converted to this convention.
 """
 from __future__ import annotations
 
@@ -17,10 +31,14 @@ import argparse
 
 import numpy as np
 
-from datasets import DATASETS, DataError, check_labels, formatting_hint, load_array
+from datasets import (DATASETS, DataError, canonical_observed_tag, check_labels, formatting_hint, load_array,
+                      observed_file_name)
 from preproc._common import PreprocError, run_cli, save_arrays
 
 PHASES = ("train", "val")
+SCHEMES = ("single", "rps", "fpc")
+CSL_DROP_PROB = 0.5  # README of PartialLabelingCSL: RPS(0.5)
+CSL_PER_CLASS = 1000  # README of PartialLabelingCSL: FPC(1000)
 
 
 def generate_observed(labels: np.ndarray, num_pos: int = 1, num_neg: int = 0,
@@ -32,9 +50,7 @@ def generate_observed(labels: np.ndarray, num_pos: int = 1, num_neg: int = 0,
     negatives with rng and observe the first num_neg as -1 (-1 = all). The negatives are shuffled
     even when num_neg is 0: the original does, and the draw moves the random stream.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"labels must be an (N, K) array of 0/1, got shape {labels.shape}")
+    labels = _check_binary(labels)
     for name, count in (("num_pos", num_pos), ("num_neg", num_neg)):
         if count < -1:
             raise ValueError(f"{name} must be -1 (all) or >= 0, got {count}")
@@ -54,41 +70,154 @@ def _first(indices: np.ndarray, count: int) -> np.ndarray:
     return indices if count == -1 else indices[:count]
 
 
+def _check_binary(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be an (N, K) array of 0/1, got shape {labels.shape}")
+    return labels
+
+
+def simulate_rps(labels: np.ndarray, drop_prob: float, seed: int = 1200) -> np.ndarray:
+    """Random per sample (CSL's RPS): observed labels (N, K) float32 in {-1, 0, 1} for 0/1 labels.
+
+    Every annotation, positive or negative, is dropped independently with probability drop_prob:
+    with ``rng = RandomState(seed)``, entry (i, k) is unannotated (0) where
+    ``rng.random_sample((N, K))[i, k] < drop_prob``, else it keeps its true label (1 -> 1,
+    0 -> -1). One draw for the whole matrix in row-major order, as
+    ``np.random.random(S.shape) < param`` in coco_simulation.simulate_coco.
+    """
+    labels = _check_binary(labels)
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
+    dropped = np.random.RandomState(seed).random_sample(labels.shape) < drop_prob
+    observed = np.where(labels == 1, 1.0, -1.0).astype(np.float32)
+    observed[dropped] = 0.0
+    return observed
+
+
+def simulate_fpc(labels: np.ndarray, per_class: int, seed: int = 1200) -> np.ndarray:
+    """Fixed per class (CSL's FPC): observed labels (N, K) float32 in {-1, 0, 1} for 0/1 labels.
+
+    Everything starts unannotated (0). With ``rng = RandomState(seed)``, for k = 0..K-1 in order:
+    ``rng.choice(rows with label 1 in column k, min(per_class, their number), replace=False)``
+    become 1, then the same draw among the rows with label 0 become -1. So each class keeps at
+    most per_class positives and per_class negatives, and many images keep no annotation
+    (coco_simulation.simulate_coco, mode fpc; its add_one_label branch is off there).
+    """
+    labels = _check_binary(labels)
+    if per_class < 0:
+        raise ValueError(f"per_class must be >= 0, got {per_class}")
+    rng = np.random.RandomState(seed)
+    observed = np.zeros(labels.shape, dtype=np.float32)
+    for k in range(labels.shape[1]):
+        for value, observed_value in ((1, 1.0), (0, -1.0)):
+            rows = np.nonzero(labels[:, k] == value)[0]
+            chosen = rng.choice(rows, min(per_class, len(rows)), replace=False)
+            observed[chosen, k] = observed_value
+    return observed
+
+
+def partial_tag(scheme: str, param: float) -> str:
+    """File tag of a partial scheme: rps<P> with P as Python writes the float (rps0.5), fpc<N>;
+    main_clip.py --observed TAG reads formatted_train_labels_obs_<TAG>.npy."""
+    if scheme not in ("rps", "fpc"):
+        raise ValueError(f"scheme must be rps or fpc, got {scheme!r}")
+    return canonical_observed_tag(scheme, param)
+
+
+def _as_written(observed: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    # Same dtype as the labels (float64 from the format scripts), as the original writes.
+    return observed.astype(labels.dtype) if labels.dtype.kind == "f" else observed
+
+
+def _summary(dataset: str, phase: str, observed: np.ndarray, folder: Path, name: str) -> str:
+    return (f"{dataset} {phase}: {len(observed)} images, {int((observed == 1).sum())} observed positives, "
+            f"{int((observed == -1).sum())} observed negatives, {int((observed == 0).sum())} unannotated "
+            f"written to {folder / name}")
+
+
+def _run_single(args, folder, num_classes):
+    num_pos = 1 if args.num_pos is None else args.num_pos
+    num_neg = 0 if args.num_neg is None else args.num_neg
+    for flag, count in (("--num-pos", num_pos), ("--num-neg", num_neg)):
+        if count < -1:
+            raise PreprocError(f"{flag} must be -1 (all) or >= 0, got {count}")
+    outputs, report = {}, []
+    for phase in PHASES:
+        labels = _load_labels(args.dataset, folder, phase, num_classes)
+        observed = generate_observed(labels, num_pos, num_neg, args.seed)
+        name = f"formatted_{phase}_labels_obs.npy"
+        outputs[name] = _as_written(observed, labels)
+        report.append(_summary(args.dataset, phase, observed, folder, name))
+    save_arrays(folder, outputs)
+    return report
+
+def _run_partial(args, folder, num_classes):
+    if args.scheme == "rps":
+        param = CSL_DROP_PROB if args.drop_prob is None else args.drop_prob
+        if not 0.0 <= param <= 1.0:
+            raise PreprocError(f"--drop-prob must be in [0, 1], got {param}")
+    else:
+        param = CSL_PER_CLASS if args.per_class is None else args.per_class
+        if param < 0:
+            raise PreprocError(f"--per-class must be >= 0, got {param}")
+    return [write_partial(args.data_root, args.dataset, args.scheme, param, args.seed)]
+
+
+def write_partial(data_root: str | Path, dataset: str, scheme: str, param: float, seed: int = 1200) -> str:
+    """Simulate scheme (rps / fpc) with param on <data_root>/<dataset>/formatted_train_labels.npy and
+    write formatted_train_labels_obs_<partial_tag>.npy next to it; returns the one-line summary.
+    main_clip.py calls it for `-d demo --observed TAG` when the demo lacks the file."""
+    folder = Path(data_root) / dataset
+    labels = _load_labels(dataset, folder, "train", DATASETS[dataset].num_classes)
+    simulate = simulate_rps if scheme == "rps" else simulate_fpc
+    observed = simulate(labels, param, seed)
+    name = observed_file_name(partial_tag(scheme, param))
+    save_arrays(folder, {name: _as_written(observed, labels)})
+    return _summary(dataset, "train", observed, folder, name)
+
+
+def _load_labels(dataset: str, folder: Path, phase: str, num_classes: int) -> np.ndarray:
+    path = folder / f"formatted_{phase}_labels.npy"
+    return check_labels(path, load_array(path, formatting_hint(dataset)), num_classes, (0, 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="generate_observed_labels.py",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS),
                         help="dataset folder under --data-root (required; no default)")
-    parser.add_argument("--num-pos", type=int, default=1,
-                        help="observed positives per image, -1 for all (default: 1)")
-    parser.add_argument("--num-neg", type=int, default=0,
-                        help="observed negatives per image, -1 for all (default: 0)")
+    parser.add_argument("--scheme", choices=SCHEMES, default="single",
+                        help="single: --num-pos positives and --num-neg negatives per image, train and "
+                             "val (VLPL); rps: drop each annotation with probability --drop-prob; fpc: "
+                             "keep --per-class positives and negatives per class (PartialLabelingCSL); "
+                             "rps and fpc write the train file only (default: single)")
+    parser.add_argument("--num-pos", type=int, default=None,
+                        help="single: observed positives per image, -1 for all (default: 1)")
+    parser.add_argument("--num-neg", type=int, default=None,
+                        help="single: observed negatives per image, -1 for all (default: 0)")
+    parser.add_argument("--drop-prob", type=float, default=None,
+                        help=f"rps: probability of dropping each annotation, in [0, 1] "
+                             f"(default: {CSL_DROP_PROB}, CSL's README)")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help=f"fpc: positives and negatives kept per class (default: {CSL_PER_CLASS}, "
+                             f"CSL's README)")
     parser.add_argument("--seed", type=int, default=1200,
-                        help="seed of the RandomState created for each phase (default: 1200)")
+                        help="seed of the RandomState created for each phase; CSL itself never "
+                             "seeds its simulation (default: 1200)")
     parser.add_argument("--data-root", default="data",
                         help="folder holding one sub-folder per dataset (default: data)")
 
     def body(args):
-        for flag, count in (("--num-pos", args.num_pos), ("--num-neg", args.num_neg)):
-            if count < -1:
-                raise PreprocError(f"{flag} must be -1 (all) or >= 0, got {count}")
+        scheme_flags = {"single": ("--num-pos", "--num-neg"), "rps": ("--drop-prob",), "fpc": ("--per-class",)}
+        for flag in ("--num-pos", "--num-neg", "--drop-prob", "--per-class"):
+            if getattr(args, flag[2:].replace("-", "_")) is not None and flag not in scheme_flags[args.scheme]:
+                raise PreprocError(f"{flag} does not apply to --scheme {args.scheme}; drop it")
         folder = Path(args.data_root) / args.dataset
         num_classes = DATASETS[args.dataset].num_classes
-        outputs, report = {}, []
-        for phase in PHASES:
-            path = folder / f"formatted_{phase}_labels.npy"
-            labels = check_labels(path, load_array(path, formatting_hint(args.dataset)),
-                                  num_classes, (0, 1))
-            observed = generate_observed(labels, args.num_pos, args.num_neg, args.seed)
-            # Same dtype as the labels (float64 from the format scripts), as the original writes.
-            if labels.dtype.kind == "f":
-                observed = observed.astype(labels.dtype)
-            outputs[f"formatted_{phase}_labels_obs.npy"] = observed
-            report.append(f"{args.dataset} {phase}: {len(labels)} images, "
-                          f"{int((observed == 1).sum())} observed positives, "
-                          f"{int((observed == -1).sum())} observed negatives written to {folder}")
-        save_arrays(folder, outputs)
-        return report
+        if args.scheme == "single":
+            return _run_single(args, folder, num_classes)
+        return _run_partial(args, folder, num_classes)
 
     return run_cli(parser, body, argv, errors=(PreprocError, DataError))
 

@@ -45,6 +45,14 @@ def ref_element(name, p, o, t, pl, hp, epoch):
     f = o if o != 0 else pl
     if name in ('EM_PL', 'EM_PL_ASL') and epoch <= hp['warmup_epoch']:
         name = 'EM'
+    # Partial annotations (docs/partial-labels.md): the original has no -1 entries; here an annotated
+    # negative is a certain negative, whatever the pseudo-label says.
+    if o == -1 and name in ('an', 'wan', 'epr', 'EM', 'EM_APL', 'EM_PL'):
+        return nl(1 - p)
+    if o == -1 and name == 'an_ls':
+        return (1 - c) * nl(1 - p) + c * nl(p)
+    if o == -1 and name == 'EM_PL_ASL':
+        return p ** hp['negative'] * nl(1 - p)
     if name == 'bce':
         return nl(p) if t == 1 else nl(1 - p)
     if name == 'bce_ls':
@@ -95,7 +103,7 @@ def ref_loss(name, preds, obs, true, pl, hp, epoch=1):
         for b in range(B):
             for i in range(K):
                 if obs[b][i] == 1:
-                    total += sum(max(0.0, 1 - preds[b][i] + preds[b][j]) for j in range(K) if obs[b][j] == 0)
+                    total += sum(max(0.0, 1 - preds[b][i] + preds[b][j]) for j in range(K) if obs[b][j] in (0, -1))
         return total / (B * K)
     total = sum(ref_element(name, preds[b][k], obs[b][k], true[b][k], pl[b][k], hp, epoch)
                 for b in range(B) for k in range(K)) / (B * K)
@@ -157,8 +165,9 @@ def test_hand_values():
 
 
 def test_pr_hand_values():
-    # unobserved j = 1, 3: (1 - .9 + .2) + (1 - .9 + 0) = 0.4, over B*K = 4
-    assert batch_loss('pr', [[0.9, 0.2, 0.5, 0.0]], [[1, 0, -1, 0]]).item() == pytest.approx(0.1, abs=1e-12)
+    # unobserved j = 1, 3 and observed negative j = 2: (1 - .9 + .2) + (1 - .9 + .5) + (1 - .9 + 0) = 1.0,
+    # over B*K = 4
+    assert batch_loss('pr', [[0.9, 0.2, 0.5, 0.0]], [[1, 0, -1, 0]]).item() == pytest.approx(0.25, abs=1e-12)
     # two positives: 0.6 + 0.1 and 1.3 + 0.8 -> 2.8 / 4
     assert batch_loss('pr', [[0.9, 0.2, 0.5, 0.0]], [[1, 1, 0, 0]]).item() == pytest.approx(0.7, abs=1e-12)
     # margins clip at 0: p_i = 1, p_j = 0 -> max(0, 0) = 0; a row without positives adds nothing

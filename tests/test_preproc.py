@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from preproc import format_coco, format_cub, format_nuswide, format_pascal, generate_observed_labels
-from preproc.generate_observed_labels import generate_observed
+from preproc.generate_observed_labels import generate_observed, partial_tag, simulate_fpc, simulate_rps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -427,6 +427,114 @@ def test_generate_observed_labels_runs_as_script(tmp_path):
                              "--data-root", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "python main_clip.py -d demo" in result.stderr
+
+
+# ---------------------------------------------------------------- partial annotations (CSL's RPS / FPC)
+
+def rps_by_loop(labels, drop_prob, seed):
+    """coco_simulation.simulate_coco (rps) restated: one uniform per entry, row-major, drop if < P."""
+    uniform = np.random.RandomState(seed).random_sample(labels.shape)
+    out = np.zeros(labels.shape)
+    for i in range(labels.shape[0]):
+        for k in range(labels.shape[1]):
+            if not uniform[i, k] < drop_prob:
+                out[i, k] = 1 if labels[i, k] == 1 else -1
+    return out
+
+
+def fpc_by_loop(labels, per_class, seed):
+    """coco_simulation.simulate_coco (fpc) restated; RandomState.choice(a, m, replace=False) is
+    a[permutation(len(a))[:m]], positives then negatives, class by class."""
+    rng = np.random.RandomState(seed)
+    out = np.zeros(labels.shape)
+    for k in range(labels.shape[1]):
+        for value, mark in ((1, 1), (0, -1)):
+            rows = [i for i in range(labels.shape[0]) if labels[i, k] == value]
+            for j in rng.permutation(len(rows))[:min(per_class, len(rows))]:
+                out[rows[j], k] = mark
+    return out
+
+
+@pytest.fixture
+def big_labels():
+    labels = (np.random.RandomState(8).rand(2000, 12) < 0.15).astype(np.float64)
+    labels[:, 4] = 0  # a class without positives
+    labels[:, 7] = 1  # a class without negatives
+    return labels
+
+
+@pytest.mark.parametrize("drop_prob", [0.0, 0.3, 0.5, 1.0])
+def test_rps_keeps_one_minus_p_and_never_contradicts(big_labels, drop_prob):
+    observed = simulate_rps(big_labels, drop_prob, seed=3)
+    assert observed.dtype == np.float32 and observed.shape == big_labels.shape
+    np.testing.assert_array_equal(observed, rps_by_loop(big_labels, drop_prob, 3))
+    assert (big_labels[observed == 1] == 1).all() and (big_labels[observed == -1] == 0).all()
+    kept = (observed != 0).mean()
+    # 24000 Bernoulli(1-P) draws: the standard deviation of the kept fraction is <= 0.0033
+    assert abs(kept - (1 - drop_prob)) < 0.015
+    # positives and negatives are dropped alike
+    for value in (0, 1):
+        assert abs((observed[big_labels == value] != 0).mean() - (1 - drop_prob)) < 0.05
+    assert not np.array_equal(observed, simulate_rps(big_labels, drop_prob, seed=4)) or drop_prob in (0, 1)
+
+
+@pytest.mark.parametrize("per_class", [0, 5, 300, 5000])
+def test_fpc_keeps_at_most_n_per_class_and_never_contradicts(big_labels, per_class):
+    observed = simulate_fpc(big_labels, per_class, seed=3)
+    assert observed.dtype == np.float32
+    np.testing.assert_array_equal(observed, fpc_by_loop(big_labels, per_class, 3))
+    assert (big_labels[observed == 1] == 1).all() and (big_labels[observed == -1] == 0).all()
+    np.testing.assert_array_equal((observed == 1).sum(0), np.minimum(per_class, big_labels.sum(0)))
+    np.testing.assert_array_equal((observed == -1).sum(0), np.minimum(per_class, (1 - big_labels).sum(0)))
+
+
+def test_partial_simulation_rejects_bad_input():
+    with pytest.raises(ValueError, match="drop_prob"):
+        simulate_rps(np.zeros((2, 3)), 1.5)
+    with pytest.raises(ValueError, match="per_class"):
+        simulate_fpc(np.zeros((2, 3)), -1)
+    with pytest.raises(ValueError, match="0/1"):
+        simulate_fpc(np.array([[1, -1]]), 3)
+    assert partial_tag("rps", 0.5) == "rps0.5" and partial_tag("fpc", 1000) == "fpc1000"
+    assert partial_tag("rps", 1) == "rps1.0" and partial_tag("rps", 0.25) == "rps0.25"
+
+
+def test_generate_observed_labels_partial_cli(tmp_path, capsys):
+    folder = tmp_path / "pascal"
+    folder.mkdir()
+    train = (np.random.RandomState(11).rand(30, 20) < 0.2).astype(np.float64)
+    np.save(folder / "formatted_train_labels.npy", train)  # rps / fpc need no val file
+    argv = ["--dataset", "pascal", "--data-root", str(tmp_path)]
+    assert generate_observed_labels.main(argv + ["--scheme", "rps"]) == 0  # CSL's RPS(0.5)
+    assert "formatted_train_labels_obs_rps0.5.npy" in capsys.readouterr().out
+    observed = np.load(folder / "formatted_train_labels_obs_rps0.5.npy", allow_pickle=False)
+    assert observed.dtype == np.float64
+    np.testing.assert_array_equal(observed, rps_by_loop(train, 0.5, 1200))
+    assert generate_observed_labels.main(argv + ["--scheme", "rps", "--drop-prob", "0.25", "--seed", "2"]) == 0
+    np.testing.assert_array_equal(np.load(folder / "formatted_train_labels_obs_rps0.25.npy"),
+                                  rps_by_loop(train, 0.25, 2))
+    assert generate_observed_labels.main(argv + ["--scheme", "fpc", "--per-class", "3"]) == 0
+    np.testing.assert_array_equal(np.load(folder / "formatted_train_labels_obs_fpc3.npy"),
+                                  fpc_by_loop(train, 3, 1200))
+    assert generate_observed_labels.main(argv + ["--scheme", "fpc"]) == 0
+    np.testing.assert_array_equal(np.load(folder / "formatted_train_labels_obs_fpc1000.npy"),
+                                  fpc_by_loop(train, 1000, 1200))
+    capsys.readouterr()
+    assert not (folder / "formatted_train_labels_obs.npy").exists()  # the single-positive file is separate
+
+    assert_cli_error(capsys, generate_observed_labels.main, argv + ["--scheme", "rps", "--drop-prob", "2"],
+                     "--drop-prob must be in [0, 1]")
+    assert_cli_error(capsys, generate_observed_labels.main, argv + ["--scheme", "fpc", "--per-class", "-1"],
+                     "--per-class must be >= 0")
+    assert_cli_error(capsys, generate_observed_labels.main, argv + ["--scheme", "fpc", "--drop-prob", "0.5"],
+                     "--drop-prob does not apply to --scheme fpc")
+    assert_cli_error(capsys, generate_observed_labels.main, argv + ["--num-pos", "2", "--scheme", "rps"],
+                     "--num-pos does not apply to --scheme rps")
+    assert_cli_error(capsys, generate_observed_labels.main, argv + ["--per-class", "2"],
+                     "--per-class does not apply to --scheme single")
+    (folder / "formatted_train_labels.npy").unlink()
+    assert_cli_error(capsys, generate_observed_labels.main, argv + ["--scheme", "fpc"],
+                     "formatted_train_labels.npy not found", "format_pascal.py")
 
 
 # ---------------------------------------------------------------- shared helpers
