@@ -37,7 +37,7 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("coco", 80, "."),  # image paths already start with train2014/ or val2014/
         DatasetSpec("nuswide", 81, "Flickr"),
         DatasetSpec("cub", 312, "CUB_200_2011/images"),
-        DatasetSpec("demo", 12, "images"),
+        DatasetSpec("demo", 30, "images"),
     )
 }
 
