@@ -2,19 +2,24 @@
 
 Everything is generated from one integer seed, so a fresh clone needs no download:
 
-* ``<data_root>/demo/images/{train,val}/NNNNN.png``: 64 x 64 RGB pictures of 1 to 4 coloured
-  shapes (the 30 classes of ``DEMO_CLASSES``, each at most once per picture) on a textured,
-  noisy background; objects keep apart (centre distance >= ``MIN_GAP`` x the sum of their radii)
-  so that every object stays visible.
+* ``<data_root>/demo/images/{train,val}/NNNNN.png``: 64 x 64 RGB pictures of 1 to 6 objects
+  (3.4 on average) of the 30 classes of ``DEMO_CLASSES``: a class is a (colour, shape) pair and
+  every colour and every shape belongs to two or three classes. Objects co-occur by scene
+  (``_choose_classes``), many are small (log-uniform radius 4 to 12 px), they may overlap and
+  leave the frame (each keeps at least half of its area visible), on a textured background
+  (smooth field + grating) with distractor blobs in object colours.
 * ``formatted_{train,val}_{images,labels,labels_obs}.npy`` in the layout of every other dataset
   (REFERENCE section 2); observed labels come from ``generate_observed(labels, 1, 0, 1200)``.
+  ``demo_manifest.json`` stamps them: generator version, seed, sizes, generator parameters and
+  the sha256 of every file, so an older or damaged demo is found by content and rebuilt.
 * ``clip/vlpl-demo-tiny.pt``: the state dict of the open_clip model described by
-  ``preproc/clip_configs/vlpl-demo-tiny.json`` (a ViT with 16 px patches at 64 px and a
+  ``preproc/clip_configs/vlpl-demo-tiny.json`` (a small ModifiedResNet image tower and a
   two-layer text transformer), trained with open_clip's contrastive ``ClipLoss`` on a separate
-  stream of generated pictures whose captions name only some of the objects, as web captions
-  do (``make_caption``). CLIP sees the pictures exactly as the training pipeline hands them to
-  the pseudo-labeller (REFERENCE section 5): ImageNet-normalised, then resized to the CLIP
-  image size (64, so the resize is the identity).
+  stream of generated pictures (fewer objects per picture, as web photos) whose captions name
+  only the salient objects, as web captions do (``make_caption``); stamp
+  ``clip/vlpl-demo-tiny.json``. CLIP sees the pictures exactly as the training pipeline hands
+  them to the pseudo-labeller (REFERENCE section 5): ImageNet-normalised, then resized to the
+  CLIP image size (64, so the resize is the identity).
 
 Streams of randomness: picture i of split s is drawn from ``default_rng([seed, s, i])``
 (s = 0 train, 1 val, 2 CLIP pairs), so the splits never share a picture and a picture does not
@@ -73,7 +78,7 @@ OBSERVED_SEED = 1200  # the seed every dataset's observed labels use (REFERENCE 
 STREAM_TRAIN, STREAM_VAL, STREAM_CLIP = 0, 1, 2
 NUM_OBJECTS_P = (0.10, 0.20, 0.25, 0.20, 0.15, 0.10)  # P(1..6 objects), mean 3.4 before failures
 # The CLIP pairs show few objects more often, as web photos do.
-CLIP_NUM_OBJECTS_P = (0.25, 0.25, 0.20, 0.15, 0.10, 0.05)
+CLIP_NUM_OBJECTS_P = (0.45, 0.30, 0.15, 0.10, 0.0, 0.0)
 RADIUS_RANGE = (4.0, 12.0)  # object half-size in pixels at 64 px, log-uniform: many small ones
 MIN_VISIBLE = 0.5  # every object keeps half of its area visible (inside the frame, not covered)
 DISTRACTORS = (0, 4)  # irregular blobs per picture (uniform count), in object colours or grey
@@ -332,7 +337,7 @@ def generate_pictures(seed: int, stream: int, num: int, *, progress: bool = Fals
 
 # --------------------------------------------------------------------------- captions
 
-CAPTION_FULL_AREA = 120.0  # visible area (pixels at 64 px) from which an object is always named
+CAPTION_FULL_AREA = 60.0  # visible area (pixels at 64 px) from which an object is always named
 
 
 def make_caption(names: list[str], areas: list[float], rng: np.random.Generator) -> str:
