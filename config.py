@@ -96,9 +96,9 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
                 expected_num_pos=31.4, apl_beta=0.4, apl_warmup=3, apl_batch_size=8),
     # This project's offline demo (preproc/make_demo.py): a small random-init network on 64 px
     # synthetic pictures with the locally trained tiny CLIP. expected_num_pos: the generator's mean
-    # number of objects (2.76 measured on its train split).
-    DatasetInfo('demo', 12, 'images', lr=1e-3, batch_size=32, alpha=0.1, beta_pos=0.7,
-                expected_num_pos=2.75, apl_beta=0.2, apl_warmup=3, apl_batch_size=32,
+    # number of objects (3.41 measured on its train split).
+    DatasetInfo('demo', 30, 'images', lr=1e-3, batch_size=32, alpha=0.1, beta_pos=0.7,
+                expected_num_pos=3.4, apl_beta=0.2, apl_warmup=3, apl_batch_size=32,
                 image_size=64, model='small_cnn', epochs=10, clip_model='vlpl-demo-tiny',
                 clip_pretrained='{data_root}/demo/clip/vlpl-demo-tiny.pt'),
 )}

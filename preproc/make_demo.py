@@ -2,19 +2,24 @@
 
 Everything is generated from one integer seed, so a fresh clone needs no download:
 
-* ``<data_root>/demo/images/{train,val}/NNNNN.png``: 64 x 64 RGB pictures of 1 to 4 coloured
-  shapes (the 12 classes of ``DEMO_CLASSES``, each at most once per picture) on a textured,
-  noisy background; objects keep apart (centre distance >= ``MIN_GAP`` x the sum of their radii)
-  so that every object stays visible.
+* ``<data_root>/demo/images/{train,val}/NNNNN.png``: 64 x 64 RGB pictures of 1 to 6 objects
+  (3.4 on average) of the 30 classes of ``DEMO_CLASSES``: a class is a (colour, shape) pair and
+  every colour and every shape belongs to two or three classes. Objects co-occur by scene
+  (``_choose_classes``), many are small (log-uniform radius 4 to 12 px), they may overlap and
+  leave the frame (each keeps at least half of its area visible), on a textured background
+  (smooth field + grating) with distractor blobs in object colours.
 * ``formatted_{train,val}_{images,labels,labels_obs}.npy`` in the layout of every other dataset
   (docs/original-vlpl.md section 2); observed labels come from ``generate_observed(labels, 1, 0, 1200)``.
+  ``demo_manifest.json`` stamps them: generator version, seed, sizes, generator parameters and
+  the sha256 of every file, so an older or damaged demo is found by content and rebuilt.
 * ``clip/vlpl-demo-tiny.pt``: the state dict of the open_clip model described by
-  ``preproc/clip_configs/vlpl-demo-tiny.json`` (a ViT with 16 px patches at 64 px and a
+  ``preproc/clip_configs/vlpl-demo-tiny.json`` (a small ModifiedResNet image tower and a
   two-layer text transformer), trained with open_clip's contrastive ``ClipLoss`` on a separate
-  stream of generated pictures whose captions name only some of the objects, as web captions
-  do (``make_caption``). CLIP sees the pictures exactly as the training pipeline hands them to
-  the pseudo-labeller (docs/original-vlpl.md section 5): ImageNet-normalised, then resized to the CLIP
-  image size (64, so the resize is the identity).
+  stream of generated pictures (fewer objects per picture, as web photos) whose captions name
+  only the salient objects, as web captions do (``make_caption``); stamp
+  ``clip/vlpl-demo-tiny.json``. CLIP sees the pictures exactly as the training pipeline hands
+  them to the pseudo-labeller (docs/original-vlpl.md section 5): ImageNet-normalised, then resized to the
+  CLIP image size (64, so the resize is the identity).
 
 Streams of randomness: picture i of split s is drawn from ``default_rng([seed, s, i])``
 (s = 0 train, 1 val, 2 CLIP pairs), so the splits never share a picture and a picture does not
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -33,6 +39,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,41 +49,46 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from preproc._common import PreprocError, run_cli, save_arrays  # noqa: E402
+from clip_labels import clip_image_size  # noqa: E402
 from files import atomic_write  # noqa: E402
 from preproc.generate_observed_labels import generate_observed  # noqa: E402
 
-# (colour name, RGB, shape); colour and shape both differ between classes.
-_OBJECTS = [
-    ("red", (220, 30, 30), "circle"),
-    ("blue", (35, 70, 235), "square"),
-    ("green", (30, 165, 50), "triangle"),
-    ("yellow", (245, 220, 25), "star"),
-    ("purple", (135, 40, 185), "diamond"),
-    ("orange", (255, 135, 0), "cross"),
-    ("cyan", (0, 215, 225), "hexagon"),
-    ("pink", (255, 125, 195), "heart"),
-    ("white", (250, 250, 250), "moon"),
-    ("black", (15, 15, 15), "arrow"),
-    ("brown", (135, 80, 35), "ring"),
-    ("navy", (20, 25, 105), "pentagon"),
+# Twelve colours and twelve shapes; a class is one (colour, shape) pair, and every colour and every
+# shape belongs to two or three classes, so neither alone names a class.
+_COLOURS = [
+    ("red", (220, 30, 30)), ("blue", (35, 70, 235)), ("green", (30, 165, 50)),
+    ("yellow", (245, 220, 25)), ("purple", (135, 40, 185)), ("orange", (255, 135, 0)),
+    ("cyan", (0, 215, 225)), ("pink", (255, 125, 195)), ("white", (250, 250, 250)),
+    ("black", (15, 15, 15)), ("brown", (135, 80, 35)), ("navy", (20, 25, 105)),
 ]
-DEMO_CLASSES: list[str] = [f"{colour} {shape}" for colour, _, shape in _OBJECTS]
+_SHAPES = ["circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "heart", "moon",
+           "arrow", "ring", "pentagon"]
+NUM_CLASSES = 30
+# Class 12 a + b: colour b, shape (b + 4 a) mod 12 (a = 0, 1, 2): all pairs distinct.
+_CLASS_PARTS = [(i % 12, (i % 12 + 4 * (i // 12)) % 12) for i in range(NUM_CLASSES)]
+DEMO_CLASSES: list[str] = [f"{_COLOURS[c][0]} {_SHAPES[s]}" for c, s in _CLASS_PARTS]
+# Co-occurrence: class k belongs to scene k mod 6 (5 classes each, often of the same colour). A
+# picture has one scene; each object comes from it with probability SCENE_P, else from the others.
+NUM_SCENES = 6
+SCENE_P = 0.7
 DEMO_CLIP_CONFIG = "vlpl-demo-tiny"
 CLIP_CONFIG_PATH = Path(__file__).resolve().parent / "clip_configs" / f"{DEMO_CLIP_CONFIG}.json"
 
 IMAGE_SIZE = 64
 OBSERVED_SEED = 1200  # the seed every dataset's observed labels use (docs/original-vlpl.md section 3)
 STREAM_TRAIN, STREAM_VAL, STREAM_CLIP = 0, 1, 2
-NUM_OBJECTS_P = (0.10, 0.30, 0.35, 0.25)  # P(1..4 objects): mean 2.75 before placement failures
-# The CLIP pairs show single objects more often, as web photos do: uniform over 1..4 objects.
-CLIP_NUM_OBJECTS_P = (0.25, 0.25, 0.25, 0.25)
-RADIUS_RANGE = (7.0, 12.0)  # object half-size in pixels at 64 px
-MIN_GAP = 0.85  # centre distance >= MIN_GAP * (r1 + r2): overlaps stay small
+NUM_OBJECTS_P = (0.10, 0.20, 0.25, 0.20, 0.15, 0.10)  # P(1..6 objects), mean 3.4 before failures
+# The CLIP pairs show few objects more often, as web photos do.
+CLIP_NUM_OBJECTS_P = (0.45, 0.30, 0.15, 0.10, 0.0, 0.0)
+RADIUS_RANGE = (4.0, 12.0)  # object half-size in pixels at 64 px, log-uniform: many small ones
+MIN_VISIBLE = 0.5  # every object keeps half of its area visible (inside the frame, not covered)
+DISTRACTORS = (0, 4)  # irregular blobs per picture (uniform count), in object colours or grey
+DISTRACTOR_RADIUS = (3.0, 9.0)
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth, anti-aliased edges
-_PLACEMENT_TRIES = 60
+_PLACEMENT_TRIES = 40
 
 # Bump when the pictures, captions or training recipe change, so cached demos are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 DEFAULT_SIZES = dict(num_train=2400, num_test=800, num_clip_pairs=4000, clip_epochs=6)
 
@@ -88,7 +100,7 @@ _CAPTION_TEMPLATES = [
     "a photo of {}",
     "an image showing {}",
     "there is {} in this picture",
-    "{} on a grey background",
+    "{} on a textured background",
     "a drawing of {}",
 ]
 
@@ -146,82 +158,158 @@ _POLYGONS = {
 }
 
 
-def _draw_object(draws: tuple, shape: str, colour: tuple, cx: float, cy: float, radius: float,
-                 angle: float) -> None:
-    """Draw one shape centred at (cx, cy) with half-size ``radius`` (supersampled pixels).
+def _blob(rng: np.random.Generator) -> np.ndarray:
+    """Irregular 9-gon (radii 0.5 to 1 at jittered angles): a distractor that is no class shape."""
+    angles = np.sort(rng.uniform(0.0, 2.0 * np.pi, size=9))
+    radii = rng.uniform(0.5, 1.0, size=9)
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
 
-    ``draws`` = (colour layer, coverage layer): the shape goes into both, so after box
-    downsampling the colour layer holds colour x coverage and the other the coverage alone.
+
+def _mask(outline, cx: float, cy: float, radius: float, angle: float) -> tuple[np.ndarray, int, int]:
+    """Coverage of one shape on the supersampled grid -> (bool h x w, x0, y0) of its bounding box.
+
+    ``outline``: a key of ``_POLYGONS``, "circle", "ring", or an n x 2 array (unit half-size);
+    centre and radius in supersampled pixels; the box may reach outside the picture.
     """
-    for draw, fill in zip(draws, (colour, 255)):
-        if shape in _POLYGONS:
-            c, s = math.cos(angle), math.sin(angle)
-            local = _POLYGONS[shape] @ np.array([[c, s], [-s, c]])
-            draw.polygon([(cx + radius * x, cy + radius * y) for x, y in local], fill=fill)
-            continue
-        box = (cx - radius, cy - radius, cx + radius, cy + radius)
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "ring":
-            draw.ellipse(box, outline=fill, width=max(1, round(0.38 * radius)))
+    x0, y0 = math.floor(cx - radius) - 1, math.floor(cy - radius) - 1
+    size = math.ceil(2.0 * radius) + 3
+    layer = Image.new("L", (size, size))
+    draw = ImageDraw.Draw(layer)
+    lx, ly = cx - x0, cy - y0
+    if isinstance(outline, str) and outline not in _POLYGONS:
+        box = (lx - radius, ly - radius, lx + radius, ly + radius)
+        if outline == "circle":
+            draw.ellipse(box, fill=1)
+        elif outline == "ring":
+            draw.ellipse(box, outline=1, width=max(1, round(0.38 * radius)))
         else:
-            raise ValueError(f"unknown shape {shape!r}")
+            raise ValueError(f"unknown shape {outline!r}")
+    else:
+        points = _POLYGONS[outline] if isinstance(outline, str) else outline
+        c, s = math.cos(angle), math.sin(angle)
+        local = points @ np.array([[c, s], [-s, c]])
+        draw.polygon([(lx + radius * x, ly + radius * y) for x, y in local], fill=1)
+    return np.asarray(layer, dtype=bool), x0, y0
+
+
+def _clip_to(mask: np.ndarray, x0: int, y0: int, size: int):
+    """Part of a box mask inside the size x size grid -> (mask part, grid slices)."""
+    h, w = mask.shape
+    top, left = max(0, -y0), max(0, -x0)
+    bottom, right = min(h, size - y0), min(w, size - x0)
+    if bottom <= top or right <= left:
+        return mask[:0, :0], (slice(0, 0), slice(0, 0))
+    return (mask[top:bottom, left:right],
+            (slice(y0 + top, y0 + bottom), slice(x0 + left, x0 + right)))
+
+
+def _jittered(rgb, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(np.array(rgb, dtype=np.float32) + rng.integers(-15, 16, size=3), 0, 255)
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
-    """Smooth, slightly tinted grey field (4 x 4 control points, bilinear) -> S x S x 3 float32."""
+    """Textured field -> S x S x 3 float32: a smooth tinted grey (4 x 4 control points, bilinear)
+    plus a sinusoidal grating (random period, angle, phase, tint and contrast)."""
     base = rng.uniform(85.0, 170.0)
     grid = (base + rng.uniform(-25.0, 25.0, size=(4, 4, 1))
             + rng.uniform(-12.0, 12.0, size=(4, 4, 3)))
     field = Image.fromarray(np.clip(grid, 0, 255).astype(np.uint8), "RGB")
-    return np.asarray(field.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float32)
+    smooth = np.asarray(field.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.float32)
+    period, theta, phase = rng.uniform(5.0, 16.0), rng.uniform(0.0, np.pi), rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+    wave = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period + phase)
+    tint = rng.uniform(-1.0, 1.0, size=3).astype(np.float32)
+    return smooth + rng.uniform(5.0, 22.0) * wave[..., None] * tint
 
 
-def render_picture(rng: np.random.Generator,
-                   num_objects_p: tuple = NUM_OBJECTS_P) -> tuple[np.ndarray, list[int]]:
-    """Draw one picture -> (uint8 S x S x 3, class indices in drawing order, >= 1 of them).
+def _choose_classes(rng: np.random.Generator, num_objects_p: tuple) -> np.ndarray:
+    """Distinct classes of one picture: a scene, then each object from it with probability
+    SCENE_P (else from the other scenes), without repeats."""
+    num_objects = int(rng.choice(len(num_objects_p), p=num_objects_p)) + 1
+    scene = int(rng.integers(NUM_SCENES))
+    in_scene = np.arange(NUM_CLASSES) % NUM_SCENES == scene
+    chosen: list[int] = []
+    for _ in range(num_objects):
+        pool = in_scene if rng.random() < SCENE_P else ~in_scene
+        pool = pool.copy()
+        pool[chosen] = False
+        if not pool.any():
+            pool = np.ones(NUM_CLASSES, dtype=bool)
+            pool[chosen] = False
+        chosen.append(int(rng.choice(np.flatnonzero(pool))))
+    return np.array(chosen)
 
-    1 to 4 distinct classes (probabilities ``num_objects_p``); each gets a radius in
-    ``RADIUS_RANGE``, a rotation in +-15 degrees, a colour jitter in +-15 per channel and a
-    position inside the picture at which its centre is at least ``MIN_GAP * (r_i + r_j)`` from
-    every object already placed; an object with no such position in ``_PLACEMENT_TRIES`` draws is
-    left out (never the first one). Shapes are drawn at 4x, box-filtered down and
-    alpha-composited over the background; then Gaussian pixel noise (std 6) is added.
+
+def render_picture(rng: np.random.Generator, num_objects_p: tuple = NUM_OBJECTS_P
+                   ) -> tuple[np.ndarray, list[int], list[float]]:
+    """Draw one picture -> (uint8 S x S x 3, class indices in drawing order (>= 1), visible area
+    of each object in pixels).
+
+    Classes: ``_choose_classes`` (1 to 6, scene co-occurrence). Background: ``_background``, then
+    0 to 3 distractor blobs (``DISTRACTORS``) in a jittered object colour or a grey. Each object
+    gets a log-uniform radius in ``RADIUS_RANGE``, a rotation in +-20 degrees, a colour jitter in
+    +-15 per channel and a centre that may put part of it outside the frame; objects may overlap
+    and a later one covers an earlier one, but a position is accepted only if every object keeps
+    at least ``MIN_VISIBLE`` of its area visible. An object with no such position in
+    ``_PLACEMENT_TRIES`` draws is left out (never the first one). Shapes are drawn at 4x into an
+    id map, box-filtered down and composited over the background; then Gaussian pixel noise
+    (std 6) is added.
     """
-    num_objects = int(rng.choice(4, p=num_objects_p)) + 1
-    classes = rng.choice(len(_OBJECTS), size=num_objects, replace=False)
+    classes = _choose_classes(rng, num_objects_p)
     background = _background(rng)
     big = IMAGE_SIZE * _SUPERSAMPLE
-    layers = Image.new("RGB", (big, big)), Image.new("L", (big, big))
-    draws = tuple(ImageDraw.Draw(layer) for layer in layers)
-    placed: list[tuple[float, float, float]] = []
+    s = _SUPERSAMPLE
+    ids = np.zeros((big, big), dtype=np.int16)  # 0 background, 1 + j object j, 100 + j blob j
+    palette = np.zeros((256, 3), dtype=np.float32)
+    for j in range(int(rng.integers(DISTRACTORS[0], DISTRACTORS[1]))):
+        r = rng.uniform(*DISTRACTOR_RADIUS)
+        cx, cy = rng.uniform(0.0, IMAGE_SIZE, size=2)
+        mask, x0, y0 = _mask(_blob(rng), cx * s, cy * s, r * s, 0.0)
+        part, where = _clip_to(mask, x0, y0, big)
+        ids[where][part] = 100 + j
+        if rng.random() < 0.75:
+            palette[100 + j] = _jittered(_COLOURS[int(rng.integers(len(_COLOURS)))][1], rng)
+        else:
+            palette[100 + j] = rng.uniform(40.0, 210.0)
+    full_area: list[int] = []
+    visible: list[int] = []
     drawn: list[int] = []
     for k in classes:
+        shape = _SHAPES[_CLASS_PARTS[k][1]]
         for _ in range(_PLACEMENT_TRIES):
-            r = rng.uniform(*RADIUS_RANGE)
-            cx, cy = rng.uniform(r, IMAGE_SIZE - r, size=2)
-            if all(math.hypot(cx - px, cy - py) >= MIN_GAP * (r + pr) for px, py, pr in placed):
+            r = math.exp(rng.uniform(*np.log(RADIUS_RANGE)))
+            cx, cy = rng.uniform(0.3 * r, IMAGE_SIZE - 0.3 * r, size=2)
+            angle = math.radians(rng.uniform(-20.0, 20.0))
+            mask, x0, y0 = _mask(shape, cx * s, cy * s, r * s, angle)
+            part, where = _clip_to(mask, x0, y0, big)
+            area, inside = int(mask.sum()), int(part.sum())
+            covered = np.bincount(ids[where][part], minlength=len(drawn) + 1)[1:len(drawn) + 1]
+            if inside >= MIN_VISIBLE * area and all(
+                    v - c >= MIN_VISIBLE * a for v, c, a in zip(visible, covered, full_area)):
                 break
         else:
             continue
-        placed.append((cx, cy, r))
+        visible = [v - int(c) for v, c in zip(visible, covered)] + [inside]
+        full_area.append(area)
         drawn.append(int(k))
-        _, rgb, shape = _OBJECTS[k]
-        jitter = rng.integers(-15, 16, size=3)
-        colour = tuple(int(v) for v in np.clip(np.array(rgb) + jitter, 0, 255))
-        angle = math.radians(rng.uniform(-15.0, 15.0))
-        s = _SUPERSAMPLE
-        _draw_object(draws, shape, colour, cx * s, cy * s, r * s, angle)
-    premultiplied = np.asarray(layers[0].reduce(_SUPERSAMPLE), dtype=np.float32)
-    coverage = np.asarray(layers[1].reduce(_SUPERSAMPLE), dtype=np.float32)[..., None] / 255.0
-    picture = background * (1.0 - coverage) + premultiplied
+        ids[where][part] = len(drawn)
+        palette[len(drawn)] = _jittered(_COLOURS[_CLASS_PARTS[k][0]][1], rng)
+    # Box filter by PIL's reduce: the colour layer (id map through the palette) gives colour x
+    # coverage, the mask layer the coverage alone.
+    layer = Image.fromarray(ids.astype(np.uint8), "P")
+    layer.putpalette(palette.astype(np.uint8).ravel().tolist())
+    premultiplied = np.asarray(layer.convert("RGB").reduce(s), dtype=np.float32)
+    mask = Image.fromarray(np.where(ids > 0, 255, 0).astype(np.uint8), "L")
+    coverage = np.asarray(mask.reduce(s), dtype=np.float32) / 255.0
+    picture = background * (1.0 - coverage[..., None]) + premultiplied
     picture += 6.0 * rng.standard_normal(picture.shape, dtype=np.float32)
-    return np.clip(np.rint(picture), 0, 255).astype(np.uint8), drawn
+    areas = [v / float(s * s) for v in visible]
+    return np.clip(np.rint(picture), 0, 255).astype(np.uint8), drawn, areas
 
 
 def iter_pictures(seed: int, stream: int, num: int, *, progress: bool = False,
                   desc: str = "pictures"):
-    """Yield (i, uint8 S x S x 3 picture, class indices) for pictures 0..num-1 of a stream.
+    """Yield (i, uint8 S x S x 3 picture, class indices, visible areas) for pictures 0..num-1.
 
     Picture i is ``render_picture(default_rng([seed, stream, i]))``, with the object-count
     distribution ``CLIP_NUM_OBJECTS_P`` for the CLIP stream and ``NUM_OBJECTS_P`` otherwise.
@@ -234,35 +322,42 @@ def iter_pictures(seed: int, stream: int, num: int, *, progress: bool = False,
 
 
 def generate_pictures(seed: int, stream: int, num: int, *, progress: bool = False,
-                      desc: str = "pictures") -> tuple[np.ndarray, np.ndarray]:
-    """Pictures 0..num-1 of a stream -> (uint8 N x S x S x 3, float32 N x K labels in {0, 1})."""
+                      desc: str = "pictures", with_areas: bool = False):
+    """Pictures 0..num-1 of a stream -> (uint8 N x S x S x 3, float32 N x K labels in {0, 1}),
+    plus, with ``with_areas``, float32 N x K visible areas in pixels (0 where absent)."""
     images = np.empty((num, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    labels = np.zeros((num, len(DEMO_CLASSES)), dtype=np.float32)
-    for i, pixels, classes in iter_pictures(seed, stream, num, progress=progress, desc=desc):
+    labels = np.zeros((num, NUM_CLASSES), dtype=np.float32)
+    areas = np.zeros((num, NUM_CLASSES), dtype=np.float32)
+    for i, pixels, classes, visible in iter_pictures(seed, stream, num, progress=progress,
+                                                     desc=desc):
         images[i] = pixels
         labels[i, classes] = 1.0
-    return images, labels
+        areas[i, classes] = visible
+    return (images, labels, areas) if with_areas else (images, labels)
 
 
 # --------------------------------------------------------------------------- captions
 
-def make_caption(names: list[str], rng: np.random.Generator) -> str:
-    """Caption naming some of the objects of a picture, like a web caption.
+CAPTION_FULL_AREA = 60.0  # visible area (pixels at 64 px) from which an object is always named
 
-    With n objects, a random subset of n - 1 or n of them (each size with probability 1/2, at
-    least one object) is named in random order through a random template of
+
+def make_caption(names: list[str], areas: list[float], rng: np.random.Generator) -> str:
+    """Caption naming some of the objects of a picture, like a web caption: the salient ones.
+
+    The object with the largest visible area is always named; every other one with probability
+    min(1, 0.2 + 0.8 area / ``CAPTION_FULL_AREA``), so small or mostly covered objects are often
+    left out. The named ones go in random order through a random template of
     ``_CAPTION_TEMPLATES``: "a x", "a x and a y", "a x, a y and a z" (bare names for the
-    template '{}', the zero-shot prompt of the pseudo-labeller). Leaving out at most one object
-    keeps captions specific enough for the tiny CLIP to learn in seconds; smaller subsets
-    (uniform size, or each object named with probability 0.75) gave lower pseudo-label precision.
+    template '{}', the zero-shot prompt of the pseudo-labeller).
     """
     n = len(names)
-    size = int(rng.integers(max(1, n - 1), n + 1))
-    chosen = [names[j] for j in rng.permutation(n)[:size]]
+    keep = rng.random(n) < np.minimum(1.0, 0.2 + 0.8 * np.asarray(areas) / CAPTION_FULL_AREA)
+    keep[int(np.argmax(areas))] = True
+    chosen = [names[j] for j in rng.permutation(n) if keep[j]]
     template = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
     if template != "{}":
         chosen = [f"a {name}" for name in chosen]
-    listed = chosen[0] if size == 1 else ", ".join(chosen[:-1]) + " and " + chosen[-1]
+    listed = chosen[0] if len(chosen) == 1 else ", ".join(chosen[:-1]) + " and " + chosen[-1]
     return template.format(listed)
 
 
@@ -340,9 +435,10 @@ def train_demo_clip(seed: int = 0, *, num_pairs: int = DEFAULT_SIZES["num_clip_p
     from tqdm import tqdm
 
     register_clip_config()
-    images_u8, labels = generate_pictures(seed, STREAM_CLIP, num_pairs, progress=progress,
-                                          desc="demo CLIP pictures")
-    names_per_image = [[DEMO_CLASSES[k] for k in np.flatnonzero(row)] for row in labels]
+    images_u8, labels, areas = generate_pictures(seed, STREAM_CLIP, num_pairs, progress=progress,
+                                                 desc="demo CLIP pictures", with_areas=True)
+    objects = [([DEMO_CLASSES[k] for k in np.flatnonzero(row)], area_row[row > 0])
+               for row, area_row in zip(labels, areas)]
     images_u8 = torch.from_numpy(images_u8)
     caption_rng = np.random.default_rng([seed, STREAM_CLIP, num_pairs, 1])
     tokenizer = open_clip.get_tokenizer(DEMO_CLIP_CONFIG)
@@ -351,7 +447,7 @@ def train_demo_clip(seed: int = 0, *, num_pairs: int = DEFAULT_SIZES["num_clip_p
         torch.manual_seed(seed)
         with _quiet_random_init_warning():
             model = open_clip.create_model(DEMO_CLIP_CONFIG, pretrained=None)
-        image_size = model.visual.image_size[0]
+        image_size = clip_image_size(model)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
@@ -367,7 +463,7 @@ def train_demo_clip(seed: int = 0, *, num_pairs: int = DEFAULT_SIZES["num_clip_p
         bar = tqdm(total=total, desc="demo CLIP training", unit="step", disable=not progress,
                    leave=False)
         for _ in range(epochs):
-            captions = [make_caption(names, caption_rng) for names in names_per_image]
+            captions = [make_caption(names, visible, caption_rng) for names, visible in objects]
             tokens = tokenizer(captions)
             order = torch.randperm(num_pairs)
             flips = torch.rand(num_pairs) < 0.5
@@ -398,46 +494,111 @@ def _save_json(path: Path, obj: dict) -> None:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return found if isinstance(found, dict) else None
 
 
-_DATA_MANIFEST = "demo_manifest.json"
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _images_sha256(images_dir: Path, names) -> str:
+    """One sha256 over the listed pictures (name, then bytes, in order); ValueError if one is missing."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(str(name).encode() + b"\0")
+        try:
+            digest.update((images_dir / name).read_bytes())
+        except OSError:
+            raise ValueError(f"images/{name} is missing or unreadable") from None
+    return digest.hexdigest()
+
+
+def generator_parameters() -> dict:
+    """What the pictures depend on besides the seed and the sizes; recorded in both stamps."""
+    return dict(image_size=IMAGE_SIZE, classes=DEMO_CLASSES, num_scenes=NUM_SCENES,
+                scene_p=SCENE_P, num_objects_p=list(NUM_OBJECTS_P),
+                clip_num_objects_p=list(CLIP_NUM_OBJECTS_P), radius_range=list(RADIUS_RANGE),
+                min_visible=MIN_VISIBLE, distractors=list(DISTRACTORS),
+                distractor_radius=list(DISTRACTOR_RADIUS), caption_full_area=CAPTION_FULL_AREA)
+
+
+def _settings_problem(found: dict | None, expected: dict) -> str | None:
+    """Why a stamp does not describe what would be built now (None: it does)."""
+    if found is None:
+        return "its stamp is missing or unreadable"
+    if found.get("version") != expected["version"]:
+        return (f"it was made by generator version {found.get('version')}, "
+                f"this is version {expected['version']}")
+    changed = sorted(key for key in expected if found.get(key) != expected[key])
+    if changed:
+        return f"it was made with other settings ({', '.join(changed)})"
+    return None
+
+
+DATA_STAMP = "demo_manifest.json"
 _PHASES = (("train", STREAM_TRAIN, "num_train"), ("val", STREAM_VAL, "num_test"))
+_NPY_FILES = [f"formatted_{phase}_{kind}.npy" for phase, _, _ in _PHASES
+              for kind in ("images", "labels", "labels_obs")]
 
 
-def _data_complete(demo_dir: Path, stamp: dict) -> bool:
-    if _read_json(demo_dir / _DATA_MANIFEST) != stamp:
-        return False
-    for phase, _, size_key in _PHASES:
-        for kind in ("images", "labels", "labels_obs"):
-            if not (demo_dir / f"formatted_{phase}_{kind}.npy").is_file():
-                return False
-        folder = demo_dir / "images" / phase
-        if not folder.is_dir() or sum(1 for _ in os.scandir(folder)) != stamp[size_key]:
-            return False
-    return True
+def data_problem(demo_dir: Path, expected: dict) -> str | None:
+    """Why the dataset in ``demo_dir`` cannot be used as it is, in a few words (None: it can).
+
+    Checks the content, not only the presence: the stamp must match ``expected`` (version, seed,
+    sizes, generator parameters), and every npy file and the pictures it lists must have the
+    sha256 the stamp recorded when they were written (a truncated or edited file fails).
+    """
+    stamp = _read_json(demo_dir / DATA_STAMP)
+    problem = _settings_problem(stamp, expected)
+    if problem:
+        return problem
+    files = stamp.get("sha256")
+    if not isinstance(files, dict) or sorted(files) != sorted(_NPY_FILES):
+        return f"its stamp {DATA_STAMP} is damaged"
+    for name in _NPY_FILES:
+        path = demo_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != files[name]:
+            return f"{name} is damaged (its content differs from the stamp)"
+    try:
+        names = [str(p) for phase, _, _ in _PHASES
+                 for p in np.load(demo_dir / f"formatted_{phase}_images.npy", allow_pickle=False)]
+        if _images_sha256(demo_dir / "images", names) != stamp.get("images_sha256"):
+            return "a picture under images/ is damaged (its content differs from the stamp)"
+    except ValueError as err:
+        return str(err)
+    return None
 
 
-def _write_data(demo_dir: Path, seed: int, sizes: dict, progress: bool) -> None:
-    """Pictures into a temporary folder renamed to images/ at the end, then the npy files."""
+def _write_data(demo_dir: Path, seed: int, sizes: dict, stamp: dict, progress: bool) -> None:
+    """Pictures into a temporary folder renamed to images/ at the end, then the npy files, then
+    the stamp with their sha256 (written last: an interrupted build has no valid stamp)."""
     demo_dir.mkdir(parents=True, exist_ok=True)
-    (demo_dir / _DATA_MANIFEST).unlink(missing_ok=True)
+    (demo_dir / DATA_STAMP).unlink(missing_ok=True)
     for stale in demo_dir.glob(".images-*"):  # left behind by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = demo_dir / f".images-{os.getpid()}"
     tmp_dir.mkdir()
     arrays = {}
+    names: list[str] = []
     try:
         for phase, stream, size_key in _PHASES:
             (tmp_dir / phase).mkdir()
             paths = [f"{phase}/{i:05d}.png" for i in range(sizes[size_key])]
-            labels = np.zeros((len(paths), len(DEMO_CLASSES)))  # float64, as format_*.py write
-            for i, pixels, classes in iter_pictures(seed, stream, len(paths), progress=progress,
-                                                    desc=f"demo {phase} images"):
+            labels = np.zeros((len(paths), NUM_CLASSES))  # float64, as format_*.py write
+            for i, pixels, classes, _ in iter_pictures(seed, stream, len(paths), progress=progress,
+                                                       desc=f"demo {phase} images"):
                 Image.fromarray(pixels, "RGB").save(tmp_dir / paths[i], compress_level=1)
                 labels[i, classes] = 1.0
+            names += paths
             arrays[f"formatted_{phase}_images.npy"] = np.array(paths)
             arrays[f"formatted_{phase}_labels.npy"] = labels
             arrays[f"formatted_{phase}_labels_obs.npy"] = generate_observed(labels, 1, 0,
@@ -454,6 +615,23 @@ def _write_data(demo_dir: Path, seed: int, sizes: dict, progress: bool) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     save_arrays(demo_dir, arrays)
+    _save_json(demo_dir / DATA_STAMP,
+               {**stamp, "sha256": {name: _sha256(demo_dir / name) for name in _NPY_FILES},
+                "images_sha256": _images_sha256(demo_dir / "images", names)})
+
+
+def clip_problem(checkpoint: Path, expected: dict) -> str | None:
+    """Why the tiny-CLIP checkpoint cannot be used as it is (None: it can): its stamp
+    (``<checkpoint>.json``) must match ``expected`` and record the checkpoint's sha256."""
+    stamp = _read_json(checkpoint.with_suffix(".json"))
+    problem = _settings_problem(stamp, expected)
+    if problem:
+        return problem
+    if not checkpoint.is_file():
+        return f"{checkpoint.name} is missing"
+    if _sha256(checkpoint) != stamp.get("sha256"):
+        return f"{checkpoint.name} is damaged (its content differs from the stamp)"
+    return None
 
 
 def _save_state_dict(path: Path, model) -> None:
@@ -466,39 +644,48 @@ def ensure_demo(data_root: str | Path = "data", *, seed: int = 0, progress: bool
                 force: bool = False, num_train: int = DEFAULT_SIZES["num_train"],
                 num_test: int = DEFAULT_SIZES["num_test"],
                 num_clip_pairs: int = DEFAULT_SIZES["num_clip_pairs"],
-                clip_epochs: int = DEFAULT_SIZES["clip_epochs"]) -> Path:
-    """Create what is missing or stale in ``<data_root>/demo/``; return the CLIP checkpoint path.
+                clip_epochs: int = DEFAULT_SIZES["clip_epochs"],
+                report: Callable[[str], None] | None = print) -> Path:
+    """Create what is missing, stale or damaged in ``<data_root>/demo/``; return the CLIP checkpoint.
 
-    Two independent artefacts, each with a json stamp of what produced it (seed, sizes, generator
-    version): the dataset (images/ + six npy files, stamp ``demo_manifest.json``) and the tiny CLIP
-    (``clip/vlpl-demo-tiny.pt``, stamp ``clip/vlpl-demo-tiny.json``, which also holds the model
-    config). An artefact is rebuilt when its stamp differs, a file is missing, or ``force``;
-    otherwise nothing is written. Each file appears atomically (temporary name + os.replace).
+    Two independent artefacts, each with a json stamp of what produced it (generator version,
+    seed, sizes, parameters) and the sha256 of what it wrote: the dataset (images/ + six npy
+    files, stamp ``demo_manifest.json``) and the tiny CLIP (``clip/vlpl-demo-tiny.pt``, stamp
+    ``clip/vlpl-demo-tiny.json``, which also holds the model config). An artefact is rebuilt when
+    ``data_problem`` / ``clip_problem`` find a reason, or with ``force``; ``report`` (if given)
+    gets one line saying what is built and why. Otherwise nothing is written. Each file appears
+    atomically (temporary name + os.replace).
     """
     for name, value in (("num_train", num_train), ("num_test", num_test),
                         ("num_clip_pairs", num_clip_pairs), ("clip_epochs", clip_epochs)):
         if int(value) < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+    say = report or (lambda line: None)
     demo_dir = Path(data_root) / "demo"
+    first_use = not (demo_dir / DATA_STAMP).exists() and not any(
+        (demo_dir / name).exists() for name in _NPY_FILES)
     sizes = dict(num_train=int(num_train), num_test=int(num_test))
-    data_stamp = dict(version=GENERATOR_VERSION, seed=int(seed), image_size=IMAGE_SIZE,
-                      classes=DEMO_CLASSES, **sizes)
-    if force or not _data_complete(demo_dir, data_stamp):
-        _write_data(demo_dir, int(seed), sizes, progress)
-        _save_json(demo_dir / _DATA_MANIFEST, data_stamp)
+    data_stamp = dict(version=GENERATOR_VERSION, seed=int(seed), **sizes, **generator_parameters())
+    problem = "--force" if force else data_problem(demo_dir, data_stamp)
+    if problem:
+        say(f"Generating the demo dataset in {demo_dir} (first use)" if first_use else
+            f"Regenerating the demo dataset in {demo_dir}: {problem}")
+        _write_data(demo_dir, int(seed), sizes, data_stamp, progress)
 
     checkpoint = demo_dir / "clip" / f"{DEMO_CLIP_CONFIG}.pt"
-    clip_stamp_path = checkpoint.with_suffix(".json")
     clip_stamp = dict(version=GENERATOR_VERSION, seed=int(seed),
                       num_clip_pairs=int(num_clip_pairs), clip_epochs=int(clip_epochs),
-                      classes=DEMO_CLASSES,
-                      model_config=json.loads(CLIP_CONFIG_PATH.read_text()))
-    if force or _read_json(clip_stamp_path) != clip_stamp or not checkpoint.is_file():
-        clip_stamp_path.unlink(missing_ok=True)
+                      model_config=json.loads(CLIP_CONFIG_PATH.read_text()),
+                      **generator_parameters())
+    problem = "--force" if force else clip_problem(checkpoint, clip_stamp)
+    if problem:
+        say(f"Training the demo's tiny CLIP -> {checkpoint} (first use)" if first_use else
+            f"Retraining the demo's tiny CLIP {checkpoint}: {problem}")
+        checkpoint.with_suffix(".json").unlink(missing_ok=True)
         model, _ = train_demo_clip(int(seed), num_pairs=int(num_clip_pairs),
                                    epochs=int(clip_epochs), progress=progress)
         _save_state_dict(checkpoint, model)
-        _save_json(clip_stamp_path, clip_stamp)
+        _save_json(checkpoint.with_suffix(".json"), {**clip_stamp, "sha256": _sha256(checkpoint)})
     return checkpoint
 
 

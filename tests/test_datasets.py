@@ -17,7 +17,7 @@ def test_dataset_table():
         "coco": (80, "."),
         "nuswide": (81, "Flickr"),
         "cub": (312, "CUB_200_2011/images"),
-        "demo": (12, "images"),
+        "demo": (30, "images"),
     }
     assert datasets.IMAGENET_MEAN == (0.485, 0.456, 0.406)
     assert datasets.IMAGENET_STD == (0.229, 0.224, 0.225)

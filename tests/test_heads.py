@@ -42,7 +42,8 @@ def tiny_sgre(dim=16, num_classes=5, embeddings='fixed', **kw):
 # ------------------------------------------------- against the originals' outputs (reference file)
 # tests/reference/heads_reference.json holds outputs of the original modules (query2labels
 # Qeruy2Label + Transformer, SGRE MLIC) for the weights and inputs built below from seeds;
-# tests/reference/make_heads_reference.py regenerates it from checkouts of the originals.
+# they were computed by running the original modules (query2labels 55eb050, SGRE 8439d14) on CPU
+# with these seeded weights and inputs; only the numbers are kept here, no original code.
 
 Q2L_CFG = dict(in_channels=16, num_classes=5, hidden_dim=16, nheads=4, enc_layers=1, dec_layers=2,
                dim_feedforward=32, grid=(3, 3))

@@ -278,7 +278,7 @@ def test_the_demo_makes_its_own_tag_file(tmp_path):
     """ensure_demo_observed: written when missing or older than the labels, else left alone."""
     folder = tmp_path / 'demo'
     folder.mkdir()
-    labels = (np.random.RandomState(0).rand(30, 12) < 0.3).astype(np.float64)
+    labels = (np.random.RandomState(0).rand(40, 30) < 0.3).astype(np.float64)
     np.save(folder / 'formatted_train_labels.npy', labels)
     cfg = main_clip.parse_args(['-d', 'demo', '--data-root', str(tmp_path), '--observed', 'fpc3', '-l', 'CSL'])[0]
     main_clip.ensure_demo_observed(cfg)
