@@ -143,6 +143,10 @@ class Config:
     warmup_epoch: int
     run_dir: str
     head: str = 'linear'
+    # Several processes (docs/distributed.md): launch settings, not part of the recipe
+    dist_backend: str = 'auto'
+    dist_timeout: float = 1800.0
+    sync_bn: bool = True
 
     @property
     def data(self) -> DatasetInfo:
@@ -151,7 +155,7 @@ class Config:
 
 # Settings a resumed run may change without changing its results.
 RESUMABLE_CHANGES = frozenset({'num_workers', 'device', 'results_dir', 'cache_dir', 'data_root', 'clip_mode',
-                               'run_dir', 'skip_bad_images'})
+                               'run_dir', 'skip_bad_images', 'dist_backend', 'dist_timeout', 'sync_bn'})
 
 
 def build_config(*, dataset: str, loss: str, model: str | None = None, temp: float = 0.01,
@@ -163,7 +167,8 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
                  clip_mode: str = 'cache', text_features: str | None = None, backbone_weights: str | None = None,
                  pretrained: bool = True, amp: bool = False, channels_last: bool = False,
                  skip_bad_images: bool = False, alpha: float | None = None, beta_pos: float | None = None,
-                 warmup_epoch: int | None = None, head: str = 'linear') -> Config:
+                 warmup_epoch: int | None = None, head: str = 'linear', dist_backend: str = 'auto',
+                 dist_timeout: float = 1800.0, sync_bn: bool = True) -> Config:
     """The Config of a run: every setting left None takes the dataset's value (DATASETS row).
 
     The original's rules kept here: -p (partial) acts for pascal with clip_vision only unless
@@ -186,4 +191,5 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
         alpha=alpha if alpha is not None else row.alpha, beta=row.apl_beta,
         beta_pos=beta_pos if beta_pos is not None else row.beta_pos, beta_neg=0.0,
         warmup_epoch=warmup_epoch if warmup_epoch is not None else (row.apl_warmup if is_apl else 0),
-        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head)
+        run_dir=str(Path(results_dir) / (run_name or f'{dataset}_{loss}_{model}_s{seed}')), head=head,
+        dist_backend=dist_backend, dist_timeout=dist_timeout, sync_bn=sync_bn)

@@ -52,22 +52,34 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     step_on_device = torch.zeros((), dtype=torch.long, device=device)
     pl_counts = torch.zeros(3, device=device)  # true positives, predicted positives, true positives available
     bar = distributed.progress(loader, desc=f'epoch {epoch} train', leave=False)
+    several = distributed.world_size() > 1
     for step, batch in enumerate(bar):
         if batch is None:  # every image of the batch was unreadable (--skip-bad-images)
-            continue
+            if not several:
+                continue
+            batch = _empty_batch(cfg)  # the other ranks' shares of this global batch still train
         images = _images(cfg, batch, device)
         index = batch['index'].to(device, non_blocking=True)
-        observed = method.observed[index]
-        true = train_true[index]
         pl = None
         if pl_source is not None:
             pl = pl_source(images, index, batch['flipped'].to(device, non_blocking=True))
-            unknown_pos = (pl == 1) & (observed == 0)
-            pl_counts += torch.stack([(unknown_pos & (true == 1)).sum(), unknown_pos.sum(),
-                                      ((observed == 0) & (true == 1)).sum()]).float()
         with autocast(cfg, device):
             logits = model(images)
         logits = logits.float()
+        if several:
+            # Several processes: this rank holds its share of the global batch. Gathering the shares
+            # (logits differentiably) gives every rank the single-process batch, so the method's loss,
+            # its state and the non-finite check below are those of one process, identical on all
+            # ranks; the gradient DDP averages is then the single-process gradient (docs/distributed.md).
+            logits, index, pl = distributed.gather_batch(logits, index, pl, cfg.batch_size)
+            if index.numel() == 0:
+                continue
+        observed = method.observed[index]
+        true = train_true[index]
+        if pl is not None:
+            unknown_pos = (pl == 1) & (observed == 0)
+            pl_counts += torch.stack([(unknown_pos & (true == 1)).sum(), unknown_pos.sum(),
+                                      ((observed == 0) & (true == 1)).sum()]).float()
         preds = torch.sigmoid(logits)
         loss = method.loss(logits, preds, dict(index=index, observed=observed, true=true, pseudo_labels=pl),
                            epoch=epoch, step=step)
@@ -100,4 +112,11 @@ def predict(cfg: Config, model, loader, num_rows: int, num_classes: int, device,
             with autocast(cfg, device):
                 logits = model(_images(cfg, batch, device))
             preds_all[batch['index'].to(device)] = torch.sigmoid(logits.float())
-    return preds_all.cpu().numpy()
+    # Several processes: the loader held this rank's block of rows (distributed.shard); gather all.
+    return distributed.merge_shards(preds_all).cpu().numpy()
+
+
+def _empty_batch(cfg: Config) -> dict:
+    """A share with no image, for a rank whose images of a global batch were all skipped."""
+    return dict(image=torch.zeros(0, 3, cfg.image_size, cfg.image_size), index=torch.zeros(0, dtype=torch.long),
+                flipped=torch.zeros(0, dtype=torch.bool))

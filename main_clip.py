@@ -7,6 +7,7 @@ the phases of an epoch, checkpoints, and the loop. Examples:
     python main_clip.py -d coco -l EM_PL -m clip_vision
     python main_clip.py --resume results/coco_EM_PL_clip_vision_s0
     python main_clip.py --evaluate results/coco_EM_PL_clip_vision_s0/best.pt
+    torchrun --standalone --nproc_per_node 4 main_clip.py -d coco   # 4 processes (docs/distributed.md)
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 
 import clip_labels
 import datasets
+import distributed
 import methods
 import models
 from checkpoints import atomic_save, config_differences, load_checkpoint, rng_state, set_rng_state
@@ -99,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--beta-pos', type=float, default=None, help='weight of positive pseudo-labels (default 0.7)')
     p.add_argument('--warmup-epoch', type=int, default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
+    g = p.add_argument_group('several processes (torchrun / srun; docs/distributed.md)')
+    g.add_argument('--dist-backend', default='auto', choices=['auto', 'nccl', 'gloo'],
+                   help='torch.distributed backend; auto: nccl on CUDA, gloo on CPU')
+    g.add_argument('--dist-timeout', type=float, default=1800.0,
+                   help='seconds a collective waits for the other processes before the run stops')
+    g.add_argument('--no-sync-bn', action='store_true',
+                   help='per-process BatchNorm statistics (faster; default: synchronised over the global '
+                        'batch when there are several processes, as one process computes them)')
     p.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
                         'only the device, workers and folders')
@@ -125,6 +136,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         parser.error('--lr must be > 0')
     if a.num_workers < 0:
         parser.error('--num-workers must be >= 0')
+    if a.dist_timeout <= 0:
+        parser.error('--dist-timeout must be > 0')
     if a.no_pretrained and a.backbone_weights:
         parser.error('--no-pretrained and --backbone-weights exclude each other')
 
@@ -136,7 +149,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
-        warmup_epoch=a.warmup_epoch)
+        warmup_epoch=a.warmup_epoch, dist_backend=a.dist_backend, dist_timeout=a.dist_timeout,
+        sync_bn=not a.no_sync_bn)
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
@@ -153,9 +167,11 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 
 def select_device(name: str):
     if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
     if name == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda: no CUDA device is visible (check -g / CUDA_VISIBLE_DEVICES)')
+    if name == 'cuda' and distributed.process().world_size > 1:
+        return torch.device('cuda', distributed.process().local_rank)  # one GPU per process
     return torch.device(name)
 
 
@@ -169,16 +185,24 @@ def prepare_data(cfg: Config) -> dict:
     """The formatted splits (docs/original-vlpl.md section 4); the demo is generated on first use."""
     if cfg.dataset == 'demo':
         from preproc import make_demo
-        make_demo.ensure_demo(cfg.data_root, progress=is_primary())
+        with distributed.primary_first('generating the demo data'):
+            make_demo.ensure_demo(cfg.data_root, progress=is_primary())
     return datasets.load_splits(cfg.data_root, cfg.dataset,
                                 clean_train_labels=methods.METHODS[cfg.loss].clean_train_labels)
 
 
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
-    """Batches in row order (or the sampler's), pinned for CUDA, workers kept across epochs."""
+    """Batches in row order (or the sampler's), pinned for CUDA, workers kept across epochs.
+    Several processes: a training loader yields this rank's share of each global batch
+    (distributed.GlobalBatchShares); an evaluation loader this rank's block of rows."""
     workers = cfg.num_workers
+    batches = dict(batch_size=batch_size, sampler=sampler)
+    if distributed.world_size() > 1:
+        batches = (dict(batch_sampler=distributed.GlobalBatchShares(sampler, batch_size)) if sampler is not None
+                   else dict(batch_size=batch_size, sampler=None))
+        dataset = dataset if sampler is not None else distributed.shard(dataset)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+        dataset, **batches, shuffle=False, num_workers=workers,
         collate_fn=datasets.collate_skipping, pin_memory=device.type == 'cuda',
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
@@ -270,11 +294,13 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict]) -> dict:
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
     if is_primary():
         save_json(run_dir / 'config.json', dataclasses.asdict(cfg))
+    train_model = distributed.wrap_model(model, device, cfg.sync_bn)  # model itself on one process
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, model, optimizer, loaders['train'],
-                                                             method, train_true, pl_source, device)
+        train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, train_model, optimizer,
+                                                             loaders['train'], method, train_true, pl_source,
+                                                             device)
         method.end_epoch(epoch, lambda: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,
                                                 device, f'epoch {epoch} {cfg.loss} update'))
         times = {'train': time.perf_counter() - t0}
@@ -371,8 +397,12 @@ def strip_flag(argv: list[str], flag: str) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = None
     try:
         cfg, args = parse_args(argv)
+        if distributed.process().world_size > 1:  # launched by torchrun or srun
+            distributed.init_process_group(select_device(cfg.device).type, cfg.dist_backend, cfg.dist_timeout)
+            signal.signal(signal.SIGTERM, _stopped_by_launcher)
         if args.evaluate:
             ckpt = load_checkpoint(Path(args.evaluate))
             cfg = config_from_checkpoint(ckpt, strip_flag(argv, '--evaluate'), Path(args.evaluate), None)
@@ -399,6 +429,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error('\ninterrupted: checkpoints are written atomically, so the last complete epoch is kept; '
                   'continue with --resume RUN_DIR')
         return 130
+    except Exception as e:
+        if not distributed.is_collective_error(e):
+            raise
+        # Another process raised (its own line says why), was killed, or stopped answering for
+        # --dist-timeout seconds: this one stops too, with one line and no traceback.
+        run_dir = cfg.run_dir if cfg is not None else 'RUN_DIR'
+        log.error(f'error: lost contact with the other processes ({one_line(e)[:120]}): one failed (see its '
+                  f'message) or died; the last complete checkpoint is kept: continue with --resume {run_dir}')
+        return 1
+    finally:
+        distributed.destroy_process_group()
+
+
+def _stopped_by_launcher(signum, frame):
+    """torchrun (and srun --kill-on-bad-exit) send SIGTERM to the other processes when one fails."""
+    raise distributed.PeerFailure('stopped by the launcher because another process failed (see its message); '
+                                  'the last complete checkpoint is kept: continue with --resume RUN_DIR')
 
 
 if __name__ == '__main__':
