@@ -486,8 +486,11 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
         distributed.log.info('Frozen CLIP runs on every training batch (--clip-mode online); the pseudo-label '
                              'precision and recall are reported on each train line.')
         return (lambda images, index, flipped: labeler(images)), None
+    images = train_eval_loader.dataset
+    if isinstance(images, torch.utils.data.Subset):  # several processes: this rank's block (distributed.shard)
+        images = images.dataset
     key = embedding_cache_key(
-        dataset=cfg.dataset, image_root=train_eval_loader.dataset.root, images=train_split.images,
+        dataset=cfg.dataset, image_root=images.root, images=train_split.images,
         clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, image_size=cfg.image_size,
         clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32')
     emb = cached_embeddings(labeler, train_eval_loader, key, Path(cfg.cache_dir), device=device,

@@ -4,8 +4,8 @@ every step's parameter gradients; tests/test_distributed.py compares them.
     python tests/ddp_grad_check.py OUT.pt            # one process
     RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/ddp_grad_check.py OUT.pt
 
-Synthetic data: N = 7 rows, global batch 4, so the second global batch is uneven (4 = 2 + 2, then
-3 = 2 + 1 rows on two processes). The model is small_cnn (BatchNorm: synchronised on several
+Synthetic data: N = 9 rows, global batch 4: two full global batches (2 + 2 rows on two processes)
+and a last one of 1 row (1 + 0: the second process has an empty share). The model is small_cnn (BatchNorm: synchronised on several
 processes). Losses: epr, whose regulariser couples the rows of a batch, and EM_PL with
 pseudo-labels.
 """
@@ -25,7 +25,7 @@ import methods  # noqa: E402
 import models  # noqa: E402
 from config import build_config  # noqa: E402
 
-NUM_ROWS, BATCH, K, SIZE = 7, 4, 20, 32
+NUM_ROWS, BATCH, K, SIZE = 9, 4, 20, 32
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -69,9 +69,11 @@ def main(out: str) -> None:
         method = methods.build_method(cfg, observed.numpy(), torch.device('cpu'))
         sampler = datasets.FlipSampler(NUM_ROWS, seed=0)
         if distributed.world_size() > 1:
-            loader = torch.utils.data.DataLoader(Synthetic(), batch_sampler=distributed.GlobalBatchShares(sampler, BATCH))
+            loader = torch.utils.data.DataLoader(Synthetic(), batch_sampler=distributed.GlobalBatchShares(sampler, BATCH),
+                                                 collate_fn=datasets.collate_skipping)
         else:
-            loader = torch.utils.data.DataLoader(Synthetic(), batch_size=BATCH, sampler=sampler)
+            loader = torch.utils.data.DataLoader(Synthetic(), batch_size=BATCH, sampler=sampler,
+                                                 collate_fn=datasets.collate_skipping)
         record = []
         optimizer = RecordingSGD(model.parameters(), record)
         pl_source = (lambda images, index, flipped: pseudo[index, flipped.long()]) if loss == 'EM_PL' else None
