@@ -26,6 +26,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -162,6 +163,12 @@ def is_collective_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(word in text for word in (
         'Connection closed by peer', 'Connection reset by peer', 'Timed out', 'timed out', 'Broken pipe',
         'ProcessGroup', 'NCCL', 'Gloo', 'gloo'))
+
+
+def short_reason(error: BaseException) -> str:
+    """'Connection closed by peer [10.0.0.2]:50087' out of gloo's or NCCL's long message."""
+    text = re.sub(r'^(\[[^\]]*\]\s*)+', '', str(error).strip().splitlines()[0] if str(error).strip() else '')
+    return (text.split('. ')[0] or type(error).__name__)[:160]
 
 
 def _comm_device() -> torch.device:

@@ -435,8 +435,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         # Another process raised (its own line says why), was killed, or stopped answering for
         # --dist-timeout seconds: this one stops too, with one line and no traceback.
         run_dir = cfg.run_dir if cfg is not None else 'RUN_DIR'
-        log.error(f'error: lost contact with the other processes ({one_line(e)[:120]}): one failed (see its '
-                  f'message) or died; the last complete checkpoint is kept: continue with --resume {run_dir}')
+        log.error(f'error: lost contact with the other processes ({distributed.short_reason(e)}): one failed '
+                  f'(see its message) or died; the last complete checkpoint is kept: continue with --resume {run_dir}')
         return 1
     finally:
         distributed.destroy_process_group()
