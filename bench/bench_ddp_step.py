@@ -86,8 +86,9 @@ def main(argv=None) -> int:
     gaps = torch.tensor(optimizer.times).diff()[a.warmup - 1:]
     ms = float(gaps.median()) * 1e3
     wrapped = 'DDP' if world > 1 or isinstance(train_model, torch.nn.parallel.DistributedDataParallel) else 'plain'
-    distributed.log.info(f'{world} process(es), {torch.get_num_threads()} thread(s) each, {a.device}, {wrapped}, '
-                         f'sync BN {"off" if a.no_sync_bn else "on"}: {ms:.1f} ms per global step of '
+    sync = f', sync BN {"off" if a.no_sync_bn else "on"}' if world > 1 else ''
+    distributed.log.info(f'{world} process(es), {torch.get_num_threads()} thread(s) each, {a.device}, {wrapped}{sync}: '
+                         f'{ms:.1f} ms per global step of '
                          f'{a.batch_size} images ({a.batch_size / ms * 1e3:.0f} images/s), median of {len(gaps)}')
     distributed.destroy_process_group()
     return 0
