@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from config import DATASETS, RESUMABLE_CHANGES, Config, UserError, one_line
+from distributed import is_primary
 from files import save_npy, save_torch
 
 
@@ -121,7 +122,8 @@ class RunFolder:
             raise UserError(f'{self.path} already holds a run: continue it with --resume {self.path}, '
                             'replace it with --overwrite, or choose another --run-name')
         ensure_writable(self.path.parent, '--results-dir')
-        self._acquire()
+        if is_primary():  # one lock per run, held by the process that writes its files
+            self._acquire()
         return self
 
     def _acquire(self) -> None:

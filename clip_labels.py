@@ -394,14 +394,18 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
     path = cache_dir / f'clip_{key["dataset"]}_{digest}.npy'
     key_path = path.with_suffix('.json')
     num_rows = key['num_images']
+    array = None
     if path.is_file() and key_path.is_file():
         try:
             stored_key = json.loads(key_path.read_text())
             array = np.load(path, allow_pickle=False)
-            if stored_key == key and array.ndim == 3 and array.shape[:2] == (num_rows, 2):
-                return torch.from_numpy(array)
+            if not (stored_key == key and array.ndim == 3 and array.shape[:2] == (num_rows, 2)):
+                array = None
         except (OSError, ValueError, EOFError):
-            pass  # unreadable or truncated: rebuilt below
+            array = None  # unreadable or truncated: rebuilt below
+    # Several processes: all use the file or all rebuild it, each embedding its block of rows.
+    if not distributed.any_rank(array is None):
+        return torch.from_numpy(array)
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = None
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if amp and torch.device(device).type == 'cuda'
@@ -417,11 +421,17 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
             index = batch['index'].numpy()
             out[index, 0] = plain.float().cpu().numpy()
             out[index, 1] = flipped.float().cpu().numpy()
+    if distributed.world_size() > 1:  # the loader held this rank's block (distributed.shard): gather
+        mine = out if out is not None else np.zeros((num_rows, 2, labeler.text_features.shape[1]), np.float32)
+        merged = distributed.merge_shards(torch.from_numpy(mine)).numpy()
+        out = merged if distributed.any_rank(out is not None) else None
     if out is None:
         raise ValueError('the embedding cache loader yielded no image')
-    key_path.unlink(missing_ok=True)
-    save_npy(path, out)
-    save_json(key_path, key)
+    if distributed.is_primary():  # rank 0 writes; the others wait until the file is complete
+        key_path.unlink(missing_ok=True)
+        save_npy(path, out)
+        save_json(key_path, key)
+    distributed.barrier()
     return torch.from_numpy(out)
 
 
@@ -439,14 +449,15 @@ def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int) -> t
     classnames = read_classnames(cfg.dataset)
     key = dict(clip_model=cfg.clip_model, weights=weights_identity(cfg.clip_pretrained), classnames=classnames)
     key_path = path.with_suffix('.json')
-    try:
-        stored = json.loads(key_path.read_text()) if path.exists() else None
-    except (OSError, ValueError):
-        stored = None  # no key file, or a damaged one: compute again
-    if stored != key:
-        distributed.log.info(f'Computing text features of {cfg.dataset} with {cfg.clip_model} -> {path}')
-        save_text_features(path, compute_text_features(clip_model, tokenizer, classnames))
-        save_json(key_path, key, indent=1)
+    with distributed.primary_first(f'computing the text features {path}'):  # the others then read them
+        try:
+            stored = json.loads(key_path.read_text()) if path.exists() else None
+        except (OSError, ValueError):
+            stored = None  # no key file, or a damaged one: compute again
+        if stored != key:
+            distributed.log.info(f'Computing text features of {cfg.dataset} with {cfg.clip_model} -> {path}')
+            save_text_features(path, compute_text_features(clip_model, tokenizer, classnames))
+            save_json(key_path, key, indent=1)
     return load_text_features(path, num_classes)
 
 
@@ -479,8 +490,11 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
         distributed.log.info('Frozen CLIP runs on every training batch (--clip-mode online); the pseudo-label '
                              'precision and recall are reported on each train line.')
         return (lambda images, index, flipped: labeler(images)), None
+    images = train_eval_loader.dataset
+    if isinstance(images, torch.utils.data.Subset):  # several processes: this rank's block (distributed.shard)
+        images = images.dataset
     key = embedding_cache_key(
-        dataset=cfg.dataset, image_root=train_eval_loader.dataset.root, images=train_split.images,
+        dataset=cfg.dataset, image_root=images.root, images=train_split.images,
         clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, image_size=cfg.image_size,
         clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32')
     emb = cached_embeddings(labeler, train_eval_loader, key, Path(cfg.cache_dir), device=device,

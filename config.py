@@ -205,6 +205,10 @@ class Config:
     likelihood_topk: Optional[int] = None
     prior_threshold: Optional[float] = None
     prior_file: Optional[str] = None
+    # Several processes (docs/distributed.md): launch settings, not part of the recipe
+    dist_backend: str = 'auto'
+    dist_timeout: float = 1800.0
+    sync_bn: bool = True
 
     @property
     def data(self) -> DatasetInfo:
@@ -213,7 +217,8 @@ class Config:
 
 # Settings a resumed run may change without changing its results.
 RESUMABLE_CHANGES = frozenset({'num_workers', 'device', 'results_dir', 'cache_dir', 'data_root', 'clip_mode',
-                               'run_dir', 'skip_bad_images', 'text_features_dir', 'tensorboard'})
+                               'run_dir', 'skip_bad_images', 'text_features_dir', 'tensorboard',
+                               'dist_backend', 'dist_timeout', 'sync_bn'})
 
 
 def build_config(*, dataset: str, loss: str, model: str | None = None, temp: float = 0.01,

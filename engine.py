@@ -36,10 +36,17 @@ def _images(cfg: Config, batch: dict, device) -> torch.Tensor:
 
 
 def _forward_train(model, images: torch.Tensor):
-    """(logits, auxiliary logits or None): models.Classifier.forward_with_aux, or a plain module."""
-    if hasattr(model, 'forward_with_aux'):
-        return model.forward_with_aux(images)
+    """(logits, auxiliary logits or None). A head with auxiliary logits (SGRE) is asked for them
+    through the module's own call (forward(images, with_aux=True)), so that a DistributedDataParallel
+    wrapper sees the forward pass."""
+    if getattr(_bare(model), 'head_aux', False):
+        return model(images, with_aux=True)
     return model(images), None
+
+
+def _bare(model):
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return getattr(model, 'module', model)
 
 
 def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, train_true: torch.Tensor,
@@ -67,25 +74,40 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     # true positives, predicted positives, true positives available, positives on annotated negatives
     pl_counts = torch.zeros(4, device=device)
     bar = distributed.progress(loader, desc=f'epoch {epoch} train', leave=False)
+    several = distributed.world_size() > 1
     for step, batch in enumerate(bar):
         if batch.get('skipped'):
             datasets.report_skipped(loader.dataset, batch['skipped'])
         if 'image' not in batch:  # every image of the batch was unreadable (--skip-bad-images)
-            continue
+            if not several:
+                continue
+            batch = _empty_batch(cfg)  # the other ranks' shares of this global batch still train
         images = _images(cfg, batch, device)
         index = batch['index'].to(device, non_blocking=True)
-        observed = method.observed[index]
-        true = train_true[index]
         pl = None
         if pl_source is not None:
             pl = pl_source(images, index, batch['flipped'].to(device, non_blocking=True))
+        with autocast(cfg, device):
+            logits, aux_logits = _forward_train(model, images)
+        logits = logits.float()
+        if several:
+            # Several processes: this rank holds its share of the global batch. Gathering the shares
+            # (logits differentiably) gives every rank the single-process batch, so the method's loss,
+            # its state and the non-finite check below are those of one process, identical on all
+            # ranks; the gradient DDP averages is then the single-process gradient (docs/distributed.md).
+            share = index
+            logits, index, pl = distributed.gather_batch(logits, share, pl, cfg.batch_size)
+            if aux_logits is not None:
+                aux_logits = distributed.gather_batch(aux_logits, share, None, cfg.batch_size)[0]
+            if index.numel() == 0:
+                continue
+        observed = method.observed[index]
+        true = train_true[index]
+        if pl is not None:
             unknown_pos = (pl == 1) & (observed == 0)
             pl_counts += torch.stack([(unknown_pos & (true == 1)).sum(), unknown_pos.sum(),
                                       ((observed == 0) & (true == 1)).sum(),
                                       ((pl == 1) & (observed == -1)).sum()]).float()
-        with autocast(cfg, device):
-            logits, aux_logits = _forward_train(model, images)
-        logits = logits.float()
         preds = torch.sigmoid(logits)
         batch_labels = dict(index=index, observed=observed, true=true, pseudo_labels=pl)
         loss = method.loss(logits, preds, batch_labels, epoch=epoch, step=step)
@@ -99,7 +121,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
-            ema.update(model)
+            ema.update(_bare(model))
         preds_all[index] = preds.detach()
         loss = loss.detach()
         loss_sum += loss
@@ -127,4 +149,11 @@ def predict(cfg: Config, model, loader, num_rows: int, num_classes: int, device,
             with autocast(cfg, device):
                 logits = model(_images(cfg, batch, device))
             preds_all[batch['index'].to(device)] = torch.sigmoid(logits.float())
-    return preds_all.cpu().numpy()
+    # Several processes: the loader held this rank's block of rows (distributed.shard); gather all.
+    return distributed.merge_shards(preds_all).cpu().numpy()
+
+
+def _empty_batch(cfg: Config) -> dict:
+    """A share with no image, for a rank whose images of a global batch were all skipped."""
+    return dict(image=torch.zeros(0, 3, cfg.image_size, cfg.image_size), index=torch.zeros(0, dtype=torch.long),
+                flipped=torch.zeros(0, dtype=torch.bool))

@@ -7,6 +7,7 @@ the phases of an epoch, checkpoints, and the loop. Examples:
     python main_clip.py -d coco -l EM_PL -m clip_vision
     python main_clip.py --resume results/coco_EM_PL_clip_vision_s0
     python main_clip.py --evaluate results/coco_EM_PL_clip_vision_s0/best.pt
+    torchrun --standalone --nproc_per_node 4 main_clip.py -d coco   # 4 processes (docs/distributed.md)
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 
 import clip_labels
 import datasets
+import distributed
 import heads_run
 import losses
 import methods
@@ -122,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     methods_peers.add_arguments(p)
     methods_partial.add_arguments(p)
     heads_run.add_arguments(p.add_argument_group('Transformer heads'))  # --head, --ema-decay, ... (docs/heads.md)
+    g = p.add_argument_group('several processes (torchrun / srun; docs/distributed.md)')
+    g.add_argument('--dist-backend', default='auto', choices=['auto', 'nccl', 'gloo'],
+                   help='torch.distributed backend; auto: nccl on CUDA, gloo on CPU')
+    g.add_argument('--dist-timeout', type=POSITIVE, default=1800.0,
+                   help='seconds a collective waits for the other processes before the run stops')
+    g.add_argument('--no-sync-bn', action='store_true',
+                   help='per-process BatchNorm statistics (faster; default: synchronised over the global '
+                        'batch when there are several processes, as one process computes them)')
     g = p.add_argument_group('runs and checkpoints')
     g.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
@@ -169,6 +180,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         tensorboard=a.tensorboard, head=a.head, observed=a.observed, gamma_pos=a.gamma_pos, gamma_neg=a.gamma_neg,
         gamma_unann=a.gamma_unann, asl_clip=a.asl_clip, asl_focal_grad=a.asl_focal_grad, csl_mode=a.csl_mode,
         likelihood_topk=a.likelihood_topk, prior_threshold=a.prior_threshold, prior_file=a.prior_file,
+        dist_backend=a.dist_backend, dist_timeout=a.dist_timeout, sync_bn=not a.no_sync_bn,
         **peer, **heads_run.config_options(a, parser))
     problem = methods_partial.flag_problem(cfg)
     if problem:
@@ -190,9 +202,11 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 
 def select_device(name: str):
     if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
     if name == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda: no CUDA device is visible (check -g / CUDA_VISIBLE_DEVICES)')
+    if name == 'cuda' and distributed.process().world_size > 1:
+        return torch.device('cuda', distributed.process().local_rank)  # one GPU per process
     return torch.device(name)
 
 
@@ -206,9 +220,10 @@ def prepare_data(cfg: Config) -> dict:
     """The formatted splits (docs/original-vlpl.md section 4); the demo is generated on first use."""
     if cfg.dataset == 'demo':
         from preproc import make_demo
-        make_demo.ensure_demo(cfg.data_root, progress=is_primary())
-        if cfg.observed is not None:
-            ensure_demo_observed(cfg)
+        with distributed.primary_first('generating the demo data'):
+            make_demo.ensure_demo(cfg.data_root, progress=is_primary())
+            if cfg.observed is not None:
+                ensure_demo_observed(cfg)
     return datasets.load_splits(cfg.data_root, cfg.dataset, observed=cfg.observed,
                                 clean_train_labels=methods.METHODS[cfg.loss].clean_train_labels)
 
@@ -230,10 +245,17 @@ def ensure_demo_observed(cfg: Config) -> None:
 
 
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
-    """Batches in row order (or the sampler's), pinned for CUDA, workers kept across epochs."""
+    """Batches in row order (or the sampler's), pinned for CUDA, workers kept across epochs.
+    Several processes: a training loader yields this rank's share of each global batch
+    (distributed.GlobalBatchShares); an evaluation loader this rank's block of rows."""
     workers = cfg.num_workers
+    batches = dict(batch_size=batch_size, sampler=sampler)
+    if distributed.world_size() > 1:
+        batches = (dict(batch_sampler=distributed.GlobalBatchShares(sampler, batch_size)) if sampler is not None
+                   else dict(batch_size=batch_size, sampler=None))
+        dataset = dataset if sampler is not None else distributed.shard(dataset)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+        dataset, **batches, shuffle=False, num_workers=workers,
         collate_fn=datasets.collate_skipping, pin_memory=device.type == 'cuda',
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
@@ -347,12 +369,13 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     if is_primary():
         folder.create()
         save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
+    train_model = distributed.wrap_model(model, device, cfg.sync_bn)  # model itself on one process
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         if cfg.linear_init:  # LinearInit: a frozen trunk for the first --linear-init epochs
             model.set_trunk_frozen(epoch <= cfg.linear_init)
-        train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, model, optimizer, loaders['train'],
+        train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, train_model, optimizer, loaders['train'],
                                                              method, train_true, pl_source, device,
                                                              scheduler=scheduler, ema=ema)
         method.end_epoch(epoch, lambda: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,
@@ -548,6 +571,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = None
     try:
         cfg, args = parse_args(argv)
+        if distributed.process().world_size > 1:  # launched by torchrun or srun
+            distributed.init_process_group(select_device(cfg.device).type, cfg.dist_backend, cfg.dist_timeout)
+            signal.signal(signal.SIGTERM, _stopped_by_launcher)
         if args.evaluate:
             ckpt = load_checkpoint(Path(args.evaluate))
             cfg = config_from_checkpoint(ckpt, strip_flag(argv, '--evaluate'), Path(args.evaluate), None)
@@ -578,12 +604,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         log.error(f'\ninterrupted{resume_hint(cfg)}')
         return 130
-    except Exception as e:  # a bug: one line, and the traceback on request
-        if os.environ.get('VLPL_TRACEBACK'):
+    except Exception as e:
+        if distributed.is_collective_error(e):
+            # Another process raised (its own line says why), was killed, or stopped answering for
+            # --dist-timeout seconds: this one stops too, with one line and no traceback.
+            log.error(f'error: lost contact with the other processes ({distributed.short_reason(e)}): one failed '
+                      f'(see its message) or died{resume_hint(cfg)}')
+            return 1
+        if os.environ.get('VLPL_TRACEBACK'):  # a bug: one line, and the traceback on request
             raise
         log.error(f'error: unexpected {type(e).__name__}: {one_line(e)[:300]} (this is a bug; run again with '
                   'VLPL_TRACEBACK=1 to see where, and report it)')
         return 1
+    finally:
+        distributed.destroy_process_group()
+
+
+def _stopped_by_launcher(signum, frame):
+    """torchrun (and srun --kill-on-bad-exit) send SIGTERM to the other processes when one fails."""
+    raise distributed.PeerFailure('stopped by the launcher because another process failed (see its message); '
+                                  'the last complete checkpoint is kept: continue with --resume RUN_DIR')
 
 
 if __name__ == '__main__':

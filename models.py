@@ -336,7 +336,10 @@ class Classifier(nn.Module):
             return self.head(features)
         return self.head(self.spec.pool(self.trunk, features))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, with_aux: bool = False):
+        """Logits B x K; with_aux: (logits, auxiliary logits or None), see forward_with_aux."""
+        if with_aux:
+            return self.forward_with_aux(images)
         return self.forward_head(self.forward_features(images))
 
     def forward_with_aux(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
