@@ -15,8 +15,8 @@ import torch
 import clip_labels
 from config import Config, UserError, one_line
 from distributed import log
-from heads import (OPTIMIZERS, SCHEDULES, HeadConfigError, ModelEMA, Query2LabelHead, build_optimizer,
-                   build_schedule, dataset_defaults)
+from heads import HeadConfigError, Query2LabelHead, dataset_defaults
+from recipe import OPTIMIZERS, SCHEDULES, ModelEMA, build_optimizer, build_schedule
 from metrics import compute_metrics
 
 MAP_HEADS = ('q2l', 'sgre')

@@ -28,20 +28,19 @@ import clip_labels
 import datasets
 import distributed
 import heads_run
-import losses
 import methods
 import methods_partial  # registers -l ASL and -l CSL
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
-from checkpoints import (RunFolder, atomic_save, config_differences, ensure_writable, load_checkpoint, rng_state,
-                         set_rng_state)
+import records
+from checkpoints import RunFolder, config_differences, ensure_writable, load_checkpoint, set_rng_state
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
                     build_config, number, one_line)
 from distributed import is_primary, log
 from engine import NonFiniteLoss, predict, train_one_epoch
 from files import save_json
 from instrumentation import TrainLogger, format_summary
-from metrics import average_precision_per_class, choose_thresholds, compute_metrics
+from metrics import compute_metrics
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -364,8 +363,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     if resume is not None:
         heads_run.load_training_state(resume, ema, scheduler)
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
-    record = run_record(cfg, device, method_class)
-    tensorboard = open_tensorboard(cfg, run_dir) if is_primary() else None
+    record = records.run_record(cfg, device, method_class)
+    tensorboard = records.open_tensorboard(cfg, run_dir) if is_primary() else None
     if is_primary():
         folder.create()
         save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
@@ -414,7 +413,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         if is_primary():
             # wall times go to config.json's record, so that log.json holds only reproducible numbers
             record['epoch_seconds'] = record.get('epoch_seconds', {}) | {str(epoch): round(sum(times.values()), 2)}
-            save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
+            records.save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
                        phase_preds, splits, evaluated=evaluated, extra=heads_run.training_state(ema, scheduler))
             save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
             folder.committed()
@@ -430,78 +429,6 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     log.info(f'Best epoch test score: {logger.best_test_map:.2f}')
     return dict(best_epoch=logger.best_epoch, val_map=logger.best_val_map, test_map=logger.best_test_map,
                 run_dir=str(run_dir))
-
-
-def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, optimizer, logger, method,
-               sampler, classnames: list[str], phase_preds: dict, splits: dict, evaluated=None,
-               extra=None) -> None:
-    """last.pt, log.json and summary.csv every epoch; when this epoch is the best so far also best.pt,
-    the test predictions, the per-class AP and the per-class thresholds that maximise F1 on val
-    (predict.py --thresholds). evaluated: the weights that gave the val/test predictions, saved in
-    best.pt (default: model; with --ema-decay maybe its average); extra: more last.pt entries (EMA,
-    schedule)."""
-    common = dict(model=model.state_dict(), epoch=epoch, config=dataclasses.asdict(cfg), argv=list(argv),
-                  classnames=classnames) | heads_run.checkpoint_entries(model)
-    if logger.best_epoch == epoch:
-        atomic_save(phase_preds['test'], run_dir / 'test_preds_best.npy')
-        best = common if evaluated is None or evaluated is model else common | {'model': evaluated.state_dict()}
-        atomic_save(best | {'test_map': logger.best_test_map}, run_dir / 'best.pt')
-        per_class, thresholds = {'classnames': classnames, 'epoch': epoch}, None
-        for phase in ('val', 'test'):
-            preds, labels = phase_preds[phase], splits[phase].labels_true
-            seen = ~np.isnan(preds[:, 0])  # rows of skipped images are NaN
-            per_class[phase] = (100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)).tolist()
-            if phase == 'val':
-                thresholds = choose_thresholds(preds[seen], labels[seen]).tolist()
-        save_json(run_dir / 'per_class_ap.json', per_class)
-        save_json(run_dir / 'thresholds.json', {'classnames': classnames, 'thresholds': thresholds, 'epoch': epoch,
-                                                'rule': 'score >= threshold; maximises F1 per class on val'})
-    atomic_save(common | dict(optimizer=optimizer.state_dict(), logger=logger.state_dict(),
-                              method=method.state_dict(), rng=rng_state(sampler)) | (extra or {}),
-                run_dir / 'last.pt')
-    logger.save_json(run_dir / 'log.json')
-    logger.save_summary_csv(run_dir / 'summary.csv')
-
-
-def run_record(cfg: Config, device, method_class) -> dict:
-    """What config.json records beside the settings: the device used, versions, commit, start time,
-    and the settings this method does not read (kept for the record, marked unused)."""
-    import platform
-    import subprocess
-
-    import torchvision
-
-    versions = {'python': platform.python_version(), 'torch': torch.__version__,
-                'torchvision': torchvision.__version__}
-    for name in ('open_clip', 'timm'):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # an optional dependency that is not installed has no version to record
-            versions[name] = None
-    try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    used = set(losses.loss_hparams(cfg.loss)) if cfg.loss in losses.LOSSES else set()
-    unused = sorted({'alpha', 'beta', 'beta_pos', 'beta_neg', 'warmup_epoch'} - used)
-    if not method_class.needs_pseudo_labels:
-        unused += ['temp', 'threshold', 'partial', 'clip_mode', 'text_features']
-        if cfg.model != 'clip_vision':
-            unused += ['clip_model', 'clip_pretrained']
-    return {'device': str(device), 'versions': versions, 'git_commit': commit,
-            'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'unused_settings': unused}
-
-
-def open_tensorboard(cfg: Config, run_dir: Path):
-    """A SummaryWriter under RUN_DIR/tensorboard with --tensorboard (an optional dependency)."""
-    if not cfg.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard') from None
-    return SummaryWriter(str(run_dir / 'tensorboard'))
 
 
 def evaluate(cfg: Config, ckpt: dict) -> float:

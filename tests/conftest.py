@@ -93,3 +93,18 @@ def tiny_run_args(data_root, tmp_path, tiny_clip, text_features, *, epochs: int 
             '--epochs', str(epochs), '--batch-size', '8', '--lr', '1e-3', '--num-workers', str(workers),
             '--device', 'cpu', '--clip-model', tiny_clip['config'], '--clip-pretrained',
             tiny_clip['checkpoint'], '--text-features', text_features]
+
+
+def interrupt_after(monkeypatch, stop_epoch: int):
+    """main_clip stops with Ctrl-C right after writing the checkpoint of `stop_epoch`, as a SIGKILL
+    there would leave the run folder; returns a function that undoes it (for the --resume)."""
+    import records
+
+    save = records.save_epoch
+
+    def save_then_stop(run_dir, epoch, *args, **kwargs):
+        save(run_dir, epoch, *args, **kwargs)
+        if epoch == stop_epoch:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(records, 'save_epoch', save_then_stop)
+    return lambda: monkeypatch.setattr(records, 'save_epoch', save)

@@ -18,8 +18,9 @@ from torch import nn
 
 import heads
 from heads import (DATASET_DEFAULTS, GroupWiseLinear, HeadConfigError, LowRankBilinearAttention,
-                   ModelEMA, Query2LabelHead, SGREHead, build_optimizer, build_schedule,
-                   dataset_defaults, sgre_attention_memory, sgre_total_loss, sine_position_encoding)
+                   Query2LabelHead, SGREHead, dataset_defaults, sgre_attention_memory, sgre_total_loss,
+                   sine_position_encoding)
+from recipe import ModelEMA, build_optimizer, build_schedule
 
 GRIDS = [(1, 1), (3, 5), (4, 4), (7, 2)]
 REFERENCE = Path(__file__).parent / 'reference' / 'heads_reference.json'

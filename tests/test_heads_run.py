@@ -14,7 +14,7 @@ import heads_run
 import main_clip
 import methods
 import models
-from conftest import tiny_run_args
+from conftest import interrupt_after, tiny_run_args
 
 # Small transformer sizes: the tiny runs take seconds on a CPU.
 SMALL = {
@@ -75,16 +75,9 @@ def test_resume_with_ema_and_onecycle_is_exact(tiny_pascal, tmp_path, tiny_clip,
     assert main_clip.main(args + ['--run-name', 'full']) == 0
     full_out = capsys.readouterr().out
 
-    save_epoch = main_clip.save_epoch
-
-    def save_then_stop(run_dir, epoch, *a, **k):
-        save_epoch(run_dir, epoch, *a, **k)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(main_clip, 'save_epoch', save_then_stop)
+    undo = interrupt_after(monkeypatch, 1)
     assert main_clip.main(args + ['--run-name', 'cut']) == 130
-    monkeypatch.setattr(main_clip, 'save_epoch', save_epoch)
+    undo()
     capsys.readouterr()
     cut = tmp_path / 'results' / 'cut'
     assert main_clip.main(['--resume', str(cut)]) == 0

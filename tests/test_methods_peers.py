@@ -13,7 +13,7 @@ import main_clip
 import methods
 import methods_peers  # noqa: F401  (registers the methods)
 import models
-from conftest import tiny_run_args
+from conftest import interrupt_after, tiny_run_args
 
 
 @pytest.mark.parametrize('flags', [
@@ -35,17 +35,6 @@ def test_peer_methods_train_end_to_end(flags, tiny_pascal, tmp_path, tiny_clip, 
     assert main_clip.evaluate(cfg, best) == pytest.approx(best['test_map'], abs=1e-9)
 
 
-def _interrupt_after(monkeypatch, stop_epoch: int):
-    """The run stops right after the checkpoint of `stop_epoch`, as a SIGKILL there would leave it."""
-    save = main_clip.save_epoch
-
-    def save_then_stop(run_dir, epoch, *args, **kwargs):
-        save(run_dir, epoch, *args, **kwargs)
-        if epoch == stop_epoch:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(main_clip, 'save_epoch', save_then_stop)
-
-
 @pytest.mark.parametrize('flags, epochs, stop', [
     (['-l', 'role'], 2, 1),
     (['-l', 'LL-Cp', '--ll-delta-rel', '2'], 3, 2),  # flips from epoch 2 on: the resumed epoch 3 needs them
@@ -54,7 +43,7 @@ def test_resume_is_exact(flags, epochs, stop, tiny_pascal, tmp_path, tiny_clip, 
     args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=epochs) + flags
     assert main_clip.main(args + ['--run-name', 'full']) == 0
     with monkeypatch.context() as m:
-        _interrupt_after(m, stop)
+        interrupt_after(m, stop)
         assert main_clip.main(args + ['--run-name', 'cut']) == 130
     cut = tmp_path / 'results' / 'cut'
     state = torch.load(cut / 'last.pt', weights_only=True)

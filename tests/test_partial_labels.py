@@ -15,7 +15,7 @@ import losses_partial as lp
 import main_clip
 import methods
 import methods_partial
-from conftest import write_pascal_like
+from conftest import interrupt_after, write_pascal_like
 from preproc import generate_observed_labels
 
 K = 20  # pascal-shaped fixture
@@ -252,16 +252,9 @@ def test_train_end_to_end_with_a_tag(rps_pascal, tmp_path, capsys, loss, tag):
 def test_resume_reproduces_an_uninterrupted_csl_run(rps_pascal, tmp_path, monkeypatch):
     args = run_args(rps_pascal, tmp_path, '-l', 'CSL', '--observed', 'rps0.5', '--prior-threshold', '0.3', epochs=2)
     assert main_clip.main(args + ['--run-name', 'full']) == 0
-    save_epoch = main_clip.save_epoch
-
-    def stop_after_epoch_1(run_dir, epoch, *rest, **options):
-        save_epoch(run_dir, epoch, *rest, **options)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(main_clip, 'save_epoch', stop_after_epoch_1)
+    undo = interrupt_after(monkeypatch, 1)
     assert main_clip.main(args + ['--run-name', 'cut']) == 130
-    monkeypatch.setattr(main_clip, 'save_epoch', save_epoch)
+    undo()
     cut = tmp_path / 'results' / 'cut'
     assert main_clip.main(['--resume', str(cut)]) == 0
     full = tmp_path / 'results' / 'full'
