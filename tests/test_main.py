@@ -82,12 +82,24 @@ def test_same_seed_repeats_and_another_seed_differs(tiny_pascal, tmp_path, tiny_
     assert not np.array_equal(preds['a'], preds['c'])
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_clip, tiny_text_features):
+SIGKILL_CASES = [
+    pytest.param(['-l', 'EM_PL'], id='EM_PL'),
+    # The stateful methods and the EMA head: their state must survive a SIGKILL too.
+    pytest.param(['-l', 'role'], id='role', marks=pytest.mark.slow),
+    pytest.param(['-l', 'LL-Cp', '--ll-delta-rel', '2'], id='LL-Cp', marks=pytest.mark.slow),
+    pytest.param(['-l', 'EM_PL', '--head', 'q2l', '--ema-decay', '0.9', '--q2l-hidden', '32', '--q2l-heads', '4',
+                  '--q2l-ffn', '64'], id='q2l-ema', marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize('flags', SIGKILL_CASES)
+def test_resume_after_sigkill_matches_an_uninterrupted_run(flags, tmp_path, tiny_clip, tiny_text_features):
     data = write_pascal_like(tmp_path / 'data', num_train=400, num_val=40, seed=1)
-    args = tiny_run_args(data, tmp_path, tiny_clip, tiny_text_features, epochs=3) + ['-l', 'EM_PL']
+    args = tiny_run_args(data, tmp_path, tiny_clip, tiny_text_features, epochs=3) + flags
     cmd = [sys.executable, '-u', str(REPO / 'main_clip.py')] + args
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-    subprocess.run(cmd + ['--run-name', 'full'], cwd=REPO, env=env, check=True, capture_output=True)
+    straight = subprocess.run(cmd + ['--run-name', 'full'], cwd=REPO, env=env, check=True, capture_output=True,
+                              text=True)
 
     proc = subprocess.Popen(cmd + ['--run-name', 'killed'], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
@@ -102,6 +114,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_clip, 
                               '--num-workers', '0'], cwd=REPO, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert 'Resuming' in resumed.stdout
+    assert resumed.stdout.splitlines()[-3:] == straight.stdout.splitlines()[-3:]  # the closing lines
+    assert resumed.stdout.splitlines()[-1].startswith('Best epoch test score: ')
     full = json.loads((tmp_path / 'results' / 'full' / 'log.json').read_text())
     again = json.loads((killed / 'log.json').read_text())
     assert full['values'] == again['values']
