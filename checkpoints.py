@@ -16,6 +16,7 @@ import pickle
 import random
 import shutil
 import socket
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,8 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f'{path}: not a VLPL checkpoint: it holds Python objects that a checkpoint written by '
                         'main_clip.py never holds, so it was not loaded (no code in it ran)') from None
     except Exception as e:  # a damaged archive fails in many ways inside torch (zip, unpickler, storage)
-        raise UserError(f'{path}: not a readable VLPL checkpoint, truncated or damaged ({one_line(e)[:120]}); '
+        reason = one_line(e)[:120] if zipfile.is_zipfile(path) else 'not a PyTorch zip archive'
+        raise UserError(f'{path}: not a readable VLPL checkpoint, truncated or damaged ({reason}); '
                         'use another checkpoint (last.pt or best.pt of the run)') from None
     if not isinstance(ckpt, dict) or not {'model', 'config', 'epoch'} <= set(ckpt):
         raise UserError(f'{path}: not a VLPL checkpoint (missing model/config/epoch)')
