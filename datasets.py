@@ -219,6 +219,32 @@ def image_tensor(img: Image.Image, image_size: int, *, flipped: bool = False) ->
     return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
+def resized_pixels(img: Image.Image, image_size: int) -> np.ndarray:
+    """The S x S x 3 uint8 pixels of an RGB PIL image after the pipeline's Resize((S, S)): what
+    image_tensor normalises, and what preproc/pack_images.py stores (docs/input-pipeline.md)."""
+    return np.asarray(TF.resize(img, [image_size, image_size]), dtype=np.uint8)
+
+
+def to_model_input(images: torch.Tensor, flipped: torch.Tensor | None, device) -> torch.Tensor:
+    """The network input of a batch on `device`.
+
+    A float batch (the PIL pipeline, already normalised in the workers) is only moved. A uint8
+    B x S x S x 3 batch (--data-format packed) is moved without blocking and made there exactly as
+    image_tensor makes it: rows with ``flipped`` mirrored left-right (TF.hflip, exact on uint8),
+    ToTensor (permute to 3 x S x S, float32, divide by 255) and Normalize (subtract the mean,
+    divide by the std, in float32), so the result is bit-identical to the PIL pipeline's tensor.
+    """
+    if images.dtype != torch.uint8:
+        return images.to(device, non_blocking=True)
+    x = images.to(device, non_blocking=True)
+    if flipped is not None:
+        x = torch.where(flipped.to(device, non_blocking=True).view(-1, 1, 1, 1), x.flip(2), x)
+    x = x.permute(0, 3, 1, 2).contiguous().float().div(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub(mean).div(std)
+
+
 class MultiLabelImages(torch.utils.data.Dataset):
     """Images of one split with their labels (docs/original-vlpl.md section 5).
 
