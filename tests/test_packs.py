@@ -49,10 +49,11 @@ def test_packed_tensors_are_bit_identical_to_pil_for_both_flips(data):
         items = [packed[k] for k in keys]
         batch = torch.utils.data.default_collate(items)
         assert batch['image'].dtype == torch.uint8 and batch['image'].shape == (len(keys), SIZE, SIZE, 3)
-        made = datasets.to_model_input(batch['image'], batch['flipped'], torch.device('cpu'))
-        assert made.dtype == reference.dtype and made.shape == reference.shape
+        made = datasets.to_model_input(batch['image'], batch['flipped'], torch.device('cpu'))  # byte table
+        assert made.dtype == reference.dtype and made.shape == reference.shape and made.is_contiguous()
         assert torch.equal(made, reference)  # bit for bit, flipped and unflipped rows
-        assert made.is_contiguous()
+        # the tensor operations used on a GPU, here on the CPU
+        assert torch.equal(datasets._normalise_on_device(batch['image'], batch['flipped']), reference)
     # a float batch (the PIL pipeline) is only moved
     assert datasets.to_model_input(reference, None, 'cpu') is reference
 
