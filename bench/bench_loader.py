@@ -210,7 +210,7 @@ def main(argv=None) -> int:
           f'{"bit-identical" if identical else "DIFFER"} over all {n} images')
     for key, rate in steps.items():
         side = 'the input pipeline' if rate > best['PIL'] else 'the training step'
-        print(f'training step ({key}, {args.model}{" --amp" if args.amp else ""}): {rate:.1f} images/s needed; '
+        print(f'training step ({key}, {args.model}{" --amp" if args.amp else ""}): {rate:.3g} images/s needed; '
               f'with PIL the bottleneck is {side}; packed gives {best["packed"] / rate:.1f}x what the step needs')
     return 0 if identical else 1
 
