@@ -152,7 +152,7 @@ class PackedImages(torch.utils.data.Dataset):
 
 def image_sets(cfg, splits: dict, root: Path) -> tuple[dict, torch.utils.data.Dataset]:
     """The datasets of a run for cfg.data_format: {phase: set} and the unflipped train set (for the
-    embedding cache and the EM_APL update)."""
+    embedding cache and the EM_APL update; None when `splits` has no train split)."""
     if cfg.data_format == 'packed':
         def make(phase, train):
             return PackedImages(cfg.data_root, splits[phase], cfg.image_size, train=train, dataset=cfg.dataset,
@@ -161,7 +161,7 @@ def image_sets(cfg, splits: dict, root: Path) -> tuple[dict, torch.utils.data.Da
         def make(phase, train):
             return datasets.MultiLabelImages(root, splits[phase], cfg.image_size, train=train, dataset=cfg.dataset,
                                              skip_bad=cfg.skip_bad_images)
-    return {phase: make(phase, phase == 'train') for phase in splits}, make('train', False)
+    return {phase: make(phase, phase == 'train') for phase in splits}, make('train', False) if 'train' in splits else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,3 +144,7 @@ def test_packed_run_ends_with_the_same_lines(tiny_pascal, tmp_path, tiny_clip, t
     assert closing['pil'] == closing['packed'] and closing['pil'][0].startswith('Best epoch: ')
     logs = [json.loads((tmp_path / 'results' / n / 'log.json').read_text()) for n in ('pil', 'packed')]
     assert logs[0]['values'] == logs[1]['values']  # every metric of every epoch
+    # --evaluate of the packed run reads the test pack and reproduces the logged test mAP
+    capsys.readouterr()
+    assert main_clip.main(['--evaluate', str(tmp_path / 'results' / 'packed' / 'best.pt')]) == 0
+    assert float(capsys.readouterr().out.strip().split()[-1]) == pytest.approx(logs[1]['best_test_map'], abs=0.005)
