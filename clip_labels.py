@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import datasets
 import distributed
 from config import DEFAULT_DIRS, REPO_ROOT, Config, ModelLoadError, one_line
 from files import save_json, save_npy
@@ -414,7 +415,7 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
         for batch in distributed.progress(loader, desc='frozen CLIP embeddings (once, cached)'):
             if 'image' not in batch:  # every image of the batch was skipped (--skip-bad-images)
                 continue
-            images = batch['image'].to(device, non_blocking=True)
+            images = datasets.to_model_input(batch['image'], batch.get('flipped'), device)  # packed: on the device
             plain, flipped = labeler.embed(images), labeler.embed(images.flip(-1))  # B x D each
             if out is None:
                 out = np.zeros((num_rows, 2, plain.shape[1]), dtype=np.float32)

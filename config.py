@@ -209,6 +209,11 @@ class Config:
     dist_backend: str = 'auto'
     dist_timeout: float = 1800.0
     sync_bn: bool = True
+    # Input pipeline (issue 18, packs.py, docs/input-pipeline.md): 'pil' decodes and resizes in the
+    # workers; 'packed' reads preproc/pack_images.py's uint8 packs and normalises on the device
+    # (bit-identical tensors). compile: torch.compile of the model.
+    data_format: str = 'pil'
+    compile: bool = False
 
     @property
     def data(self) -> DatasetInfo:
@@ -218,7 +223,7 @@ class Config:
 # Settings a resumed run may change without changing its results.
 RESUMABLE_CHANGES = frozenset({'num_workers', 'device', 'results_dir', 'cache_dir', 'data_root', 'clip_mode',
                                'run_dir', 'skip_bad_images', 'text_features_dir', 'tensorboard',
-                               'dist_backend', 'dist_timeout', 'sync_bn'})
+                               'dist_backend', 'dist_timeout', 'sync_bn', 'data_format'})
 
 
 def build_config(*, dataset: str, loss: str, model: str | None = None, temp: float = 0.01,

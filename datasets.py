@@ -219,6 +219,89 @@ def image_tensor(img: Image.Image, image_size: int, *, flipped: bool = False) ->
     return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
+def resized_pixels(img: Image.Image, image_size: int) -> np.ndarray:
+    """The S x S x 3 uint8 pixels of an RGB PIL image after the pipeline's Resize((S, S)): what
+    image_tensor normalises, and what preproc/pack_images.py stores (docs/input-pipeline.md)."""
+    return np.asarray(TF.resize(img, [image_size, image_size]), dtype=np.uint8)
+
+
+def to_model_input(images: torch.Tensor, flipped: torch.Tensor | None, device) -> torch.Tensor:
+    """The network input of a batch on `device`.
+
+    A float batch (the PIL pipeline, already normalised in the workers) is only moved. A uint8
+    B x S x S x 3 batch (--data-format packed) is moved without blocking and made there exactly as
+    image_tensor makes it: rows with ``flipped`` mirrored left-right (TF.hflip, exact on uint8),
+    ToTensor (3 x S x S, float32, divided by 255) and Normalize (minus the mean, divided by the
+    std, in float32), so the result is bit-identical to the PIL pipeline's tensor. On the CPU the
+    same float32 operations are applied once to the 256 values of a byte (``_byte_table``) and
+    every pixel is looked up: one pass over memory instead of five, the same bits.
+    """
+    if images.dtype != torch.uint8:
+        return images.to(device, non_blocking=True)
+    if torch.device(device).type == 'cpu':
+        return _lookup_on_cpu(images, flipped)
+    return _normalise_on_device(images.to(device, non_blocking=True),
+                                None if flipped is None else flipped.to(device, non_blocking=True))
+
+
+def _normalise_on_device(x: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
+    """to_model_input of a uint8 batch with tensor operations: hflip, ToTensor, Normalize."""
+    if flipped is not None:
+        x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(2), x)
+    x = x.permute(0, 3, 1, 2).contiguous().float().div(255)  # TF.to_tensor
+    return _normalise(x)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """TF.normalize's arithmetic: (x - mean) / std with float32 mean and std, channel dim 1."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean = torch.as_tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.as_tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(shape)
+    return x.sub(mean).div(std)
+
+
+_BYTE_TABLE: list = []
+
+
+def _byte_table() -> np.ndarray:
+    """3 x 256 float32: the network input of byte value v in channel c, computed with the same
+    float32 operations as to_tensor and normalize."""
+    if not _BYTE_TABLE:
+        values = torch.arange(256, dtype=torch.uint8).float().div(255)  # TF.to_tensor
+        _BYTE_TABLE.append(_normalise(values.view(1, 1, 256).expand(1, 3, 256)).reshape(3, 256).numpy().copy())
+    return _BYTE_TABLE[0]
+
+
+_POOL: dict = {}
+
+
+def _lookup_on_cpu(images: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
+    """The byte-table lookup of every image plane, on torch.get_num_threads() threads (np.take
+    releases the GIL), as a tensor operation would use them."""
+    table = _byte_table()
+    x = images.numpy()
+    out = torch.empty((x.shape[0], 3) + x.shape[1:3], dtype=torch.float32)
+    o = out.numpy()
+    flips = np.zeros(len(x), bool) if flipped is None else flipped.cpu().numpy().astype(bool)
+
+    def plane(b: int, c: int) -> None:
+        src = x[b, :, ::-1] if flips[b] else x[b]  # hflip: read the row backwards
+        np.take(table[c], src[..., c], out=o[b, c], mode='clip')  # 'clip': unbuffered; bytes are in range
+
+    jobs = [(b, c) for b in range(len(x)) for c in range(3)]
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(jobs) <= 3:
+        for job in jobs:
+            plane(*job)
+        return out
+    if _POOL.get('threads') != threads:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL.update(threads=threads, pool=ThreadPoolExecutor(threads, thread_name_prefix='to_model_input'))
+    for done in [_POOL['pool'].submit(plane, *job) for job in jobs]:
+        done.result()
+    return out
+
+
 class MultiLabelImages(torch.utils.data.Dataset):
     """Images of one split with their labels (docs/original-vlpl.md section 5).
 

@@ -29,7 +29,8 @@ def autocast(cfg: Config, device):
 
 
 def _images(cfg: Config, batch: dict, device) -> torch.Tensor:
-    images = batch['image'].to(device, non_blocking=True)
+    # a packed uint8 batch is flipped, scaled and normalised here, on the device
+    images = datasets.to_model_input(batch['image'], batch.get('flipped'), device)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
@@ -155,5 +156,8 @@ def predict(cfg: Config, model, loader, num_rows: int, num_classes: int, device,
 
 def _empty_batch(cfg: Config) -> dict:
     """A share with no image, for a rank whose images of a global batch were all skipped."""
-    return dict(image=torch.zeros(0, 3, cfg.image_size, cfg.image_size), index=torch.zeros(0, dtype=torch.long),
+    packed = cfg.data_format == 'packed'  # uint8 B x S x S x 3, else float B x 3 x S x S
+    size = cfg.image_size
+    image = torch.zeros((0, size, size, 3), dtype=torch.uint8) if packed else torch.zeros(0, 3, size, size)
+    return dict(image=image, index=torch.zeros(0, dtype=torch.long),
                 flipped=torch.zeros(0, dtype=torch.bool))

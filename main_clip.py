@@ -32,6 +32,7 @@ import methods
 import methods_partial  # registers -l ASL and -l CSL
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
+import packs
 import records
 from checkpoints import RunFolder, config_differences, ensure_writable, load_checkpoint, set_rng_state
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
@@ -132,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-sync-bn', action='store_true',
                    help='per-process BatchNorm statistics (faster; default: synchronised over the global '
                         'batch when there are several processes, as one process computes them)')
+    g = p.add_argument_group('input pipeline (docs/input-pipeline.md)')
+    g.add_argument('--data-format', default='pil', choices=['pil', 'packed'],
+                   help='pil: decode and resize every image in the workers; packed: read the uint8 packs of '
+                        'preproc/pack_images.py and flip and normalise on the device (the same tensors, bit for bit)')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model (default: off)')
     g = p.add_argument_group('runs and checkpoints')
     g.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
@@ -180,6 +186,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         gamma_unann=a.gamma_unann, asl_clip=a.asl_clip, asl_focal_grad=a.asl_focal_grad, csl_mode=a.csl_mode,
         likelihood_topk=a.likelihood_topk, prior_threshold=a.prior_threshold, prior_file=a.prior_file,
         dist_backend=a.dist_backend, dist_timeout=a.dist_timeout, sync_bn=not a.no_sync_bn,
+        data_format=a.data_format, compile=a.compile,
         **peer, **heads_run.config_options(a, parser))
     problem = methods_partial.flag_problem(cfg)
     if problem:
@@ -266,6 +273,9 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
 def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
     """Every input file checked before the expensive work (CLIP, the embedding cache, training)."""
     for phase, split in splits.items():
+        if cfg.data_format == 'packed':  # the packs replace the image files
+            packs.open_pack(cfg.data_root, cfg.dataset, phase, split.images, cfg.image_size)
+            continue
         for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images):
             log.warning(f'skipped missing image {root / path} (--skip-bad-images)')
     for flag, path in (('--backbone-weights', cfg.backbone_weights), ('--text-features', cfg.text_features),
@@ -302,16 +312,12 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     root = datasets.image_root(cfg.data_root, cfg.dataset)
     check_inputs(cfg, splits, root)
     init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
-    sets = {phase: datasets.MultiLabelImages(root, split, cfg.image_size, train=phase == 'train',
-                                             dataset=cfg.dataset, skip_bad=cfg.skip_bad_images)
-            for phase, split in splits.items()}
+    sets, train_eval_set = packs.image_sets(cfg, splits, root)  # --data-format pil or packed
     sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed)
     loaders = {'train': make_loader(sets['train'], batch_size=cfg.batch_size, sampler=sampler, cfg=cfg,
                                     device=device)}
     for phase in ('val', 'test'):
         loaders[phase] = make_loader(sets[phase], batch_size=cfg.batch_size, cfg=cfg, device=device)
-    train_eval_set = datasets.MultiLabelImages(root, splits['train'], cfg.image_size, train=False,
-                                               dataset=cfg.dataset, skip_bad=cfg.skip_bad_images)
     train_eval_loader = make_loader(train_eval_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
 
     method_class = methods.METHODS[cfg.loss]
@@ -369,6 +375,10 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         folder.create()
         save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
     train_model = distributed.wrap_model(model, device, cfg.sync_bn)  # model itself on one process
+    eval_model = model
+    if cfg.compile:  # the compiled modules share the model's parameters; checkpoints save `model`
+        eval_model = torch.compile(model)
+        train_model = eval_model if train_model is model else torch.compile(train_model)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -377,15 +387,15 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, train_model, optimizer, loaders['train'],
                                                              method, train_true, pl_source, device,
                                                              scheduler=scheduler, ema=ema)
-        method.end_epoch(epoch, lambda: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,
-                                                device, f'epoch {epoch} {cfg.loss} update'))
+        method.end_epoch(epoch, lambda: predict(cfg, eval_model, train_eval_loader, len(train_eval_set),
+                                                num_classes, device, f'epoch {epoch} {cfg.loss} update'))
         times = {'train': time.perf_counter() - t0}
         phase_preds = {'train': train_preds}
         evaluated = model  # with --ema-decay: the model or its average, whichever is better on val
         for phase in ('val', 'test'):
             t0 = time.perf_counter()
-            phase_preds[phase] = predict(cfg, evaluated, loaders[phase], len(sets[phase]), num_classes, device,
-                                         f'epoch {epoch} {phase}')
+            phase_preds[phase] = predict(cfg, eval_model if evaluated is model else evaluated, loaders[phase],
+                                         len(sets[phase]), num_classes, device, f'epoch {epoch} {phase}')
             if phase == 'val' and ema is not None:
                 ema_preds = predict(cfg, ema.module, loaders[phase], len(sets[phase]), num_classes, device,
                                     f'epoch {epoch} {phase} (EMA)')
@@ -445,9 +455,8 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
                                     **heads_run.head_options(cfg, label_embeddings))
     model.load_state_dict(ckpt['model'])
     model.to(device)
-    test_set = datasets.MultiLabelImages(datasets.image_root(cfg.data_root, cfg.dataset), splits['test'],
-                                         cfg.image_size, train=False, dataset=cfg.dataset,
-                                         skip_bad=cfg.skip_bad_images)
+    root = datasets.image_root(cfg.data_root, cfg.dataset)
+    test_set = packs.image_sets(cfg, {'test': splits['test']}, root)[0]['test']  # --data-format pil or packed
     loader = make_loader(test_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
     preds = predict(cfg, model, loader, len(test_set), num_classes, device, 'test')
     m = compute_metrics(preds, splits['test'].labels_true)
