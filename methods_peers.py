@@ -96,11 +96,8 @@ class LargeLoss(methods.Method):
     with u >= tau (k of them) where LargeLossMatters flips u > tau (k - 1)."""
     scheme = ''
 
-    def __init__(self, cfg: Config, train_observed: np.ndarray, device):
-        super().__init__(cfg, train_observed, device)
-        self.observed = self.observed.clone()  # LL-Cp writes into it: never into the split's array
-
     def loss(self, logits, preds, batch, *, epoch, step):
+        # LL-Cp writes into self.observed, a copy of the split's labels (methods.Method.__init__).
         delta_rel = _delta_rel(self.cfg)
         loss, flips = lp.ll_loss(logits=logits, observed=batch['observed'],
                                  clean_rate=lp.ll_clean_rate(epoch=epoch, delta_rel=delta_rel), delta_rel=delta_rel,
