@@ -28,6 +28,7 @@ import losses
 import methods
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
+import pseudo_label_options
 from checkpoints import (RunFolder, atomic_save, config_differences, ensure_writable, load_checkpoint, rng_state,
                          set_rng_state)
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--warmup-epoch', type=number(int, low=0), default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
     methods_peers.add_arguments(p)
+    pseudo_label_options.add_arguments(p)
     g = p.add_argument_group('runs and checkpoints')
     g.add_argument('--resume', default=None, metavar='RUN_DIR',
                    help='continue the run in RUN_DIR from its last complete epoch; other flags may change '
@@ -162,11 +164,14 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
         warmup_epoch=a.warmup_epoch, text_features_dir=a.text_features_dir, init_from=a.init_from,
-        tensorboard=a.tensorboard, **peer)
+        tensorboard=a.tensorboard, **peer, **pseudo_label_options.settings(a))
     if a.partial > 0 and cfg.partial == 0:  # the original's rule, kept in config.build_config
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
     method = methods.METHODS[cfg.loss]
+    backbone = models.BACKBONES[cfg.model]
+    pseudo_label_options.check(cfg, parser.error, needs_pseudo_labels=method.needs_pseudo_labels,
+                               has_cam=backbone.cam and models.HEADS[cfg.head].reads == 'pooled')
     if method.uses_warmup and cfg.warmup_epoch >= cfg.epochs:
         parser.error(f'--warmup-epoch {cfg.warmup_epoch} leaves no epoch of {cfg.loss} after the warmup '
                      f'(--epochs {cfg.epochs})')
@@ -273,6 +278,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
             log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}): precision '
                      f'{quality["precision"]:.3f}, recall {quality["recall"]:.3f}, '
                      f'{quality["per_image"]:.2f} positives / image')
+        if pl_source.report:
+            log.info(pseudo_label_options.quality_line(pl_source.report['stages'][-1], 'on train'))
 
     # Reseed so that the head's initialisation does not depend on what ran before (CLIP loading and
     # every DataLoader iterator draw from the global generator).
@@ -303,6 +310,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         logger.load_state_dict(resume['logger'])
         method.load_state_dict(resume['method'])
         set_rng_state(resume['rng'], sampler)
+        if pl_source is not None:
+            pl_source.load_state_dict(resume.get('pseudo_labels', {}))
         start_epoch = resume['epoch'] + 1
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
     record = run_record(cfg, device, method_class)
@@ -310,15 +319,21 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     if is_primary():
         folder.create()
         save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
+        if pl_source is not None and pl_source.report:
+            save_json(run_dir / 'pl_quality.json', pl_source.report)
+    predict_train = lambda desc: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,  # noqa: E731
+                                         device, desc)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if pl_source is not None and pl_source.before_epoch(epoch, model, lambda: predict_train(
+                f'epoch {epoch} CCD threshold calibration')) and is_primary():
+            save_json(run_dir / 'pl_quality.json', pl_source.report)
         if cfg.linear_init:  # LinearInit: a frozen trunk for the first --linear-init epochs
             model.set_trunk_frozen(epoch <= cfg.linear_init)
         train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, model, optimizer, loaders['train'],
                                                              method, train_true, pl_source, device)
-        method.end_epoch(epoch, lambda: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,
-                                                device, f'epoch {epoch} {cfg.loss} update'))
+        method.end_epoch(epoch, lambda: predict_train(f'epoch {epoch} {cfg.loss} update'))
         times = {'train': time.perf_counter() - t0}
         phase_preds = {'train': train_preds}
         for phase in ('val', 'test'):
@@ -346,7 +361,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         if is_primary():
             record['epoch_seconds'] = record.get('epoch_seconds', {}) | {str(epoch): round(sum(times.values()), 2)}
             save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
-                       phase_preds, splits)
+                       phase_preds, splits, pl_state=pl_source.state_dict() if pl_source is not None else {})
             save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
             folder.committed()
             if tensorboard is not None:
@@ -364,7 +379,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
 
 
 def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, optimizer, logger, method,
-               sampler, classnames: list[str], phase_preds: dict, splits: dict) -> None:
+               sampler, classnames: list[str], phase_preds: dict, splits: dict, pl_state: Optional[dict] = None) -> None:
     """last.pt, log.json and summary.csv every epoch; when this epoch is the best so far also best.pt,
     the test predictions, the per-class AP and the per-class thresholds that maximise F1 on val
     (predict.py --thresholds)."""
@@ -384,7 +399,8 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
         save_json(run_dir / 'thresholds.json', {'classnames': classnames, 'thresholds': thresholds, 'epoch': epoch,
                                                 'rule': 'score >= threshold; maximises F1 per class on val'})
     atomic_save(common | dict(optimizer=optimizer.state_dict(), logger=logger.state_dict(),
-                              method=method.state_dict(), rng=rng_state(sampler)), run_dir / 'last.pt')
+                              method=method.state_dict(), rng=rng_state(sampler), pseudo_labels=pl_state or {}),
+                run_dir / 'last.pt')
     logger.save_json(run_dir / 'log.json')
     logger.save_summary_csv(run_dir / 'summary.csv')
 
