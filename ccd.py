@@ -10,8 +10,9 @@ names the lines it follows. Three bugs of the released code are fixed here (docs
   columns, not the smallest and largest column); here it is the true column range;
 - a flat CAM has no thresholded pixel and raises IndexError there; here the view is the whole image.
 
-The pure functions take and return tensors; `refresh_with_cam_views` runs the refresh over a
-split given the classifier and a function that turns crops into CLIP scores.
+The pure functions take and return tensors; `cam_views` finds the views of a split with the
+classifier, `view_inputs` makes their CLIP inputs, `local_labels` and `blend` refresh the labels
+(clip_labels.CcdPseudoLabels runs them, with the frozen CLIP in between).
 """
 from __future__ import annotations
 

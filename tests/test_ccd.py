@@ -420,3 +420,28 @@ def test_bad_input_is_refused_in_one_line(extra, message, tiny_pascal, tmp_path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and 'Traceback' not in err
+
+
+def test_resume_after_the_refresh_is_exact(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, monkeypatch):
+    """The refreshed labels, the threshold and the refresh count travel in last.pt: a run stopped after
+    the refresh (epoch 2 of 3) and resumed equals the uninterrupted run."""
+    import main_clip
+
+    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=3) + [
+        '--pl-debias', '--pl-views', 'cam', '--pl-views-epoch', '1']
+    assert main_clip.main(args + ['--run-name', 'full']) == 0
+    save = main_clip.save_epoch
+
+    def save_then_stop(run_dir, epoch, *a, **k):
+        save(run_dir, epoch, *a, **k)
+        if epoch == 2:
+            raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(main_clip, 'save_epoch', save_then_stop)
+        assert main_clip.main(args + ['--run-name', 'cut']) == 130
+    cut = tmp_path / 'results' / 'cut'
+    assert torch.load(cut / 'last.pt', weights_only=True)['pseudo_labels']['refreshes'] == 1
+    assert main_clip.main(['--resume', str(cut)]) == 0
+    full = json.loads((tmp_path / 'results' / 'full' / 'log.json').read_text())
+    assert full['values'] == json.loads((cut / 'log.json').read_text())['values']
+    assert json.loads((cut / 'pl_quality.json').read_text())['stages'][-1]['epoch'] == 2
