@@ -321,8 +321,9 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
         if pl_source is not None and pl_source.report:
             save_json(run_dir / 'pl_quality.json', pl_source.report)
-    predict_train = lambda desc: predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes,  # noqa: E731
-                                         device, desc)
+
+    def predict_train(desc: str):
+        return predict(cfg, model, train_eval_loader, len(train_eval_set), num_classes, device, desc)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
