@@ -613,6 +613,8 @@ class CcdPseudoLabels(PseudoLabelSource):
         cfg = self.cfg
         if cfg.pl_views != 'cam' or self.refreshes >= cfg.pl_views_refreshes or epoch - 1 < cfg.pl_views_epoch:
             return False
+        if self.multiplier is None and cfg.pl_views_threshold is not None:
+            self.multiplier = cfg.pl_views_threshold
         if self.multiplier is None:  # CCD calibrates once, on a shuffled pass (train.py:216-247)
             probs = torch.from_numpy(predict_train())
             probs = probs[torch.randperm(probs.shape[0], generator=torch.Generator().manual_seed(cfg.seed))]
@@ -662,7 +664,8 @@ def pseudo_label_options(cfg: Config) -> dict:
                 prompts=cfg.prompts, pl_debias=cfg.pl_debias, pl_debias_entropy=cfg.pl_debias_entropy,
                 pl_floor=cfg.pl_floor, pl_views=cfg.pl_views, pl_views_epoch=cfg.pl_views_epoch,
                 pl_views_refreshes=cfg.pl_views_refreshes, pl_views_margin=cfg.pl_views_margin,
-                pl_views_ratio=cfg.pl_views_ratio, pl_views_bound=cfg.pl_views_bound)
+                pl_views_ratio=cfg.pl_views_ratio, pl_views_bound=cfg.pl_views_bound,
+                pl_views_threshold=cfg.pl_views_threshold)
 
 
 def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_eval_loader, device,

@@ -201,6 +201,9 @@ def add_arguments(parser) -> None:
     g.add_argument('--pl-views-bound', type=NON_NEGATIVE, default=4.0,
                    help="cam: the classifier threshold is calibrated so that (bound, bound + 2) classes per image "
                         'pass it (CCD: 4)')
+    g.add_argument('--pl-views-threshold', type=number(low=0, high=1, low_open=True, high_open=True), default=None,
+                   help="cam: a fixed classifier threshold instead of CCD's calibration (which rises by at most "
+                        '0.001 per 100 images, so it stays near its start on a small train split)')
     g.add_argument('--clip-preprocess', default='original', choices=['original', 'clip'],
                    help="original: CLIP gets the ImageNet-normalised training tensor resized (VLPL); clip: CLIP's "
                         'own mean, std and interpolation')
@@ -215,7 +218,8 @@ def settings(a) -> dict:
     return dict(pl_debias=a.pl_debias, pl_debias_entropy=a.pl_debias_entropy, pl_floor=a.pl_floor,
                 pl_views=a.pl_views, pl_views_epoch=a.pl_views_epoch, pl_views_refreshes=a.pl_views_refreshes,
                 pl_views_margin=a.pl_views_margin, pl_views_ratio=a.pl_views_ratio,
-                pl_views_bound=a.pl_views_bound, clip_preprocess=a.clip_preprocess, prompts=a.prompts)
+                pl_views_bound=a.pl_views_bound, pl_views_threshold=a.pl_views_threshold,
+                clip_preprocess=a.clip_preprocess, prompts=a.prompts)
 
 
 def check(cfg, error, *, has_cam: bool, needs_pseudo_labels: bool) -> None:

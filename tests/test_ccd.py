@@ -350,6 +350,7 @@ E2E = {
     'default': [],
     'debias': ['--pl-debias'],
     'views': ['--pl-views', 'cam', '--pl-views-epoch', '0'],
+    'views-fixed-threshold': ['--pl-views', 'cam', '--pl-views-epoch', '0', '--pl-views-threshold', '0.5'],
     'clip-preprocess': ['--clip-preprocess', 'clip'],
     'prompts': ['--prompts', 'ensemble'],
     'all': ['--pl-debias', '--pl-views', 'cam', '--pl-views-epoch', '0', '--clip-preprocess', 'clip',
