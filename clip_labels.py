@@ -483,7 +483,7 @@ def cached_view_embeddings(labeler: PseudoLabeler, loader, rows: torch.Tensor, b
     embedding_cache_key) plus the digest of the views, so a rerun with the same views reuses them.
     `loader`: the split in row order without flips."""
     views = torch.cat([rows[:, None], boxes], dim=1).numpy().astype(np.int64)
-    key = dict(key, views='ccd-cam-crops', views_sha256=hashlib.sha256(views.tobytes()).hexdigest(),
+    key = dict(key, precision='float32', views='ccd-cam-crops', views_sha256=hashlib.sha256(views.tobytes()).hexdigest(),
                num_views=int(views.shape[0]))
     path = _cache_path(key, cache_dir)
     array = _read_cached(path, key, (views.shape[0],))
