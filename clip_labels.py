@@ -480,7 +480,8 @@ def cached_view_embeddings(labeler: PseudoLabeler, loader, rows: torch.Tensor, b
                            cache_dir: str | os.PathLike, *, device) -> torch.Tensor:
     """(V, D) float32 CLIP embeddings of CCD's local views: view v is image rows[v] cropped to
     boxes[v] (ccd.view_inputs). Cached like the global embeddings, under `key` (the split's
-    embedding_cache_key) plus the digest of the views, so a rerun with the same views reuses them.
+    embedding_cache_key, computed in float32 without autocast) plus the digest of the views, so a rerun
+    with the same views reuses them.
     `loader`: the split in row order without flips."""
     views = torch.cat([rows[:, None], boxes], dim=1).numpy().astype(np.int64)
     key = dict(key, precision='float32', views='ccd-cam-crops', views_sha256=hashlib.sha256(views.tobytes()).hexdigest(),
