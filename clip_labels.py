@@ -484,8 +484,8 @@ def cached_view_embeddings(labeler: PseudoLabeler, loader, rows: torch.Tensor, b
     with the same views reuses them.
     `loader`: the split in row order without flips."""
     views = torch.cat([rows[:, None], boxes], dim=1).numpy().astype(np.int64)
-    key = dict(key, precision='float32', views='ccd-cam-crops', views_sha256=hashlib.sha256(views.tobytes()).hexdigest(),
-               num_views=int(views.shape[0]))
+    key = dict(key, precision='float32', views='ccd-cam-crops',
+               views_sha256=hashlib.sha256(views.tobytes()).hexdigest(), num_views=int(views.shape[0]))
     path = _cache_path(key, cache_dir)
     array = _read_cached(path, key, (views.shape[0],))
     if array is not None:
@@ -626,8 +626,9 @@ class CcdPseudoLabels(PseudoLabelSource):
                                  f'({"stopped at image " + str(stop) if stop is not None else "images ran out"}; '
                                  f'bound {cfg.pl_views_bound})')
         try:
-            rows, _, boxes = ccd.cam_views(model, self.loader, multiplier=self.multiplier, margin=cfg.pl_views_margin,
-                                           device=self.device, progress=lambda it, desc: distributed.progress(it, desc=desc))
+            rows, _, boxes = ccd.cam_views(
+                model, self.loader, multiplier=self.multiplier, margin=cfg.pl_views_margin, device=self.device,
+                progress=lambda iterable, desc: distributed.progress(iterable, desc=desc))
         except ValueError as exc:  # a model without CAM: refused at parse time, kept as a guard
             raise UserError(f'--pl-views cam: {one_line(exc)}') from None
         embeddings = cached_view_embeddings(self.labeler, self.loader, rows, boxes, self.key, self.cfg.cache_dir,

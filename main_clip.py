@@ -380,7 +380,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
 
 
 def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, optimizer, logger, method,
-               sampler, classnames: list[str], phase_preds: dict, splits: dict, pl_state: Optional[dict] = None) -> None:
+               sampler, classnames: list[str], phase_preds: dict, splits: dict,
+               pl_state: Optional[dict] = None) -> None:
     """last.pt, log.json and summary.csv every epoch; when this epoch is the best so far also best.pt,
     the test predictions, the per-class AP and the per-class thresholds that maximise F1 on val
     (predict.py --thresholds)."""

@@ -100,7 +100,7 @@ def _channels(values, like: torch.Tensor) -> torch.Tensor:
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised (B x) 3 x H x W -> pixel values in [0, 1] (the inverse of datasets.image_tensor's Normalize)."""
+    """ImageNet-normalised (B x) 3 x H x W -> pixels in [0, 1] (inverts datasets.image_tensor's Normalize)."""
     return images * _channels(IMAGENET_STD, images) + _channels(IMAGENET_MEAN, images)
 
 
@@ -148,7 +148,8 @@ def class_quality(pl: np.ndarray, true: np.ndarray, classnames: list[str]) -> di
             'negatives': int(neg[:, k].sum()), 'negative_errors': int((neg[:, k] & true[:, k]).sum())})
     precisions = [c['precision'] for c in per_class if c['precision'] is not None]
     recalls = [c['recall'] for c in per_class if c['recall'] is not None]
-    overall = {'precision': float(hits.sum() / max(count.sum(), 1)), 'recall': float(hits.sum() / max(num_true.sum(), 1)),
+    overall = {'precision': float(hits.sum() / max(count.sum(), 1)),
+               'recall': float(hits.sum() / max(num_true.sum(), 1)),
                'per_image': float(count.sum() / max(pl.shape[0], 1)),
                'macro_precision': float(np.mean(precisions)) if precisions else None,
                'macro_recall': float(np.mean(recalls)) if recalls else None,
