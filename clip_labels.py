@@ -27,7 +27,9 @@ from torch import nn
 
 import datasets
 import distributed
-from config import DEFAULT_DIRS, REPO_ROOT, Config, ModelLoadError, one_line
+import ccd
+import pseudo_label_options as pl_options
+from config import DEFAULT_DIRS, REPO_ROOT, Config, ModelLoadError, UserError, one_line
 from files import save_json, save_npy
 
 CLASSNAMES_DIR = REPO_ROOT / 'text_features'
@@ -201,8 +203,15 @@ def pseudo_labels(image_embeddings: torch.Tensor, text_features: torch.Tensor, t
     e = image_embeddings.float()
     t = text_features.to(device=e.device, dtype=torch.float32)
     scores = torch.softmax((e @ t.T) / temp, dim=1)  # B x K
+    return scores_to_labels(scores, threshold, partial)
+
+
+def scores_to_labels(scores: torch.Tensor, threshold: float = 0.3, partial: float = 0.0) -> torch.Tensor:
+    """The labelling rule of `pseudo_labels` applied to B x K scores (softmax scores, or CCD's
+    debiased and refreshed soft labels): +1 where score > threshold, then the int(partial * K)
+    lowest scores -1 (stable order)."""
     labels = (scores > threshold).float()
-    num_neg = int(partial * t.shape[0])
+    num_neg = int(partial * scores.shape[1])
     if num_neg > 0:
         lowest = torch.sort(scores, dim=1, stable=True).indices[:, :num_neg]
         labels.scatter_(1, lowest, -1.0)
@@ -218,7 +227,7 @@ class PseudoLabeler(nn.Module):
     """
 
     def __init__(self, visual: nn.Module, text_features: torch.Tensor | np.ndarray, *, temp: float = 0.01,
-                 threshold: float = 0.3, partial: float = 0.0):
+                 threshold: float = 0.3, partial: float = 0.0, preprocess: str = 'original'):
         super().__init__()
         self.visual = visual
         self.visual.requires_grad_(False)
@@ -227,6 +236,12 @@ class PseudoLabeler(nn.Module):
         features = text_features if torch.is_tensor(text_features) else torch.from_numpy(np.asarray(text_features))
         self.register_buffer('text_features', F.normalize(features.float(), dim=1), persistent=False)
         self.temp, self.threshold, self.partial = float(temp), float(threshold), float(partial)
+        # 'original': the ImageNet-normalised pipeline tensor resized (resize_for_clip); 'clip': CLIP's
+        # own mean, std and interpolation (pseudo_label_options.clip_preprocess).
+        if preprocess not in ('original', 'clip'):
+            raise ValueError(f"preprocess must be 'original' or 'clip', got {preprocess!r}")
+        self.preprocess = preprocess
+        self.clip_settings = pl_options.clip_preprocess_settings(visual)
 
     def train(self, mode: bool = True) -> 'PseudoLabeler':
         super().train(mode)
@@ -236,9 +251,25 @@ class PseudoLabeler(nn.Module):
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Pipeline images B x 3 x S x S -> L2-normalised projected CLIP embeddings B x D (float32)."""
+        if self.preprocess == 'clip':
+            return self.embed_inputs(pl_options.clip_preprocess(images, self.image_size, self.clip_settings))
+        return self.embed_inputs(resize_for_clip(images, self.image_size))
+
+    @torch.no_grad()
+    def embed_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP inputs B x 3 x s x s (s = image_size, already preprocessed) -> normalised embeddings B x D."""
         param = next(self.visual.parameters())
-        x = resize_for_clip(images, self.image_size).to(device=param.device, dtype=param.dtype)
+        x = x.to(device=param.device, dtype=param.dtype)
         return F.normalize(self.visual(x).float(), dim=-1)
+
+    def to_clip_normalisation(self, images: torch.Tensor) -> torch.Tensor:
+        """Pipeline pixels (any size) in the normalisation CLIP is fed with (unchanged for 'original')."""
+        return pl_options.renormalise(images, self.clip_settings) if self.preprocess == 'clip' else images
+
+    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """B x D normalised embeddings -> B x K softmax scores, as pseudo_labels computes them."""
+        t = self.text_features.to(device=embeddings.device, dtype=torch.float32)
+        return torch.softmax((embeddings.float() @ t.T) / self.temp, dim=1)
 
     def from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """B x D normalised embeddings (e.g. cached output of embed) -> B x K pseudo-labels."""
@@ -363,11 +394,14 @@ def weights_identity(pretrained: str | None) -> dict:
 
 
 def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, clip_pretrained: str | None,
-                        image_size: int, clip_size: int, precision: str = 'float32') -> dict:
+                        image_size: int, clip_size: int, precision: str = 'float32',
+                        preprocess: str = 'original') -> dict:
     """Everything a cached embedding depends on. A change of any entry selects another cache file.
 
     precision: 'float32', or 'bf16' for a cache built under CUDA autocast (--amp). A JSON model
     config is identified by its content too, so editing it in place invalidates the cache.
+    preprocess: how the pipeline tensor becomes CLIP's input (--clip-preprocess). The embeddings of
+    CCD's local views add the digest of their boxes (cached_view_embeddings).
     """
     config = Path(str(clip_model))
     config_sha = (hashlib.sha256(config.read_bytes()).hexdigest()
@@ -376,7 +410,7 @@ def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, cl
             'images_sha256': hashlib.sha256('\n'.join(map(str, images)).encode()).hexdigest(),
             'num_images': len(images), 'clip_model': str(clip_model), 'clip_config_sha256': config_sha,
             'weights': weights_identity(clip_pretrained), 'image_size': int(image_size),
-            'clip_size': int(clip_size), 'precision': precision}
+            'clip_size': int(clip_size), 'precision': precision, 'preprocess': preprocess}
 
 
 def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str | os.PathLike, *,
@@ -390,24 +424,13 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
     The array is written to a temporary file and renamed, and its key file is written after it:
     an interrupted build is never used, it is rebuilt. bf16 autocast on CUDA when `amp`.
     """
-    cache_dir = Path(cache_dir)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir / f'clip_{key["dataset"]}_{digest}.npy'
-    key_path = path.with_suffix('.json')
+    path = _cache_path(key, cache_dir)
     num_rows = key['num_images']
-    array = None
-    if path.is_file() and key_path.is_file():
-        try:
-            stored_key = json.loads(key_path.read_text())
-            array = np.load(path, allow_pickle=False)
-            if not (stored_key == key and array.ndim == 3 and array.shape[:2] == (num_rows, 2)):
-                array = None
-        except (OSError, ValueError, EOFError):
-            array = None  # unreadable or truncated: rebuilt below
+    array = _read_cached(path, key, (num_rows, 2))
     # Several processes: all use the file or all rebuild it, each embedding its block of rows.
     if not distributed.any_rank(array is None):
-        return torch.from_numpy(array)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+        return array
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     out = None
     autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if amp and torch.device(device).type == 'cuda'
                 else contextlib.nullcontext())
@@ -429,11 +452,70 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
     if out is None:
         raise ValueError('the embedding cache loader yielded no image')
     if distributed.is_primary():  # rank 0 writes; the others wait until the file is complete
-        key_path.unlink(missing_ok=True)
-        save_npy(path, out)
-        save_json(key_path, key)
+        _write_cached(path, key, out)
     distributed.barrier()
     return torch.from_numpy(out)
+
+
+def _cache_path(key: dict, cache_dir) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f'clip_{key["dataset"]}_{digest}.npy'
+
+
+def _read_cached(path: Path, key: dict, leading: tuple) -> torch.Tensor | None:
+    """The cached array at `path` if its key file holds `key` and its leading dimensions are `leading`."""
+    key_path = path.with_suffix('.json')
+    if path.is_file() and key_path.is_file():
+        try:
+            stored_key = json.loads(key_path.read_text())
+            array = np.load(path, allow_pickle=False)
+            if stored_key == key and array.ndim == len(leading) + 1 and array.shape[:len(leading)] == leading:
+                return torch.from_numpy(array)
+        except (OSError, ValueError, EOFError):
+            pass  # unreadable or truncated: rebuilt by the caller
+    return None
+
+
+def _write_cached(path: Path, key: dict, array: np.ndarray) -> torch.Tensor:
+    """The array first, its key file after it: an interrupted write is never read back."""
+    key_path = path.with_suffix('.json')
+    key_path.unlink(missing_ok=True)
+    save_npy(path, array)
+    save_json(key_path, key)
+    return torch.from_numpy(array)
+
+
+def cached_view_embeddings(labeler: PseudoLabeler, loader, rows: torch.Tensor, boxes: torch.Tensor, key: dict,
+                           cache_dir: str | os.PathLike, *, device) -> torch.Tensor:
+    """(V, D) float32 CLIP embeddings of CCD's local views: view v is image rows[v] cropped to
+    boxes[v] (ccd.view_inputs). Cached like the global embeddings, under `key` (the split's
+    embedding_cache_key, computed in float32 without autocast) plus the digest of the views, so a rerun
+    with the same views reuses them.
+    `loader`: the split in row order without flips."""
+    views = torch.cat([rows[:, None], boxes], dim=1).numpy().astype(np.int64)
+    key = dict(key, precision='float32', views='ccd-cam-crops',
+               views_sha256=hashlib.sha256(views.tobytes()).hexdigest(), num_views=int(views.shape[0]))
+    path = _cache_path(key, cache_dir)
+    array = _read_cached(path, key, (views.shape[0],))
+    if array is not None:
+        return array
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    out = np.zeros((views.shape[0], clip_embed_dim(labeler.visual)), dtype=np.float32)
+    order = torch.argsort(rows, stable=True)
+    for batch in distributed.progress(loader, desc='CCD local views: CLIP embeddings'):
+        if 'image' not in batch:
+            continue
+        index = batch['index']
+        lo, hi = torch.searchsorted(rows[order], torch.stack([index.min(), index.max() + 1]))
+        picked = order[lo:hi]
+        picked = picked[torch.isin(rows[picked], index)]
+        if picked.numel() == 0:
+            continue
+        position = {int(r): i for i, r in enumerate(index.tolist())}
+        images = batch['image'][[position[int(r)] for r in rows[picked]]].to(device)
+        inputs = ccd.view_inputs(images, boxes[picked], labeler.image_size, labeler.to_clip_normalisation)
+        out[picked.numpy()] = labeler.embed_inputs(inputs).cpu().numpy()
+    return _write_cached(path, key, out)
 
 
 # --------------------------------------------------------------------------- the policy of a run
@@ -443,12 +525,30 @@ def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int) -> t
 
     A computed file has a key file beside it (CLIP model, weights identity, class names), so new
     weights under the same file name, e.g. a regenerated demo CLIP, are never paired with stale text.
+    With --prompts the features are the ensemble of its templates (pseudo_label_options); the file
+    name and the key then include the templates.
     """
     if cfg.text_features:
         return load_text_features(cfg.text_features, num_classes)
-    path = default_text_features_path(cfg.dataset, cfg.clip_model, cfg.clip_pretrained, folder=cfg.text_features_dir)
     classnames = read_classnames(cfg.dataset)
     key = dict(clip_model=cfg.clip_model, weights=weights_identity(cfg.clip_pretrained), classnames=classnames)
+    if cfg.prompts:
+        templates = pl_options.read_prompts(cfg.prompts)
+        path = default_text_features_path(cfg.dataset, cfg.clip_model, cfg.clip_pretrained,
+                                          folder=cfg.text_features_dir)
+        path = path.with_name(f'{path.stem}_p{pl_options.templates_digest(templates)}.npy')
+        key['templates'] = templates
+        try:
+            stored = json.loads(path.with_suffix('.json').read_text()) if path.exists() else None
+        except (OSError, ValueError):
+            stored = None
+        if stored != key:
+            distributed.log.info(f'Computing text features of {cfg.dataset} from {len(templates)} prompt templates '
+                                 f'(--prompts {cfg.prompts}) -> {path}')
+            save_text_features(path, pl_options.ensemble_text_features(clip_model, tokenizer, classnames, templates))
+            save_json(path.with_suffix('.json'), key, indent=1)
+        return load_text_features(path, num_classes)
+    path = default_text_features_path(cfg.dataset, cfg.clip_model, cfg.clip_pretrained, folder=cfg.text_features_dir)
     key_path = path.with_suffix('.json')
     with distributed.primary_first(f'computing the text features {path}'):  # the others then read them
         try:
@@ -470,14 +570,125 @@ def pseudo_label_quality(pl: np.ndarray, true: np.ndarray) -> dict:
                 per_image=float(pos.sum()) / max(pl.shape[0], 1))
 
 
+class PseudoLabelSource:
+    """The pseudo-labels of the training phase: source(images, index, flipped) -> B x K in {-1, 0, +1}.
+
+    report: the per-class quality on the train split (pseudo_label_options.class_quality, stages in
+    order), None where it is not computed (--clip-mode online). before_epoch and the state hooks do
+    nothing here; CcdPseudoLabels overrides them.
+    """
+
+    def __init__(self, labels_of, report: dict | None = None):
+        self.labels_of = labels_of
+        self.report = report
+
+    def __call__(self, images, index, flipped):
+        return self.labels_of(images, index, flipped)
+
+    def before_epoch(self, epoch: int, model, predict_train) -> bool:
+        """Called before the training phase of every epoch; True when the labels changed."""
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class CcdPseudoLabels(PseudoLabelSource):
+    """CCD's soft labels (ccd.py) thresholded by the VLPL rule (scores_to_labels).
+
+    table: N x 2 x K soft labels (unflipped, flipped): the global softmax scores, debiased with
+    --pl-debias (bias from the unflipped scores), and with --pl-views cam blended with the local
+    views' labels before epochs views_epoch + 1 ... views_epoch + refreshes (the first time after
+    calibrating the classifier threshold, CCD's `multiplier`). The table, the multiplier and the
+    refreshes done are the state saved in the checkpoint.
+    """
+
+    def __init__(self, cfg: Config, labeler: PseudoLabeler, table: torch.Tensor, bias, loader, key: dict, device,
+                 true: np.ndarray, classnames: list[str], report: dict):
+        super().__init__(self._labels, report)
+        self.cfg, self.labeler, self.table, self.bias = cfg, labeler, table, bias
+        self.loader, self.key, self.device, self.true, self.classnames = loader, key, device, true, classnames
+        self.multiplier = None
+        self.refreshes = 0
+
+    def _labels(self, images, index, flipped):
+        return scores_to_labels(self.table[index, flipped.long()], self.cfg.threshold, self.cfg.partial)
+
+    def unflipped_labels(self) -> np.ndarray:
+        return scores_to_labels(self.table[:, 0], self.cfg.threshold, self.cfg.partial).cpu().numpy()
+
+    def before_epoch(self, epoch: int, model, predict_train) -> bool:
+        cfg = self.cfg
+        if cfg.pl_views != 'cam' or self.refreshes >= cfg.pl_views_refreshes or epoch - 1 < cfg.pl_views_epoch:
+            return False
+        if self.multiplier is None and cfg.pl_views_threshold is not None:
+            self.multiplier = cfg.pl_views_threshold
+        if self.multiplier is None:  # CCD calibrates once, on a shuffled pass (train.py:216-247)
+            probs = torch.from_numpy(predict_train())
+            probs = probs[torch.randperm(probs.shape[0], generator=torch.Generator().manual_seed(cfg.seed))]
+            probs = probs[~torch.isnan(probs[:, 0])]
+            start = 0.05 if cfg.pl_debias and cfg.pl_floor > 0 else 0.001  # train.py:197-200 (LS on or off)
+            self.multiplier, stop = ccd.calibrate_threshold(probs, start, cfg.pl_views_bound)
+            distributed.log.info(f'CCD classifier threshold {self.multiplier:.3f} '
+                                 f'({"stopped at image " + str(stop) if stop is not None else "images ran out"}; '
+                                 f'bound {cfg.pl_views_bound})')
+        try:
+            rows, _, boxes = ccd.cam_views(
+                model, self.loader, multiplier=self.multiplier, margin=cfg.pl_views_margin, device=self.device,
+                progress=lambda iterable, desc: distributed.progress(iterable, desc=desc))
+        except ValueError as exc:  # a model without CAM: refused at parse time, kept as a guard
+            raise UserError(f'--pl-views cam: {one_line(exc)}') from None
+        embeddings = cached_view_embeddings(self.labeler, self.loader, rows, boxes, self.key, self.cfg.cache_dir,
+                                            device=self.device).to(self.device)
+        scores = self.labeler.scores(embeddings)
+        local = ccd.local_labels(rows.to(self.device), scores, self.table.shape[0], self.bias, self.floor)
+        self.table = ccd.blend(self.table, local[:, None, :], cfg.pl_views_ratio)
+        self.refreshes += 1
+        when = f'after CAM views refresh {self.refreshes} (before epoch {epoch})'
+        stage = pl_options.class_quality(self.unflipped_labels(), self.true, self.classnames)
+        stage.update(when=when, epoch=epoch, views=int(rows.numel()),
+                     views_per_image=float(rows.numel()) / max(self.table.shape[0], 1), multiplier=self.multiplier)
+        self.report['stages'].append(stage)
+        distributed.log.info(pl_options.quality_line(stage, when) + f'; {stage["views_per_image"]:.2f} views / image')
+        return True
+
+    @property
+    def floor(self) -> float:
+        return self.cfg.pl_floor if self.cfg.pl_debias else 0.0
+
+    def state_dict(self) -> dict:
+        return {'table': self.table.cpu(), 'multiplier': self.multiplier, 'refreshes': self.refreshes,
+                'report': self.report}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.table = state['table'].to(self.device)
+            self.multiplier, self.refreshes = state['multiplier'], state['refreshes']
+            self.report = state.get('report', self.report)
+
+
+def pseudo_label_options(cfg: Config) -> dict:
+    """The pseudo-label settings of a run, as pl_quality.json records them."""
+    return dict(temp=cfg.temp, threshold=cfg.threshold, partial=cfg.partial, clip_preprocess=cfg.clip_preprocess,
+                prompts=cfg.prompts, pl_debias=cfg.pl_debias, pl_debias_entropy=cfg.pl_debias_entropy,
+                pl_floor=cfg.pl_floor, pl_views=cfg.pl_views, pl_views_epoch=cfg.pl_views_epoch,
+                pl_views_refreshes=cfg.pl_views_refreshes, pl_views_margin=cfg.pl_views_margin,
+                pl_views_ratio=cfg.pl_views_ratio, pl_views_bound=cfg.pl_views_bound,
+                pl_views_threshold=cfg.pl_views_threshold)
+
+
 def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_eval_loader, device,
                         num_classes: int):
     """The frozen-CLIP pseudo-label source of the training phase and its quality on the train split.
 
-    Returns (source, quality): source(images, index, flipped) -> B x K pseudo-labels; quality is
-    pseudo_label_quality over the unflipped train images (None with --clip-mode online, which runs
-    CLIP on every batch as the original does). --clip-mode cache embeds every training image once
-    per flip state and reads the embedding of the flip the sampler drew.
+    Returns (source, quality): source is a PseudoLabelSource (called with images, index, flipped ->
+    B x K pseudo-labels); quality is pseudo_label_quality over the unflipped train images (None
+    with --clip-mode online, which runs CLIP on every batch as the original does). --clip-mode
+    cache embeds every training image once per flip state and reads the embedding of the flip the
+    sampler drew. With --pl-debias or --pl-views cam the source is CcdPseudoLabels.
     """
     text = text_features_for(cfg, clip_model, tokenizer, num_classes).to(device)
     width = clip_embed_dim(clip_model)
@@ -486,19 +697,41 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
                              f'model {cfg.clip_model} embeds images in {width}: features of another CLIP model? '
                              'Pass the matching --text-features or --clip-model')
     labeler = PseudoLabeler(clip_model.visual, text, temp=cfg.temp, threshold=cfg.threshold,
-                            partial=cfg.partial).to(device)
+                            partial=cfg.partial, preprocess=cfg.clip_preprocess).to(device)
     if cfg.clip_mode == 'online':
         distributed.log.info('Frozen CLIP runs on every training batch (--clip-mode online); the pseudo-label '
                              'precision and recall are reported on each train line.')
-        return (lambda images, index, flipped: labeler(images)), None
+        return PseudoLabelSource(lambda images, index, flipped: labeler(images)), None
     images = train_eval_loader.dataset
     if isinstance(images, torch.utils.data.Subset):  # several processes: this rank's block (distributed.shard)
         images = images.dataset
     key = embedding_cache_key(
         dataset=cfg.dataset, image_root=images.root, images=train_split.images,
         clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, image_size=cfg.image_size,
-        clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32')
+        clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32',
+        preprocess=cfg.clip_preprocess)
     emb = cached_embeddings(labeler, train_eval_loader, key, Path(cfg.cache_dir), device=device,
                             amp=cfg.amp).to(device)  # (N, 2, D): unflipped, flipped
-    quality = pseudo_label_quality(labeler.from_embeddings(emb[:, 0]).cpu().numpy(), train_split.labels_true)
-    return (lambda images, index, flipped: labeler.from_embeddings(emb[index, flipped.long()])), quality
+    classnames = read_classnames(cfg.dataset)
+    report = {'options': pseudo_label_options(cfg), 'classnames': classnames, 'stages': []}
+    true = train_split.labels_true
+    if not (cfg.pl_debias or cfg.pl_views == 'cam'):
+        plain = labeler.from_embeddings(emb[:, 0]).cpu().numpy()
+        report['stages'].append(pl_options.class_quality(plain, true, classnames) | {'when': 'global', 'epoch': 0})
+        source = PseudoLabelSource(lambda images, index, flipped: labeler.from_embeddings(emb[index, flipped.long()]),
+                                   report)
+        return source, pseudo_label_quality(plain, true)
+    table = torch.stack([labeler.scores(emb[:, 0]), labeler.scores(emb[:, 1])], dim=1)  # N x 2 x K
+    bias = None
+    stage_extra = {}
+    if cfg.pl_debias:
+        bias, confident, counts = ccd.class_bias(table[:, 0], cfg.pl_debias_entropy)
+        table = ccd.debias(table, bias, cfg.pl_floor)
+        stage_extra = dict(bias=bias.tolist(), bias_counts=counts.tolist(),
+                           confident_images=int(confident.sum()),
+                           classes_never_top1=[classnames[k] for k in torch.nonzero(counts == 0)[:, 0].tolist()])
+    source = CcdPseudoLabels(cfg, labeler, table, bias, train_eval_loader, key, device, true, classnames, report)
+    labels = source.unflipped_labels()
+    report['stages'].append(pl_options.class_quality(labels, true, classnames)
+                            | {'when': 'global, debiased' if cfg.pl_debias else 'global', 'epoch': 0} | stage_extra)
+    return source, pseudo_label_quality(labels, true)

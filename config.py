@@ -214,6 +214,22 @@ class Config:
     # (bit-identical tensors). compile: torch.compile of the model.
     data_format: str = 'pil'
     compile: bool = False
+    # CLIP pseudo-label options (issue 16, ccd.py, pseudo_label_options.py, docs/ccd.md): CCD's debias
+    # (entropy bound, floor = 1 / LS_coeff), CCD's CAM-guided local views (refresh after pl_views_epoch
+    # epochs, pl_views_refreshes times; margin as a fraction of the side; blend ratio; calibration
+    # bound, or a fixed threshold instead), CLIP's own preprocessing, and prompt templates ('ensemble' or a file).
+    pl_debias: bool = False
+    pl_debias_entropy: float = 2.0
+    pl_floor: float = 0.05
+    pl_views: str = 'global'
+    pl_views_epoch: int = 2
+    pl_views_refreshes: int = 1
+    pl_views_margin: float = 0.125
+    pl_views_ratio: float = 0.2
+    pl_views_bound: float = 4.0
+    pl_views_threshold: Optional[float] = None
+    clip_preprocess: str = 'original'
+    prompts: Optional[str] = None
 
     @property
     def data(self) -> DatasetInfo:

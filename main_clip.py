@@ -33,6 +33,7 @@ import methods_partial  # registers -l ASL and -l CSL
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
 import packs
+import pseudo_label_options
 import records
 from checkpoints import RunFolder, config_differences, ensure_writable, load_checkpoint, set_rng_state
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods_peers.add_arguments(p)
     methods_partial.add_arguments(p)
     heads_run.add_arguments(p.add_argument_group('Transformer heads'))  # --head, --ema-decay, ... (docs/heads.md)
+    pseudo_label_options.add_arguments(p)
     g = p.add_argument_group('several processes (torchrun / srun; docs/distributed.md)')
     g.add_argument('--dist-backend', default='auto', choices=['auto', 'nccl', 'gloo'],
                    help='torch.distributed backend; auto: nccl on CUDA, gloo on CPU')
@@ -187,7 +189,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         likelihood_topk=a.likelihood_topk, prior_threshold=a.prior_threshold, prior_file=a.prior_file,
         dist_backend=a.dist_backend, dist_timeout=a.dist_timeout, sync_bn=not a.no_sync_bn,
         data_format=a.data_format, compile=a.compile,
-        **peer, **heads_run.config_options(a, parser))
+        **peer, **heads_run.config_options(a, parser), **pseudo_label_options.settings(a))
     problem = methods_partial.flag_problem(cfg)
     if problem:
         parser.error(problem)
@@ -196,6 +198,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
     method = methods.METHODS[cfg.loss]
+    backbone = models.BACKBONES[cfg.model]
+    pseudo_label_options.check(cfg, parser.error, needs_pseudo_labels=method.needs_pseudo_labels,
+                               has_cam=backbone.cam and models.HEADS[cfg.head].reads == 'pooled')
     if method.uses_warmup and cfg.warmup_epoch >= cfg.epochs:
         parser.error(f'--warmup-epoch {cfg.warmup_epoch} leaves no epoch of {cfg.loss} after the warmup '
                      f'(--epochs {cfg.epochs})')
@@ -332,6 +337,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
             log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}): precision '
                      f'{quality["precision"]:.3f}, recall {quality["recall"]:.3f}, '
                      f'{quality["per_image"]:.2f} positives / image')
+        if pl_source.report:
+            log.info(pseudo_label_options.quality_line(pl_source.report['stages'][-1], 'on train'))
 
     # Reseed so that the head's initialisation does not depend on what ran before (CLIP loading and
     # every DataLoader iterator draw from the global generator).
@@ -364,6 +371,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         logger.load_state_dict(resume['logger'])
         method.load_state_dict(resume['method'])
         set_rng_state(resume['rng'], sampler)
+        if pl_source is not None:
+            pl_source.load_state_dict(resume.get('pseudo_labels', {}))
         start_epoch = resume['epoch'] + 1
     ema = heads_run.build_ema(cfg, model)
     if resume is not None:
@@ -374,21 +383,28 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     if is_primary():
         folder.create()
         save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
+        if pl_source is not None and pl_source.report:
+            save_json(run_dir / 'pl_quality.json', pl_source.report)
     train_model = distributed.wrap_model(model, device, cfg.sync_bn)  # model itself on one process
     eval_model = model
     if cfg.compile:  # the compiled modules share the model's parameters; checkpoints save `model`
         eval_model = torch.compile(model)
         train_model = eval_model if train_model is model else torch.compile(train_model)
 
+    def predict_train(desc: str):
+        return predict(cfg, eval_model, train_eval_loader, len(train_eval_set), num_classes, device, desc)
+
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if pl_source is not None and pl_source.before_epoch(epoch, model, lambda: predict_train(
+                f'epoch {epoch} CCD threshold calibration')) and is_primary():
+            save_json(run_dir / 'pl_quality.json', pl_source.report)
         if cfg.linear_init:  # LinearInit: a frozen trunk for the first --linear-init epochs
             model.set_trunk_frozen(epoch <= cfg.linear_init)
         train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, train_model, optimizer, loaders['train'],
                                                              method, train_true, pl_source, device,
                                                              scheduler=scheduler, ema=ema)
-        method.end_epoch(epoch, lambda: predict(cfg, eval_model, train_eval_loader, len(train_eval_set),
-                                                num_classes, device, f'epoch {epoch} {cfg.loss} update'))
+        method.end_epoch(epoch, lambda: predict_train(f'epoch {epoch} {cfg.loss} update'))
         times = {'train': time.perf_counter() - t0}
         phase_preds = {'train': train_preds}
         evaluated = model  # with --ema-decay: the model or its average, whichever is better on val
@@ -424,7 +440,9 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
             # wall times go to config.json's record, so that log.json holds only reproducible numbers
             record['epoch_seconds'] = record.get('epoch_seconds', {}) | {str(epoch): round(sum(times.values()), 2)}
             records.save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
-                       phase_preds, splits, evaluated=evaluated, extra=heads_run.training_state(ema, scheduler))
+                               phase_preds, splits, evaluated=evaluated,
+                               extra=heads_run.training_state(ema, scheduler)
+                               | {'pseudo_labels': pl_source.state_dict() if pl_source is not None else {}})
             save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
             folder.committed()
             if tensorboard is not None:
