@@ -46,8 +46,9 @@ def _forward_train(model, images: torch.Tensor):
 
 
 def _bare(model):
-    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
-    return getattr(model, 'module', model)
+    """The model inside a DistributedDataParallel and / or torch.compile wrapper (else the model)."""
+    model = getattr(model, 'module', model)  # DistributedDataParallel
+    return getattr(model, '_orig_mod', model)  # torch.compile
 
 
 def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, train_true: torch.Tensor,
