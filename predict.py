@@ -39,11 +39,6 @@ class PredictError(VLPLError):
     """A problem the user can fix; printed as one line (`error: ...`), exit status 2."""
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
-
 # ----------------------------------------------------------------------------------------------
 # The checkpoint and the model
 
@@ -95,7 +90,7 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
         raise PredictError(f'the checkpoint weights do not fit backbone {name!r} with {len(classnames)} classes '
-                           f'({_first_line(e)})') from None
+                           f'({one_line(e)[:200]})') from None
     return model.eval(), classnames, int(cfg['image_size'])
 
 
@@ -128,7 +123,7 @@ def load_thresholds(path: Path, classnames: list[str]) -> np.ndarray:
     except PredictError:
         raise
     except Exception as e:
-        raise PredictError(f'{where}: not a readable thresholds file ({_first_line(e)})') from None
+        raise PredictError(f'{where}: not a readable thresholds file ({one_line(e)[:200]})') from None
     if values.shape != (len(classnames),) or not np.isfinite(values).all():
         raise PredictError(f'{where}: expected {len(classnames)} finite numbers (one per class), '
                            f'got shape {values.shape}')
@@ -168,7 +163,7 @@ class ImageFiles(torch.utils.data.Dataset):
             with Image.open(self.files[i]) as img:
                 rgb = img.convert('RGB')
         except Exception as e:  # PIL raises many kinds on damaged files; every one means "skip this file"
-            return i, None, _first_line(e)
+            return i, None, one_line(e)[:200]
         return i, datasets.image_tensor(rgb, self.image_size), None
 
 
