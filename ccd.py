@@ -73,16 +73,6 @@ def debias(scores: torch.Tensor, bias: torch.Tensor, floor: float = 0.05) -> tor
 
 # --------------------------------------------------------------------------- local views
 
-def local_label(view_scores: torch.Tensor, bias: Optional[torch.Tensor], floor: float) -> torch.Tensor:
-    """One image's label from its local views (train.py:302, 320-330): L = max over the rows of
-    [0_K; view_scores] (so L = 0 without views), floored, then divided by the bias (no clamp here,
-    as the original). view_scores: V x K softmax scores (V may be 0); bias None: no division."""
-    zero = torch.zeros(1, view_scores.shape[1], dtype=view_scores.dtype, device=view_scores.device)
-    label = torch.cat([zero, view_scores]).amax(dim=0)
-    label = floor_scores(label, floor)
-    return label / bias if bias is not None else label
-
-
 def blend(old: torch.Tensor, local: torch.Tensor, ratio: float) -> torch.Tensor:
     """clamp(ratio * old + (1 - ratio) * local, 0, 1) (train.py:332)."""
     return (ratio * old + (1 - ratio) * local).clamp(0, 1)
@@ -177,8 +167,10 @@ def calibrate_threshold(probs: torch.Tensor, start: float, bound: float, *, step
 
 def local_labels(rows: torch.Tensor, view_scores: torch.Tensor, num_rows: int, bias: Optional[torch.Tensor],
                  floor: float) -> torch.Tensor:
-    """`local_label` of every image at once -> N x K. rows: (V,) image of each view; view_scores:
-    V x K. An image without a view gets the label of no view (0, floored, divided)."""
+    """Each image's label from its local views (train.py:302, 320-330) -> N x K: L = max over the rows of
+    [0_K; the image's view scores] (so L = 0 without views), floored, then divided by the bias (no
+    clamp here, as the original; bias None: no division). rows: (V,) image of each view; view_scores:
+    V x K softmax scores."""
     labels = torch.zeros(num_rows, view_scores.shape[1], dtype=view_scores.dtype, device=view_scores.device)
     if rows.numel():
         labels.scatter_reduce_(0, rows[:, None].expand_as(view_scores), view_scores, 'amax')  # max over [0; views]

@@ -526,6 +526,3 @@ def sgre_state_dict_from_original(state: dict) -> dict:
     return {k.removeprefix('module.'): v for k, v in state.items()
             if not k.removeprefix('module.').startswith(drop)}
 
-
-# Rows for the HEADS table of models.py: HEADS[name](feature_channels, num_classes, **opts).
-TRANSFORMER_HEADS = {'q2l': Query2LabelHead, 'sgre': SGREHead}

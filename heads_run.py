@@ -19,8 +19,6 @@ from heads import HeadConfigError, Query2LabelHead, dataset_defaults
 from recipe import OPTIMIZERS, SCHEDULES, ModelEMA, build_optimizer, build_schedule
 from metrics import compute_metrics
 
-MAP_HEADS = ('q2l', 'sgre')
-
 
 # ------------------------------------------------------------------------------ command line
 
