@@ -85,8 +85,12 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith('/constants.pkl') or n == 'constants.pkl' for n in archive.namelist())
 
 
-def load_clip(model_name: str, pretrained: str | None, device: str | torch.device = 'cpu'):
+def load_clip(model_name: str, pretrained: str | None, device: str | torch.device = 'cpu', precision: str = 'fp32'):
     """Load a CLIP model with open_clip; returns (model in eval mode, tokenizer).
+
+    precision 'fp16': open_clip's half-precision model (convolution, linear and attention weights and
+    the projections in fp16, LayerNorm computed in fp32), as OpenAI's own clip.build_model makes it
+    (clip/model.py `convert_weights`); AEVLP scores with it (aevlp.py).
 
     model_name: an open_clip name ('ViT-L-14-336'), a JSON config path, or the stem of
     preproc/clip_configs/<name>.json. pretrained: an open_clip tag ('openai'), a local checkpoint
@@ -101,17 +105,17 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
     name = _register_clip_config(str(model_name))
     device = torch.device(device)
     if pretrained is None:
-        model = open_clip.create_model(name, pretrained=None, device=device)
+        model = open_clip.create_model(name, pretrained=None, device=device, precision=precision)
     elif _is_checkpoint_path(str(pretrained)):
         path = Path(pretrained)
         if not path.is_file():
             raise ModelLoadError(f'CLIP checkpoint {path} not found (--clip-pretrained)')
         try:
             if _is_torchscript(path):
-                model = open_clip.load_openai_model(str(path), precision='fp32', device=device)
+                model = open_clip.load_openai_model(str(path), precision=precision, device=device)
             else:
                 _warn_if_quickgelu_needed(name)
-                model = open_clip.create_model(name, pretrained=str(path), device=device)
+                model = open_clip.create_model(name, pretrained=str(path), device=device, precision=precision)
         except Exception as exc:
             raise ModelLoadError(f'could not load CLIP checkpoint {path} into {name!r} ({one_line(exc, with_type=True)}); '
                                  f'check --clip-model and --clip-pretrained') from exc
@@ -122,7 +126,8 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
                                  f'pass a tag or {CLIP_FLAG}')
         quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get('quick_gelu', False))
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
+            model = open_clip.create_model(name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu,
+                                          precision=precision)
         except Exception as exc:
             raise ModelLoadError(f'downloading the CLIP weights {name!r}/{pretrained!r} failed ({one_line(exc, with_type=True)}); '
                                  f'pass {CLIP_FLAG}') from exc
@@ -582,7 +587,8 @@ class PseudoLabelSource:
         self.labels_of = labels_of
         self.report = report
 
-    def __call__(self, images, index, flipped):
+    def __call__(self, images, index, flipped, batch=None):
+        """batch: the loader's whole batch, for a source that reads more of it (aevlp.AevlpPseudoLabels)."""
         return self.labels_of(images, index, flipped)
 
     def before_epoch(self, epoch: int, model, predict_train) -> bool:

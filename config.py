@@ -166,6 +166,26 @@ class Config:
     gr_q: tuple = ()
     head_lr_mult: float = 1.0
     linear_init: int = 0
+    # AEVLP (aevlp.py; defaults: its configs/<dataset>.json, filled in by methods_peers.apply_defaults):
+    # the pseudo-label rule (grid, top-k, eta, threshold, temperature, negative ratio), GPR-Loss's
+    # (lam1, lam2), rho and regulariser weight, the text graph (sparse top-k, reweight p, relation
+    # file, 'random' / 'none' / a weights file, class-name file), the scoring precision and view side.
+    aevlp_grid: int = 4
+    aevlp_top_k: int = 3
+    aevlp_eta: float = 0.0
+    aevlp_threshold: float = 0.5
+    aevlp_temp: float = 0.01
+    aevlp_negative_ratio: float = 0.2
+    aevlp_lam: tuple = ()
+    aevlp_rho: float = 0.9
+    aevlp_reg: float = 0.05
+    aevlp_sparse_topk: int = 20
+    aevlp_reweight_p: float = 0.2
+    aevlp_relation: Optional[str] = None
+    aevlp_gcn: str = 'random'
+    aevlp_classnames: Optional[str] = None
+    aevlp_precision: str = 'auto'
+    aevlp_crop_size: Optional[int] = None
     # Transformer heads, weight EMA and the heads' training recipe (issue 15; heads.py, heads_run.py,
     # docs/heads.md). Query2Label options (defaults: the original's main_mlc.py parser):
     q2l_hidden: int = 2048

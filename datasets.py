@@ -357,7 +357,13 @@ class MultiLabelImages(torch.utils.data.Dataset):
             "label_true": torch.from_numpy(self.split.labels_true[i].copy()),
             "index": torch.tensor(i, dtype=torch.int64),
             "flipped": torch.tensor(flipped),
+            **self.extras(img, key),
         }
+
+    def extras(self, img: Image.Image, key) -> dict[str, torch.Tensor]:
+        """Further tensors of an item made from the same decoded image (a subclass adds views of it,
+        e.g. aevlp.CropViews); none here."""
+        return {}
 
 
 def collate_skipping(items: list) -> dict:
@@ -409,10 +415,15 @@ class FlipSampler(torch.utils.data.Sampler):
     the run's torch seed. Because the randomness lives here and not in the worker processes, a run
     gives the same batches whatever --num-workers is, works with persistent workers, and resumes
     exactly from the generator state saved in a checkpoint.
+
+    views > 0: each item is (row, flip, view_flips) with `views` more flip bits per row, drawn after
+    the others (so the rows and flips are those of views = 0), for a dataset that flips further
+    views of the image independently (aevlp.CropViews).
     """
 
-    def __init__(self, num_rows: int, seed: int):
+    def __init__(self, num_rows: int, seed: int, views: int = 0):
         self.num_rows = num_rows
+        self.views = views
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -421,7 +432,10 @@ class FlipSampler(torch.utils.data.Sampler):
     def __iter__(self):
         order = torch.randperm(self.num_rows, generator=self.generator).tolist()
         flips = (torch.rand(self.num_rows, generator=self.generator) < 0.5).tolist()
-        return iter(zip(order, flips))
+        if not self.views:
+            return iter(zip(order, flips))
+        view_flips = (torch.rand(self.num_rows, self.views, generator=self.generator) < 0.5).tolist()
+        return iter(zip(order, flips, map(tuple, view_flips)))
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()

@@ -57,8 +57,8 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
 
     method: the methods.Method of the run (its `observed` rows are the observed labels of a batch);
     train_true: N x K clean labels on the device (for the methods that read them, and for the
-    pseudo-label statistics); pl_source(images, index, flipped) gives the pseudo-labels of a batch
-    (None when the method uses none). pl stats: (hits, predicted positives, true positives
+    pseudo-label statistics); pl_source(images, index, flipped, batch) gives the pseudo-labels of a
+    batch (None when the method uses none; batch: the loader's batch, whose views AEVLP scores). pl stats: (hits, predicted positives, true positives
     available) of the positive pseudo-labels on the unknown entries (o = 0), and the positive
     pseudo-labels that fell on annotated negatives (o = -1, which keep their label).
 
@@ -88,7 +88,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
         index = batch['index'].to(device, non_blocking=True)
         pl = None
         if pl_source is not None:
-            pl = pl_source(images, index, batch['flipped'].to(device, non_blocking=True))
+            pl = pl_source(images, index, batch['flipped'].to(device, non_blocking=True), batch)
         with autocast(cfg, device):
             logits, aux_logits = _forward_train(model, images)
         logits = logits.float()

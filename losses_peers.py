@@ -476,6 +476,7 @@ _AEVLP_JSON = {   # Fsoft-AIC/AEVLP configs/<dataset>.json (the keys the loss an
                 negative_ratio=0.2),
 }
 _AEVLP_TOP_K = {'pascal': 3, 'coco': 3, 'nuswide': 3, 'cub': 32}
+_AEVLP_GRAPH = {'pascal': (20, 0.2), 'coco': (62, 0.2), 'nuswide': (50, 0.2), 'cub': (312, 0.2)}  # sparse_topk, reweight_p
 
 
 def _aevlp(ds: str) -> dict[str, Hp]:
@@ -486,6 +487,8 @@ def _aevlp(ds: str) -> dict[str, Hp]:
     out['lr'] = Hp(1e-5, ae)
     out['lr_mult'] = Hp(10, ae)
     out['early_stop_map_drop'] = Hp(2, 'Fsoft-AIC/AEVLP train.py (also stops after 2 epochs without improvement)')
+    out['sparse_topk'] = Hp(_AEVLP_GRAPH[ds][0], f"{_AE_LOOKUP}['sparse_topk'] (models.py get_relation)")
+    out['reweight_p'] = Hp(_AEVLP_GRAPH[ds][1], f"{_AE_LOOKUP}['reweight_p'] (models.py get_relation)")
     return out
 
 

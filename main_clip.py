@@ -199,7 +199,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                     'add --partial-everywhere to apply it')
     method = methods.METHODS[cfg.loss]
     backbone = models.BACKBONES[cfg.model]
-    pseudo_label_options.check(cfg, parser.error, needs_pseudo_labels=method.needs_pseudo_labels,
+    pseudo_label_options.check(cfg, parser.error,
+                               needs_pseudo_labels=method.needs_pseudo_labels and method.pseudo_label_builder is None,
                                has_cam=backbone.cam and models.HEADS[cfg.head].reads == 'pooled')
     if method.uses_warmup and cfg.warmup_epoch >= cfg.epochs:
         parser.error(f'--warmup-epoch {cfg.warmup_epoch} leaves no epoch of {cfg.loss} after the warmup '
@@ -317,20 +318,25 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     root = datasets.image_root(cfg.data_root, cfg.dataset)
     check_inputs(cfg, splits, root)
     init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
+    method_class = methods.METHODS[cfg.loss]
     sets, train_eval_set = packs.image_sets(cfg, splits, root)  # --data-format pil or packed
-    sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed)
+    sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP adds its views
+    sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0))
     loaders = {'train': make_loader(sets['train'], batch_size=cfg.batch_size, sampler=sampler, cfg=cfg,
                                     device=device)}
     for phase in ('val', 'test'):
         loaders[phase] = make_loader(sets[phase], batch_size=cfg.batch_size, cfg=cfg, device=device)
     train_eval_loader = make_loader(train_eval_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
 
-    method_class = methods.METHODS[cfg.loss]
+    own_labels = method_class.pseudo_label_builder  # a method's own pseudo-labels (AEVLP), else VLPL's
     clip_model = tokenizer = None
-    if method_class.needs_pseudo_labels or cfg.model == 'clip_vision' or heads_run.needs_clip(cfg):
+    if ((method_class.needs_pseudo_labels and own_labels is None) or cfg.model == 'clip_vision'
+            or heads_run.needs_clip(cfg)):
         clip_model, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
     pl_source = None
-    if method_class.needs_pseudo_labels:
+    if method_class.needs_pseudo_labels and own_labels is not None:
+        pl_source, quality = own_labels(cfg, splits['train'], device, num_classes)
+    elif method_class.needs_pseudo_labels:
         pl_source, quality = clip_labels.build_pseudo_labels(cfg, clip_model, tokenizer, splits['train'],
                                                              train_eval_loader, device, num_classes)
         if quality:

@@ -39,6 +39,15 @@ class Method:
     uses_warmup = False
     clean_train_labels = False
     schedule_uses_epochs = False  # True: the total number of epochs enters the method (no resume with more)
+    # A method with pseudo-labels of its own (AEVLP) names their builder: a callable (cfg, train_split,
+    # device, num_classes) -> (clip_labels.PseudoLabelSource, quality dict or None). None: VLPL's
+    # frozen-CLIP labels (clip_labels.build_pseudo_labels).
+    pseudo_label_builder = None
+
+    @classmethod
+    def training_images(cls, cfg: Config, images):
+        """The training dataset the method reads (a subclass may add views of each image); as given."""
+        return images
 
     def __init__(self, cfg: Config, train_observed: np.ndarray, device):
         self.name = cfg.loss

@@ -1,5 +1,5 @@
 """The single-positive peer methods as methods of this CLI (issue 13): ROLE, LL-R / LL-Ct / LL-Cp, GR-Loss,
-and the run-level options --boostlu and --linear-init. AEVLP is listed but refused (see `Aevlp`).
+AEVLP (its CLIP side in aevlp.py), and the run-level options --boostlu and --linear-init.
 
 The math is in losses_peers.py (each function tested against values computed by its original code);
 this module holds what lasts across batches and epochs, as each original keeps it:
@@ -9,7 +9,8 @@ this module holds what lasts across batches and epochs, as each original keeps i
 - LL (snucml/LargeLossMatters): the clean rate, a function of the epoch (`losses_peers.ll_clean_rate`,
   the original's repeated subtraction), and for LL-Cp the permanent flips in the observed matrix
   (train.py `run_train`: `label_matrix_obs[idx[r], c] = 1.0`).
-- GR (yan4xi1/GRLoss): the per-epoch (w, b, mu, sigma) of `losses_peers.gr_schedule`.
+- GR (yan4xi1/GRLoss): the per-epoch (w, b, mu, sigma) of `losses_peers.gr_schedule`; AEVLP
+  (Fsoft-AIC/AEVLP) the same, with pseudo-labels recomputed at every step (no state).
 Their state goes into the checkpoint through `state_dict` (and the optimiser's, for ROLE's Adam moments).
 
 Importing this module registers the methods (methods.register); main_clip.py imports it once.
@@ -17,14 +18,16 @@ Importing this module registers the methods (methods.register); main_clip.py imp
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+import aevlp
 import losses_peers as lp
 import methods
-from config import DATASETS, Config, UserError, number
+from config import DATASETS, NON_NEGATIVE, POSITIVE, Config, UserError, number
 
 LL_SCHEMES = lp.LL_SCHEMES
 # Methods whose original code offers LinearInit: every loss of Cole et al.'s train.py (train_mode
@@ -132,6 +135,7 @@ class LargeLossCorrectionPermanent(LargeLoss):
 @methods.register('GR', 'GR-Loss (Chen et al.): soft pseudo-labels k(p) and Gaussian re-weighting v(p) of the '
                         'unknowns, on per-epoch schedules (--gr-beta, --gr-alpha, --gr-q)')
 class GeneralizedRobust(methods.Method):
+    schedule_uses_epochs = True  # its schedules run over --epochs
 
     def loss(self, logits, preds, batch, *, epoch, step):
         s = lp.gr_schedule(epoch=epoch, num_epochs=self.cfg.epochs, beta=self.cfg.gr_beta, alpha=self.cfg.gr_alpha,
@@ -141,20 +145,31 @@ class GeneralizedRobust(methods.Method):
 
 
 # ----------------------------------------------------------------------------------------------
-# AEVLP: refused
+# AEVLP
 
 
-AEVLP_MISSING = ('-l AEVLP is not available: its pseudo-labels need the frozen random GCN residual that its '
-                 'original adds to the CLIP text features (weights from its constructors, not exported here) and '
-                 'fp16 OpenAI ViT-B/16 scores of 224 px crops; see docs/peer-methods.md')
-
-
-@methods.register('AEVLP', 'AEVLP (Tran et al.): not available yet, see docs/peer-methods.md')
+@methods.register('AEVLP', "AEVLP (Tran et al.): GR-Loss plus a pseudo-positive term, CLIP pseudo-labels of "
+                           "the image and its tiles at every step (--aevlp-* flags)")
 class Aevlp(methods.Method):
-    unavailable = AEVLP_MISSING
+    """GPR-Loss (losses_peers.aevlp_loss) on the pseudo-labels that aevlp.py makes at every step from
+    the frozen CLIP's scores of each image's views; GR's schedules of the epoch (--gr-beta, --gr-alpha,
+    --gr-q). The pseudo-labels are not state: the original recomputes them at every step."""
+    needs_pseudo_labels = True
+    schedule_uses_epochs = True  # GR's schedules run over --epochs
+    pseudo_label_builder = staticmethod(aevlp.build_pseudo_labels)
 
-    def __init__(self, cfg, train_observed, device):
-        raise UserError(AEVLP_MISSING)
+    @classmethod
+    def training_images(cls, cfg: Config, images):
+        return aevlp.CropViews(images, cfg.aevlp_grid, aevlp.crop_size(cfg))
+
+    def loss(self, logits, preds, batch, *, epoch, step):
+        cfg = self.cfg
+        s = lp.gr_schedule(epoch=epoch, num_epochs=cfg.epochs, beta=cfg.gr_beta, alpha=cfg.gr_alpha)
+        q2, q3 = cfg.gr_q
+        lam1, lam2 = cfg.aevlp_lam
+        return lp.aevlp_loss(preds=preds, observed=batch['observed'], pseudo_labels=batch['pseudo_labels'],
+                             w=s.w, b=s.b, mu=s.mu, sigma=s.sigma, q2=q2, q3=q3, lam1=lam1, lam2=lam2,
+                             rho=cfg.aevlp_rho, reg=cfg.aevlp_reg, expected_num_pos=cfg.data.expected_num_pos)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,10 +203,89 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--linear-init', type=number(int, low=0), default=0, metavar='EPOCHS',
                    help='LinearInit: the first EPOCHS of the run train the head (and ROLE\'s estimator) on a '
                         'frozen trunk, the rest end to end (Cole et al.; GR-Loss); default 0')
+    g = parser.add_argument_group('AEVLP', 'settings of -l AEVLP (aevlp.py, docs/peer-methods.md); unset: the value '
+                                  'of its configs/<dataset>.json (pascal\'s for the demo). --gr-beta, --gr-alpha and '
+                                  '--gr-q set its GR schedules')
+    unit = number(low=0, high=1)
+    g.add_argument('--aevlp-grid', type=number(int, low=1), default=None, metavar='G',
+                   help='the image and its G x G tiles are scored (default 4, cub 5)')
+    g.add_argument('--aevlp-top-k', type=number(int, low=1), default=None, metavar='N',
+                   help='at most N pseudo-positives per image (default 3, cub 32)')
+    g.add_argument('--aevlp-eta', type=unit, default=None,
+                   help='cap of the observed positive\'s score below which a tile\'s max is used (default per dataset)')
+    g.add_argument('--aevlp-threshold', type=unit, default=None, help='pseudo-positive score threshold')
+    g.add_argument('--aevlp-temp', type=POSITIVE, default=None, help='softmax temperature of the CLIP cosines')
+    g.add_argument('--aevlp-negative-ratio', type=number(low=0, high=1, high_open=True), default=None,
+                   help='fraction of lowest-scoring classes whose pseudo-positives are cleared')
+    g.add_argument('--aevlp-lam', type=unit, nargs=2, default=None, metavar=('LAM1', 'LAM2'),
+                   help='GPR-Loss: a pseudo-positive\'s weight 1 - v is kept in [LAM2, LAM1]')
+    g.add_argument('--aevlp-rho', type=unit, default=None, help='GPR-Loss: label smoothing of pseudo-positives')
+    g.add_argument('--aevlp-reg', type=NON_NEGATIVE, default=None,
+                   help='GPR-Loss: weight of the expected-positives regulariser')
+    g.add_argument('--aevlp-sparse-topk', type=number(int, low=1), default=None, metavar='N',
+                   help='text graph: neighbours kept per class (default 20 / 62 / 50 / 312)')
+    g.add_argument('--aevlp-reweight-p', type=unit, default=None,
+                   help='text graph: weight of the neighbours (the class itself keeps 1 - p; default 0.2)')
+    g.add_argument('--aevlp-relation', default=None, metavar='FILE',
+                   help='text graph: K x K class relation .npy, e.g. the original\'s data/relation/relation+voc.npy '
+                        '(default: cosines of the class text features)')
+    g.add_argument('--aevlp-gcn', default='random', metavar='random|none|FILE',
+                   help='text graph weights: "random" draws them as the original does (uniform, frozen; seeded '
+                        'by -s here, unseeded there), "none" leaves the text features as they are, FILE holds '
+                        'three weights (gc1, gc2, gc3), e.g. saved from a run of the original')
+    g.add_argument('--aevlp-classnames', default=None, metavar='FILE',
+                   help='class names of the prompts, one per line (e.g. the original\'s data/classnames/'
+                        'cub_labels.txt; default: this repository\'s, VOC spelled as the original)')
+    g.add_argument('--aevlp-precision', default='auto', choices=['auto', 'fp16', 'fp32'],
+                   help='precision of the frozen CLIP scorer; auto: fp16 (the original\'s) on CUDA, fp32 on the '
+                        'CPU, whose fp16 kernels are several times slower')
+    g.add_argument('--aevlp-crop-size', type=number(int, low=8), default=None, metavar='S',
+                   help='side of the scored views (default: the CLIP\'s input side, 224 for ViT-B-16)')
 
 
 def _method_key(loss: str) -> str | None:
     return {'role': 'role', 'GR': 'GR', 'AEVLP': 'AEVLP', **{s: 'LL' for s in LL_SCHEMES}}.get(loss)
+
+
+AEVLP_FLAGS = ('--aevlp-grid', '--aevlp-top-k', '--aevlp-eta', '--aevlp-threshold', '--aevlp-temp',
+               '--aevlp-negative-ratio', '--aevlp-lam', '--aevlp-rho', '--aevlp-reg', '--aevlp-sparse-topk',
+               '--aevlp-reweight-p', '--aevlp-relation', '--aevlp-classnames', '--aevlp-crop-size')
+
+
+def _aevlp_settings(a: argparse.Namespace, paper: dict, error) -> dict:
+    """The aevlp_* Config fields: each flag, or its value in the original's configs/<dataset>.json."""
+    def pick(flag: str, key: str):
+        value = getattr(a, 'aevlp_' + flag)
+        return paper[key] if value is None else value
+
+    kw = dict(aevlp_grid=int(pick('grid', 'grid_size')), aevlp_top_k=int(pick('top_k', 'top_k')),
+              aevlp_eta=float(pick('eta', 'eta')), aevlp_threshold=float(pick('threshold', 'threshold')),
+              aevlp_temp=float(pick('temp', 'temp')), aevlp_negative_ratio=float(pick('negative_ratio', 'negative_ratio')),
+              aevlp_lam=tuple(float(v) for v in pick('lam', 'lam')), aevlp_rho=float(pick('rho', 'rho')),
+              aevlp_reg=float(pick('reg', 'reg')), aevlp_sparse_topk=int(pick('sparse_topk', 'sparse_topk')),
+              aevlp_reweight_p=float(pick('reweight_p', 'reweight_p')), aevlp_relation=a.aevlp_relation,
+              aevlp_gcn=a.aevlp_gcn, aevlp_classnames=a.aevlp_classnames, aevlp_precision=a.aevlp_precision,
+              aevlp_crop_size=a.aevlp_crop_size)
+    num_classes = DATASETS[a.dataset].num_classes
+    if kw['aevlp_lam'][0] < kw['aevlp_lam'][1]:
+        error(f'--aevlp-lam: LAM1 must be >= LAM2 (a pseudo-positive\'s weight lies in [LAM2, LAM1]), got '
+              f'{list(kw["aevlp_lam"])}')
+    if kw['aevlp_top_k'] > num_classes:
+        error(f'--aevlp-top-k {kw["aevlp_top_k"]} exceeds the {num_classes} classes of -d {a.dataset}')
+    if kw['aevlp_sparse_topk'] > num_classes:
+        error(f'--aevlp-sparse-topk {kw["aevlp_sparse_topk"]} exceeds the {num_classes} classes of -d {a.dataset}')
+    for flag, path in (('--aevlp-relation', a.aevlp_relation), ('--aevlp-classnames', a.aevlp_classnames),
+                       ('--aevlp-gcn', None if a.aevlp_gcn in ('random', 'none') else a.aevlp_gcn)):
+        if path is not None and not Path(path).is_file():
+            error(f'{flag} {path}: no such file')
+    if a.text_features:
+        error('--text-features: -l AEVLP encodes its own prompts ("a photo of a {name}.") with the CLIP it scores '
+              'with; use --aevlp-classnames to change the names')
+    if a.data_format == 'packed':
+        error('-l AEVLP reads --data-format pil: its views are crops of the full image, which the packs do not hold')
+    if a.clip_model is None and a.dataset != 'demo':
+        a.clip_model = 'ViT-B-16'  # the original's OpenAI ViT-B/16 (configs/*.json clip_model)
+    return kw
 
 
 def apply_defaults(a: argparse.Namespace, error) -> dict:
@@ -204,11 +298,18 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
     key = _method_key(a.loss)
     given = {flag: getattr(a, flag.lstrip('-').replace('-', '_')) for flag in
              ('--ll-delta-rel', '--boostlu-alpha', '--role-lr-mult', '--gr-beta', '--gr-alpha', '--gr-q')}
-    owners = {'--ll-delta-rel': 'LL', '--role-lr-mult': 'role', '--gr-beta': 'GR', '--gr-alpha': 'GR', '--gr-q': 'GR'}
+    owners = {'--ll-delta-rel': ('LL',), '--role-lr-mult': ('role',), '--gr-beta': ('GR', 'AEVLP'),
+              '--gr-alpha': ('GR', 'AEVLP'), '--gr-q': ('GR', 'AEVLP')}
     for flag, owner in owners.items():
-        if given[flag] is not None and key != owner:
-            error(f'{flag} is a setting of {"-l LL-R / LL-Ct / LL-Cp" if owner == "LL" else "-l " + owner}, '
+        if given[flag] is not None and key not in owner:
+            error(f'{flag} is a setting of {"-l LL-R / LL-Ct / LL-Cp" if owner == ("LL",) else "-l " + " / ".join(owner)}, '
                   f'not of -l {a.loss}')
+    aevlp_flags = {flag: getattr(a, flag.lstrip('-').replace('-', '_')) for flag in AEVLP_FLAGS}
+    aevlp_flags['--aevlp-gcn'] = None if a.aevlp_gcn == 'random' else a.aevlp_gcn
+    aevlp_flags['--aevlp-precision'] = None if a.aevlp_precision == 'auto' else a.aevlp_precision
+    for flag, value in aevlp_flags.items():
+        if value is not None and key != 'AEVLP':
+            error(f'{flag} is a setting of -l AEVLP, not of -l {a.loss}')
     if a.llcp_as_released and a.loss != 'LL-Cp':
         error(f'--llcp-as-released is a setting of -l LL-Cp, not of -l {a.loss}')
     if given['--boostlu-alpha'] is not None and not a.boostlu:
@@ -219,7 +320,7 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
 
     row_key = 'pascal' if a.dataset == 'demo' else a.dataset
     paper = {}
-    if key in ('role', 'LL', 'GR'):
+    if key in ('role', 'LL', 'GR', 'AEVLP'):
         paper = lp.peer_hparams(key, row_key)
     boost = lp.peer_hparams('boostlu', row_key)
     if a.dataset != 'demo' and (key or a.boostlu):
@@ -231,7 +332,7 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
     epochs = a.epochs or DATASETS[a.dataset].epochs
 
     kw = dict(boostlu=a.boostlu, linear_init=a.linear_init, llcp_as_released=a.llcp_as_released)
-    mult_default = 10.0 if key in ('LL', 'GR') or a.boostlu else 1.0
+    mult_default = 10.0 if key in ('LL', 'GR', 'AEVLP') or a.boostlu else 1.0
     kw['head_lr_mult'] = a.head_lr_mult if a.head_lr_mult is not None else mult_default
     if kw['head_lr_mult'] <= 0:
         error(f'--head-lr-mult must be > 0, got {a.head_lr_mult}')
@@ -251,7 +352,9 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
         if (epochs - 1) * d >= 100:
             error(f'--ll-delta-rel {d} reaches a rate of 100 % within --epochs {epochs}: lower it')
         kw['ll_delta_rel'] = d
-    if key == 'GR':
+    if key == 'AEVLP':
+        kw.update(_aevlp_settings(a, paper, error))
+    if key in ('GR', 'AEVLP'):
         kw['gr_beta'] = tuple(a.gr_beta if a.gr_beta is not None else paper['beta'])
         kw['gr_alpha'] = tuple(a.gr_alpha if a.gr_alpha is not None else paper['alpha'])
         kw['gr_q'] = tuple(a.gr_q if a.gr_q is not None else paper['q2q3'])

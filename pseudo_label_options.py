@@ -230,7 +230,7 @@ def check(cfg, error, *, has_cam: bool, needs_pseudo_labels: bool) -> None:
                                     ('--clip-preprocess clip', cfg.clip_preprocess == 'clip'),
                                     ('--prompts', cfg.prompts is not None)) if on]
     if chosen and not needs_pseudo_labels:
-        error(f'{chosen[0]}: -l {cfg.loss} uses no CLIP pseudo-labels')
+        error(f'{chosen[0]}: -l {cfg.loss} uses no CLIP pseudo-labels of VLPL\'s kind (this option is theirs)')
     if cfg.prompts is not None and cfg.text_features:
         error('--prompts and --text-features exclude each other: the text features come from one of them')
     if cfg.prompts is not None:

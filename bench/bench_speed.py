@@ -168,12 +168,12 @@ def make_setup(args, device) -> Setup:
 
 def online_source(labeler):
     """Pseudo-labels of --clip-mode online: the frozen CLIP on every batch."""
-    return lambda images, index, flipped: labeler(images)
+    return lambda images, index, flipped, batch: labeler(images)
 
 
 def cached_source(labeler, embeddings):
     """Pseudo-labels of --clip-mode cache: a lookup of the (row, flip) embedding."""
-    return lambda images, index, flipped: labeler.from_embeddings(embeddings[index, flipped.long()])
+    return lambda images, index, flipped, batch: labeler.from_embeddings(embeddings[index, flipped.long()])
 
 
 # ----------------------------------------------------------------------------------------------

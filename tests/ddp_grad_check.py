@@ -76,7 +76,7 @@ def main(out: str) -> None:
                                                  collate_fn=datasets.collate_skipping)
         record = []
         optimizer = RecordingSGD(model.parameters(), record)
-        pl_source = (lambda images, index, flipped: pseudo[index, flipped.long()]) if loss == 'EM_PL' else None
+        pl_source = (lambda images, index, flipped, batch: pseudo[index, flipped.long()]) if loss == 'EM_PL' else None
         preds, mean_loss, _ = engine.train_one_epoch(2, cfg, distributed.wrap_model(model, torch.device('cpu')),
                                                       optimizer, loader, method, true, pl_source,
                                                       torch.device('cpu'))

@@ -99,22 +99,28 @@ def test_gradients_of_two_processes_equal_one_process(tmp_path):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def _run_args(tmp_path, tiny_pascal, tiny_clip, tiny_text_features, name: str, epochs: int) -> list[str]:
+def _run_args(tmp_path, tiny_pascal, tiny_clip, tiny_text_features, name: str, epochs: int,
+              method: str = 'EM_PL') -> list[str]:
     args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=epochs)
     args[args.index('--batch-size') + 1] = '6'  # 32 training rows: the last global batch has 2
-    return args + ['-l', 'EM_PL', '--run-name', name, '--dist-timeout', '60']
+    if method == 'AEVLP':  # it encodes its own prompts
+        at = args.index('--text-features')
+        del args[at:at + 2]
+    return args + ['-l', method, '--run-name', name, '--dist-timeout', '60']
 
 
 @pytest.mark.slow
-def test_two_process_run_equals_one_process(tmp_path, tiny_pascal, tiny_clip, tiny_text_features):
-    """Two epochs of EM_PL (12 Adam steps, the last global batch uneven): the per-epoch val/test mAP
-    and the weights of one and two processes agree up to float32 reassociation, which Adam
-    amplifies (measured here: mAP within 0.05, whole-model relative weight difference 1e-3; the
-    same code in float64 agrees to 1e-14 per gradient, docs/distributed.md)."""
+@pytest.mark.parametrize('method', ['EM_PL', 'AEVLP'])
+def test_two_process_run_equals_one_process(method, tmp_path, tiny_pascal, tiny_clip, tiny_text_features):
+    """Two epochs of EM_PL or AEVLP (12 Adam steps, the last global batch uneven): the per-epoch
+    val/test mAP and the weights of one and two processes agree up to float32 reassociation, which
+    Adam amplifies (measured here: mAP within 0.05, whole-model relative weight difference 1e-3; the
+    same code in float64 agrees to 1e-14 per gradient, docs/distributed.md). AEVLP's pseudo-labels,
+    scored by each process on its share of the views, are those of one process."""
     import main_clip
 
-    one = _run_args(tmp_path, tiny_pascal, tiny_clip, tiny_text_features, 'one', 2)
-    two = _run_args(tmp_path, tiny_pascal, tiny_clip, tiny_text_features, 'two', 2)
+    one = _run_args(tmp_path, tiny_pascal, tiny_clip, tiny_text_features, 'one', 2, method)
+    two = _run_args(tmp_path, tiny_pascal, tiny_clip, tiny_text_features, 'two', 2, method)
     assert main_clip.main(one) == 0
     assert wait_all(launch(['main_clip.py', *two], 2, stdout=subprocess.DEVNULL)) == [0, 0]
     runs = tmp_path / 'results'
@@ -122,6 +128,11 @@ def test_two_process_run_equals_one_process(tmp_path, tiny_pascal, tiny_clip, ti
     for phase in ('val', 'test'):  # 8 val and 15 test images: one swapped pair moves an AP by ~0.5
         np.testing.assert_allclose(logs[1]['values'][phase]['map_clean'], logs[0]['values'][phase]['map_clean'],
                                    atol=0.5)
+    if method == 'AEVLP':
+        for name in ('pl_precision', 'pl_recall'):
+            values = logs[0]['extra']['train'][name]
+            assert len(values) == 2 and all(v is not None for v in values)
+            assert logs[1]['extra']['train'][name] == values
     w1, w2 = (torch.load(runs / name / 'last.pt', weights_only=True)['model'] for name in ('one', 'two'))
     assert w1.keys() == w2.keys()  # no DDP 'module.' prefix, no SyncBatchNorm-only key
     floats = [key for key in w1 if w1[key].is_floating_point()]

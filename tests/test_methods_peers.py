@@ -16,13 +16,23 @@ import models
 from conftest import interrupt_after, tiny_run_args
 
 
+def run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, flags, epochs):
+    """tiny_run_args for `flags`; AEVLP encodes its own prompts, so it gets no --text-features."""
+    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=epochs)
+    if 'AEVLP' in flags:
+        at = args.index('--text-features')
+        del args[at:at + 2]
+    return args + flags
+
+
 @pytest.mark.parametrize('flags', [
     ['-l', 'role'], ['-l', 'LL-R'], ['-l', 'LL-Ct'], ['-l', 'LL-Cp', '--ll-delta-rel', '2'],
     ['-l', 'LL-Cp', '--llcp-as-released'], ['-l', 'GR'], ['-l', 'LL-R', '--boostlu'],
     ['-l', 'role', '--linear-init', '1'], ['-l', 'GR', '--linear-init', '1'],
+    ['-l', 'AEVLP'], ['-l', 'AEVLP', '--aevlp-gcn', 'none', '--aevlp-precision', 'fp16', '--aevlp-grid', '2'],
 ])
 def test_peer_methods_train_end_to_end(flags, tiny_pascal, tmp_path, tiny_clip, tiny_text_features):
-    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=2) + flags + ['--run-name', 'r']
+    args = run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, flags, 2) + ['--run-name', 'r']
     assert main_clip.main(args) == 0
     log = json.loads((tmp_path / 'results' / 'r' / 'log.json').read_text())
     assert log['values']
@@ -38,9 +48,10 @@ def test_peer_methods_train_end_to_end(flags, tiny_pascal, tmp_path, tiny_clip, 
 @pytest.mark.parametrize('flags, epochs, stop', [
     (['-l', 'role'], 2, 1),
     (['-l', 'LL-Cp', '--ll-delta-rel', '2'], 3, 2),  # flips from epoch 2 on: the resumed epoch 3 needs them
+    (['-l', 'AEVLP'], 2, 1),  # the views' flips of epoch 2 come from the restored sampler
 ])
 def test_resume_is_exact(flags, epochs, stop, tiny_pascal, tmp_path, tiny_clip, tiny_text_features, monkeypatch):
-    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=epochs) + flags
+    args = run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, flags, epochs)
     assert main_clip.main(args + ['--run-name', 'full']) == 0
     with monkeypatch.context() as m:
         interrupt_after(m, stop)
@@ -54,6 +65,8 @@ def test_resume_is_exact(flags, epochs, stop, tiny_pascal, tmp_path, tiny_clip, 
         groups = state['optimizer']['param_groups']
         assert groups[-1]['lr'] == pytest.approx(10 * 1e-3)
         assert state['optimizer']['state'][groups[-1]['params'][0]]['exp_avg'].shape == state['method']['estimator'].shape
+    elif flags[1] == 'AEVLP':  # no method state beyond the labels; the sampler holds the view flips
+        assert state['method']['observed'].shape[1] == 20
     else:  # LL-Cp: permanent flips are in the checkpoint
         initial = np.load(tiny_pascal / 'pascal' / 'formatted_train_labels_obs.npy')
         assert (state['method']['observed'] == 1).sum() > (initial == 1).sum()
@@ -66,7 +79,7 @@ def test_resume_is_exact(flags, epochs, stop, tiny_pascal, tmp_path, tiny_clip, 
 
 
 def _method(flags, tiny_pascal, tmp_path, tiny_clip, tiny_text_features, observed):
-    cfg, _ = main_clip.parse_args(tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=4) + flags)
+    cfg, _ = main_clip.parse_args(run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, flags, 4))
     return cfg, methods.build_method(cfg, observed, torch.device('cpu'))
 
 
@@ -127,6 +140,16 @@ def test_one_step_losses_equal_the_pure_functions(tiny_pascal, tmp_path, tiny_cl
                       q2=0.01, q3=1.0)
     assert torch.equal(gr.loss(logits, preds, _batch(obs, index), epoch=2, step=0), want)
 
+    # AEVLP: GPR-Loss with GR's schedule of the epoch and pascal's configs/pascal.json values
+    cfg, ae = _method(['-l', 'AEVLP'], tiny_pascal, tmp_path, tiny_clip, None, obs)
+    pl = (torch.rand(8, 20, generator=torch.Generator().manual_seed(1)) < 0.2).float()
+    batch = dict(_batch(obs, index), pseudo_labels=pl)
+    want = lp.aevlp_loss(preds=preds, observed=torch.as_tensor(obs)[index], pseudo_labels=pl, w=s.w, b=s.b, mu=s.mu,
+                         sigma=s.sigma, q2=0.01, q3=1.0, lam1=0.7, lam2=0.4, rho=0.9, reg=0.05,
+                         expected_num_pos=1.5)
+    assert torch.equal(ae.loss(logits, preds, batch, epoch=2, step=0), want)
+    assert ae.schedule_uses_epochs and gr.schedule_uses_epochs
+
 
 def test_boostlu_logits_are_the_boosted_cam():
     torch.manual_seed(0)
@@ -170,7 +193,18 @@ def test_linear_init_freezes_the_trunk():
     (['-l', 'EM_PL', '--linear-init', '1'], '--linear-init'),
     (['-l', 'role', '--linear-init', '10', '--epochs', '10'], '--linear-init'),
     (['-l', 'an', '--head-lr-mult', '0'], '--head-lr-mult'),
-    (['-l', 'AEVLP'], 'AEVLP'),
+    (['-l', 'GR', '--aevlp-grid', '2'], '--aevlp-grid'),
+    (['-l', 'EM_PL', '--aevlp-gcn', 'none'], '--aevlp-gcn'),
+    (['-l', 'AEVLP', '--aevlp-lam', '0.3', '0.5'], '--aevlp-lam'),
+    (['-l', 'AEVLP', '--aevlp-top-k', '21'], '--aevlp-top-k'),
+    (['-l', 'AEVLP', '--aevlp-sparse-topk', '21'], '--aevlp-sparse-topk'),
+    (['-l', 'AEVLP', '--aevlp-threshold', '1.5'], '--aevlp-threshold'),
+    (['-l', 'AEVLP', '--aevlp-temp', 'nan'], '--aevlp-temp'),
+    (['-l', 'AEVLP', '--aevlp-relation', 'no/such/relation.npy'], '--aevlp-relation'),
+    (['-l', 'AEVLP', '--aevlp-gcn', 'no/such/weights.pt'], '--aevlp-gcn'),
+    (['-l', 'AEVLP', '--text-features', 'x.npy'], '--text-features'),
+    (['-l', 'AEVLP', '--pl-debias'], '--pl-debias'),
+    (['-l', 'AEVLP', '--data-format', 'packed'], 'AEVLP'),
 ])
 def test_bad_peer_flags_are_refused_in_one_line(flags, names, capsys):
     with pytest.raises(SystemExit) as exc:
