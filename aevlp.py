@@ -197,8 +197,8 @@ class CropScorer:
     (`text_matrix`), same dtype; observed: N x K observed labels of the train split (float32, as the
     original's label_vec_obs)."""
 
-    def __init__(self, cfg: Config, visual: nn.Module, text: torch.Tensor, observed: torch.Tensor, hp: dict):
-        self.cfg, self.visual, self.text, self.observed, self.hp = cfg, visual, text, observed, hp
+    def __init__(self, visual: nn.Module, text: torch.Tensor, observed: torch.Tensor, hp: dict):
+        self.visual, self.text, self.observed, self.hp = visual, text, observed, hp
 
     def cosines(self, views: torch.Tensor, view_flips: torch.Tensor) -> torch.Tensor:
         """(V B) x K cosines, rows [view 0 x B | view 1 x B | ...], of B x V x S x S x 3 uint8 views."""
@@ -261,14 +261,14 @@ def build_pseudo_labels(cfg: Config, train_split, device, num_classes: int):
     hp = dict(grid_size=cfg.aevlp_grid, temp=cfg.aevlp_temp, eta=cfg.aevlp_eta, top_k=cfg.aevlp_top_k,
               threshold=cfg.aevlp_threshold, negative_ratio=cfg.aevlp_negative_ratio)
     size = clip_labels.clip_image_size(clip_model)
-    if size != crop_size(cfg) and not cfg.aevlp_crop_size:
-        raise ModelLoadError(f'CLIP model {cfg.clip_model} takes {size} px inputs but its config says '
-                             f'{crop_size(cfg)}: pass --aevlp-crop-size {size}')
-    scorer = CropScorer(cfg, clip_model.visual.eval(), matrix, observed, hp)
+    if size != crop_size(cfg):
+        raise UserError(f'the views are {crop_size(cfg)} px (--aevlp-crop-size or the model config) but CLIP model '
+                        f'{cfg.clip_model} takes {size} px inputs: pass --aevlp-crop-size {size}')
+    scorer = CropScorer(clip_model.visual.eval(), matrix, observed, hp)
     graph = ('none' if weights is None else f'{cfg.aevlp_gcn} weights, relation '
              f'{cfg.aevlp_relation or "from the text features"}, top {cfg.aevlp_sparse_topk}')
     distributed.log.info(f'AEVLP pseudo-labels: {cfg.clip_model} ({precision}) on the image and its '
-                         f'{cfg.aevlp_grid}x{cfg.aevlp_grid} tiles at {clip_labels.clip_image_size(clip_model)} px '
+                         f'{cfg.aevlp_grid}x{cfg.aevlp_grid} tiles at {size} px '
                          f'every step; text graph: {graph}. Precision and recall are on each train line.')
     return AevlpPseudoLabels(scorer), None
 
@@ -288,16 +288,9 @@ class AevlpPseudoLabels(clip_labels.PseudoLabelSource):
 
 def crop_size(cfg: Config) -> int:
     """The side of the views: --aevlp-crop-size, else the CLIP's input side (224 for ViT-B-16, the
-    original's transforms.Resize((224, 224))), read from its open_clip model config."""
-    if cfg.aevlp_crop_size:
-        return cfg.aevlp_crop_size
-    import open_clip
-
-    config = open_clip.get_model_config(clip_labels._register_clip_config(cfg.clip_model)) or {}
-    size = config.get('vision_cfg', {}).get('image_size')
-    if isinstance(size, (list, tuple)):
-        size = size[0] if len(set(size)) == 1 else None
-    if not isinstance(size, int):
+    original's transforms.Resize((224, 224))), read from its model config."""
+    size = cfg.aevlp_crop_size or clip_labels.configured_image_size(cfg.clip_model)
+    if size is None:
         raise ModelLoadError(f'cannot tell the input side of CLIP model {cfg.clip_model!r} from its config: '
                              'pass --aevlp-crop-size')
     return size

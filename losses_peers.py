@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from config import DATASETS
+
 # =============================================================================================
 # ROLE (elijahcole/single-positive-multi-label)
 # =============================================================================================
@@ -501,8 +503,8 @@ PEER_DEFAULTS: dict[str, dict[str, dict[str, Hp]]] = {
 for _method, _rows in PEER_DEFAULTS.items():
     _demo = {key: Hp(hp.value, f'demo: pascal value ({hp.source})', False) for key, hp in _rows['pascal'].items()}
     if 'expected_num_pos' in _demo:
-        _demo['expected_num_pos'] = Hp(2.75, 'demo: mean number of positives of the demo train split '
-                                             '(losses.EXPECTED_NUM_POS)', False)
+        _demo['expected_num_pos'] = Hp(DATASETS['demo'].expected_num_pos, "demo: the generator's mean number of "
+                                       "positives per image (config.DATASETS['demo'])", False)
     _rows['demo'] = _demo
 
 

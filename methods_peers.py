@@ -211,20 +211,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='the image and its G x G tiles are scored (default 4, cub 5)')
     g.add_argument('--aevlp-top-k', type=number(int, low=1), default=None, metavar='N',
                    help='at most N pseudo-positives per image (default 3, cub 32)')
-    g.add_argument('--aevlp-eta', type=unit, default=None,
+    g.add_argument('--aevlp-eta', type=unit, default=None, metavar='ETA',
                    help='cap of the observed positive\'s score below which a tile\'s max is used (default per dataset)')
-    g.add_argument('--aevlp-threshold', type=unit, default=None, help='pseudo-positive score threshold')
-    g.add_argument('--aevlp-temp', type=POSITIVE, default=None, help='softmax temperature of the CLIP cosines')
-    g.add_argument('--aevlp-negative-ratio', type=number(low=0, high=1, high_open=True), default=None,
+    g.add_argument('--aevlp-threshold', type=unit, default=None, metavar='T', help='pseudo-positive score threshold')
+    g.add_argument('--aevlp-temp', type=POSITIVE, default=None, metavar='TEMP', help='softmax temperature of the CLIP cosines')
+    g.add_argument('--aevlp-negative-ratio', type=number(low=0, high=1, high_open=True), default=None, metavar='R',
                    help='fraction of lowest-scoring classes whose pseudo-positives are cleared')
     g.add_argument('--aevlp-lam', type=unit, nargs=2, default=None, metavar=('LAM1', 'LAM2'),
                    help='GPR-Loss: a pseudo-positive\'s weight 1 - v is kept in [LAM2, LAM1]')
-    g.add_argument('--aevlp-rho', type=unit, default=None, help='GPR-Loss: label smoothing of pseudo-positives')
-    g.add_argument('--aevlp-reg', type=NON_NEGATIVE, default=None,
+    g.add_argument('--aevlp-rho', type=unit, default=None, metavar='RHO', help='GPR-Loss: label smoothing of pseudo-positives')
+    g.add_argument('--aevlp-reg', type=NON_NEGATIVE, default=None, metavar='WEIGHT',
                    help='GPR-Loss: weight of the expected-positives regulariser')
     g.add_argument('--aevlp-sparse-topk', type=number(int, low=1), default=None, metavar='N',
                    help='text graph: neighbours kept per class (default 20 / 62 / 50 / 312)')
-    g.add_argument('--aevlp-reweight-p', type=unit, default=None,
+    g.add_argument('--aevlp-reweight-p', type=unit, default=None, metavar='P',
                    help='text graph: weight of the neighbours (the class itself keeps 1 - p; default 0.2)')
     g.add_argument('--aevlp-relation', default=None, metavar='FILE',
                    help='text graph: K x K class relation .npy, e.g. the original\'s data/relation/relation+voc.npy '

@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 import aevlp
+import clip_labels
 import datasets
 import losses_peers as lp
 from config import UserError
@@ -195,7 +196,7 @@ def test_scorer_lays_out_the_rows_as_train_py_and_applies_the_rule():
     observed = torch.zeros(10, k)
     observed[torch.arange(10), torch.arange(10) % k] = 1
     hp = dict(grid_size=grid, temp=0.05, eta=0.1, top_k=2, threshold=0.2, negative_ratio=0.34)
-    scorer = aevlp.CropScorer(None, tower, text, observed, hp)
+    scorer = aevlp.CropScorer(tower, text, observed, hp)
     cos = scorer.cosines(views, flips)
     # train.py: sub_images (B, V, ...) chunked over the views and concatenated: row r = (view r // B, sample r % B)
     for r in range(num_views * batch):
@@ -218,9 +219,32 @@ def test_classnames_spell_voc_as_the_original():
     assert aevlp.PROMPT.format('dog') == 'a photo of a dog.'
 
 
+def test_view_side_is_the_clips_input_side(tiny_clip):
+    class Cfg:
+        clip_model, aevlp_crop_size = tiny_clip['config'], None
+    assert aevlp.crop_size(Cfg) == 32  # TINY_CLIP_CONFIG's vision image_size
+    Cfg.aevlp_crop_size = 48
+    assert aevlp.crop_size(Cfg) == 48
+    assert clip_labels.configured_image_size('ViT-B-16') == 224
+
+
 def test_precision_auto_is_fp16_on_cuda_only():
     class Cfg:
         aevlp_precision = 'auto'
     assert aevlp.scoring_precision(Cfg, 'cuda') == 'fp16' and aevlp.scoring_precision(Cfg, 'cpu') == 'fp32'
     Cfg.aevlp_precision = 'fp16'
     assert aevlp.scoring_precision(Cfg, 'cpu') == 'fp16'
+
+
+def test_views_of_another_side_than_the_clips_are_refused_in_one_line(tiny_pascal, tmp_path, tiny_clip,
+                                                                     tiny_text_features, capsys):
+    import main_clip
+    from conftest import tiny_run_args
+
+    args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features)
+    at = args.index('--text-features')
+    del args[at:at + 2]
+    assert main_clip.main(args + ['-l', 'AEVLP', '--aevlp-crop-size', '40', '--run-name', 'r']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert '--aevlp-crop-size 32' in err[-1]
+    assert not (tmp_path / 'results' / 'r').exists()  # nothing written
