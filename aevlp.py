@@ -144,8 +144,12 @@ def aevlp_classnames(cfg: Config) -> list[str]:
     names with the original's spelling where it is known (VOC's identifiers); '_' read as ' ' as the
     original's PromptLearner does."""
     if cfg.aevlp_classnames:
-        names = [line.strip() for line in Path(cfg.aevlp_classnames).read_text(encoding='utf-8').splitlines()
-                 if line.strip()]
+        try:
+            text = Path(cfg.aevlp_classnames).read_text(encoding='utf-8')
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f'--aevlp-classnames {cfg.aevlp_classnames}: cannot read it as UTF-8 text '
+                            f'({one_line(exc)})') from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         names = clip_labels.read_classnames(cfg.dataset)
         if cfg.dataset == 'pascal':
@@ -241,7 +245,8 @@ def build_pseudo_labels(cfg: Config, train_split, device, num_classes: int):
                                                   precision=precision)
     names = aevlp_classnames(cfg)
     if len(names) != num_classes:
-        where = f'--aevlp-classnames {cfg.aevlp_classnames}' if cfg.aevlp_classnames else f'the {cfg.dataset} class names'
+        where = (f'--aevlp-classnames {cfg.aevlp_classnames}' if cfg.aevlp_classnames
+                 else f'the {cfg.dataset} class names')
         raise UserError(f'{where}: {len(names)} names for {num_classes} classes')
     with torch.no_grad():
         tokens = tokenizer([PROMPT.format(n) for n in names]).to(device)

@@ -58,9 +58,10 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     method: the methods.Method of the run (its `observed` rows are the observed labels of a batch);
     train_true: N x K clean labels on the device (for the methods that read them, and for the
     pseudo-label statistics); pl_source(images, index, flipped, batch) gives the pseudo-labels of a
-    batch (None when the method uses none; batch: the loader's batch, whose views AEVLP scores). pl stats: (hits, predicted positives, true positives
-    available) of the positive pseudo-labels on the unknown entries (o = 0), and the positive
-    pseudo-labels that fell on annotated negatives (o = -1, which keep their label).
+    batch (None when the method uses none; batch: the loader's batch, whose views AEVLP scores).
+    pl stats: (hits, predicted positives, true positives available) of the positive pseudo-labels
+    on the unknown entries (o = 0), and the positive pseudo-labels that fell on annotated negatives
+    (o = -1, which keep their label).
 
     A head with auxiliary logits (SGRE) adds cfg.lamda * method.aux_loss(aux logits) to the batch
     loss, as SGRE's loss(logits) + lamda * loss(aux logits). After every optimiser step:

@@ -334,11 +334,12 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
             or heads_run.needs_clip(cfg)):
         clip_model, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
     pl_source = None
-    if method_class.needs_pseudo_labels and own_labels is not None:
-        pl_source, quality = own_labels(cfg, splits['train'], device, num_classes)
-    elif method_class.needs_pseudo_labels:
-        pl_source, quality = clip_labels.build_pseudo_labels(cfg, clip_model, tokenizer, splits['train'],
-                                                             train_eval_loader, device, num_classes)
+    if method_class.needs_pseudo_labels:
+        if own_labels is not None:
+            pl_source, quality = own_labels(cfg, splits['train'], device, num_classes)
+        else:
+            pl_source, quality = clip_labels.build_pseudo_labels(cfg, clip_model, tokenizer, splits['train'],
+                                                                 train_eval_loader, device, num_classes)
         if quality:
             log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}): precision '
                      f'{quality["precision"]:.3f}, recall {quality["recall"]:.3f}, '

@@ -212,14 +212,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--aevlp-top-k', type=number(int, low=1), default=None, metavar='N',
                    help='at most N pseudo-positives per image (default 3, cub 32)')
     g.add_argument('--aevlp-eta', type=unit, default=None, metavar='ETA',
-                   help='cap of the observed positive\'s score below which a tile\'s max is used (default per dataset)')
+                   help='cap of the observed positive\'s score below which a tile\'s max is used')
     g.add_argument('--aevlp-threshold', type=unit, default=None, metavar='T', help='pseudo-positive score threshold')
-    g.add_argument('--aevlp-temp', type=POSITIVE, default=None, metavar='TEMP', help='softmax temperature of the CLIP cosines')
+    g.add_argument('--aevlp-temp', type=POSITIVE, default=None, metavar='TEMP',
+                   help='softmax temperature of the CLIP cosines')
     g.add_argument('--aevlp-negative-ratio', type=number(low=0, high=1, high_open=True), default=None, metavar='R',
                    help='fraction of lowest-scoring classes whose pseudo-positives are cleared')
     g.add_argument('--aevlp-lam', type=unit, nargs=2, default=None, metavar=('LAM1', 'LAM2'),
                    help='GPR-Loss: a pseudo-positive\'s weight 1 - v is kept in [LAM2, LAM1]')
-    g.add_argument('--aevlp-rho', type=unit, default=None, metavar='RHO', help='GPR-Loss: label smoothing of pseudo-positives')
+    g.add_argument('--aevlp-rho', type=unit, default=None, metavar='RHO',
+                   help='GPR-Loss: label smoothing of pseudo-positives')
     g.add_argument('--aevlp-reg', type=NON_NEGATIVE, default=None, metavar='WEIGHT',
                    help='GPR-Loss: weight of the expected-positives regulariser')
     g.add_argument('--aevlp-sparse-topk', type=number(int, low=1), default=None, metavar='N',
@@ -260,7 +262,8 @@ def _aevlp_settings(a: argparse.Namespace, paper: dict, error) -> dict:
 
     kw = dict(aevlp_grid=int(pick('grid', 'grid_size')), aevlp_top_k=int(pick('top_k', 'top_k')),
               aevlp_eta=float(pick('eta', 'eta')), aevlp_threshold=float(pick('threshold', 'threshold')),
-              aevlp_temp=float(pick('temp', 'temp')), aevlp_negative_ratio=float(pick('negative_ratio', 'negative_ratio')),
+              aevlp_temp=float(pick('temp', 'temp')),
+              aevlp_negative_ratio=float(pick('negative_ratio', 'negative_ratio')),
               aevlp_lam=tuple(float(v) for v in pick('lam', 'lam')), aevlp_rho=float(pick('rho', 'rho')),
               aevlp_reg=float(pick('reg', 'reg')), aevlp_sparse_topk=int(pick('sparse_topk', 'sparse_topk')),
               aevlp_reweight_p=float(pick('reweight_p', 'reweight_p')), aevlp_relation=a.aevlp_relation,
@@ -293,8 +296,6 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
     a.batch_size, a.lr, a.epochs from the paper's values where unset (not for the demo, which keeps its
     own training settings), and returns the build_config keyword arguments of the peer settings."""
     method = methods.METHODS[a.loss]
-    if getattr(method, 'unavailable', None):
-        error(method.unavailable)
     key = _method_key(a.loss)
     given = {flag: getattr(a, flag.lstrip('-').replace('-', '_')) for flag in
              ('--ll-delta-rel', '--boostlu-alpha', '--role-lr-mult', '--gr-beta', '--gr-alpha', '--gr-q')}
@@ -302,8 +303,8 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
               '--gr-alpha': ('GR', 'AEVLP'), '--gr-q': ('GR', 'AEVLP')}
     for flag, owner in owners.items():
         if given[flag] is not None and key not in owner:
-            error(f'{flag} is a setting of {"-l LL-R / LL-Ct / LL-Cp" if owner == ("LL",) else "-l " + " / ".join(owner)}, '
-                  f'not of -l {a.loss}')
+            owner_text = '-l LL-R / LL-Ct / LL-Cp' if owner == ('LL',) else '-l ' + ' / '.join(owner)
+            error(f'{flag} is a setting of {owner_text}, not of -l {a.loss}')
     aevlp_flags = {flag: getattr(a, flag.lstrip('-').replace('-', '_')) for flag in AEVLP_FLAGS}
     aevlp_flags['--aevlp-gcn'] = None if a.aevlp_gcn == 'random' else a.aevlp_gcn
     aevlp_flags['--aevlp-precision'] = None if a.aevlp_precision == 'auto' else a.aevlp_precision

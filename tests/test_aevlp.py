@@ -228,6 +228,18 @@ def test_view_side_is_the_clips_input_side(tiny_clip):
     assert clip_labels.configured_image_size('ViT-B-16') == 224
 
 
+def test_classnames_file(tmp_path):
+    (tmp_path / 'names.txt').write_text('curved bill\nhooked_seabird bill\n\n')
+    (tmp_path / 'bad.txt').write_bytes(b'\xff\xfe\xfa')
+
+    class Cfg:
+        dataset, aevlp_classnames = 'cub', str(tmp_path / 'names.txt')
+    assert aevlp.aevlp_classnames(Cfg) == ['curved bill', 'hooked seabird bill']  # '_' -> ' ', as PromptLearner
+    Cfg.aevlp_classnames = str(tmp_path / 'bad.txt')
+    with pytest.raises(UserError, match='--aevlp-classnames .*bad.txt'):
+        aevlp.aevlp_classnames(Cfg)
+
+
 def test_precision_auto_is_fp16_on_cuda_only():
     class Cfg:
         aevlp_precision = 'auto'
