@@ -31,8 +31,9 @@ from config import DATASETS, NON_NEGATIVE, POSITIVE, Config, UserError, number
 
 LL_SCHEMES = lp.LL_SCHEMES
 # Methods whose original code offers LinearInit: every loss of Cole et al.'s train.py (train_mode
-# 'linear_init') and GR-Loss (GRLoss train.py, `linear_init` epochs with a frozen feature extractor).
-LINEAR_INIT_METHODS = ('an', 'an_ls', 'wan', 'epr', 'iu', 'iun', 'pr', 'bce', 'bce_ls', 'role', 'GR')
+# 'linear_init'), GR-Loss (GRLoss train.py, `linear_init` epochs with a frozen feature extractor) and
+# AEVLP (its train.py keeps GR's `linear_init`, schedules shifted alike).
+LINEAR_INIT_METHODS = ('an', 'an_ls', 'wan', 'epr', 'iu', 'iun', 'pr', 'bce', 'bce_ls', 'role', 'GR', 'AEVLP')
 
 
 def _delta_rel(cfg: Config) -> float:
@@ -164,7 +165,8 @@ class Aevlp(methods.Method):
 
     def loss(self, logits, preds, batch, *, epoch, step):
         cfg = self.cfg
-        s = lp.gr_schedule(epoch=epoch, num_epochs=cfg.epochs, beta=cfg.gr_beta, alpha=cfg.gr_alpha)
+        s = lp.gr_schedule(epoch=epoch, num_epochs=cfg.epochs, beta=cfg.gr_beta, alpha=cfg.gr_alpha,
+                           linear_init=cfg.linear_init)
         q2, q3 = cfg.gr_q
         lam1, lam2 = cfg.aevlp_lam
         return lp.aevlp_loss(preds=preds, observed=batch['observed'], pseudo_labels=batch['pseudo_labels'],

@@ -29,7 +29,8 @@ def run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, flags, epochs
     ['-l', 'role'], ['-l', 'LL-R'], ['-l', 'LL-Ct'], ['-l', 'LL-Cp', '--ll-delta-rel', '2'],
     ['-l', 'LL-Cp', '--llcp-as-released'], ['-l', 'GR'], ['-l', 'LL-R', '--boostlu'],
     ['-l', 'role', '--linear-init', '1'], ['-l', 'GR', '--linear-init', '1'],
-    ['-l', 'AEVLP'], ['-l', 'AEVLP', '--aevlp-gcn', 'none', '--aevlp-precision', 'fp16', '--aevlp-grid', '2'],
+    ['-l', 'AEVLP', '--linear-init', '1'],
+    ['-l', 'AEVLP', '--aevlp-gcn', 'none', '--aevlp-precision', 'fp16', '--aevlp-grid', '2'],
 ])
 def test_peer_methods_train_end_to_end(flags, tiny_pascal, tmp_path, tiny_clip, tiny_text_features):
     args = run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, flags, 2) + ['--run-name', 'r']
@@ -148,6 +149,12 @@ def test_one_step_losses_equal_the_pure_functions(tiny_pascal, tmp_path, tiny_cl
                          sigma=s.sigma, q2=0.01, q3=1.0, lam1=0.7, lam2=0.4, rho=0.9, reg=0.05,
                          expected_num_pos=1.5)
     assert torch.equal(ae.loss(logits, preds, batch, epoch=2, step=0), want)
+    cfg, ae = _method(['-l', 'AEVLP', '--linear-init', '1'], tiny_pascal, tmp_path, tiny_clip, None, obs)
+    s = lp.gr_schedule(epoch=2, num_epochs=4, beta=[0, 2, -2, -2], alpha=[0.5, 2, 0.8, 0.5], linear_init=1)
+    want = lp.aevlp_loss(preds=preds, observed=torch.as_tensor(obs)[index], pseudo_labels=pl, w=s.w, b=s.b, mu=s.mu,
+                         sigma=s.sigma, q2=0.01, q3=1.0, lam1=0.7, lam2=0.4, rho=0.9, reg=0.05,
+                         expected_num_pos=1.5)
+    assert torch.equal(ae.loss(logits, preds, batch, epoch=2, step=0), want)  # the schedules shifted by 1
     assert ae.schedule_uses_epochs and gr.schedule_uses_epochs
 
 
