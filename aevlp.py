@@ -8,7 +8,8 @@ AEVLP's pseudo-labels are made online, at every training step, from a frozen CLI
    with probability 1/2 and normalised with the ImageNet mean and std (not CLIP's). `CropViews`.
 2. The scorer (models.py `PseudoLabelGeneratorOpenAI.generate`): the fp16 CLIP image tower, features
    L2-normalised, cosines with the class text matrix, no logit scale. The rows are laid out
-   [whole image x B | tile 0 x B | tile 1 x B | ...] (train.py). `CropScorer`.
+   [whole image x B | tile 0 x B | tile 1 x B | ...] (train.py). `CropScorer`; the transformers run
+   sequence-first as OpenAI's CLIP code (`sequence_first`), which makes the fp16 numbers the original's.
 3. The class text matrix: the CLIP text features of "a photo of a {name}." (its PromptLearner with the
    frozen context "a photo of a"), plus the residual of three graph convolutions (`GraphConvolution`,
    512 -> 1024 -> 1024 -> 512, LeakyReLU 0.2, no bias) over a class graph (`get_relation`), then
@@ -58,14 +59,37 @@ def gcn_weights(width: int, seed: int) -> list[torch.Tensor]:
     The original draws them with torch's global generator, which it never seeds; torch seeds that
     generator from the operating system at start-up (torch.initial_seed() differs in every process,
     checked under the original's torch 2.4.1 and under 2.13), so every run of the original has other
-    weights and none can be reproduced. Here they come from the same distribution and follow -s.
-    The global generator is not touched."""
+    weights and none can be reproduced. Here they come from the same distribution and follow -s: drawn
+    in float64 and rounded to fp16, because torch's fp16 uniform_ gives other bits on other CPU kernels
+    (AVX512, AVX2, scalar), and a seed should mean the same weights on every machine. The global
+    generator is not touched."""
     generator = torch.Generator().manual_seed(seed)
     weights = []
     for fan_in, fan_out in gcn_shapes(width):
         bound = 1.0 / math.sqrt(fan_out)
-        weights.append(torch.empty(fan_in, fan_out, dtype=torch.float16).uniform_(-bound, bound, generator=generator))
+        draw = torch.empty(fan_in, fan_out, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
+        weights.append(draw.to(torch.float16))
     return weights
+
+
+def sequence_first(model: nn.Module) -> nn.Module:
+    """Run open_clip's transformers sequence-first (L x N x D), as OpenAI's clip/model.py (which AEVLP
+    uses) does; open_clip runs them batch-first. In fp16 that changes the numbers by an ulp or so:
+    nn.MultiheadAttention then transposes its input without a copy, so its input projection takes
+    another kernel, and the image tower takes torch's fused attention (its "fast path" needs
+    batch_first), which the original never does. Sequence-first, the scorer computes the original's
+    fp16 numbers bit for bit (tests/test_aevlp_reference.py). A tower without a transformer (a
+    ModifiedResNet image tower), or whose blocks do not all use nn.MultiheadAttention (whose layout
+    the flag switches), is left as it is."""
+    for tower in (getattr(model, 'visual', None), model, getattr(model, 'text', None)):
+        transformer = getattr(tower, 'transformer', None)
+        blocks = list(getattr(transformer, 'resblocks', []))
+        if not blocks or not all(isinstance(getattr(b, 'attn', None), nn.MultiheadAttention) for b in blocks):
+            continue
+        transformer.batch_first = False
+        for block in blocks:
+            block.attn.batch_first = False
+    return model
 
 
 def load_gcn_weights(path: str, width: int) -> list[torch.Tensor]:
@@ -243,6 +267,7 @@ def build_pseudo_labels(cfg: Config, train_split, device, num_classes: int):
     dtype = {'fp16': torch.float16, 'fp32': torch.float32}[precision]
     clip_model, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device,
                                                   precision=precision)
+    sequence_first(clip_model)
     names = aevlp_classnames(cfg)
     if len(names) != num_classes:
         where = (f'--aevlp-classnames {cfg.aevlp_classnames}' if cfg.aevlp_classnames

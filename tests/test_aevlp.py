@@ -145,7 +145,7 @@ def test_graph_weights_follow_the_originals_distribution_and_the_seed():
     assert [tuple(w.shape) for w in weights] == [(512, 1024), (1024, 1024), (1024, 512)]
     for w in weights:
         bound = 1 / math.sqrt(w.shape[1])
-        assert w.dtype == torch.float16 and w.abs().max() <= bound
+        assert w.dtype == torch.float16 and w.abs().max() <= torch.tensor(bound).half()  # rounding is monotonic
         assert abs(w.float().mean()) < 0.01 * bound and abs(w.float().std() - bound / math.sqrt(3)) < 0.01 * bound
     again = aevlp.gcn_weights(512, seed=0)
     other = aevlp.gcn_weights(512, seed=1)
