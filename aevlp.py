@@ -158,8 +158,7 @@ def text_matrix(text_features: torch.Tensor, adjacency: torch.Tensor | None,
             h = torch.matmul(adj, torch.matmul(h, w.to(device=t.device, dtype=t.dtype)))
             if i < 2:
                 h = F.leaky_relu(h, GCN_SLOPE)
-        h = h + t  # text_features += identity
-        t = h
+        t = h + t  # text_features += identity
     return t / t.norm(dim=-1, keepdim=True)
 
 
@@ -283,16 +282,14 @@ def build_pseudo_labels(cfg: Config, train_split, device, num_classes: int):
                    else load_gcn_weights(cfg.aevlp_gcn, width))
         relation = (load_relation(cfg.aevlp_relation, num_classes) if cfg.aevlp_relation
                     else text_relation(text))
-        if not 0 < cfg.aevlp_sparse_topk <= num_classes:
-            raise UserError(f'--aevlp-sparse-topk {cfg.aevlp_sparse_topk} must be in [1, {num_classes}] classes')
         adjacency = gcn_adjacency(relation, cfg.aevlp_sparse_topk, cfg.aevlp_reweight_p)
     matrix = text_matrix(text, adjacency, weights)
     observed = torch.as_tensor(train_split.labels_obs, dtype=torch.float32, device=device)
     hp = dict(grid_size=cfg.aevlp_grid, temp=cfg.aevlp_temp, eta=cfg.aevlp_eta, top_k=cfg.aevlp_top_k,
               threshold=cfg.aevlp_threshold, negative_ratio=cfg.aevlp_negative_ratio)
-    size = clip_labels.clip_image_size(clip_model)
-    if size != crop_size(cfg):
-        raise UserError(f'the views are {crop_size(cfg)} px (--aevlp-crop-size or the model config) but CLIP model '
+    size, views = clip_labels.clip_image_size(clip_model), crop_size(cfg)
+    if size != views:
+        raise UserError(f'the views are {views} px (--aevlp-crop-size or the model config) but CLIP model '
                         f'{cfg.clip_model} takes {size} px inputs: pass --aevlp-crop-size {size}')
     scorer = CropScorer(clip_model.visual.eval(), matrix, observed, hp)
     graph = ('none' if weights is None else f'{cfg.aevlp_gcn} weights, relation '
