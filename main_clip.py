@@ -61,6 +61,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
+def backbone_name(text: str) -> str:
+    """argparse type of -m: a BACKBONES row or timm:NAME (models.backbone)."""
+    try:
+        models.backbone(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         description='VLPL: single-positive multi-label training with CLIP pseudo-labels. Default folders '
@@ -73,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='training method: ' + '; '.join(f'{name}: {methods.HELP[name]}' for name in methods.METHODS))
     p.add_argument('-g', '--gpu', default=None,
                    help='GPU index, exported as CUDA_VISIBLE_DEVICES (default: leave it as it is)')
-    p.add_argument('-m', '--model', default=None, choices=sorted(models.BACKBONES),
-                   help='trainable backbone (default: resnet50; small_cnn for the demo)')
+    p.add_argument('-m', '--model', default=None, type=backbone_name, metavar='BACKBONE',
+                   help=f'trainable backbone: {", ".join(sorted(models.BACKBONES))}, or timm:NAME for any timm '
+                        'model (pretrained tag or --backbone-weights; docs/backbones.md) (default: resnet50; '
+                        'small_cnn for the demo)')
     p.add_argument('-t', '--temp', type=POSITIVE, default=0.01, help='softmax temperature of the CLIP scores')
     p.add_argument('-th', '--threshold', type=number(low=0, high=1, low_open=True, high_open=True), default=0.3,
                    help='positive pseudo-label threshold, in (0, 1)')
@@ -179,7 +190,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         dataset=a.dataset, loss=a.loss, model=a.model, temp=a.temp, threshold=a.threshold, partial=a.partial,
         partial_everywhere=a.partial_everywhere, seed=a.seed, data_root=a.data_root, results_dir=a.results_dir,
         run_name=a.run_name, cache_dir=a.cache_dir, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        image_size=a.image_size, num_workers=a.num_workers, device=a.device, clip_model=a.clip_model,
+        image_size=a.image_size or models.backbone(a.model or DATASETS[a.dataset].model).image_size,
+        num_workers=a.num_workers, device=a.device, clip_model=a.clip_model,
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
@@ -198,9 +210,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
     method = methods.METHODS[cfg.loss]
-    backbone = models.BACKBONES[cfg.model]
+    backbone = models.backbone(cfg.model)
     pseudo_label_options.check(cfg, parser.error,
-                               needs_pseudo_labels=method.needs_pseudo_labels and method.pseudo_label_builder is None,
+                               needs_pseudo_labels=method.uses_pseudo_labels(cfg) and method.pseudo_label_builder is None,
                                has_cam=backbone.cam and models.HEADS[cfg.head].reads == 'pooled')
     if method.uses_warmup and cfg.warmup_epoch >= cfg.epochs:
         parser.error(f'--warmup-epoch {cfg.warmup_epoch} leaves no epoch of {cfg.loss} after the warmup '
@@ -330,11 +342,15 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
 
     own_labels = method_class.pseudo_label_builder  # a method's own pseudo-labels (AEVLP), else VLPL's
     clip_model = tokenizer = None
-    if ((method_class.needs_pseudo_labels and own_labels is None) or cfg.model == 'clip_vision'
+    pseudo_labels = method_class.uses_pseudo_labels(cfg)
+    if method_class.needs_pseudo_labels and not pseudo_labels:
+        log.info(f'--observed full: no unknown entry for a pseudo-label to fill, so -l {cfg.loss} trains on the '
+                 'labels alone, without CLIP')
+    if ((pseudo_labels and own_labels is None) or cfg.model == 'clip_vision'
             or heads_run.needs_clip(cfg)):
         clip_model, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
     pl_source = None
-    if method_class.needs_pseudo_labels:
+    if pseudo_labels:
         if own_labels is not None:
             pl_source, quality = own_labels(cfg, splits['train'], device, num_classes)
         else:
@@ -355,7 +371,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
                                     weights_path=cfg.backbone_weights if fresh else None,
                                     clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
                                     **heads_run.head_options(cfg, label_embeddings)).to(device)
     if init_state is not None:
         try:
@@ -422,7 +438,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
             if phase == 'val' and ema is not None:
                 ema_preds = predict(cfg, ema.module, loaders[phase], len(sets[phase]), num_classes, device,
                                     f'epoch {epoch} {phase} (EMA)')
-                if heads_run.ema_wins(phase_preds[phase], ema_preds, splits[phase].labels_true, epoch):
+                if heads_run.ema_wins(phase_preds[phase], ema_preds, splits[phase].labels_true, epoch,
+                                      splits[phase].counted()):
                     evaluated, phase_preds[phase] = ema.module, ema_preds
             times[phase] = time.perf_counter() - t0
         for phase in ('train', 'val', 'test'):
@@ -433,7 +450,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
                 log.info(f'{phase}: skipped {int((~seen).sum())} unreadable images (--skip-bad-images); '
                          'metrics cover the rest')
             s = logger.log_phase(epoch, phase, phase_preds[phase][seen], split.labels_true[seen], observed[seen],
-                                 train_loss if phase == 'train' else None)
+                                 train_loss if phase == 'train' else None, mask=split.counted(seen))
             extra = ''
             if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
                 precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)
@@ -476,7 +493,7 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
         clip_model, _ = clip_labels.load_clip(cfg.clip_model, None, device=device)
     label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
     model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
                                     **heads_run.head_options(cfg, label_embeddings))
     model.load_state_dict(ckpt['model'])
     model.to(device)
@@ -484,7 +501,7 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
     test_set = packs.image_sets(cfg, {'test': splits['test']}, root)[0]['test']  # --data-format pil or packed
     loader = make_loader(test_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
     preds = predict(cfg, model, loader, len(test_set), num_classes, device, 'test')
-    m = compute_metrics(preds, splits['test'].labels_true)
+    m = compute_metrics(preds, splits['test'].labels_true, splits['test'].counted())
     log.info(f'Test mAP of {cfg.dataset} epoch {ckpt["epoch"]}: {m["map"]:.2f}')
     return m['map']
 

@@ -155,7 +155,7 @@ def per_class_ap(run: Run) -> tuple[dict | None, str]:
         labels = splits['test'].labels_true
         preds = np.load(preds_path, allow_pickle=False)
         seen = ~np.isnan(preds).any(axis=1)  # rows of images skipped in training are NaN
-        ap = 100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)
+        ap = 100.0 * average_precision_per_class(preds[seen], labels[seen] == 1, splits['test'].counted(seen))
         names = clip_labels.read_classnames(run.config['dataset'])
     except Exception as e:  # data not on this machine, other labels, ...: the report goes on without it
         return None, f'no per_class_ap.json, and test AP could not be recomputed ({str(e).splitlines()[0][:120]})'

@@ -155,7 +155,7 @@ def test_torchscript_checkpoint_goes_to_the_openai_loader(tiny_clip, tmp_path, m
 
 def test_backbone_table():
     assert set(models.BACKBONES) == {'resnet50', 'clip_vision', 'convnext_xlarge_22k', 'convnext_xlarge_1k',
-                                     'small_cnn'}
+                                     'small_cnn', 'resnet101', 'tresnet_m', 'tresnet_l', 'swin_large'}
     with pytest.raises(ValueError, match='unknown backbone'):
         models.build_classifier('vgg', 3)
 
