@@ -24,7 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-import clip_labels
+import class_text_features
+import clip_loading
 import datasets
 import distributed
 import heads_run
@@ -34,6 +35,7 @@ import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
 import packs
 import pseudo_label_options
+import pseudo_label_policy
 import records
 from checkpoints import RunFolder, config_differences, ensure_writable, load_checkpoint, set_rng_state
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
@@ -289,7 +291,7 @@ def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
         if path is not None and not Path(path).is_file():
             raise UserError(f'{flag} {path}: no such file')
     if cfg.text_features:
-        clip_labels.load_text_features(cfg.text_features, splits['train'].labels_obs.shape[1])
+        class_text_features.load_text_features(cfg.text_features, splits['train'].labels_obs.shape[1])
     ensure_writable(Path(cfg.cache_dir), '--cache-dir')
 
 
@@ -332,14 +334,14 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     clip_model = tokenizer = None
     if ((method_class.needs_pseudo_labels and own_labels is None) or cfg.model == 'clip_vision'
             or heads_run.needs_clip(cfg)):
-        clip_model, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
+        clip_model, tokenizer = clip_loading.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
     pl_source = None
     if method_class.needs_pseudo_labels:
         if own_labels is not None:
             pl_source, quality = own_labels(cfg, splits['train'], device, num_classes)
         else:
-            pl_source, quality = clip_labels.build_pseudo_labels(cfg, clip_model, tokenizer, splits['train'],
-                                                                 train_eval_loader, device, num_classes)
+            pl_source, quality = pseudo_label_policy.build_pseudo_labels(
+                cfg, clip_model, tokenizer, splits['train'], train_eval_loader, device, num_classes)
         if quality:
             log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}): precision '
                      f'{quality["precision"]:.3f}, recall {quality["recall"]:.3f}, '
@@ -370,7 +372,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         cfg, model.param_groups(cfg.lr, cfg.head_lr_mult) + method.param_groups(cfg.lr), len(loaders['train']))
     logger = TrainLogger(cfg.epochs, num_classes)
     train_true = torch.as_tensor(splits['train'].labels_true, device=device)
-    classnames = clip_labels.read_classnames(cfg.dataset)
+    classnames = class_text_features.read_classnames(cfg.dataset)
     start_epoch = 1
     if resume is not None:
         model.load_state_dict(resume['model'])
@@ -473,7 +475,7 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
     num_classes = splits['test'].labels_true.shape[1]
     clip_model = None
     if cfg.model == 'clip_vision':
-        clip_model, _ = clip_labels.load_clip(cfg.clip_model, None, device=device)
+        clip_model, _ = clip_loading.load_clip(cfg.clip_model, None, device=device)
     label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
     model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
                                     cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,

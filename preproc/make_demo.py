@@ -49,7 +49,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from preproc._common import PreprocError, run_cli, save_arrays  # noqa: E402
-from clip_labels import clip_image_size  # noqa: E402
+from clip_loading import clip_image_size  # noqa: E402
 from files import atomic_write  # noqa: E402
 from preproc.generate_observed_labels import generate_observed  # noqa: E402
 
@@ -373,11 +373,11 @@ def register_clip_config() -> None:
 
 def _normalise_for_clip(images_u8, image_size: int):
     """uint8 B x S x S x 3 -> what the pseudo-labeller sees: the pipeline's ToTensor + ImageNet
-    Normalize (datasets.py), then clip_labels.resize_for_clip to the CLIP size (identity at 64)."""
+    Normalize (datasets.py), then clip_loading.resize_for_clip to the CLIP size (identity at 64)."""
     import torch
 
     from datasets import IMAGENET_MEAN, IMAGENET_STD
-    from clip_labels import resize_for_clip
+    from clip_loading import resize_for_clip
 
     x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

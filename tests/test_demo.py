@@ -3,7 +3,7 @@
 Small sizes throughout (tens of pictures, one short CLIP epoch), except the quality test, which
 trains the tiny CLIP at a moderate size and checks its zero-shot pseudo-labels through the same
 public path the training script uses (datasets.load_splits -> MultiLabelImages ->
-clip_labels.load_clip -> compute_text_features -> PseudoLabeler).
+clip_loading.load_clip -> compute_text_features -> PseudoLabeler).
 """
 from __future__ import annotations
 
@@ -48,11 +48,11 @@ def demos(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_class_names_are_distinct_and_match_the_text_file():
-    import clip_labels
+    import class_text_features
 
     path = Path(make_demo.__file__).resolve().parents[1] / "text_features" / "demo_classnames.txt"
     assert path.read_text(encoding="utf-8").splitlines() == make_demo.DEMO_CLASSES
-    assert clip_labels.read_classnames("demo") == make_demo.DEMO_CLASSES
+    assert class_text_features.read_classnames("demo") == make_demo.DEMO_CLASSES
     assert len(set(make_demo.DEMO_CLASSES)) == K == 30
     # Neither the colour nor the shape alone names a class: each belongs to 2 or 3 classes.
     for part in (0, 1):
@@ -253,16 +253,17 @@ def test_old_or_damaged_demo_is_detected_by_content_and_rebuilt_with_one_line(tm
 
 
 def test_checkpoint_loads_through_load_clip(demos):
-    import clip_labels
+    import class_text_features
+    import clip_loading
 
     checkpoint = demos["a"] / "demo" / "clip" / "vlpl-demo-tiny.pt"
-    model, tokenizer = clip_labels.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
+    model, tokenizer = clip_loading.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
     saved = torch.load(checkpoint, weights_only=True)
     loaded = model.state_dict()
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
-    assert clip_labels.clip_image_size(model) == make_demo.IMAGE_SIZE
-    features = clip_labels.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES)
+    assert clip_loading.clip_image_size(model) == make_demo.IMAGE_SIZE
+    features = class_text_features.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES)
     assert features.shape == (K, model.text_projection.shape[1])
 
 
@@ -283,8 +284,10 @@ def test_cli_builds_the_demo_and_reports_bad_paths(tmp_path, capsys):
 def test_tiny_clip_pseudo_labels_beat_the_class_prior(tmp_path):
     """Zero-shot pseudo-labels (class name only, temp 0.01, threshold 0.3) on the held-out test
     split of a moderately trained tiny CLIP: precision must be far above the class prior."""
+    import class_text_features
+    import clip_loading
     import datasets
-    import clip_labels
+    import pseudo_labeler
 
     checkpoint = make_demo.ensure_demo(tmp_path, seed=0, progress=False, num_train=10,
                                        num_test=200, num_clip_pairs=1500, clip_epochs=3)
@@ -292,9 +295,9 @@ def test_tiny_clip_pseudo_labels_beat_the_class_prior(tmp_path):
     images = datasets.MultiLabelImages(datasets.image_root(tmp_path, "demo"), test,
                                        image_size=make_demo.IMAGE_SIZE, train=False)
     batch = torch.stack([images[i]["image"] for i in range(len(images))])
-    model, tokenizer = clip_labels.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
-    text_features = clip_labels.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES, "{}")
-    labeler = clip_labels.PseudoLabeler(model.visual, text_features, temp=0.01, threshold=0.3)
+    model, tokenizer = clip_loading.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
+    text_features = class_text_features.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES, "{}")
+    labeler = pseudo_labeler.PseudoLabeler(model.visual, text_features, temp=0.01, threshold=0.3)
     positive = labeler(batch).numpy() == 1
     truth = test.labels_true == 1
 

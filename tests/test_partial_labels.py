@@ -207,7 +207,7 @@ def _roundtrip(state, tmp_path):
 
 
 def test_prior_file_is_read_once_checked_and_kept_in_the_checkpoint(tmp_path, capsys):
-    names = main_clip.clip_labels.read_classnames('pascal')
+    names = main_clip.class_text_features.read_classnames('pascal')
     prior = torch.linspace(0.05, 0.9, K)
     path = tmp_path / 'prior.csv'
     path.write_text(lp.prior_csv_text(names, prior))
