@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_labels
+import class_text_features
+import clip_loading
 import losses
 import main_clip
 import methods
@@ -101,7 +102,7 @@ def test_voc2007_full_labels_timm_backbone_q2l_head(tmp_path, monkeypatch):
 
     def no_clip(*args, **kwargs):
         raise AssertionError('--observed full needs no CLIP')
-    monkeypatch.setattr(clip_labels, 'load_clip', no_clip)
+    monkeypatch.setattr(clip_loading, 'load_clip', no_clip)
     argv = ['-d', 'voc2007', '--observed', 'full', '-m', 'timm:resnet18', '--no-pretrained', '--head', 'q2l',
             '--data-root', str(data), '--results-dir', str(tmp_path / 'results'), '--cache-dir',
             str(tmp_path / 'cache'), '--epochs', '1', '--image-size', '32', '--batch-size', '8', '--num-workers',
@@ -116,7 +117,7 @@ def test_voc2007_full_labels_timm_backbone_q2l_head(tmp_path, monkeypatch):
     assert log['best_test_map'] == pytest.approx(compute_metrics(preds, labels, ~ignore)['map'], abs=1e-9)
     assert compute_metrics(preds, labels, ~ignore)['map'] != compute_metrics(preds, labels)['map']
     ckpt = torch.load(run / 'best.pt', weights_only=True)
-    assert ckpt['config']['model'] == 'timm:resnet18' and ckpt['classnames'] == clip_labels.read_classnames('voc2007')
+    assert ckpt['config']['model'] == 'timm:resnet18' and ckpt['classnames'] == class_text_features.read_classnames('voc2007')
     assert any(key.startswith('trunk.layer4.') for key in ckpt['model'])
     # --evaluate rebuilds the timm trunk and the head from the checkpoint and counts the same entries
     assert main_clip.evaluate(*reloaded(run / 'best.pt')) == pytest.approx(log['best_test_map'], abs=1e-4)
