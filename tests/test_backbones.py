@@ -11,23 +11,14 @@ import models
 from config import ModelLoadError, default_run_name
 
 
-def test_rows_ask_timm_for_the_seed_systems_models(monkeypatch, tmp_path):
-    calls = []
-
-    def fake_create_model(name, **kwargs):
-        calls.append((name, kwargs))
-        net = torch.nn.Flatten(1)
-        net.num_features = 2048
-        return net
-
-    monkeypatch.setattr(timm, 'create_model', fake_create_model)
+def test_rows_ask_timm_for_the_seed_systems_models(timm_calls, tmp_path):
     weights = tmp_path / 'w.pth'
     weights.write_bytes(b'x')
     for name in ('resnet101', 'tresnet_m', 'tresnet_l', 'swin_large'):
         models.build_classifier(name, 4, image_size=448)
     models.build_classifier('swin_large', 4, weights_path=weights)  # image_size None: timm's own (384)
     models.build_classifier('timm:vit_tiny_patch16_224', 4, pretrained=False, image_size=64)
-    assert calls == [
+    assert timm_calls == [
         ('resnet101.tv_in1k', {'pretrained': True, 'num_classes': 0}),
         ('tresnet_m.miil_in21k', {'pretrained': True, 'num_classes': 0}),
         ('tresnet_l.miil_in1k_448', {'pretrained': True, 'num_classes': 0}),
