@@ -68,7 +68,8 @@ TORCHVISION_PROTO = "sha256: pytorch/vision torchvision/prototype/datasets/_buil
 TFDS = "size (and the same sha256): tensorflow/datasets tensorflow_datasets/url_checksums/{}.txt"
 PADDLE_COCO = "md5: PaddlePaddle/PaddleDetection dataset/coco/download_coco.py"
 CUB_MD5 = "md5: as used with Caltech's archive by TDeVries/cub2011_dataset and derived loaders (not Caltech)"
-OPENIMAGES_V6 = "URL: OpenImages V6 download page; no checksum or size published"
+OPENIMAGES_V6 = ("URL: OpenImages V6 download page (the label CSVs and class descriptions as listed by "
+                 "openvinotoolkit/datumaro's Open Images docs); no checksum or size is published")
 VOC_HOST = "https://thor.robots.ox.ac.uk/pascal/VOC"  # torchvision's current host of the VOC archives
 
 

@@ -131,9 +131,12 @@ def plan_step(source: Source, folder: Path, stamp: dict, from_dir: Path | None) 
     part = folder / DOWNLOADS / f"{source.name}.part"
     have = part.stat().st_size if part.exists() else 0
     remaining = max(source.size - have, 0) if source.size is not None else 0
+    note = f"resuming at {human(have)}" if have else ""
+    if provided(source, folder):  # extracted by hand: unverified, so not taken as done
+        note = (f"{', '.join(source.provides)} found without a stamp: fetched again to verify; --from-dir "
+                f"{folder} uses them as they are")
     return Step(source, "download", fetch_bytes=remaining,
-                unpack_bytes=(source.size or 0) if source.is_archive else 0,
-                note=f"resuming at {human(have)}" if have else "")
+                unpack_bytes=(source.size or 0) if source.is_archive else 0, note=note)
 
 
 def _checksum_words(source: Source) -> str:
@@ -245,14 +248,14 @@ def obtain(step: Step, folder: Path, stamp: dict, args) -> None:
         path, checked = step.path, _check_local(step.path, source)
         print(f"{step.path}: {_checked_words(source, checked)}", flush=True)
     in_downloads = path.parent == folder / DOWNLOADS
-    keep = in_downloads and source.is_archive and not args.remove_archives
+    archive_kept = in_downloads and source.is_archive
     entry = {key: checked[key] for key in ("from", "md5", "sha256", "size")}
     # The checked archive is noted before extracting: a later run extracts it again without fetching.
-    entry["archive"] = {key: checked[key] for key in ("size", "mtime_ns")} if in_downloads and source.is_archive else None
+    entry["archive"] = {key: checked[key] for key in ("size", "mtime_ns")} if archive_kept else None
     stamp["sources"][source.name] = entry
     write_stamp(folder, stamp)
     entry.update(_put_in_place(source, path, folder, move=in_downloads), done=True)
-    if in_downloads and source.is_archive and not keep:
+    if archive_kept and args.remove_archives:
         path.unlink()
         entry["archive"] = None
     print(f"{source.name}: {'extracted into' if source.is_archive else 'placed in'} {folder}", flush=True)

@@ -449,6 +449,42 @@ def test_nuswide_explains_what_to_supply_then_formats_what_is_there(tmp_path, ca
                                   np.load(tmp_path / "direct" / "formatted_train_labels.npy"))
 
 
+def test_openimages_label_files_are_fetched_and_the_images_explained(server, tmp_path, capsys):
+    """No checksum is published for OpenImages' CSVs: each is fetched as it is and its sha256 recorded;
+    the images are user-supplied (CSL's resized archive or the official downloader)."""
+    csvs = {
+        "oidv6-class-descriptions.csv": b"LabelName,DisplayName\n/m/a,Apple\n/m/b,Ball\n/m/c,Cat\n",
+        "oidv6-classes-trainable.txt": b"/m/a\n/m/b\n",
+        "oidv6-train-annotations-human-imagelabels.csv":
+            b"ImageID,Source,LabelName,Confidence\ni1,verification,/m/a,1\ni1,verification,/m/b,0\n"
+            b"i2,verification,/m/b,1\n",
+        "test-annotations-human-imagelabels.csv": b"ImageID,Source,LabelName,Confidence\ni3,verification,/m/a,1\n",
+    }
+    server.files.update(csvs)
+    assert run(tmp_path / "data", "openimages", "--mirror", server.url) == 2
+    captured = capsys.readouterr()
+    assert "needs files you supply (train.tar.gz, test.tar.gz)" in error_line(captured.err)
+    assert "Open_Images_V6/train.tar.gz" in captured.out and "no published checksum" in captured.out
+    folder = tmp_path / "data" / "openimages"
+    stamp = json.loads((folder / "prepare_stamp.json").read_text())
+    for name, data in csvs.items():
+        assert (folder / name).read_bytes() == data
+        assert stamp["sources"][name]["sha256"] == hashlib.sha256(data).hexdigest()
+    given = tmp_path / "images"
+    for split, image in (("train", "i1"), ("train", "i2"), ("test", "i3")):
+        (given / split).mkdir(parents=True, exist_ok=True)
+        (given / split / f"{image}.jpg").write_bytes(jpeg(0))
+    server.requests.clear()
+    status = run(tmp_path / "data", "openimages", "--from-dir", given)
+    out = capsys.readouterr().out
+    assert status == 0 and server.requests == []
+    recipe = dataset_sources.RECIPES["openimages"]
+    if recipe.pending:
+        assert f"openimages: sources ready in {folder}; {recipe.pending}" in out
+    else:
+        assert len(np.load(folder / "formatted_train_images.npy")) == 2
+
+
 # ------------------------------------------------------------------------------------------ unsafe archives
 
 def _tar(path: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> Path:
