@@ -80,8 +80,11 @@ def _one_attempt(url: str, part: Path, timeout: float) -> int:
             return 0
         raise
     with response:
-        if have and (response.status != 206 or _content_start(response) != have):
-            have = 0  # the server ignored the range: start again
+        if have and response.status == 206 and _content_start(response) != have:
+            part.unlink()  # a range other than the one asked for: start again on the next attempt
+            raise ConnectionError(f"the server sent another range ({response.headers.get('Content-Range')})")
+        if have and response.status != 206:
+            have = 0  # the server ignored the range and sends the whole file: start again
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
         received = 0

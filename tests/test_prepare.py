@@ -286,6 +286,31 @@ def test_a_changed_output_or_lost_tree_is_redone_without_downloading(voc_archive
         np.testing.assert_array_equal(array, good[name], err_msg=name)
 
 
+def test_verify_rereads_outputs_that_kept_their_size_and_time(voc_archive, server, tmp_path, monkeypatch, capsys):
+    import os
+    _, data = voc_archive
+    serve_as(monkeypatch, server, "pascal", {"VOCtrainval_11-May-2012.tar": data})
+    assert run(tmp_path / "data", "pascal", "--mirror", server.url) == 0
+    obs = tmp_path / "data" / "pascal" / "formatted_train_labels_obs.npy"
+    good, stat = obs.read_bytes(), obs.stat()
+    obs.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # same size, then the old time put back
+    os.utime(obs, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    assert run(tmp_path / "data", "pascal", "--mirror", server.url) == 0
+    assert "nothing to do" in capsys.readouterr().out  # size and time are trusted by default
+    assert run(tmp_path / "data", "pascal", "--mirror", server.url, "--verify") == 0
+    assert "running python preproc/generate_observed_labels.py" in capsys.readouterr().out
+    assert obs.read_bytes() == good
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(server, tmp_path, capsys):
+    assert run(tmp_path / "data", "coco", "--mirror", server.url, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert f"download  train2014.zip (13.5 GB) from {server.url}/train2014.zip; md5 0da8c0bd3d6becc4dcb32757491aca88" in out
+    assert "20.4 GB to download, about 20.4 GB to unpack" in out and "dry run: nothing done" in out
+    assert not (tmp_path / "data").exists() and server.requests == []
+
+
 # ------------------------------------------------------------------------------------------ downloads
 
 def test_a_download_cut_in_the_middle_resumes_and_finishes(voc_archive, server, tmp_path, monkeypatch, capsys):
