@@ -405,6 +405,10 @@ def prepare(args) -> list[str]:
     from_dir = args.from_dir.resolve() if args.from_dir else None
     if from_dir is not None and not from_dir.is_dir():
         raise PreprocError(f"--from-dir {args.from_dir} is not a folder")
+    if args.mirror and urllib.parse.urlparse(args.mirror).scheme not in ("http", "https", "ftp", "file"):
+        raise PreprocError(f"--mirror {args.mirror} is not a URL: give http://, https://, ftp:// or file://")
+    if args.retries < 0 or args.timeout <= 0:
+        raise PreprocError("--retries must be >= 0 and --timeout > 0")
     if args.dry_run:
         steps = [plan_step(source, folder, read_stamp(folder, recipe.name), from_dir) for source in recipe.sources]
         print_plan(recipe, folder, steps, args)

@@ -402,6 +402,16 @@ def test_not_enough_disk_is_refused_before_any_download(voc_archive, server, tmp
     assert server.requests == []
 
 
+def test_a_mirror_on_the_file_system(voc_archive, tmp_path, monkeypatch):
+    _, data = voc_archive
+    serve_as(monkeypatch, type("NoServer", (), {"files": {}})(), "pascal", {"VOCtrainval_11-May-2012.tar": data})
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "VOCtrainval_11-May-2012.tar").write_bytes(data)
+    assert run(tmp_path / "data", "pascal", "--mirror", mirror.as_uri()) == 0
+    assert (tmp_path / "data" / "pascal" / "formatted_val_labels_obs.npy").is_file()
+
+
 # ------------------------------------------------------------------------------------------ --from-dir
 
 def test_from_dir_archives_need_no_network(coco_archives, tmp_path, monkeypatch, capsys):
