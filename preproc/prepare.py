@@ -294,8 +294,10 @@ def _script(module: str) -> Path | None:
     return Path(spec.origin) if spec and spec.origin else None
 
 
-def _inputs_of(recipe: Recipe, folder: Path, stamp: dict, script: Path, argv: list[str]) -> dict:
-    inputs = {"script": _sha256(script), "argv": argv}
+def _inputs_of(recipe: Recipe, folder: Path, stamp: dict, script: Path) -> dict:
+    """What the format step reads: its script, its arguments (not the folder: the formatted files hold
+    relative paths, so a moved --data-root stays formatted) and every source's checksum."""
+    inputs = {"script": _sha256(script), "args": list(recipe.format_args)}
     for source in recipe.sources:
         record = stamp["sources"].get(source.name) or {}
         if record.get("sha256") and not record.get("unverified"):
@@ -373,7 +375,8 @@ def print_plan(recipe: Recipe, folder: Path, steps: list[Step], args) -> None:
             format_argv(recipe, folder))
         print(f"  format    {state}")
     if recipe.observed:
-        print(f"  observed  python preproc/generate_observed_labels.py {' '.join(observed_argv(recipe, args.data_root))}")
+        argv = " ".join(observed_argv(recipe, args.data_root))
+        print(f"  observed  python preproc/generate_observed_labels.py {argv}")
     fetch = sum(s.fetch_bytes for s in steps)
     unpack = sum(s.unpack_bytes for s in steps)
     unknown = [s.source.name for s in steps if s.action == "download" and s.source.size is None]
@@ -440,9 +443,9 @@ def prepare(args) -> list[str]:
 def format_and_sample(recipe: Recipe, folder: Path, stamp: dict, args) -> list[str]:
     """The format step, then the observed-label step; the names of those that ran."""
     did = []
-    argv = format_argv(recipe, folder)
-    inputs = _inputs_of(recipe, folder, stamp, _script(recipe.format_module), argv)
-    if run_step(stamp, "format", folder, recipe.format_module, argv, inputs, recipe.format_outputs, args.verify):
+    inputs = _inputs_of(recipe, folder, stamp, _script(recipe.format_module))
+    if run_step(stamp, "format", folder, recipe.format_module, format_argv(recipe, folder), inputs,
+                recipe.format_outputs, args.verify):
         did.append("format")
     if not recipe.observed:
         return did
@@ -450,12 +453,12 @@ def format_and_sample(recipe: Recipe, folder: Path, stamp: dict, args) -> list[s
     if waiting:
         print(f"{recipe.name}: {waiting}")
         return did
-    argv = observed_argv(recipe, args.data_root)
     formatted = stamp["format"]["outputs"]
-    inputs = {"script": _sha256(_script("preproc.generate_observed_labels")), "argv": argv,
-              **{name: formatted[name]["sha256"] for name in ("formatted_train_labels.npy", "formatted_val_labels.npy")}}
-    outputs = ("formatted_train_labels_obs.npy", "formatted_val_labels_obs.npy")
-    if run_step(stamp, "observed", folder, "preproc.generate_observed_labels", argv, inputs, outputs, args.verify):
+    labels = ("formatted_train_labels.npy", "formatted_val_labels.npy")
+    inputs = {"script": _sha256(_script("preproc.generate_observed_labels")),
+              **{name: formatted[name]["sha256"] for name in labels}}
+    if run_step(stamp, "observed", folder, "preproc.generate_observed_labels", observed_argv(recipe, args.data_root),
+                inputs, ("formatted_train_labels_obs.npy", "formatted_val_labels_obs.npy"), args.verify):
         did.append("observed labels")
     return did
 

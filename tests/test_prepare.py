@@ -306,7 +306,8 @@ def test_verify_rereads_outputs_that_kept_their_size_and_time(voc_archive, serve
 def test_dry_run_prints_the_plan_and_touches_nothing(server, tmp_path, capsys):
     assert run(tmp_path / "data", "coco", "--mirror", server.url, "--dry-run") == 0
     out = capsys.readouterr().out
-    assert f"download  train2014.zip (13.5 GB) from {server.url}/train2014.zip; md5 0da8c0bd3d6becc4dcb32757491aca88" in out
+    assert (f"download  train2014.zip (13.5 GB) from {server.url}/train2014.zip; "
+            f"md5 0da8c0bd3d6becc4dcb32757491aca88") in out
     assert "20.4 GB to download, about 20.4 GB to unpack" in out and "dry run: nothing done" in out
     assert not (tmp_path / "data").exists() and server.requests == []
 
