@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import re
+import shutil
 import tarfile
 import threading
 import urllib.parse
@@ -247,6 +248,46 @@ def test_coco_prepared_from_a_mirror_equals_formatting_the_unpacked_tree(coco_ar
     assert sorted(name for name, _ in server.requests) == sorted(files)
 
 
+def write_voc2007_part(root: Path, list_name: str, ids: list[str]) -> Path:
+    """One of VOC2007's two archives' trees: VOCdevkit/VOC2007 with the list, JPEGs and XMLs."""
+    voc = root / "VOCdevkit" / "VOC2007"
+    for sub in ("ImageSets/Main", "JPEGImages", "Annotations"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    (voc / "ImageSets" / "Main" / f"{list_name}.txt").write_text("\n".join(ids) + "\n")
+    for n, image_id in enumerate(ids):
+        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(jpeg(n))
+        objects = "".join(f"<object><name>{VOC_CLASSES[(n + k) % 20]}</name><difficult>{k}</difficult></object>"
+                          for k in range(2))
+        (voc / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{objects}</annotation>")
+    return root
+
+
+def test_voc2007_two_archives_merge_into_one_tree(server, tmp_path, monkeypatch, capsys):
+    trainval = write_voc2007_part(tmp_path / "trainval", "trainval", ["000005", "000007", "000009"])
+    test = write_voc2007_part(tmp_path / "test", "test", ["000001", "000002"])
+    files = {"VOCtrainval_06-Nov-2007.tar": tar_of(trainval, tmp_path / "a.tar"),
+             "VOCtest_06-Nov-2007.tar": tar_of(test, tmp_path / "b.tar")}
+    serve_as(monkeypatch, server, "voc2007", files)
+    assert run(tmp_path / "data", "voc2007", "--mirror", server.url) == 0
+    out = capsys.readouterr().out
+    voc = tmp_path / "data" / "voc2007" / "VOCdevkit" / "VOC2007"
+    assert sorted(p.name for p in (voc / "ImageSets" / "Main").iterdir()) == ["test.txt", "trainval.txt"]
+    assert len(list((voc / "JPEGImages").iterdir())) == 5 and len(list((voc / "Annotations").iterdir())) == 5
+    recipe = dataset_sources.RECIPES["voc2007"]
+    if recipe.pending:
+        assert f"voc2007: sources ready in {tmp_path / 'data' / 'voc2007'}; {recipe.pending}" in out
+        return
+    merged = tmp_path / "merged"
+    for part in (trainval, test):
+        shutil.copytree(part, merged, dirs_exist_ok=True)
+    assert format_pascal.main(["--year", "2007", "--load-path", str(merged), "--save-path",
+                               str(tmp_path / "direct" / "voc2007")]) == 0
+    assert generate_observed_labels.main(["--dataset", "voc2007", "--data-root", str(tmp_path / "direct")]) == 0
+    for name in FORMATTED + OBSERVED:
+        np.testing.assert_array_equal(np.load(tmp_path / "data" / "voc2007" / name),
+                                      np.load(tmp_path / "direct" / "voc2007" / name), err_msg=name)
+
+
 def test_second_run_does_nothing_and_says_so(voc_archive, server, tmp_path, monkeypatch, capsys):
     _, data = voc_archive
     serve_as(monkeypatch, server, "pascal", {"VOCtrainval_11-May-2012.tar": data})
@@ -266,7 +307,6 @@ def test_second_run_does_nothing_and_says_so(voc_archive, server, tmp_path, monk
 
 def test_a_changed_output_or_lost_tree_is_redone_without_downloading(voc_archive, server, tmp_path, monkeypatch,
                                                                       capsys):
-    import shutil
     _, data = voc_archive
     serve_as(monkeypatch, server, "pascal", {"VOCtrainval_11-May-2012.tar": data})
     assert run(tmp_path / "data", "pascal", "--mirror", server.url) == 0
@@ -391,7 +431,6 @@ def test_offline_is_one_line_naming_url_file_and_from_dir(tmp_path, monkeypatch,
 
 
 def test_not_enough_disk_is_refused_before_any_download(voc_archive, server, tmp_path, monkeypatch, capsys):
-    import shutil
     _, data = voc_archive
     serve_as(monkeypatch, server, "pascal", {"VOCtrainval_11-May-2012.tar": data})
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 1000))
