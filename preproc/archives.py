@@ -45,19 +45,40 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+def _link_on_the_way(path: str, links: set[str]) -> str | None:
+    """The first link of the archive that `path` (relative to the target, '..' allowed) goes through."""
+    stack: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if stack and "/".join(stack) in links:
+            return "/".join(stack)
+        if part == "..":
+            if stack:
+                stack.pop()
+        else:
+            stack.append(part)
+    return None
+
+
 def _tar_problem(member: tarfile.TarInfo, links: set[str], dest: str) -> str | None:
+    """Why a tar member may not be extracted, or None. Nothing may be written or pointed through a
+    link of the archive, so every link resolves by its name alone, whatever the links around it."""
     problem = _name_problem(member.name)
     if problem:
         return problem
-    parts = PurePosixPath(member.name).parts
-    for depth in range(1, len(parts)):
-        if "/".join(parts[:depth]) in links:
-            return f"written through the link {'/'.join(parts[:depth])!r}"
+    through = _link_on_the_way(member.name, links)
+    if through:
+        return f"written through the link {through!r}"
     if member.issym() or member.islnk():
         base = os.path.dirname(member.name) if member.issym() else ""
-        where = os.path.normpath(os.path.join(base, member.linkname))
+        joined = f"{base}/{member.linkname}" if base else member.linkname
+        where = os.path.normpath(joined)
         if os.path.isabs(member.linkname) or where == ".." or where.startswith("../"):
             return f"a link to {member.linkname!r}, outside the target folder"
+        through = _link_on_the_way(joined, links)
+        if through:
+            return f"a link to {member.linkname!r}, through the link {through!r}"
     try:
         tarfile.data_filter(member, dest)  # device files, FIFOs, and the filter's own path checks
     except tarfile.FilterError as err:
@@ -139,6 +160,8 @@ def extract(archive: Path, target: Path) -> dict:
                     tar.extractall(staging, members=counted(), filter="data")
         top = sorted(os.listdir(staging))
         _merge(staging, target)
+    except tarfile.FilterError as err:  # the filter's check at extraction time (links created on disk)
+        raise ArchiveError(f"{archive}: member {err.tarinfo.name!r} refused ({err}); nothing extracted") from None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
         raise ArchiveError(f"{archive} cannot be read as an archive ({err}): fetch it again") from None
     finally:

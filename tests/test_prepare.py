@@ -597,11 +597,17 @@ def test_unsafe_tar_members_are_refused_with_nothing_extracted(tmp_path, bad, wo
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "outside").exists()
 
 
-def test_writing_through_a_link_inside_the_archive_is_refused(tmp_path):
-    archive = _tar(tmp_path / "chain.tar", (_member("data/up", tarfile.SYMTYPE, "."), None),
-                   (_member("data/up/x.txt"), b"x"))
-    with pytest.raises(ArchiveError, match="written through the link 'data/up'"):
+@pytest.mark.parametrize("second, words", [
+    ((_member("data/up/x.txt"), b"x"), "written through the link 'data/up'"),
+    # lexically inside ("data/up/.." is "data"), but up is the target's root, so it resolves outside
+    ((_member("data/esc", tarfile.SYMTYPE, "up/../.."), None), "through the link 'data/up'"),
+    ((_member("data/hard", tarfile.LNKTYPE, "data/up/../x"), None), "through the link 'data/up'"),
+])
+def test_a_chain_of_links_inside_the_archive_is_refused(tmp_path, second, words):
+    archive = _tar(tmp_path / "chain.tar", (_member("data/up", tarfile.SYMTYPE, ".."), None), second)
+    with pytest.raises(ArchiveError, match=re.escape(words)):
         archives.extract(archive, tmp_path / "target")
+    assert list((tmp_path / "target").iterdir()) == []
 
 
 def test_unsafe_zip_member_is_refused(tmp_path):
