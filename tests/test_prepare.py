@@ -620,6 +620,19 @@ def test_unsafe_zip_member_is_refused(tmp_path):
     assert list((tmp_path / "target").iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_truncated_archive_is_one_line_and_leaves_nothing(tmp_path, kind):
+    """User-supplied archives have no published checksum: a damaged one is found while reading."""
+    raw = write_coco_tree(tmp_path / "raw")
+    whole = (zip_of(raw, "val2014", tmp_path / "v.zip") if kind == "zip"
+             else tar_of(raw / "val2014", tmp_path / "v.tar"))
+    archive = tmp_path / f"cut.{kind}"
+    archive.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(ArchiveError, match="cannot be read as an archive"):
+        archives.extract(archive, tmp_path / "target")
+    assert list((tmp_path / "target").iterdir()) == []
+
+
 def test_a_tar_with_a_symlink_out_of_the_tree_is_refused_by_prepare(tmp_path, monkeypatch, capsys):
     (tmp_path / "given").mkdir()
     archive = _tar(tmp_path / "given" / "VOCtrainval_11-May-2012.tar",
