@@ -45,12 +45,11 @@ class Recipe:
     name: str  # the -d name and the folder under --data-root
     title: str
     sources: tuple[Source, ...]
-    format_module: Optional[str]  # a preproc script with main(argv); it gets --load-path/--save-path
+    format_module: str  # a preproc script with main(argv); it gets --load-path/--save-path
     format_args: tuple[str, ...] = ()
     format_outputs: tuple[str, ...] = ("formatted_train_images.npy", "formatted_train_labels.npy",
                                        "formatted_val_images.npy", "formatted_val_labels.npy")
     observed: bool = True  # run generate_observed_labels.py --dataset <name> after formatting
-    pending: Optional[str] = None  # why the format step cannot run yet (one line)
     user_help: tuple[str, ...] = field(default=())  # how to obtain the user-supplied sources
 
     @property
@@ -129,8 +128,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
              "6836888e2e01dca84577a849d339fa4f73e1e4f135d312430c4856b5609b4892",
              (f"{VOC2007}/ImageSets/Main/test.txt",)),
     ), "preproc.format_pascal", format_args=("--year", "2007"),
-        pending="formatting VOC2007 needs `format_pascal.py --year 2007`, which is being added; the "
-                "archives are verified and extracted"),
+        format_outputs=("formatted_train_images.npy", "formatted_train_labels.npy", "formatted_val_images.npy",
+                        "formatted_val_labels.npy", "formatted_val_ignore.npy")),
     Recipe("coco", "MS-COCO 2014 train and val", (
         _coco("zips/train2014.zip", 13_510_573_713, "0da8c0bd3d6becc4dcb32757491aca88",
               "ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775", ("train2014",)),
@@ -165,7 +164,5 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         format_outputs=("formatted_train_images.npy", "formatted_train_labels.npy", "formatted_val_images.npy",
                         "formatted_val_labels.npy", "classnames.txt", "class_ids.txt"),
         observed=False,  # the annotations are the observed labels (data/openimages/README.md)
-        pending="formatting OpenImages needs preproc/format_openimages.py, which is being added; the label "
-                "files are verified and placed",
         user_help=OPENIMAGES_HELP),
 )}

@@ -340,10 +340,16 @@ def run_step(stamp: dict, key: str, folder: Path, module: str, argv: list[str], 
     return True
 
 
-def observed_pending(recipe: Recipe) -> str | None:
+def format_pending(recipe: Recipe) -> str | None:
+    """Why this checkout cannot format the dataset yet (its format script or its config.DATASETS row
+    is missing: voc2007 and openimages arrive with their own changes), or None."""
     from config import DATASETS
+    script = f"preproc/{recipe.format_module.rsplit('.', 1)[1]}.py"
+    if _script(recipe.format_module) is None:
+        return f"formatting needs {script}, which this checkout does not have yet (it is being added)"
     if recipe.name not in DATASETS:
-        return f"sampling observed labels needs the {recipe.name} dataset row, which is being added"
+        return (f"formatting needs the {recipe.name} row of config.DATASETS and `{script} "
+                f"{' '.join(recipe.format_args)}`, which this checkout does not have yet (they are being added)")
     return None
 
 
@@ -370,10 +376,9 @@ def print_plan(recipe: Recipe, folder: Path, steps: list[Step], args) -> None:
     print(f"prepare {recipe.name} ({recipe.title}) in {folder}", flush=True)
     for step in steps:
         print(describe(step, args.mirror))
-    if recipe.format_module:
-        state = recipe.pending or f"python preproc/{recipe.format_module.rsplit('.', 1)[1]}.py " + " ".join(
-            format_argv(recipe, folder))
-        print(f"  format    {state}")
+    state = format_pending(recipe) or f"python preproc/{recipe.format_module.rsplit('.', 1)[1]}.py " + " ".join(
+        format_argv(recipe, folder))
+    print(f"  format    {state}")
     if recipe.observed:
         argv = " ".join(observed_argv(recipe, args.data_root))
         print(f"  observed  python preproc/generate_observed_labels.py {argv}")
@@ -429,8 +434,7 @@ def prepare(args) -> list[str]:
                 write_stamp(folder, stamp)
         if any(step.action == "missing" for step in steps):
             raise missing_sources(recipe, steps, args)
-        pending = recipe.pending or (_script(recipe.format_module) is None
-                                     and f"{recipe.format_module} is not installed")
+        pending = format_pending(recipe)
         if pending:
             return [f"{recipe.name}: sources ready in {folder}; {pending}"]
         did += format_and_sample(recipe, folder, stamp, args)
@@ -448,10 +452,6 @@ def format_and_sample(recipe: Recipe, folder: Path, stamp: dict, args) -> list[s
                 recipe.format_outputs, args.verify):
         did.append("format")
     if not recipe.observed:
-        return did
-    waiting = observed_pending(recipe)
-    if waiting:
-        print(f"{recipe.name}: {waiting}")
         return did
     formatted = stamp["format"]["outputs"]
     labels = ("formatted_train_labels.npy", "formatted_val_labels.npy")

@@ -273,9 +273,9 @@ def test_voc2007_two_archives_merge_into_one_tree(server, tmp_path, monkeypatch,
     voc = tmp_path / "data" / "voc2007" / "VOCdevkit" / "VOC2007"
     assert sorted(p.name for p in (voc / "ImageSets" / "Main").iterdir()) == ["test.txt", "trainval.txt"]
     assert len(list((voc / "JPEGImages").iterdir())) == 5 and len(list((voc / "Annotations").iterdir())) == 5
-    recipe = dataset_sources.RECIPES["voc2007"]
-    if recipe.pending:
-        assert f"voc2007: sources ready in {tmp_path / 'data' / 'voc2007'}; {recipe.pending}" in out
+    pending = prepare.format_pending(dataset_sources.RECIPES["voc2007"])
+    if pending:  # this checkout lacks `format_pascal.py --year 2007` and the voc2007 row
+        assert f"voc2007: sources ready in {tmp_path / 'data' / 'voc2007'}; {pending}" in out
         return
     merged = tmp_path / "merged"
     for part in (trainval, test):
@@ -553,9 +553,9 @@ def test_openimages_label_files_are_fetched_and_the_images_explained(server, tmp
     status = run(tmp_path / "data", "openimages", "--from-dir", given)
     out = capsys.readouterr().out
     assert status == 0 and server.requests == []
-    recipe = dataset_sources.RECIPES["openimages"]
-    if recipe.pending:
-        assert f"openimages: sources ready in {folder}; {recipe.pending}" in out
+    pending = prepare.format_pending(dataset_sources.RECIPES["openimages"])
+    if pending:  # this checkout lacks preproc/format_openimages.py
+        assert f"openimages: sources ready in {folder}; {pending}" in out
     else:
         assert len(np.load(folder / "formatted_train_images.npy")) == 2
 
