@@ -15,6 +15,10 @@ Every head maps a trunk's feature map (B x C x h x w) to logits (B x K), for any
   concatenation with the tokens is classified per token and max-pooled. Training adds the
   auxiliary loss with weight `lamda` (`sgre_total_loss`).
 
+- `BottleneckHead`: CSL's OpenImages head (github.com/Alibaba-MIIL/PartialLabelingCSL,
+  src/models/tresnet/tresnet.py `bottleneck_head`): two linear maps on the pooled vector, so that its
+  published checkpoints load as they are.
+
 Differences from the released code, on purpose:
 - The sine position encoding is computed for the actual grid (both originals precompute it for
   img_size/32 and fail on any other size); it is not a buffer, so it is neither saved nor averaged
@@ -150,6 +154,21 @@ class ElementWiseLinear(nn.Module):
 
     def forward(self, f: Tensor) -> Tensor:  # f: B x K x D -> B x K
         return (f * self.weight).sum(2) + self.bias
+
+
+class BottleneckHead(nn.Module):
+    """CSL's `bottleneck_head` (PartialLabelingCSL src/models/tresnet/tresnet.py; its TResNet builds it
+    with bottleneck_features=512 when --dataset_type OpenImages sets do_bottleneck_head): pooled
+    features (B x C) -> logits (B x K) = FC(embedding_generator(x)), Linear(C, 512) then Linear(512, K)
+    with no nonlinearity between them, under the original's module names (embedding_generator.0, FC)."""
+
+    def __init__(self, in_features: int, num_classes: int, bottleneck_features: int = 512):
+        super().__init__()
+        self.embedding_generator = nn.Sequential(nn.Linear(in_features, bottleneck_features))
+        self.FC = nn.Linear(bottleneck_features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.FC(self.embedding_generator(x))
 
 
 class EncoderLayer(nn.Module):

@@ -25,9 +25,10 @@ from metrics import compute_metrics
 def add_arguments(g) -> None:
     """The 'Transformer heads' flags (an argparse group); every default is Config's."""
     d = Config.__dataclass_fields__
-    g.add_argument('--head', default='linear', choices=['linear', 'q2l', 'sgre'],
-                   help='classifier head on the backbone: linear (the original), q2l (Query2Label) or sgre (SGRE); '
-                        'q2l and sgre read the whole feature map')
+    g.add_argument('--head', default='linear', choices=['linear', 'bottleneck', 'q2l', 'sgre'],
+                   help='classifier head on the backbone: linear (the original), bottleneck (CSL\'s OpenImages head, '
+                        'Linear(C, 512) then Linear(512, K)), q2l (Query2Label) or sgre (SGRE); q2l and sgre read the '
+                        'whole feature map')
     g.add_argument('--q2l-hidden', type=int, default=d['q2l_hidden'].default, help='Query2Label hidden size')
     g.add_argument('--q2l-enc-layers', type=int, default=d['q2l_enc_layers'].default, help='Query2Label encoder layers')
     g.add_argument('--q2l-dec-layers', type=int, default=d['q2l_dec_layers'].default, help='Query2Label decoder layers')

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=COUNT, default=None, help='default: per dataset (8; EM_APL: its paper)')
     p.add_argument('--lr', type=POSITIVE, default=None, help='Adam learning rate (default: per dataset)')
     p.add_argument('--image-size', type=COUNT, default=None, help='input size (default 448; demo 64)')
+    p.add_argument('--input-norm', default='imagenet', choices=models.INPUT_NORMS,
+                   help="the input normalisation the backbone's weights expect: imagenet (ImageNet mean and std, "
+                        "the pipeline's) or none ([0, 1] pixels: MIIL's TResNets, imported with "
+                        'preproc/import_checkpoint.py; docs/seed-checkpoints.md)')
     p.add_argument('--num-workers', type=number(int, low=0), default=min(8, os.cpu_count() or 1),
                    help='DataLoader worker processes')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto = cuda if available')
@@ -200,7 +204,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
         warmup_epoch=a.warmup_epoch, text_features_dir=a.text_features_dir, init_from=a.init_from,
-        tensorboard=a.tensorboard, head=a.head, observed=a.observed, gamma_pos=a.gamma_pos, gamma_neg=a.gamma_neg,
+        tensorboard=a.tensorboard, head=a.head, input_norm=a.input_norm, observed=a.observed, gamma_pos=a.gamma_pos, gamma_neg=a.gamma_neg,
         gamma_unann=a.gamma_unann, asl_clip=a.asl_clip, asl_focal_grad=a.asl_focal_grad, csl_mode=a.csl_mode,
         likelihood_topk=a.likelihood_topk, prior_threshold=a.prior_threshold, prior_file=a.prior_file,
         dist_backend=a.dist_backend, dist_timeout=a.dist_timeout, sync_bn=not a.no_sync_bn,
@@ -217,7 +221,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     backbone = models.backbone(cfg.model)
     pseudo_label_options.check(cfg, parser.error,
                                needs_pseudo_labels=method.uses_pseudo_labels(cfg) and method.pseudo_label_builder is None,
-                               has_cam=backbone.cam and models.HEADS[cfg.head].reads == 'pooled')
+                               has_cam=backbone.cam and models.HEADS[cfg.head].cam)
     if method.uses_warmup and cfg.warmup_epoch >= cfg.epochs:
         parser.error(f'--warmup-epoch {cfg.warmup_epoch} leaves no epoch of {cfg.loss} after the warmup '
                      f'(--epochs {cfg.epochs})')
@@ -332,7 +336,7 @@ def build_model_and_optimiser(cfg: Config, clip_model, tokenizer, data: Data, re
                                     weights_path=cfg.backbone_weights if fresh else None,
                                     clip_model=clip_model, head=cfg.head,
                                     cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
-                                    **heads_run.head_options(cfg, label_embeddings)).to(device)
+                                    input_norm=cfg.input_norm, **heads_run.head_options(cfg, label_embeddings)).to(device)
     if init_state is not None:
         try:
             model.load_state_dict(init_state)
@@ -412,7 +416,7 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
     label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
     model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
                                     cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
-                                    **heads_run.head_options(cfg, label_embeddings))
+                                    input_norm=cfg.input_norm, **heads_run.head_options(cfg, label_embeddings))
     model.load_state_dict(ckpt['model'])
     model.to(device)
     root = datasets.image_root(cfg.data_root, cfg.dataset)

@@ -31,7 +31,8 @@ from torch import nn
 
 from clip_loading import clip_embed_dim, clip_image_size, resize_for_clip
 from config import ModelLoadError, UserError, one_line
-from heads import Query2LabelHead, SGREHead
+from datasets import IMAGENET_MEAN, IMAGENET_STD
+from heads import BottleneckHead, Query2LabelHead, SGREHead
 from losses_peers import boostlu_logits
 
 BACKBONE_FLAGS = '--backbone-weights PATH (a local weights file) or --no-pretrained (random initialisation)'
@@ -381,6 +382,12 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 TIMM_PREFIX = 'timm:'
 
+# The input normalisation a backbone's weights were trained with (--input-norm): 'imagenet', the
+# pipeline's ImageNet mean and std (torchvision's and VLPL's models); 'none', ToTensor's [0, 1] pixels
+# without normalisation (MIIL's TResNets: CSL's src/helper_functions/get_data.py has no Normalize;
+# Query2Label's and SGRE's --orid_norm).
+INPUT_NORMS = ('imagenet', 'none')
+
 
 @functools.lru_cache(maxsize=None)
 def _timm_row(timm_name: str) -> BackboneSpec:
@@ -414,15 +421,20 @@ class HeadSpec:
     """One head: make(C, K, **options) -> module; reads 'pooled' (B x C) or the whole 'map'
     (B x C x h x w); returns logits B x K. aux: the module also takes return_aux=True and then
     returns an object with .logits and .aux_logits (B x K each), the latter trained with weight
-    --lamda (Classifier.forward_with_aux, engine.train_one_epoch)."""
+    --lamda (Classifier.forward_with_aux, engine.train_one_epoch). cam: the head is one Linear(C, K),
+    so applied at every position of the map it gives the class activation map
+    (Classifier.class_activation_maps: --boostlu, --pl-views cam)."""
     make: Callable[..., nn.Module]
     reads: str
     description: str
     aux: bool = False
+    cam: bool = False
 
 
 HEADS: dict[str, HeadSpec] = {
-    'linear': HeadSpec(nn.Linear, 'pooled', 'Linear(C, K) on the pooled features (the original head)'),
+    'linear': HeadSpec(nn.Linear, 'pooled', 'Linear(C, K) on the pooled features (the original head)', cam=True),
+    'bottleneck': HeadSpec(BottleneckHead, 'pooled', "CSL's OpenImages head: Linear(C, 512) then Linear(512, K) "
+                           'on the pooled features (github.com/Alibaba-MIIL/PartialLabelingCSL)'),
     'q2l': HeadSpec(Query2LabelHead, 'map', 'Query2Label: transformer encoder + class-query decoder '
                     '(github.com/SlongLiu/query2labels)'),
     'sgre': HeadSpec(SGREHead, 'map', 'SGRE: label-to-pixel attention and semantic-guided enhancement '
@@ -437,11 +449,22 @@ class Classifier(nn.Module):
 
     The trunk and head are submodules `trunk` and `head`, so state dicts keep the keys of the
     original layout (trunk.*, head.weight, head.bias for the linear head).
+
+    input_norm: the normalisation the weights expect (INPUT_NORMS). The pipeline always gives
+    ImageNet-normalised tensors (datasets.image_tensor); 'none' turns them back into ToTensor's
+    [0, 1] pixels, x * std + mean per channel, before the trunk (not saved in the state dict).
     """
 
     def __init__(self, trunk: nn.Module, spec: BackboneSpec, feature_dim: int, num_classes: int,
-                 head: str = 'linear', cam_boost: float | None = None, **head_options):
+                 head: str = 'linear', cam_boost: float | None = None, input_norm: str = 'imagenet',
+                 **head_options):
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f'unknown input normalisation {input_norm!r}; choose one of {INPUT_NORMS}')
+        self.input_norm = input_norm
+        if input_norm == 'none':
+            self.register_buffer('_pixel_scale', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer('_pixel_shift', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.trunk = trunk
         row = HEADS[head]
         self._features, self._map_shape = spec.features, None
@@ -456,13 +479,15 @@ class Classifier(nn.Module):
         # BoostLU (--boostlu): logits = mean over positions of the CAM with its positive values times
         # cam_boost, in training and inference (youngwk/BridgeGapExplanationPAMC, models.py
         # ImageClassifier.forward). None: the plain head.
-        if cam_boost is not None and (not spec.cam or not isinstance(self.head, nn.Linear)):
+        if cam_boost is not None and (not spec.cam or not row.cam):
             raise ValueError('BoostLU needs an average-pooled trunk (BackboneSpec.cam) and the linear head')
         self.cam_boost = cam_boost
         self.trunk_frozen = False
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S -> B x C x h x w."""
+        if self.input_norm == 'none':
+            images = images * self._pixel_scale.to(images.dtype) + self._pixel_shift.to(images.dtype)
         return self._features(self.trunk, images)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -528,7 +553,7 @@ class Classifier(nn.Module):
 def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
                      weights_path: str | os.PathLike | None = None, clip_model: nn.Module | None = None,
                      head: str = 'linear', cam_boost: float | None = None, image_size: int | None = None,
-                     **head_options) -> Classifier:
+                     input_norm: str = 'imagenet', **head_options) -> Classifier:
     """Classifier for backbone `name` (a key of BACKBONES or timm:NAME, see `backbone`) and head
     `head` (a key of HEADS): forward(images B x 3 x S x S) -> logits B x K.
 
@@ -538,6 +563,7 @@ def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
     backbones). clip_model: the model from clip_loading.load_clip, required by clip_vision (its image
     tower is deep-copied and trained; the copy does not share parameters with clip_model).
     image_size: the input side S, for backbones built for one input size (Swin, ViT; None: theirs).
+    input_norm: the input normalisation the weights expect (Classifier; INPUT_NORMS).
     """
     spec = backbone(name)
     if head not in HEADS:
@@ -548,7 +574,8 @@ def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
         raise ModelLoadError('--backbone-weights and --no-pretrained contradict each other: give one')
     trunk, feature_dim = spec.make_trunk(pretrained, None if weights_path is None else str(weights_path), clip_model,
                                          image_size)
-    return Classifier(trunk, spec, feature_dim, num_classes, head, cam_boost=cam_boost, **head_options)
+    return Classifier(trunk, spec, feature_dim, num_classes, head, cam_boost=cam_boost, input_norm=input_norm,
+                      **head_options)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:

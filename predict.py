@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -30,8 +32,9 @@ import checkpoints
 import class_text_features
 import clip_loading
 import datasets
+import heads_run
 import models
-from config import ModelLoadError, VLPLError, one_line
+from config import Config, ModelLoadError, VLPLError, one_line
 from distributed import log
 from files import atomic_write
 
@@ -87,9 +90,14 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
     clip_model = None
     if name == 'clip_vision':
         clip_model, _ = clip_loading.load_clip(cfg['clip_model'], None)
-    extra = {'head': cfg['head']} if 'head' in cfg else {}
+    # the stored settings over Config's defaults (a checkpoint older than a setting has its default)
+    settings = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(Config)
+                                  if f.default is not dataclasses.MISSING} | cfg)
+    embeddings = heads_run.label_embeddings(settings, None, None, len(classnames), ckpt)
     model = models.build_classifier(name, len(classnames), pretrained=False, clip_model=clip_model,
-                                    image_size=int(cfg['image_size']), **extra)
+                                    image_size=int(cfg['image_size']), head=settings.head,
+                                    cam_boost=settings.boostlu_alpha if settings.boostlu else None,
+                                    input_norm=settings.input_norm, **heads_run.head_options(settings, embeddings))
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
