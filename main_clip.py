@@ -259,7 +259,13 @@ def ensure_demo_observed(cfg: Config) -> None:
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
     """Batches in row order (or the sampler's), pinned for CUDA, workers kept across epochs.
     Several processes: a training loader yields this rank's share of each global batch
-    (distributed.GlobalBatchShares); an evaluation loader this rank's block of rows."""
+    (distributed.GlobalBatchShares); an evaluation loader this rank's block of rows.
+
+    Each loader draws its workers' base seed from a generator of its own: from the global one, each
+    new iterator would take a number from the stream that the heads' dropout reads, and with
+    persistent workers an uninterrupted run makes its iterators in epoch 1 only, a resumed run again
+    in its first epoch, so a resumed q2l / sgre run would drift. (The workers draw nothing: the flips
+    come from the sampler.)"""
     workers = cfg.num_workers
     batches = dict(batch_size=batch_size, sampler=sampler)
     if distributed.world_size() > 1:
@@ -269,7 +275,8 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
     return torch.utils.data.DataLoader(
         dataset, **batches, shuffle=False, num_workers=workers,
         collate_fn=datasets.collate_skipping, pin_memory=device.type == 'cuda',
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed))
 
 
 # ----------------------------------------------------------------------------------------------
