@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from config import DATASETS, RESUMABLE_CHANGES, Config, UserError, one_line
-from distributed import is_primary
+from distributed import is_primary, log
 from files import save_npy, save_torch
 
 
@@ -104,12 +104,16 @@ class RunFolder:
 
     - Locked for the whole run (a POSIX lock on results_dir/.<name>.lock, which the kernel releases
       when the process ends, however it ends; POSIX locks also hold across the nodes of a shared
-      NFS file system): a second run of the same name refuses in one line naming the holder.
+      NFS file system): a second run of the same name refuses in one line naming the holder. The
+      lock file goes when the run leaves no folder (it never started, or failed before its first
+      checkpoint).
     - Created only when the run starts writing (`create`), so a failed start leaves nothing behind;
       a run that fails before its first checkpoint removes the folder it created.
-    - `overwrite`: an existing run folder is moved aside when the new run starts writing and deleted
-      once the new run's first checkpoint exists (`committed`); if the new run fails before that,
-      the old folder is put back.
+    - `overwrite`: an existing run folder is moved aside (.<name>.replaced) when the new run starts
+      writing and deleted once the new run's first checkpoint exists (`committed`); if the new run
+      fails before that, the old folder is put back. A run killed before that (SIGKILL, power loss)
+      cannot put it back itself: the next start of the same name does (`_recover`), before anything
+      else, so the finished run is never lost to a later --overwrite.
     """
 
     def __init__(self, path: Path, *, resuming: bool, overwrite: bool = False):
@@ -119,39 +123,80 @@ class RunFolder:
         self.aside: Path | None = None
         self._lock = None
 
+    @property
+    def replaced(self) -> Path:
+        """Where --overwrite keeps the replaced run until the new run's first checkpoint."""
+        return self.path.with_name(f'.{self.path.name}.replaced')
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f'.{self.path.name}.lock')
+
     def __enter__(self) -> 'RunFolder':
-        if not self.resuming and (self.path / 'last.pt').exists() and not self.overwrite:
-            raise UserError(f'{self.path} already holds a run: continue it with --resume {self.path}, '
-                            'replace it with --overwrite, or choose another --run-name')
         ensure_writable(self.path.parent, '--results-dir')
-        if is_primary():  # one lock per run, held by the process that writes its files
-            self._acquire()
+        try:
+            if is_primary():  # one lock per run, held by the process that writes its files
+                self._acquire()
+                self._recover()
+            # (another rank may look before rank 0 has put a replaced run back: it counts as a run)
+            holds_run = (self.path / 'last.pt').exists() or (self.replaced / 'last.pt').exists()
+            if not self.resuming and holds_run and not self.overwrite:
+                raise UserError(f'{self.path} already holds a run: continue it with --resume {self.path}, '
+                                'replace it with --overwrite, or choose another --run-name')
+        except BaseException:
+            self._release()
+            raise
         return self
 
     def _acquire(self) -> None:
-        lock_path = self.path.parent / f'.{self.path.name}.lock'
-        handle = open(lock_path, 'a+')
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or 'unknown'
+        for _ in range(3):
+            handle = open(self.lock_path, 'a+')
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or 'unknown'
+                handle.close()
+                raise UserError(f'{self.path} is in use by another run ({holder}); wait for it to end or choose '
+                                'another --run-name') from None
+            try:  # a run that ended meanwhile may have removed the file we locked: lock the new one
+                same = os.fstat(handle.fileno()).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             handle.close()
-            raise UserError(f'{self.path} is in use by another run ({holder}); wait for it to end or choose '
-                            'another --run-name') from None
+        else:
+            raise UserError(f'{self.lock_path}: could not be locked (removed and created again by other runs); '
+                            'start the run again')
         handle.seek(0)
         handle.truncate()
         handle.write(f'host {socket.gethostname()}, pid {os.getpid()}\n')
         handle.flush()
         self._lock = handle
 
+    def _recover(self) -> None:
+        """Settle what an --overwrite run killed before its first checkpoint left (under the lock)."""
+        if not self.replaced.exists():
+            return
+        if (self.path / 'last.pt').exists():  # the new run checkpointed and was stopped before `committed`
+            shutil.rmtree(self.replaced)
+            log.warning(f'note: removed {self.replaced}, the run that --overwrite replaced: {self.path} has '
+                        'since written its first checkpoint')
+            return
+        if self.path.exists():  # the replacing run's folder, without a checkpoint: nothing to keep
+            shutil.rmtree(self.path)
+        self.replaced.rename(self.path)
+        log.warning(f'note: restored {self.path} from {self.replaced}: an --overwrite run of it was stopped '
+                    'before its first checkpoint')
+
     def create(self) -> Path:
         """Make the folder (moving an old run aside under --overwrite); idempotent."""
         if self.overwrite and not self.resuming and self.path.exists() and self.aside is None:
-            self.aside = self.path.with_name(f'.{self.path.name}.replaced')
-            if self.aside.exists():
-                shutil.rmtree(self.aside)
-            self.path.rename(self.aside)
+            if self.replaced.exists():  # _recover settled it under the lock: never delete a run here
+                raise UserError(f'{self.replaced} holds an earlier run: move it away, then start again')
+            self.path.rename(self.replaced)
+            self.aside = self.replaced
         if not self.path.exists():
             self.path.mkdir(parents=True)
             self.created = True
@@ -169,8 +214,14 @@ class RunFolder:
                 shutil.rmtree(self.path, ignore_errors=True)
             if self.aside is not None:
                 self.aside.rename(self.path)
+        self._release()
+
+    def _release(self) -> None:
         if self._lock is not None:
+            if not self.path.exists():  # no run here: no lock file either (removed while still held)
+                self.lock_path.unlink(missing_ok=True)
             self._lock.close()  # releases the lock
+            self._lock = None
 
 
 def ensure_writable(folder: Path, flag: str) -> None:

@@ -550,6 +550,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         resume = None
         if args.resume:
             last = Path(args.resume) / 'last.pt'
+            if (Path(args.resume) / 'config.json').is_file() and not last.exists():
+                raise UserError(f'--resume {args.resume}: the run stopped before its first checkpoint, so there is '
+                                'nothing to continue; run the same command without --resume')
             resume = load_checkpoint(last)
             cfg = config_from_checkpoint(resume, strip_flag(argv, '--resume'), last, args.resume)
             if resume['epoch'] >= cfg.epochs:

@@ -81,18 +81,23 @@ class Run:
 
 
 def find_run_folders(paths: list[str]) -> list[Path]:
-    """Each path is a run folder (it holds config.json) or a folder of run folders."""
-    folders = []
+    """Each path is a run folder (it holds config.json) or a folder of run folders; hidden folders inside
+    (.NAME.replaced: a run that --overwrite is replacing) are not runs of their own. A folder named twice
+    (or through another path) counts once."""
+    folders, seen = [], set()
     for p in map(Path, paths):
         if not p.is_dir():
             raise ReportError(f'{p}: no such folder (pass run folders such as results/<run> or results/)')
         if (p / 'config.json').is_file():
-            folders.append(p)
-            continue
-        inside = sorted(q.parent for q in p.glob('*/config.json'))
+            inside = [p]
+        else:
+            inside = sorted(q.parent for q in p.glob('*/config.json') if not q.parent.name.startswith('.'))
         if not inside:
             raise ReportError(f'{p}: neither a run folder (no config.json) nor a folder of run folders')
-        folders += inside
+        for folder in inside:
+            if folder.resolve() not in seen:
+                seen.add(folder.resolve())
+                folders.append(folder)
     return folders
 
 
