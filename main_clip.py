@@ -35,7 +35,8 @@ import models
 import packs
 import pseudo_label_options
 import records
-from checkpoints import RunFolder, config_differences, ensure_writable, load_checkpoint, set_rng_state
+from checkpoints import (RunFolder, check_fits, config_differences, ensure_writable, load_checkpoint,
+                         rebuild_classifier, set_rng_state)
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
                     build_config, number, one_line)
 from distributed import is_primary, log
@@ -228,12 +229,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_data(cfg: Config) -> dict:
-    """The formatted splits (docs/original-vlpl.md section 4); the demo is generated on first use."""
+def needs_clip(cfg: Config) -> bool:
+    """Whether the run uses a CLIP model: pseudo-labels (VLPL's or a method's own), the clip_vision
+    backbone, or SGRE's default label embeddings."""
+    return (methods.METHODS[cfg.loss].needs_pseudo_labels or cfg.model == 'clip_vision'
+            or heads_run.needs_clip(cfg))
+
+
+def prepare_data(cfg: Config, *, clip: bool = True) -> dict:
+    """The formatted splits (docs/original-vlpl.md section 4); the demo is generated on first use, its
+    tiny CLIP only when `clip` (a run that uses CLIP; not --evaluate, whose checkpoint holds its model)."""
     if cfg.dataset == 'demo':
         from preproc import make_demo
         with distributed.primary_first('generating the demo data'):
-            make_demo.ensure_demo(cfg.data_root, progress=is_primary())
+            make_demo.ensure_demo(cfg.data_root, progress=is_primary(), with_clip=clip)
             if cfg.observed is not None:
                 ensure_demo_observed(cfg)
     return datasets.load_splits(cfg.data_root, cfg.dataset, observed=cfg.observed,
@@ -283,21 +292,34 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
 # The run
 
 
-def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
-    """Every input file checked before the expensive work (CLIP, the embedding cache, training)."""
+def check_inputs(cfg: Config, splits: dict, root: Path, resume: Optional[dict]) -> tuple[Optional[dict], object]:
+    """Every input file checked before the expensive work (CLIP, the embedding cache, training); returns
+    the --init-from checkpoint (checked to fit this run) and the trunk built with --backbone-weights or
+    the published weights (models.build_trunk; None where a checkpoint or CLIP gives the weights)."""
     for phase, split in splits.items():
         if cfg.data_format == 'packed':  # the packs replace the image files
             packs.open_pack(cfg.data_root, cfg.dataset, phase, split.images, cfg.image_size)
             continue
-        for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images):
+        for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images, cfg.data_root):
             log.warning(f'skipped missing image {root / path} (--skip-bad-images)')
-    for flag, path in (('--backbone-weights', cfg.backbone_weights), ('--text-features', cfg.text_features),
-                       ('--init-from', cfg.init_from)):
+    for flag, path in (('--backbone-weights', cfg.backbone_weights), ('--text-features', cfg.text_features)):
         if path is not None and not Path(path).is_file():
             raise UserError(f'{flag} {path}: no such file')
     if cfg.text_features:
         clip_labels.load_text_features(cfg.text_features, splits['train'].labels_obs.shape[1])
     ensure_writable(Path(cfg.cache_dir), '--cache-dir')
+    init = trunk = None
+    if cfg.init_from and resume is None:
+        where = f'--init-from {cfg.init_from}'
+        try:
+            init = load_checkpoint(Path(cfg.init_from))
+        except UserError as e:
+            raise UserError(f'{where}: {e}') from None
+        check_fits(init, cfg, clip_labels.read_classnames(cfg.dataset), where)
+    elif resume is None and cfg.model != 'clip_vision':  # clip_vision's weights are the CLIP model's
+        trunk = models.build_trunk(cfg.model, seed=cfg.seed, pretrained=cfg.pretrained,
+                                   weights_path=cfg.backbone_weights)
+    return init, trunk
 
 
 def run(cfg: Config, argv: list[str], resume: Optional[dict], overwrite: bool = False) -> dict:
@@ -312,7 +334,7 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict], overwrite: bool = 
 def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: RunFolder) -> dict:
     run_dir = folder.path
     seed_everything(cfg.seed)
-    splits = prepare_data(cfg)
+    splits = prepare_data(cfg, clip=needs_clip(cfg))
     num_classes = splits['train'].labels_obs.shape[1]
     for phase, split in splits.items():
         negatives = ''
@@ -323,8 +345,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
                  f'{split.labels_true.sum(1).mean():.2f} true positives / image')
 
     root = datasets.image_root(cfg.data_root, cfg.dataset)
-    check_inputs(cfg, splits, root)
-    init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
+    init, trunk = check_inputs(cfg, splits, root, resume)
     method_class = methods.METHODS[cfg.loss]
     sets, train_eval_set = packs.image_sets(cfg, splits, root)  # --data-format pil or packed
     sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP adds its views
@@ -358,18 +379,17 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     # every DataLoader iterator draw from the global generator).
     label_embeddings = heads_run.label_embeddings(cfg, clip_model, tokenizer, num_classes, resume)
     torch.manual_seed(cfg.seed)
-    fresh = resume is None and init_state is None  # else the weights come from a checkpoint
+    fresh = resume is None and init is None  # else the weights come from a checkpoint
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
-                                    weights_path=cfg.backbone_weights if fresh else None,
+                                    weights_path=cfg.backbone_weights if fresh else None, trunk=trunk,
                                     clip_model=clip_model, head=cfg.head,
                                     cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,
                                     **heads_run.head_options(cfg, label_embeddings)).to(device)
-    if init_state is not None:
-        try:
-            model.load_state_dict(init_state)
-        except RuntimeError as e:
-            raise UserError(f'--init-from {cfg.init_from}: its model does not fit -m {cfg.model} with '
-                            f'{num_classes} classes ({one_line(e)[:120]})') from None
+    if init is not None:
+        problem = models.state_dict_mismatch(model.state_dict(), init['model'])
+        if problem:
+            raise UserError(f'--init-from {cfg.init_from}: its model does not fit this run: {problem}')
+        model.load_state_dict(init['model'])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = methods.build_method(cfg, splits['train'].labels_obs, device)
@@ -473,20 +493,17 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
                 run_dir=str(run_dir))
 
 
-def evaluate(cfg: Config, ckpt: dict) -> float:
-    """Test mAP of a saved model (no CLIP weights needed: the classifier carries its own)."""
+def evaluate(cfg: Config, ckpt: dict, where: str) -> float:
+    """Test mAP of a saved model, rebuilt from the checkpoint alone (checkpoints.rebuild_classifier: no
+    CLIP weights, no CLIP config file; the demo's tiny CLIP is not trained for it)."""
     device = select_device(cfg.device)
-    splits = prepare_data(cfg)
+    rebuilt = rebuild_classifier(ckpt, where)
+    splits = prepare_data(cfg, clip=False)
     num_classes = splits['test'].labels_true.shape[1]
-    clip_model = None
-    if cfg.model == 'clip_vision':
-        clip_model, _ = clip_labels.load_clip(cfg.clip_model, None, device=device)
-    label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
-    model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,
-                                    **heads_run.head_options(cfg, label_embeddings))
-    model.load_state_dict(ckpt['model'])
-    model.to(device)
+    if num_classes != len(rebuilt.classnames):
+        raise UserError(f'{where}: its model has {len(rebuilt.classnames)} classes, the test split of '
+                        f'{cfg.dataset} under {cfg.data_root} {num_classes}')
+    model = rebuilt.model.to(device)
     root = datasets.image_root(cfg.data_root, cfg.dataset)
     test_set = packs.image_sets(cfg, {'test': splits['test']}, root)[0]['test']  # --data-format pil or packed
     loader = make_loader(test_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
@@ -545,7 +562,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.evaluate:
             ckpt = load_checkpoint(Path(args.evaluate))
             cfg = config_from_checkpoint(ckpt, strip_flag(argv, '--evaluate'), Path(args.evaluate), None)
-            evaluate(cfg, ckpt)
+            evaluate(cfg, ckpt, f'--evaluate {args.evaluate}')
             return 0
         resume = None
         if args.resume:
