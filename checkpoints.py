@@ -251,6 +251,8 @@ def check_fits(ckpt: dict, cfg: Config, classnames: list[str], where: str) -> No
     # (a checkpoint without class names: its weights' shapes tell, when they are loaded)
     differ = [k for k in mine if theirs.get(k) != mine[k] and not (k == 'classes' and theirs[k] is None)]
     if differ:
+        if theirs['head'] != mine['head']:  # the sizes of two different heads say nothing more
+            differ = [k for k in differ if k in ('classes', 'backbone', 'head', 'clip')]
         raise UserError(f'{where}: its model does not fit this run (checkpoint: {describe(s, theirs, differ)}; '
                         f'this run: {describe(cfg, mine, differ)}); start from a checkpoint of the same classes, '
                         'backbone and head')

@@ -137,9 +137,10 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
                     model = open_clip.create_model(name, pretrained=str(path), device=device, precision=precision)
         except pickle.UnpicklingError:
             # torch's message goes on to advise weights_only=False, which would run the file's code
-            raise ModelLoadError(f'CLIP checkpoint {path} is not a weights file: it is no PyTorch archive, or it '
-                                 'holds Python objects that weights never need, so it was not loaded (no code in it '
-                                 'ran); check --clip-pretrained') from None
+            raise ModelLoadError(f'CLIP checkpoint {path} cannot be read safely: it is no PyTorch archive, or it '
+                                 'holds Python objects or pickle instructions that torch\'s safe loader refuses, so it '
+                                 'was not loaded (no code in it ran); pass a state-dict file to --clip-pretrained') \
+                from None
         except Exception as exc:
             raise ModelLoadError(f'could not load CLIP checkpoint {path} into {name!r} ({one_line(exc, with_type=True)}); '
                                  f'check --clip-model and --clip-pretrained') from exc
