@@ -15,27 +15,9 @@ import torch
 import main_clip
 import report
 from conftest import tiny_run_args
+from test_hostile import one_error_line, run_args, run_dir  # noqa: F401 (run_args: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def run_args(tmp_path, tiny_pascal, tiny_clip, tiny_text_features):
-    def make(*extra, epochs=1):
-        return tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features, epochs=epochs) + list(extra)
-    return make
-
-
-def run_dir(tmp_path, loss='EM_PL') -> Path:
-    return tmp_path / 'results' / f'pascal_{loss}_small_cnn_s0'
-
-
-def one_error_line(err: str, *needles: str) -> str:
-    lines = [line.split('\r')[-1] for line in err.splitlines() if 'error:' in line]
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def killed_at_first_checkpoint(args: list[str]) -> None:
