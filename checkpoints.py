@@ -34,7 +34,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import clip_labels
+import class_text_features
+import clip_loading
 import heads_run
 import models
 from config import DATASETS, RESUMABLE_CHANGES, Config, ModelLoadError, UserError, one_line
@@ -151,7 +152,7 @@ def clip_entries(cfg: Config, model) -> dict:
     neither the --clip-model file nor the tag. {} for other backbones."""
     if cfg.model != 'clip_vision':
         return {}
-    config = clip_labels.clip_config(cfg.clip_model)
+    config = clip_loading.clip_config(cfg.clip_model)
     config['quick_gelu'] = any(type(m).__name__ == 'QuickGELU' for m in model.trunk.modules())
     return {'clip_config': {'name': Path(str(cfg.clip_model)).stem, 'config': config}}
 
@@ -162,7 +163,7 @@ def _stored_clip(ckpt: dict, settings, where: str) -> dict:
     if isinstance(ckpt.get('clip_config'), dict):
         return ckpt['clip_config']['config']
     try:
-        config = clip_labels.clip_config(settings.clip_model)
+        config = clip_loading.clip_config(settings.clip_model)
     except ModelLoadError as e:
         raise UserError(f'{where}: this clip_vision checkpoint predates stored CLIP configs and its CLIP config is '
                         f'not at hand ({one_line(e)}); put the --clip-model file back where it was') from None
@@ -183,7 +184,7 @@ def _clip_architecture_model(config: dict):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f'vlpl-checkpoint-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json'
         path.write_text(text)
-        return clip_labels.load_clip(str(path), None)[0]
+        return clip_loading.load_clip(str(path), None)[0]
 
 
 @dataclasses.dataclass
@@ -217,7 +218,7 @@ def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
     classnames = ckpt.get('classnames')
     if classnames is None:
         try:
-            classnames = clip_labels.read_classnames(getattr(s, 'dataset', ''))
+            classnames = class_text_features.read_classnames(getattr(s, 'dataset', ''))
         except ModelLoadError:
             raise UserError(f'{where}: the checkpoint holds no class names and its dataset '
                             f'{getattr(s, "dataset", None)!r} has no text_features/<dataset>_classnames.txt') from None
@@ -247,7 +248,7 @@ def check_fits(ckpt: dict, cfg: Config, classnames: list[str], where: str) -> No
     both_clip = cfg.model == s.model == 'clip_vision'
     theirs = architecture(s, None if stored_names is None else len(stored_names),
                           _stored_clip(ckpt, s, where) if both_clip else None)
-    mine = architecture(cfg, len(classnames), clip_labels.clip_config(cfg.clip_model) if both_clip else None)
+    mine = architecture(cfg, len(classnames), clip_loading.clip_config(cfg.clip_model) if both_clip else None)
     # (a checkpoint without class names: its weights' shapes tell, when they are loaded)
     differ = [k for k in mine if theirs.get(k) != mine[k] and not (k == 'classes' and theirs[k] is None)]
     if differ:

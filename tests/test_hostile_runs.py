@@ -88,7 +88,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import checkpoints  # noqa: E402
-import clip_labels  # noqa: E402
+import class_text_features  # noqa: E402
+import clip_loading  # noqa: E402
 import distributed  # noqa: E402
 import heads_run  # noqa: E402
 import models  # noqa: E402
@@ -115,7 +116,7 @@ def checkpoint_as_trained(path: Path, argv: list[str], *, num_classes=20, **head
     torch.manual_seed(0)
     model = models.build_classifier(cfg.model, num_classes, pretrained=False, head=cfg.head,
                                     **heads_run.head_options(cfg, **head_options)).eval()
-    names = clip_labels.read_classnames(cfg.dataset)
+    names = class_text_features.read_classnames(cfg.dataset)
     torch.save({'model': model.state_dict(), 'epoch': 1, 'config': dataclasses.asdict(cfg), 'argv': argv,
                 'classnames': names, 'test_map': 50.0} | heads_run.checkpoint_entries(model), path)
     return model
@@ -157,11 +158,11 @@ def test_a_clip_vision_checkpoint_needs_no_clip_config_file(tmp_path, tiny_pasca
 
 
 def test_a_rebuilt_clip_vision_keeps_the_quickgelu_it_was_trained_with(tiny_clip):
-    """Item 8: an 'openai' tag forces QuickGELU (clip_labels.load_clip); the stored CLIP config records it,
+    """Item 8: an 'openai' tag forces QuickGELU (clip_loading.load_clip); the stored CLIP config records it,
     so the rebuilt classifier computes what the trained one did (GELU would give other logits)."""
     import open_clip
 
-    clip_labels.clip_config(tiny_clip['config'])  # registers the tiny config with open_clip
+    clip_loading.clip_config(tiny_clip['config'])  # registers the tiny config with open_clip
     clip = open_clip.create_model(Path(tiny_clip['config']).stem, pretrained=None, force_quick_gelu=True)
     torch.manual_seed(0)
     trained = models.build_classifier('clip_vision', 3, clip_model=clip).eval()
@@ -228,7 +229,7 @@ def test_init_from_another_run_s_checkpoint_is_refused_before_clip(tmp_path, run
     def no_clip(*a, **k):
         raise AssertionError('CLIP was loaded before --init-from was checked')
 
-    monkeypatch.setattr(clip_labels, 'load_clip', no_clip)
+    monkeypatch.setattr(clip_loading, 'load_clip', no_clip)
     assert main_clip.main(run_args('--init-from', str(path), '--head', 'q2l', *SMALL_HEADS['q2l'])) == 2
     one_error_line(capsys.readouterr().err, f'--init-from {path}',
                    'checkpoint: demo, 30 classes, small_cnn/linear; this run: pascal, 20 classes, small_cnn/q2l')
@@ -252,7 +253,7 @@ def test_backbone_weights_are_loaded_and_checked_before_clip(tmp_path, run_args,
     def no_clip(*a, **k):
         raise AssertionError('CLIP was loaded before --backbone-weights was checked')
 
-    monkeypatch.setattr(clip_labels, 'load_clip', no_clip)
+    monkeypatch.setattr(clip_loading, 'load_clip', no_clip)
     wrong = tmp_path / 'wrong.pth'
     torch.save({'conv1.weight': torch.zeros(2, 3)}, wrong)
     args = [a for a in run_args() if a != '--no-pretrained']
@@ -288,7 +289,7 @@ def test_a_run_folder_or_a_text_file_where_a_checkpoint_belongs(tmp_path, run_ar
 
 def test_clip_and_checkpoint_loading_say_nothing_of_torch_s_internals(tmp_path, tiny_clip):
     """Item 11: no relayed 'weights_only=False' advice, no pickle-protocol warning."""
-    clip, _ = clip_labels.load_clip(tiny_clip['config'], None)
+    clip, _ = clip_loading.load_clip(tiny_clip['config'], None)
     protocol3 = tmp_path / 'protocol3.pt'  # read by torch's safe loader, with a warning
     torch.save(clip.state_dict(), protocol3, pickle_protocol=3)
     protocol5 = tmp_path / 'protocol5.pt'  # refused by it
@@ -298,10 +299,10 @@ def test_clip_and_checkpoint_loading_say_nothing_of_torch_s_internals(tmp_path, 
     messages = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        clip_labels.load_clip(tiny_clip['config'], str(protocol3))
+        clip_loading.load_clip(tiny_clip['config'], str(protocol3))
         for path in (protocol5, objects):
-            with pytest.raises(clip_labels.ModelLoadError) as error:
-                clip_labels.load_clip(tiny_clip['config'], str(path))
+            with pytest.raises(clip_loading.ModelLoadError) as error:
+                clip_loading.load_clip(tiny_clip['config'], str(path))
             messages.append(str(error.value))
         ckpt = tmp_path / 'best.pt'
         torch.save({'model': {}, 'config': {}, 'epoch': 1}, ckpt, pickle_protocol=3)
