@@ -385,7 +385,7 @@ def closing_lines(logger: TrainLogger, run_dir: Path) -> dict:
                 run_dir=str(run_dir))
 
 
-def evaluate(cfg: Config, ckpt: dict, where: str) -> float:
+def evaluate(cfg: Config, ckpt: dict, where: str = '--evaluate') -> float:
     """Test mAP of a saved model, rebuilt from the checkpoint alone (checkpoints.rebuild_classifier: no
     CLIP weights, no CLIP config file; the demo's tiny CLIP is not trained for it)."""
     device = select_device(cfg.device)
