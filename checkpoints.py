@@ -205,9 +205,11 @@ def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
     describe a classifier of this code, its input size is implausible, or its weights do not fit.
     """
     s = stored_settings(ckpt)
-    if s.model not in models.BACKBONES:
+    try:
+        models.backbone(str(s.model))
+    except ValueError:
         raise UserError(f'{where}: the checkpoint names backbone {s.model!r}, which this code does not know '
-                        f'(known: {", ".join(sorted(models.BACKBONES))})')
+                        f'(known: {", ".join(sorted(models.BACKBONES))}, timm:NAME)') from None
     if s.head not in models.HEADS:
         raise UserError(f'{where}: the checkpoint names head {s.head!r}, which this code does not know '
                         f'(known: {", ".join(sorted(models.HEADS))})')
@@ -229,7 +231,7 @@ def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
     with torch.random.fork_rng(devices=[]):  # rebuilding draws nothing from the caller's generator
         model = models.build_classifier(s.model, len(classnames), pretrained=False, clip_model=clip_model,
                                         head=s.head, cam_boost=s.boostlu_alpha if s.boostlu else None,
-                                        **heads_run.head_options(s, embeddings))
+                                        image_size=size, **heads_run.head_options(s, embeddings))
     problem = models.state_dict_mismatch(model.state_dict(), ckpt['model'])
     if problem:
         arch = architecture(s, len(classnames))

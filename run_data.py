@@ -123,7 +123,7 @@ def check_inputs(cfg: Config, splits: dict, root: Path, resume: dict | None) -> 
         check_fits(init, cfg, class_text_features.read_classnames(cfg.dataset), where)
     elif resume is None and cfg.model != 'clip_vision':  # clip_vision's weights are the CLIP model's
         trunk = models.build_trunk(cfg.model, seed=cfg.seed, pretrained=cfg.pretrained,
-                                   weights_path=cfg.backbone_weights)
+                                   weights_path=cfg.backbone_weights, image_size=cfg.image_size)
     return init, trunk
 
 
