@@ -76,11 +76,12 @@ def flag_problem(cfg: Config) -> str | None:
                 'fully labelled data with -l bce, ASL or CSL (docs/partial-labels.md)')
     if cfg.observed not in (None, FULL_OBSERVED) and method.clean_train_labels:
         return f'--observed does nothing with -l {cfg.loss}: it trains on every clean label; drop one of them'
-    if cfg.observed is not None:  # checked before anything is written or any command suggested for it
+    if cfg.observed is not None and cfg.observed != datasets.FULL_OBSERVED:  # checked before anything is written
         parsed = datasets.parse_observed_tag(cfg.observed)
         if parsed is None or (parsed[0] == 'rps' and parsed[1] > 1) or (parsed[0] == 'fpc' and parsed[1] < 1):
             return (f'--observed {cfg.observed}: a tag is rps<P> (each annotation dropped with probability P, '
-                    '0 <= P <= 1) or fpc<N> (N >= 1 positives and N negatives kept per class), e.g. rps0.5 or fpc1000')
+                    '0 <= P <= 1), fpc<N> (N >= 1 positives and N negatives kept per class) or full, e.g. rps0.5 '
+                    'or fpc1000')
     fields = ASL_FIELDS if cfg.loss == 'ASL' else CSL_FIELDS if cfg.loss == 'CSL' else ()
     for name in FLAG:
         value = getattr(cfg, name)

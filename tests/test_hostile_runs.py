@@ -335,7 +335,7 @@ def test_observed_tags_are_checked_before_anything_else(tag, tmp_path, capsys):
         main_clip.parse_args(['-d', 'demo', '-l', 'CSL', '--observed', tag, '--data-root', str(tmp_path)])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.count('\n') == 1 and f'--observed {tag}: a tag is rps<P>' in err and '0 <= P <= 1' in err
+    assert err.count('\n') == 1 and f'--observed {tag}: a tag is rps<P>' in err and '0 <= P <= 1' in err and 'or full' in err
     assert list(tmp_path.iterdir()) == []
 
 
