@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import label_tables
 import clip_labels
 import datasets
 import distributed
@@ -308,6 +309,12 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     splits = prepare_data(cfg)
     num_classes = splits['train'].labels_obs.shape[1]
     for phase, split in splits.items():
+        if isinstance(split.labels_true, label_tables.Annotations):  # partial annotations, read in blocks
+            counts = label_tables.summary(split.labels_true)
+            log.info(f'{phase:>5}: {len(split.images):6d} images, {num_classes} classes, {counts["positives"]:.2f} '
+                     f'annotated positives and {counts["negatives"]:.2f} annotated negatives / image; '
+                     f'{counts["evaluable"]} classes with both (the mAP skips the others)')
+            continue
         negatives = ''
         if phase == 'train' and cfg.observed is not None:
             negatives = f'{(split.labels_obs == -1).sum(1).mean():.2f} observed negatives / image ({cfg.observed}), '
@@ -369,8 +376,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     optimizer, scheduler = heads_run.build_optimization(
         cfg, model.param_groups(cfg.lr, cfg.head_lr_mult) + method.param_groups(cfg.lr), len(loaders['train']))
     logger = TrainLogger(cfg.epochs, num_classes)
-    train_true = torch.as_tensor(splits['train'].labels_true, device=device)
-    classnames = clip_labels.read_classnames(cfg.dataset)
+    train_true = label_tables.on_device(splits['train'].labels_true, device, copy=False)  # rows per batch
+    classnames = clip_labels.read_classnames(cfg.dataset, data_root=cfg.data_root)
     start_epoch = 1
     if resume is not None:
         model.load_state_dict(resume['model'])
@@ -398,6 +405,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
         eval_model = torch.compile(model)
         train_model = eval_model if train_model is model else torch.compile(train_model)
 
+    kept = datasets.metric_rows(len(splits['train']), cfg.data.train_metric_rows)  # None: every train row
+
     def predict_train(desc: str):
         return predict(cfg, eval_model, train_eval_loader, len(train_eval_set), num_classes, device, desc)
 
@@ -410,7 +419,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
             model.set_trunk_frozen(epoch <= cfg.linear_init)
         train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, train_model, optimizer, loaders['train'],
                                                              method, train_true, pl_source, device,
-                                                             scheduler=scheduler, ema=ema)
+                                                             scheduler=scheduler, ema=ema, kept_rows=kept)
         method.end_epoch(epoch, lambda: predict_train(f'epoch {epoch} {cfg.loss} update'))
         times = {'train': time.perf_counter() - t0}
         phase_preds = {'train': train_preds}
@@ -427,13 +436,15 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
             times[phase] = time.perf_counter() - t0
         for phase in ('train', 'val', 'test'):
             split = splits[phase]
-            observed = method.observed.cpu().numpy() if phase == 'train' else split.labels_obs
+            labels = split.labels_true, (method.observed_labels() if phase == 'train' else split.labels_obs)
+            if phase == 'train' and kept is not None:  # the train metrics' rows (DatasetInfo.train_metric_rows)
+                labels = label_tables.take_rows_of(labels, kept)
             seen = ~np.isnan(phase_preds[phase][:, 0])
             if not seen.all():
                 log.info(f'{phase}: skipped {int((~seen).sum())} unreadable images (--skip-bad-images); '
                          'metrics cover the rest')
-            s = logger.log_phase(epoch, phase, phase_preds[phase][seen], split.labels_true[seen], observed[seen],
-                                 train_loss if phase == 'train' else None)
+            s = logger.log_phase(epoch, phase, label_tables.take_rows(phase_preds[phase], seen),
+                                 *label_tables.take_rows_of(labels, seen), train_loss if phase == 'train' else None)
             extra = ''
             if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
                 precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)

@@ -146,7 +146,8 @@ def per_class_ap(run: Run) -> tuple[dict | None, str]:
     try:
         import clip_labels
         import datasets  # torch is imported only for this fallback
-        from metrics import average_precision_per_class
+        from label_tables import take_rows
+        from metrics import per_class_ap as test_ap
 
         data_root = Path(run.config.get('data_root', 'data'))
         if not data_root.is_absolute() and not data_root.is_dir():
@@ -155,8 +156,8 @@ def per_class_ap(run: Run) -> tuple[dict | None, str]:
         labels = splits['test'].labels_true
         preds = np.load(preds_path, allow_pickle=False)
         seen = ~np.isnan(preds).any(axis=1)  # rows of images skipped in training are NaN
-        ap = 100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)
-        names = clip_labels.read_classnames(run.config['dataset'])
+        ap = 100.0 * test_ap(preds[seen], take_rows(labels, seen))  # NaN: a class partial labels skip
+        names = clip_labels.read_classnames(run.config['dataset'], data_root=str(data_root))
     except Exception as e:  # data not on this machine, other labels, ...: the report goes on without it
         return None, f'no per_class_ap.json, and test AP could not be recomputed ({str(e).splitlines()[0][:120]})'
     if len(names) != ap.size:
