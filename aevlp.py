@@ -174,7 +174,7 @@ def aevlp_classnames(cfg: Config) -> list[str]:
                             f'({one_line(exc)})') from None
         names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
-        names = clip_labels.read_classnames(cfg.dataset, data_root=cfg.data_root)
+        names = clip_labels.read_classnames(cfg.dataset)
         if cfg.dataset == 'pascal':
             names = [VOC_IDENTIFIERS.get(n, n) for n in names]
     return [n.replace('_', ' ') for n in names]
