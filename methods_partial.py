@@ -31,8 +31,8 @@ import torch
 import losses
 import losses_partial as lp
 import methods
+from class_text_features import read_classnames
 from label_tables import Annotations
-from clip_labels import read_classnames
 from config import NON_NEGATIVE, Config, UserError, number
 from distributed import is_primary, log
 from files import atomic_write
