@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as `python preproc/format_openimages.py`
 import numpy as np
 
 from files import replace_all
-from preproc._common import PreprocError, dataset_parser, require, run_cli
+from preproc._common import PreprocError, add_missing_images_flag, dataset_parser, require, run_cli
 
 DOWNLOAD = ("download the OpenImages V6 class descriptions, the trainable class list and the human-verified "
             "image-level label CSVs into the --load-path folder (see data/openimages/README.md)")
@@ -293,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the official validation split: 'skip' leaves it out (PartialLabelingCSL's archive "
                              "has train and test only; our val split is cut from train, as for every dataset), "
                              "'train' adds it to the train split (default: skip)")
-    parser.add_argument("--missing-images", choices=("drop", "error"), default="drop",
-                        help="labelled images absent from their folder: 'drop' leaves them out and counts them, "
-                             "'error' refuses to write anything (default: drop)")
+    add_missing_images_flag(parser, "labelled images absent from their folder")
 
     def body(args):
         return format_openimages(

@@ -296,6 +296,24 @@ def test_one_epoch_and_its_test_map(official, tmp_path, monkeypatch, method, cap
             assert [row[0] for row in csv.reader(f)][1:] == truth['classnames']
 
 
+def test_resume_reproduces_an_uninterrupted_run(official, tmp_path, monkeypatch):
+    """The method's state holds no copy of the annotation table; a cut and resumed CSL run (its prior
+    restored, its labels read again from the table) equals an uninterrupted one."""
+    from conftest import interrupt_after
+
+    root, _ = official
+    args = run_args(root, tmp_path, 'CSL') + ['--epochs', '2', '--prior-threshold', '0.3']
+    assert main_clip.main(args + ['--run-name', 'full']) == 0
+    undo = interrupt_after(monkeypatch, 1)
+    assert main_clip.main(args + ['--run-name', 'cut']) == 130
+    undo()
+    cut, full = tmp_path / 'results' / 'cut', tmp_path / 'results' / 'full'
+    assert main_clip.main(['--resume', str(cut)]) == 0
+    assert json.loads((full / 'log.json').read_text())['values'] == json.loads((cut / 'log.json').read_text())['values']
+    states = [torch.load(d / 'last.pt', weights_only=True) for d in (full, cut)]
+    assert all(torch.equal(states[0]['model'][k], states[1]['model'][k]) for k in states[0]['model'])
+
+
 def test_train_epoch_keeps_the_metric_rows_only(official):
     """engine.train_one_epoch with kept_rows returns exactly those rows of the full epoch's predictions
     (the same training: the predictions are recorded, never used), reading its labels by batch."""
