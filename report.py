@@ -25,6 +25,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -432,9 +433,11 @@ def plot_per_class(g: Group, pc: dict, path: Path) -> None:
     plt = _pyplot()
     phase = 'test' if pc['test'] is not None else 'val'
     stack = pc[phase]
-    mean = np.nanmean(stack, axis=0)
     several = stack.shape[0] > 1
-    std = np.nanstd(stack, axis=0, ddof=1) if several else np.zeros_like(mean)
+    with warnings.catch_warnings():  # a class partial annotations cannot evaluate is NaN in every run
+        warnings.simplefilter('ignore', RuntimeWarning)
+        mean = np.nanmean(stack, axis=0)
+        std = np.nanstd(stack, axis=0, ddof=1) if several else np.zeros_like(mean)
     order = np.argsort(-mean, kind='stable')
     title = f'{phase} AP per class at the best epoch (mAP {np.nanmean(mean):.2f})\n{_group_title(g)}'
     if order.size > PER_CLASS_PLOT_MAX:
