@@ -54,16 +54,28 @@ class Annotations:
     ndim = 2
     dtype = np.dtype(np.int8)
 
-    def __init__(self, states: np.ndarray, rows: np.ndarray | None = None, source: str | Path | None = None):
+    def __init__(self, states: np.ndarray, rows: np.ndarray | None = None, source: str | Path | None = None,
+                 path: str | Path | None = None):
         if states.ndim != 2 or states.dtype != np.int8:
             raise ValueError(f'Annotations need a 2-D int8 table, got {states.dtype} {states.shape}')
         self._states = states
+        self._stored_shape = states.shape
         self._rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self._path = None if path is None else str(path)  # a memory-mapped file: pickled by its path
         self.source = str(source) if source is not None else 'the annotation table'
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self._states.shape[0] if self._rows is None else len(self._rows), self._states.shape[1])
+        return (self._stored_shape[0] if self._rows is None else len(self._rows), self._stored_shape[1])
+
+    def __getstate__(self) -> dict:
+        """A DataLoader worker gets the file's path, not a copy of the table (as packs.PackedImages)."""
+        return self.__dict__ | ({'_states': None} if self._path else {})
+
+    def _table(self) -> np.ndarray:
+        if self._states is None:  # unpickled in another process: map the file there
+            self._states = np.load(self._path, mmap_mode='r', allow_pickle=False)
+        return self._states
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -95,9 +107,9 @@ class Annotations:
             if not isinstance(columns, (slice, int, np.integer)):
                 raise IndexError('Annotations read columns by int or slice')
             base = self._base_rows(rows)
-            block = self._states[base, columns] if not isinstance(base, slice) else self._states[base][:, columns]
+            block = self._table()[base, columns] if not isinstance(base, slice) else self._table()[base][:, columns]
         else:
-            block = self._states[self._base_rows(key)]
+            block = self._table()[self._base_rows(key)]
         return self._checked(np.array(block, dtype=np.int8, copy=True))
 
     def _checked(self, block: np.ndarray) -> np.ndarray:
@@ -114,8 +126,8 @@ class Annotations:
         if isinstance(base, (int, np.integer)):
             base = np.array([base])
         if isinstance(base, slice):
-            base = np.arange(self._states.shape[0])[base]
-        return Annotations(self._states, np.asarray(base, dtype=np.int64), self.source)
+            base = np.arange(self._stored_shape[0])[base]
+        return Annotations(self._table(), np.asarray(base, dtype=np.int64), self.source, self._path)
 
     def row_blocks(self, size: int = 4096):
         """(r0, r1, block r1 - r0 x K int8) over all rows, in order."""
@@ -154,7 +166,7 @@ def load(path: str | Path, num_rows: int, num_classes: int | None) -> Annotation
         raise AnnotationError(f'{path} has {states.shape[0]} rows but the image list has {num_rows}')
     if num_classes is not None and states.shape[1] != num_classes:
         raise AnnotationError(f'{path} has {states.shape[1]} classes, expected {num_classes}')
-    return Annotations(states, source=path)
+    return Annotations(states, source=path, path=path)
 
 
 def take_rows(labels, rows: np.ndarray):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,10 @@ def test_load_splits_keeps_the_tables_lazy(official):
     assert rows.dtype == torch.float32 and torch.equal(rows, torch.tensor(states[train_idx][[5, 1]]).float())
     with pytest.raises(TypeError):
         table == 1  # noqa: B015 - a whole-table comparison is refused
+    # A DataLoader worker receives the file's path and its row selection, not the table.
+    received = pickle.loads(pickle.dumps(table))
+    assert received._states is None and received._path == table._path  # mapped again on first read
+    assert np.array_equal(np.asarray(received), states[train_idx]) and isinstance(received._states, np.memmap)
 
 
 def test_a_damaged_table_stops_with_one_line(tmp_path):
