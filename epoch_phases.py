@@ -74,7 +74,8 @@ def evaluate_phases(cfg: Config, epoch: int, learner: Learner, data: Data, devic
         if phase == 'val' and ema is not None:
             ema_preds = predict(cfg, ema.module, data.loaders[phase], len(data.sets[phase]), data.num_classes,
                                 device, f'epoch {epoch} {phase} (EMA)')
-            if heads_run.ema_wins(phase_preds[phase], ema_preds, data.splits[phase].labels_true, epoch):
+            if heads_run.ema_wins(phase_preds[phase], ema_preds, data.splits[phase].labels_true, epoch,
+                                  data.splits[phase].counted()):
                 evaluated, phase_preds[phase] = ema.module, ema_preds
         times[phase] = time.perf_counter() - t0
     return phase_preds, evaluated
@@ -87,14 +88,17 @@ def log_epoch(cfg: Config, epoch: int, learner: Learner, data: Data, pl_source, 
     for phase in ('train', 'val', 'test'):
         split = data.splits[phase]
         labels = split.labels_true, (learner.method.observed_labels() if phase == 'train' else split.labels_obs)
-        if phase == 'train' and data.metric_rows is not None:  # the train metrics' rows (train_metric_rows)
-            labels = label_tables.take_rows_of(labels, data.metric_rows)
+        rows = data.metric_rows if phase == 'train' else None  # the train metrics' rows (train_metric_rows)
+        if rows is not None:
+            labels = label_tables.take_rows_of(labels, rows)
+        counted = split.counted(slice(None) if rows is None else rows)  # the entries metrics count, or None
         seen = ~np.isnan(phase_preds[phase][:, 0])
         if not seen.all():
             log.info(f'{phase}: skipped {int((~seen).sum())} unreadable images (--skip-bad-images); '
                      'metrics cover the rest')
         s = logger.log_phase(epoch, phase, label_tables.take_rows(phase_preds[phase], seen),
-                             *label_tables.take_rows_of(labels, seen), train_loss if phase == 'train' else None)
+                             *label_tables.take_rows_of(labels, seen), train_loss if phase == 'train' else None,
+                             mask=None if counted is None else counted[seen])
         extra = ''
         if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
             precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)

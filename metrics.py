@@ -40,7 +40,16 @@ def _validate(preds, labels, name: str = 'compute_metrics') -> tuple[np.ndarray,
     return preds, labels
 
 
-def average_precision_per_class(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _validate_mask(mask, shape: tuple, name: str = 'compute_metrics') -> np.ndarray | None:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != shape or mask.dtype != np.bool_:
+        raise ValueError(f'{name}: mask must be a bool array of shape {shape}, got {mask.dtype} {mask.shape}')
+    return mask
+
+
+def average_precision_per_class(preds: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Average precision of every column, as scikit-learn's `average_precision_score`.
 
     AP_c = sum over thresholds t (the distinct scores, descending) of (R_t - R_{t-1}) * P_t,
@@ -49,8 +58,15 @@ def average_precision_per_class(preds: np.ndarray, labels: np.ndarray) -> np.nda
     P(s_i) / n_pos with P(s) = #{positives with score >= s} / #{images with score >= s},
     which is the same sum grouped by positive. AP is 0 for a class with no positive.
 
-    preds: (N, K) finite scores; labels: (N, K) bool. Returns (K,) float64.
+    preds: (N, K) finite scores; labels: (N, K) bool; mask: (N, K) bool, True where an entry counts
+    (None: every entry). The AP of class c then covers only the rows counted in column c, as SGRE's
+    VOCmAP drops the ignored rows of each class (github.com/jasonseu/SGRE lib/metrics.py). Returns
+    (K,) float64.
     """
+    if mask is not None:
+        # An entry left out scores below every counted score and is no positive: it adds to no
+        # count above, exactly as if its row were dropped from the column.
+        preds, labels = np.where(mask, preds, -np.inf), labels & mask
     num_images, num_classes = preds.shape
     scores = np.ascontiguousarray(preds.T)           # K x N
     positive = np.ascontiguousarray(labels.T)        # K x N
@@ -106,7 +122,7 @@ def _top_k_hits_reversed(remaining: np.ndarray, labels_rev: np.ndarray, ks,
     return out
 
 
-def compute_metrics(preds, labels) -> dict[str, float]:
+def compute_metrics(preds, labels, mask=None) -> dict[str, float]:
     """Metrics of section 9 for predictions `preds` (N x K scores) and 0/1 `labels` (N x K).
 
     - 'map': 100 * mean over classes of the average precision (scikit-learn's definition,
@@ -120,14 +136,21 @@ def compute_metrics(preds, labels) -> dict[str, float]:
     prec/rec/top values are fractions in [0, 1]; only 'map' is in percent.
 
     labels may be bool or numeric 0/1 (observed labels must be mapped with `== 1` first).
-    Raises ValueError for non-2-D or mismatched shapes, empty input, non-finite preds or
-    labels other than 0/1. An `label_tables.Annotations` table (partial annotations: only the
-    annotated entries count) is evaluated by `compute_metrics_annotated`.
+    mask: (N, K) bool, True where an entry counts (None: all): 'map' leaves the other entries out of
+    each class's AP (`average_precision_per_class`); the per-image metrics rank every class, and an
+    entry left out, whose label is 0, is no hit.
+    Raises ValueError for non-2-D or mismatched shapes, empty input, non-finite preds,
+    labels other than 0/1 or a mask that is not bool of the same shape. An `label_tables.Annotations`
+    table (partial annotations: only the annotated entries count, CSL's protocol) is evaluated by
+    `compute_metrics_annotated`: its zeros are its mask.
     """
     if isinstance(labels, Annotations):
+        if mask is not None:
+            raise ValueError('compute_metrics: an Annotations table counts its annotated entries; pass no mask')
         return compute_metrics_annotated(preds, labels)
     preds, labels = _validate(preds, labels)
-    results = {'map': 100.0 * float(np.mean(average_precision_per_class(preds, labels)))}
+    mask = _validate_mask(mask, preds.shape)
+    results = {'map': 100.0 * float(np.mean(average_precision_per_class(preds, labels, mask)))}
     num_pos = labels.sum(axis=1)
     hits = top_k_hits(preds, labels)
     for k in TOP_KS:
@@ -306,12 +329,13 @@ def choose_thresholds_annotated(preds, labels, *, default: float = 0.5, class_bl
     return thresholds
 
 
-def per_class_ap(preds, labels) -> np.ndarray:
-    """(K,) AP in [0, 1] of every class: `average_precision_per_class` against 0/1 labels, or
-    `average_precision_annotated` against an Annotations table (NaN for skipped classes)."""
+def per_class_ap(preds, labels, mask=None) -> np.ndarray:
+    """(K,) AP in [0, 1] of every class: `average_precision_per_class` against 0/1 labels (mask: the
+    entries that count), or `average_precision_annotated` against an Annotations table (NaN for
+    skipped classes)."""
     if isinstance(labels, Annotations):
         return average_precision_annotated(preds, labels)[0]
-    return average_precision_per_class(np.asarray(preds), np.asarray(labels) == 1)
+    return average_precision_per_class(np.asarray(preds), np.asarray(labels) == 1, mask)
 
 
 def per_class_thresholds(preds, labels) -> np.ndarray:

@@ -42,7 +42,8 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
             seen = ~np.isnan(phase_preds[phase][:, 0])  # rows of skipped images are NaN
             preds, labels = (take_rows(x, seen) for x in (phase_preds[phase], splits[phase].labels_true))
             # None: a class that partial annotations cannot evaluate (metrics.average_precision_annotated)
-            per_class[phase] = [None if np.isnan(ap) else ap for ap in (100.0 * per_class_ap(preds, labels)).tolist()]
+            aps = 100.0 * per_class_ap(preds, labels, splits[phase].counted(seen))
+            per_class[phase] = [None if np.isnan(ap) else ap for ap in aps.tolist()]
             if phase == 'val':
                 thresholds = per_class_thresholds(preds, labels).tolist()
         save_json(run_dir / 'per_class_ap.json', per_class)
@@ -74,7 +75,7 @@ def run_record(cfg: Config, device, method_class) -> dict:
         commit = None
     used = set(losses.loss_hparams(cfg.loss)) if cfg.loss in losses.LOSSES else set()
     unused = sorted({'alpha', 'beta', 'beta_pos', 'beta_neg', 'warmup_epoch'} - used)
-    if not method_class.needs_pseudo_labels:
+    if not method_class.uses_pseudo_labels(cfg):
         unused += ['temp', 'threshold', 'partial', 'clip_mode', 'text_features']
         if cfg.model != 'clip_vision':
             unused += ['clip_model', 'clip_pretrained']
