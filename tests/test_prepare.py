@@ -73,7 +73,15 @@ def tar_of(folder: Path, out: Path) -> bytes:
     return out.read_bytes()
 
 
-COCO_CATEGORIES = [{"id": i, "name": f"class{i}"} for i in range(1, 91) if i % 9]  # 80 ids with gaps, as COCO
+def classnames(dataset: str) -> list[str]:
+    """The class names the format scripts check each column against (text_features/)."""
+    path = Path(__file__).resolve().parents[1] / "text_features" / f"{dataset}_classnames.txt"
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+# 80 ids with gaps, as COCO, named as the official file names them (format_coco.py checks every column)
+COCO_CATEGORIES = [{"id": i, "name": name}
+                   for i, name in zip([i for i in range(1, 91) if i % 9], classnames("coco"), strict=True)]
 
 
 def write_coco_tree(root: Path) -> Path:
@@ -495,7 +503,7 @@ def test_nuswide_explains_what_to_supply_then_formats_what_is_there(tmp_path, ca
     given = tmp_path / "nus"
     (given / "ImageList").mkdir(parents=True)
     (given / "Groundtruth" / "TrainTestLabels").mkdir(parents=True)
-    concepts = ["cat", "dog"] + [f"concept{k}" for k in range(79)]
+    concepts = classnames("nuswide")  # Concepts81.txt: the 81 concepts, alphabetically (cat and dog among them)
     (given / "Concepts81.txt").write_text("\n".join(concepts) + "\n")
     lists = {"Train": ["cat\\0001_1.jpg", "dog\\0002_2.jpg", "dog\\0003_3.jpg"], "Test": ["cat\\0004_4.jpg"]}
     columns = {("cat", "Train"): "1\n0\n1\n", ("dog", "Train"): "0\n1\n1\n", ("cat", "Test"): "1\n",
