@@ -140,7 +140,7 @@ def compute_metrics(preds, labels, mask=None) -> dict[str, float]:
     each class's AP (`average_precision_per_class`); the per-image metrics rank every class, and an
     entry left out, whose label is 0, is no hit.
     Raises ValueError for non-2-D or mismatched shapes, empty input, non-finite preds,
-    labels other than 0/1 or a mask that is not bool of the same shape. An `label_tables.Annotations`
+    labels other than 0/1 or a mask that is not bool of the same shape. A `label_tables.Annotations`
     table (partial annotations: only the annotated entries count, CSL's protocol) is evaluated by
     `compute_metrics_annotated`: its zeros are its mask.
     """
