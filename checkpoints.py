@@ -220,7 +220,7 @@ def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
     classnames = ckpt.get('classnames')
     if classnames is None:
         try:
-            classnames = class_text_features.read_classnames(getattr(s, 'dataset', ''))
+            classnames = class_text_features.read_classnames(s.dataset or '', data_root=s.data_root)
         except ModelLoadError:
             raise UserError(f'{where}: the checkpoint holds no class names and its dataset '
                             f'{getattr(s, "dataset", None)!r} has no text_features/<dataset>_classnames.txt') from None

@@ -13,6 +13,7 @@ import class_text_features
 import datasets
 import distributed
 import heads_run
+import label_tables
 import methods
 import models
 import packs
@@ -31,6 +32,9 @@ class Data:
     sampler: datasets.FlipSampler
     loaders: dict
     train_eval_loader: torch.utils.data.DataLoader
+    # The train rows whose predictions the train phase keeps for its metrics (datasets.metric_rows,
+    # DatasetInfo.train_metric_rows); None: every row.
+    metric_rows: object = None
 
     @property
     def num_classes(self) -> int:
@@ -120,7 +124,7 @@ def check_inputs(cfg: Config, splits: dict, root: Path, resume: dict | None) -> 
             init = load_checkpoint(Path(cfg.init_from))
         except UserError as e:
             raise UserError(f'{where}: {e}') from None
-        check_fits(init, cfg, class_text_features.read_classnames(cfg.dataset), where)
+        check_fits(init, cfg, class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root), where)
     elif resume is None and cfg.model != 'clip_vision':  # clip_vision's weights are the CLIP model's
         trunk = models.build_trunk(cfg.model, seed=cfg.seed, pretrained=cfg.pretrained,
                                    weights_path=cfg.backbone_weights, image_size=cfg.image_size)
@@ -133,6 +137,12 @@ def load_data(cfg: Config, resume: dict | None = None) -> tuple:
     splits = prepare_data(cfg, clip=needs_clip(cfg))
     num_classes = splits['train'].labels_obs.shape[1]
     for phase, split in splits.items():
+        if isinstance(split.labels_true, label_tables.Annotations):  # partial annotations, read in blocks
+            counts = label_tables.summary(split.labels_true)
+            log.info(f'{phase:>5}: {len(split.images):6d} images, {num_classes} classes, {counts["positives"]:.2f} '
+                     f'annotated positives and {counts["negatives"]:.2f} annotated negatives / image; '
+                     f'{counts["evaluable"]} classes with both (the mAP skips the others)')
+            continue
         negatives = ''
         if phase == 'train' and cfg.observed is not None:
             negatives = f'{(split.labels_obs == -1).sum(1).mean():.2f} observed negatives / image ({cfg.observed}), '
@@ -153,4 +163,5 @@ def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -
     for phase in ('val', 'test'):
         loaders[phase] = make_loader(sets[phase], batch_size=cfg.batch_size, cfg=cfg, device=device)
     train_eval_loader = make_loader(train_eval_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
-    return Data(splits, sets, train_eval_set, sampler, loaders, train_eval_loader)
+    return Data(splits, sets, train_eval_set, sampler, loaders, train_eval_loader,
+                datasets.metric_rows(len(splits['train']), cfg.data.train_metric_rows))
