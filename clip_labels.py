@@ -28,6 +28,7 @@ from torch import nn
 import datasets
 import distributed
 import ccd
+import fingerprint
 import pseudo_label_options as pl_options
 from config import DEFAULT_DIRS, REPO_ROOT, Config, ModelLoadError, UserError, one_line
 from files import save_json, save_npy
@@ -411,8 +412,11 @@ def weights_identity(pretrained: str | None) -> dict:
 
 def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, clip_pretrained: str | None,
                         image_size: int, clip_size: int, precision: str = 'float32',
-                        preprocess: str = 'original') -> dict:
+                        preprocess: str = 'original', image_stats=None) -> dict:
     """Everything a cached embedding depends on. A change of any entry selects another cache file.
+
+    image_stats: (N, 2) size and modification time of the images whose pixels are embedded (the
+    image set's image_stats(), fingerprint.py), so pictures rewritten since are embedded again.
 
     precision: 'float32', or 'bf16' for a cache built under CUDA autocast (--amp). A JSON model
     config is identified by its content too, so editing it in place invalidates the cache.
@@ -426,7 +430,8 @@ def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, cl
             'images_sha256': hashlib.sha256('\n'.join(map(str, images)).encode()).hexdigest(),
             'num_images': len(images), 'clip_model': str(clip_model), 'clip_config_sha256': config_sha,
             'weights': weights_identity(clip_pretrained), 'image_size': int(image_size),
-            'clip_size': int(clip_size), 'precision': precision, 'preprocess': preprocess}
+            'clip_size': int(clip_size), 'precision': precision, 'preprocess': preprocess,
+            'image_stats_sha256': None if image_stats is None else fingerprint.digest(image_stats)}
 
 
 def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str | os.PathLike, *,
@@ -726,7 +731,7 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
         dataset=cfg.dataset, image_root=images.root, images=train_split.images,
         clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, image_size=cfg.image_size,
         clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32',
-        preprocess=cfg.clip_preprocess)
+        preprocess=cfg.clip_preprocess, image_stats=images.image_stats())
     emb = cached_embeddings(labeler, train_eval_loader, key, Path(cfg.cache_dir), device=device,
                             amp=cfg.amp).to(device)  # (N, 2, D): unflipped, flipped
     classnames = read_classnames(cfg.dataset)

@@ -27,6 +27,7 @@ import torch
 import clip_labels
 import datasets
 import distributed
+import fingerprint
 import heads_run
 import methods
 import methods_partial  # registers -l ASL and -l CSL
@@ -253,7 +254,7 @@ def ensure_demo_observed(cfg: Config) -> None:
     if path.is_file() and path.stat().st_mtime >= (folder / 'formatted_train_labels.npy').stat().st_mtime:
         return
     if is_primary():
-        log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed))
+        log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed, overwrite=True))
 
 
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
@@ -280,7 +281,7 @@ def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
     """Every input file checked before the expensive work (CLIP, the embedding cache, training)."""
     for phase, split in splits.items():
         if cfg.data_format == 'packed':  # the packs replace the image files
-            packs.open_pack(cfg.data_root, cfg.dataset, phase, split.images, cfg.image_size)
+            packs.open_pack(cfg.data_root, cfg.dataset, phase, split, cfg.image_size)
             continue
         for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images):
             log.warning(f'skipped missing image {root / path} (--skip-bad-images)')
@@ -291,6 +292,20 @@ def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
     if cfg.text_features:
         clip_labels.load_text_features(cfg.text_features, splits['train'].labels_obs.shape[1])
     ensure_writable(Path(cfg.cache_dir), '--cache-dir')
+
+
+def check_same_inputs(resume: dict, inputs: dict, cfg: Config, splits: dict, root: Path) -> None:
+    """--resume continues on the data the run started with (fingerprint.py), or stops in one line."""
+    if 'inputs' not in resume:
+        log.warning(f'note: {cfg.run_dir}/last.pt records no fingerprint of its data (an older version wrote it), '
+                    'so the data are not checked against those the run started with')
+        return
+    diffs = fingerprint.differences(resume['inputs'], inputs, {p: (root, s.images) for p, s in splits.items()})
+    if diffs:
+        raise UserError(f'--resume {cfg.run_dir}: the data under --data-root {cfg.data_root} are not those the run '
+                        f'started with: {"; ".join(diffs)}; resuming would train on other pictures or labels: '
+                        'restore them (a copy that keeps modification times, cp -a or rsync -a, is the same data), or '
+                        f'start a new run (--init-from {Path(cfg.run_dir) / "last.pt"} starts it from these weights)')
 
 
 def run(cfg: Config, argv: list[str], resume: Optional[dict], overwrite: bool = False) -> dict:
@@ -320,6 +335,10 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
     method_class = methods.METHODS[cfg.loss]
     sets, train_eval_set = packs.image_sets(cfg, splits, root)  # --data-format pil or packed
+    inputs = fingerprint.of_run(splits, {phase: sets[phase].image_stats() for phase in splits},
+                                datasets.source_files(cfg.observed, method_class.clean_train_labels))
+    if resume is not None:
+        check_same_inputs(resume, inputs, cfg, splits, root)
     sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP adds its views
     sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0))
     loaders = {'train': make_loader(sets['train'], batch_size=cfg.batch_size, sampler=sampler, cfg=cfg,
@@ -385,7 +404,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     if resume is not None:
         heads_run.load_training_state(resume, ema, scheduler)
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
-    record = records.run_record(cfg, device, method_class)
+    record = records.run_record(cfg, device, method_class) | {'inputs': fingerprint.summary(inputs)}
     tensorboard = records.open_tensorboard(cfg, run_dir) if is_primary() else None
     if is_primary():
         folder.create()
@@ -449,7 +468,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
             records.save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
                                phase_preds, splits, evaluated=evaluated,
                                extra=heads_run.training_state(ema, scheduler)
-                               | {'pseudo_labels': pl_source.state_dict() if pl_source is not None else {}})
+                               | {'pseudo_labels': pl_source.state_dict() if pl_source is not None else {},
+                                  'inputs': inputs})
             save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
             folder.committed()
             if tensorboard is not None:
