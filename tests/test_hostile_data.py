@@ -20,7 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_labels
+import clip_loading
+import embedding_cache
+import pseudo_label_policy
 import datasets
 import main_clip
 import packs
@@ -28,6 +30,7 @@ import predict
 from config import UserError
 from datasets import DataError
 from preproc import generate_observed_labels, pack_images
+from pseudo_labeler import PseudoLabeler
 from tests.conftest import interrupt_after, tiny_run_args, write_pascal_like
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,12 +89,12 @@ def test_16_bit_and_float_images_read_as_their_8_bit_picture_everywhere(tmp_path
     assert [torch.equal(files[i][1], tensors[0]) for i in range(len(names))] == [True] * len(names)
     pixels = [packs._Resized(images, list(range(len(names))), SIZE, False)[i][1] for i in range(len(names))]
     assert [np.array_equal(p, pixels[0]) for p in pixels] == [True] * len(names)
-    clip, _ = clip_labels.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
-    labeler = clip_labels.PseudoLabeler(clip.visual, torch.randn(3, 32))
-    key = clip_labels.embedding_cache_key(dataset='pascal', image_root=tmp_path, images=names, clip_model='m',
+    clip, _ = clip_loading.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    labeler = PseudoLabeler(clip.visual, torch.randn(3, 32))
+    key = embedding_cache.embedding_cache_key(dataset='pascal', image_root=tmp_path, images=names, clip_model='m',
                                           clip_pretrained=None, image_size=SIZE, clip_size=32)
     loader = torch.utils.data.DataLoader(images, batch_size=len(names), collate_fn=datasets.collate_skipping)
-    embeddings = clip_labels.cached_embeddings(labeler, loader, key, tmp_path / 'cache', device='cpu')
+    embeddings = embedding_cache.cached_embeddings(labeler, loader, key, tmp_path / 'cache', device='cpu')
     assert [torch.equal(embeddings[i], embeddings[0]) for i in range(len(names))] == [True] * len(names)
 
     # The rule: exactly the 8-bit picture; 0..65535 maps to 0..255 by round(v / 257), half up
@@ -280,14 +283,14 @@ def test_a_packed_run_refuses_a_stale_pack_in_one_line(tmp_path, tiny_clip, tiny
 def test_the_embedding_cache_is_rebuilt_for_rewritten_images(tmp_path, tiny_clip, tiny_text_features):
     data = write_pascal_like(tmp_path / 'data', num_train=20, num_val=6, seed=3)
     cfg, _ = main_clip.parse_args(tiny_run_args(data, tmp_path, tiny_clip, tiny_text_features))
-    clip, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained)
+    clip, tokenizer = clip_loading.load_clip(cfg.clip_model, cfg.clip_pretrained)
     cache = Path(cfg.cache_dir)
 
     def embed() -> None:
         splits = datasets.load_splits(data, 'pascal')
         images = datasets.MultiLabelImages(datasets.image_root(data, 'pascal'), splits['train'], SIZE, train=False)
         loader = torch.utils.data.DataLoader(images, batch_size=8, collate_fn=datasets.collate_skipping)
-        clip_labels.build_pseudo_labels(cfg, clip, tokenizer, splits['train'], loader, torch.device('cpu'), 20)
+        pseudo_label_policy.build_pseudo_labels(cfg, clip, tokenizer, splits['train'], loader, torch.device('cpu'), 20)
         return splits['train']
 
     train = embed()
