@@ -32,18 +32,10 @@ from datasets import DataError
 from preproc import generate_observed_labels, pack_images
 from pseudo_labeler import PseudoLabeler
 from tests.conftest import interrupt_after, tiny_run_args, write_pascal_like
+from tests.test_hostile import one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
-
-
-def one_error_line(err: str, *needles: str) -> str:
-    """The single error line of stderr (progress bars aside), checked for its needles."""
-    lines = [line.split('\r')[-1] for line in err.splitlines() if 'error:' in line]
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def rewrite(path: Path, seed: int) -> None:
@@ -52,6 +44,28 @@ def rewrite(path: Path, seed: int) -> None:
     Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 7_000_000_000))
+
+
+def fail_at(call: int, error: BaseException, function):
+    """function, except that its call number `call` raises error."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise error
+        return function(*args, **kwargs)
+    return failing
+
+
+def assert_same_as_a_fresh_pack(data: Path, split, phase: str = 'train') -> None:
+    """The pack of `phase` under data equals one packed in one go from a copy of the images."""
+    reference = data.parent / 'reference'
+    shutil.copytree(data, reference)
+    shutil.rmtree(packs.pack_dir(reference, 'pascal'))
+    packs.write_pack(reference, 'pascal', phase, split, SIZE)
+    assert np.array_equal(np.load(packs.pack_paths(data, 'pascal', phase)[0]),
+                          np.load(packs.pack_paths(reference, 'pascal', phase)[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,32 +182,38 @@ def interrupted_run(tmp_path, tiny_clip, tiny_text_features, monkeypatch):
     return data, args, lambda *extra: main_clip.main(['--resume', str(run_dir), *extra])
 
 
-def test_resume_stops_in_one_line_when_the_data_changed(interrupted_run, tmp_path, capsys):
-    data, args, resume = interrupted_run
+def regenerate_observed(data: Path, tmp_path: Path) -> tuple[list, tuple]:
+    """The observed-label file of the run's tag regenerated with another seed: today silent."""
     folder = data / 'pascal'
-    capsys.readouterr()
-    # an observed-label file regenerated under the same tag (another seed): today silent
-    obs = folder / 'formatted_train_labels_obs_rps0.5.npy'
-    kept = obs.read_bytes()
-    assert generate_observed_labels.main(['--dataset', 'pascal', '--data-root', str(data), '--scheme', 'rps',
-                                          '--seed', '3', '--overwrite']) == 0
-    capsys.readouterr()
-    assert resume() == 2
-    one_error_line(capsys.readouterr().err, "formatted_train_labels_obs_rps0.5.npy differs from the run's", '--init-from')
-    obs.write_bytes(kept)
-    # pictures rewritten under their names: today silent
+    labels = np.load(folder / 'formatted_train_labels.npy')
+    np.save(folder / 'formatted_train_labels_obs_rps0.5.npy', generate_observed_labels.simulate_rps(labels, 0.5, 3))
+    return [], ("formatted_train_labels_obs_rps0.5.npy differs from the run's",)
+
+
+def rewrite_pictures(data: Path, tmp_path: Path) -> tuple[list, tuple]:
+    """A train and a test picture rewritten under their names: today silent."""
     splits = datasets.load_splits(data, 'pascal', observed='rps0.5')
-    image_folder = datasets.image_root(data, 'pascal')
+    folder = datasets.image_root(data, 'pascal')
     for k, name in enumerate((splits['train'].images[4], splits['test'].images[2])):
-        rewrite(image_folder / str(name), seed=k)
-    assert resume() == 2
-    one_error_line(capsys.readouterr().err, '2 images changed', f'(first: {image_folder / str(splits["train"].images[4])})')
-    # other data under --data-root: today an IndexError traceback
+        rewrite(folder / str(name), seed=k)
+    return [], ('2 images changed', f'(first: {folder / str(splits["train"].images[4])})')
+
+
+def other_data(data: Path, tmp_path: Path) -> tuple[list, tuple]:
+    """--data-root pointing at another dataset: today an IndexError traceback."""
     other = write_pascal_like(tmp_path / 'other', num_train=36, num_val=10, seed=8)
-    assert generate_observed_labels.main(['--dataset', 'pascal', '--data-root', str(other), '--scheme', 'rps']) == 0
+    np.save(other / 'pascal' / 'formatted_train_labels_obs_rps0.5.npy', generate_observed_labels.simulate_rps(
+        np.load(other / 'pascal' / 'formatted_train_labels.npy'), 0.5, 1200))
+    return ['--data-root', str(other)], ('formatted_train_images.npy, ', 'train split: 29 images, was 24')
+
+
+@pytest.mark.parametrize('change', [regenerate_observed, rewrite_pictures, other_data])
+def test_resume_stops_in_one_line_when_the_data_changed(change, interrupted_run, tmp_path, capsys):
+    data, args, resume = interrupted_run
+    extra, needles = change(data, tmp_path)
     capsys.readouterr()
-    assert resume('--data-root', str(other)) == 2
-    one_error_line(capsys.readouterr().err, 'formatted_train_images.npy, ', 'train split: 29 images, was 24')
+    assert resume(*extra) == 2
+    one_error_line(capsys.readouterr().err, *needles, '--init-from')
 
 
 def test_resume_continues_on_the_same_data_moved_with_its_times(interrupted_run, tmp_path, capsys):
@@ -223,12 +243,8 @@ def test_packs_notice_images_rewritten_after_packing_and_repack_only_those(tmp_p
     report = packs.write_pack(data, 'pascal', 'train', fresh, SIZE, chunk=4)
     monkeypatch.undo()
     assert '1 changed image re-packed' in report and len(decoded) == 1
-    array_path, stamp_path = packs.pack_paths(data, 'pascal', 'train')
-    reference = tmp_path / 'reference'
-    shutil.copytree(data, reference)
-    shutil.rmtree(packs.pack_dir(reference, 'pascal'))
-    packs.write_pack(reference, 'pascal', 'train', fresh, SIZE)
-    assert np.array_equal(np.load(array_path), np.load(packs.pack_paths(reference, 'pascal', 'train')[0]))
+    assert_same_as_a_fresh_pack(data, fresh)
+    stamp_path = packs.pack_paths(data, 'pascal', 'train')[1]
     assert json.loads(stamp_path.read_text())['image_stats'] == fresh.stats(folder).tolist()
     packs.open_pack(data, 'pascal', 'train', datasets.load_splits(data, 'pascal', clean_train_labels=True)['train'],
                     SIZE)
@@ -241,26 +257,14 @@ def test_packs_notice_images_rewritten_after_packing_and_repack_only_those(tmp_p
 def test_an_interrupted_pack_whose_images_changed_is_packed_again(tmp_path, monkeypatch):
     data = write_pascal_like(tmp_path / 'data', num_train=20, num_val=6, seed=3)
     split = datasets.load_splits(data, 'pascal', clean_train_labels=True)['train']
-    original, calls = datasets.resized_pixels, []
-
-    def stop(img, size):
-        calls.append(1)
-        if len(calls) == 9:
-            raise KeyboardInterrupt
-        return original(img, size)
-    monkeypatch.setattr(datasets, 'resized_pixels', stop)
+    monkeypatch.setattr(packs, 'save_json', fail_at(3, KeyboardInterrupt(), packs.save_json))  # after 2 chunks
     with pytest.raises(KeyboardInterrupt):
         packs.write_pack(data, 'pascal', 'train', split, SIZE, chunk=4)
-    monkeypatch.setattr(datasets, 'resized_pixels', original)
+    monkeypatch.undo()
     rewrite(datasets.image_root(data, 'pascal') / str(split.images[1]), seed=4)  # a row already packed
     split = datasets.load_splits(data, 'pascal', clean_train_labels=True)['train']
-    assert 'packed again' in packs.write_pack(data, 'pascal', 'train', split, SIZE, chunk=4)
-    reference = tmp_path / 'reference'
-    shutil.copytree(data, reference)
-    shutil.rmtree(packs.pack_dir(reference, 'pascal'))
-    packs.write_pack(reference, 'pascal', 'train', split, SIZE)
-    assert np.array_equal(np.load(packs.pack_paths(data, 'pascal', 'train')[0]),
-                          np.load(packs.pack_paths(reference, 'pascal', 'train')[0]))
+    assert 'packed again' in packs.write_pack(data, 'pascal', 'train', split, SIZE, chunk=4)  # today: resumed at 8
+    assert_same_as_a_fresh_pack(data, split)
 
 
 def test_a_packed_run_refuses_a_stale_pack_in_one_line(tmp_path, tiny_clip, tiny_text_features, capsys):
@@ -346,30 +350,19 @@ def test_a_full_disk_at_the_start_of_a_pack_is_one_line(pack_data, monkeypatch, 
     assert pack_images.main(args) == 0
 
 
-def test_a_full_disk_in_the_middle_keeps_the_rows_and_resumes(pack_data, monkeypatch, capsys):
+def test_a_full_disk_in_the_middle_keeps_the_rows_and_resumes(pack_data, monkeypatch):
     split = datasets.load_splits(pack_data, 'pascal', clean_train_labels=True)['train']
-    save, calls = packs.save_json, []
-
-    def full_at_third(path, obj, **kwargs):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return save(path, obj, **kwargs)
-    monkeypatch.setattr(packs, 'save_json', full_at_third)
+    part_stamp = packs.partial_paths(pack_data, 'pascal', 'train')[1]
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(part_stamp))
+    monkeypatch.setattr(packs, 'save_json', fail_at(3, full, packs.save_json))  # the third chunk's stamp
     with pytest.raises(UserError) as info:  # today: the OSError's traceback
         packs.write_pack(pack_data, 'pascal', 'train', split, SIZE, chunk=4)
     message = str(info.value)
     assert '\n' not in message and 'No space left on device' in message and 'rows packed so far are kept' in message
-    part_stamp = packs.partial_paths(pack_data, 'pascal', 'train')[1]
     assert json.loads(part_stamp.read_text())['rows_done'] == 8
-    monkeypatch.setattr(packs, 'save_json', save)
+    monkeypatch.undo()
     assert 'resumed at row 8' in packs.write_pack(pack_data, 'pascal', 'train', split, SIZE, chunk=4)
-    reference = pack_data.parent / 'reference'
-    shutil.copytree(pack_data, reference)
-    shutil.rmtree(packs.pack_dir(reference, 'pascal'))
-    packs.write_pack(reference, 'pascal', 'train', split, SIZE)
-    assert np.array_equal(np.load(packs.pack_paths(pack_data, 'pascal', 'train')[0]),
-                          np.load(packs.pack_paths(reference, 'pascal', 'train')[0]))
+    assert_same_as_a_fresh_pack(pack_data, split)
 
 
 FULL_DISK = '''
