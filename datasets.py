@@ -36,7 +36,7 @@ class Split:
     images: np.ndarray  # (N,) str, relative to the image folder
     labels_true: np.ndarray  # (N, K) float32 in {0, 1}
     labels_obs: np.ndarray  # (N, K) float32 in {-1, 0, 1}
-    _stats: dict = field(default_factory=dict, repr=False, compare=False)
+    _stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.images)
