@@ -63,14 +63,15 @@ def changed_rows(before: np.ndarray, now: np.ndarray, *, present_only: bool = Fa
 def of_run(splits: dict, stats: dict, sources: dict) -> dict:
     """The fingerprint of a run: splits {phase: datasets.Split}, stats {phase: (N, 2) image_stats of
     the pixels the run reads}, sources {phase: {field: formatted file it was loaded from}}
-    (datasets.source_files)."""
+    (datasets.source_files; a field that is None, an optional file absent, is recorded as such)."""
     arrays = {}
     for phase, fields in sources.items():
         if phase not in splits:
             continue
         for field, file in fields.items():
-            value = getattr(splits[phase], field)
-            arrays[f'{phase}/{field}'] = {'file': file, 'sha256': digest(value), 'rows': int(len(value))}
+            value = getattr(splits[phase], field)  # None: an optional file that is absent
+            arrays[f'{phase}/{field}'] = {'file': file, 'sha256': None if value is None else digest(value),
+                                          'rows': 0 if value is None else int(len(value))}
     return {'format': FORMAT, 'arrays': arrays,
             'stats': {phase: torch.from_numpy(np.asarray(s, dtype=np.int64)) for phase, s in stats.items()}}
 
@@ -78,7 +79,7 @@ def of_run(splits: dict, stats: dict, sources: dict) -> dict:
 def summary(fingerprint: dict) -> dict:
     """What config.json records of it: the number of images per split and one digest of everything."""
     stats = {phase: np.asarray(s) for phase, s in fingerprint['stats'].items()}
-    everything = sorted((k, v['sha256']) for k, v in fingerprint['arrays'].items())
+    everything = sorted((k, str(v['sha256'])) for k, v in fingerprint['arrays'].items())
     return {'images': {phase: len(s) for phase, s in stats.items()},
             'sha256': digest(np.array([f'{k}={v}' for k, v in everything]), *(stats[p] for p in sorted(stats)))}
 
