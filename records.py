@@ -16,7 +16,7 @@ import torch
 
 import heads_run
 import losses
-from checkpoints import atomic_save, rng_state
+from checkpoints import atomic_save, clip_entries, rng_state
 from config import Config, UserError
 from files import save_json
 from label_tables import take_rows
@@ -32,7 +32,7 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
     best.pt (default: model; with --ema-decay maybe its average); extra: more last.pt entries (EMA,
     schedule)."""
     common = dict(model=model.state_dict(), epoch=epoch, config=dataclasses.asdict(cfg), argv=list(argv),
-                  classnames=classnames) | heads_run.checkpoint_entries(model)
+                  classnames=classnames) | heads_run.checkpoint_entries(model) | clip_entries(cfg, model)
     if logger.best_epoch == epoch:
         atomic_save(phase_preds['test'], run_dir / 'test_preds_best.npy')
         best = common if evaluated is None or evaluated is model else common | {'model': evaluated.state_dict()}
