@@ -281,6 +281,7 @@ class Options:
     config: dict | None = None           # the original's run settings (Query2Label's JSON, SGRE's config.yaml)
     label_embeddings: np.ndarray | None = None   # SGRE's data/<data>/bert.npy
     class_descriptions: dict | None = None       # CSL: OpenImages MID -> display name
+    dataset_classes: tuple | None = None         # CSL: (MIDs, names) of -d openimages (format_openimages.py)
     original_classes: list[str] | None = None    # the original's class list, checked against ours
 
 
@@ -381,7 +382,11 @@ def _csl(obj, where: str, options: Options) -> Imported:
         mids = [str(idx_to_class[k]) for k in sorted(idx_to_class, key=int)]
         dataset = options.dataset or 'openimages'
         descriptions = options.class_descriptions
-        if descriptions is None:
+        if options.dataset_classes is not None:  # the dataset's class order and names (class_ids.txt, classnames.txt)
+            order, names = options.dataset_classes
+            head_state = _in_class_order(where, head_state, head, mids, list(order))
+            mids, classnames = list(order), list(names)
+        elif descriptions is None:
             notes.append('class names are the OpenImages MIDs of idx_to_class (--class-descriptions '
                          'oidv6-class-descriptions.csv names them, as infer.py does)')
             classnames = mids
@@ -391,6 +396,9 @@ def _csl(obj, where: str, options: Options) -> Imported:
                 raise CheckpointImportError(f'{where}: class {missing[0]} is not in --class-descriptions '
                                             f'({len(missing)} classes are not)')
             classnames = [descriptions[m] for m in mids]
+        if options.dataset_classes is None:
+            notes.append(f"classes in CSL's order: for --evaluate -d {dataset}, import again with --data-root where "
+                         'format_openimages.py wrote class_ids.txt (they are put in its order)')
         extras['class_ids'] = mids
         size = 224  # infer.py --input_size and the README's inference command
     else:  # train.py: COCO 2014, classes in the order of coco.cats (get_data.py), this project's coco order
@@ -404,6 +412,19 @@ def _csl(obj, where: str, options: Options) -> Imported:
     argv = ['-d', dataset, '-m', backbone, '--head', head, '--image-size', str(size), '--input-norm', norm]
     return Imported({**trunk, **{'head.' + k: v for k, v in head_state.items()}}, argv, classnames, dataset,
                     extras, notes)
+
+
+def _in_class_order(where: str, head_state: dict, head: str, mids: list[str], order: list[str]) -> dict:
+    """CSL's head with its class rows in the order `order` (MIDs) instead of `mids`: the logit of class k is
+    then that of order[k], exactly (a permutation of the last linear map's rows)."""
+    if sorted(mids) != sorted(order):
+        other = next(iter(set(order) - set(mids)), None) or next(iter(set(mids) - set(order)))
+        raise CheckpointImportError(f'{where}: its {len(mids)} classes are not the {len(order)} of the dataset '
+                                    f'(class {other} is in one of them only)')
+    position = {mid: i for i, mid in enumerate(mids)}
+    rows = torch.tensor([position[mid] for mid in order])
+    last = 'FC.' if head == 'bottleneck' else ''
+    return {k: v[rows] if k in (f'{last}weight', f'{last}bias') else v for k, v in head_state.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import sys
@@ -34,8 +35,8 @@ import numpy as np  # noqa: E402
 import models  # noqa: E402
 import records  # noqa: E402
 import seed_checkpoints  # noqa: E402
-from checkpoints import atomic_save  # noqa: E402
-from config import DATASETS, VLPLError, one_line  # noqa: E402
+from checkpoints import atomic_save, rebuild_classifier  # noqa: E402
+from config import DATASETS, DEFAULT_DIRS, VLPLError, one_line  # noqa: E402
 from preproc._common import run_cli  # noqa: E402
 from seed_checkpoints import CheckpointImportError, Options  # noqa: E402
 
@@ -55,10 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--class-descriptions', default=None, metavar='FILE.csv',
                         help="CSL OpenImages: oidv6-class-descriptions.csv (LabelName,DisplayName), to name the classes "
                              'as infer.py does (default: their MIDs)')
+    parser.add_argument('--data-root', default=DEFAULT_DIRS['data'],
+                        help='CSL OpenImages: where format_openimages.py wrote openimages/class_ids.txt and classnames.txt; '
+                             "when they exist the classes are put in the dataset's order and named as it names them")
     parser.add_argument('--original-classes', default=None, metavar='FILE',
                         help="the original's class list, one name per line (e.g. SGRE's data/<data>/label.txt): checked "
                              "to be this dataset's order before importing")
-    parser.add_argument('-d', '--dataset', default=None, choices=sorted(set(DATASETS) | {'openimages'}),
+    parser.add_argument('-d', '--dataset', default=None, choices=sorted(DATASETS),
                         help="the dataset of the classes (default: the checkpoint's)")
     parser.add_argument('--model', default=None, metavar='BACKBONE',
                         help='the backbone that holds the weights, a BACKBONES row or timm:NAME (default: from the '
@@ -99,6 +103,11 @@ def options_from(args: argparse.Namespace) -> Options:
             raise CheckpointImportError(f'--label-embeddings {args.label_embeddings}: {one_line(e)}') from None
     if args.class_descriptions:
         options.class_descriptions = read_descriptions(Path(args.class_descriptions))
+    folder = Path(args.data_root) / 'openimages'
+    if args.kind == 'csl' and args.dataset in (None, 'openimages') and (folder / 'class_ids.txt').is_file():
+        options.dataset_classes = tuple(
+            [line.strip() for line in (folder / name).read_text(encoding='utf-8').splitlines() if line.strip()]
+            for name in ('class_ids.txt', 'classnames.txt'))
     if args.original_classes:
         try:
             text = Path(args.original_classes).read_text(encoding='utf-8')
@@ -108,34 +117,25 @@ def options_from(args: argparse.Namespace) -> Options:
     return options
 
 
-def parse_settings(argv: list[str], dataset: str, where: str):
-    """The Config main_clip.py makes of the imported command line (what --evaluate re-parses). A dataset this
-    checkout does not have (OpenImages before its change) is parsed without -d and named afterwards: the
-    file then serves predict.py and --init-from, not --evaluate."""
-    import dataclasses
-
+def parse_settings(argv: list[str], where: str):
+    """The Config main_clip.py makes of the imported command line (what --evaluate re-parses)."""
     from main_clip import parse_args
 
-    known = dataset in DATASETS
-    parsed = argv if known else [a for i, a in enumerate(argv) if not (a == '-d' or (i and argv[i - 1] == '-d'))]
     message = io.StringIO()
     try:
         with contextlib.redirect_stderr(message):
-            cfg, _ = parse_args(parsed)
+            return parse_args(argv)[0]
     except SystemExit:
         raise CheckpointImportError(f'{where}: its settings make no classifier here ({message.getvalue().strip()})') from None
-    return cfg if known else dataclasses.replace(cfg, dataset=dataset)
 
 
 def rebuild(ckpt: dict, where: str):
-    """The classifier of a checkpoint through the project's one way back from a checkpoint (the path of
-    --evaluate and predict.py)."""
-    from predict import rebuild_from_checkpoint
-
+    """The classifier of a checkpoint through the project's one way back from a checkpoint
+    (checkpoints.rebuild_classifier, the path of --evaluate and predict.py)."""
     try:
-        return rebuild_from_checkpoint(ckpt)[0]
+        return rebuild_classifier(ckpt, where).model
     except VLPLError as e:
-        raise CheckpointImportError(f'{where}: {one_line(e)}') from None
+        raise CheckpointImportError(one_line(e)) from None
 
 
 def sha256(path: Path) -> str:
@@ -153,12 +153,7 @@ def import_checkpoint(kind: str, source: Path, output: Path, options: Options, o
         raise CheckpointImportError(f'{output} exists: choose another OUT or add --overwrite')
     where = str(source)
     imported = seed_checkpoints.convert(kind, seed_checkpoints.read_file(source), where, options)
-    cfg = parse_settings(imported.argv, imported.dataset, where)
-    if imported.dataset not in DATASETS:
-        imported.notes.append(f'this checkout has no -d {imported.dataset}: the file serves predict.py and --init-from; '
-                              f'--evaluate -d {imported.dataset} needs it imported where that dataset exists')
-    import dataclasses
-
+    cfg = parse_settings(imported.argv, where)
     ckpt = dict(model=imported.state, config=dataclasses.asdict(cfg), argv=imported.argv,
                 classnames=imported.classnames, epoch=imported.epoch, **imported.extras)
     model = rebuild(ckpt, where)

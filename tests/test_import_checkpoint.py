@@ -24,8 +24,8 @@ Query2Label's CvT (not built). Then:
   saves its P.
 
 The tests write each fixture as the original saves it, import it with the command line, rebuild the
-classifier through the project's rebuild path (predict.rebuild_from_checkpoint, the path of --evaluate and
-predict.py) and compare the logits on the same input within 1e-5.
+classifier through the project's one rebuild path (checkpoints.rebuild_classifier, that of --evaluate,
+--init-from's check and predict.py) and compare the logits on the same input within 1e-5.
 """
 from __future__ import annotations
 
@@ -209,7 +209,8 @@ def test_imported_logits_equal_the_originals(name, tmp_path, capsys):
     cfg = ckpt['config']
     assert (cfg['model'], cfg['head'], cfg['input_norm']) == (backbone, head, input_norm)
     assert ckpt['imported']['source'] == kind and ckpt['argv'][:2] == ['-d', cfg['dataset']]
-    model, classnames, size = predict.rebuild_from_checkpoint(ckpt)
+    rebuilt = checkpoints.rebuild_classifier(ckpt, str(out))
+    model, classnames, size = rebuilt.model, rebuilt.classnames, rebuilt.image_size
     assert size == expected_size and len(classnames) == npz['logits'].shape[1]
     with torch.no_grad():
         logits = model(model_input(meta, input_norm))
@@ -286,12 +287,13 @@ def test_every_tensor_of_the_published_models_has_its_place(name):
         obj = state
         options.label_embeddings = np.zeros((count, data['embed_dim']), np.float32)
     imported = seed_checkpoints.convert(kind, obj, name, options)
-    cfg = import_checkpoint.parse_settings(imported.argv, imported.dataset, name)
+    cfg = import_checkpoint.parse_settings(imported.argv, name)
     assert (cfg.model, cfg.head, cfg.image_size) == (backbone, head, size)
     ckpt = dict(model=imported.state, config=__import__('dataclasses').asdict(cfg), argv=imported.argv,
                 classnames=imported.classnames, epoch=0, **imported.extras)
     with torch.device('meta'):
-        model, classnames, _ = predict.rebuild_from_checkpoint(ckpt)
+        rebuilt = checkpoints.rebuild_classifier(ckpt, name)
+    model, classnames = rebuilt.model, rebuilt.classnames
     assert len(classnames) == count
     expected = model.state_dict()
     assert set(expected) == set(imported.state)
@@ -438,3 +440,41 @@ def test_evaluate_init_from_and_predict_take_an_imported_checkpoint(tiny_pascal,
                                                                  '--num-workers', '0']) == 0
     rows = (tmp_path / 'labels.csv').read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith('file,labels,label_scores,top1')
+
+
+def test_csl_openimages_in_the_datasets_class_order(tmp_path, capsys):
+    """A CSL OpenImages checkpoint lists its classes (idx_to_class MIDs) in its own order; with --data-root
+    where format_openimages.py wrote class_ids.txt and classnames.txt its classes are put in the dataset's
+    order (the head's class rows permuted) and named as the dataset names them, so --evaluate -d openimages
+    reads every logit as its class; imported in CSL's order, --evaluate refuses it in one line."""
+    from preproc import format_openimages
+    from test_openimages import NUM_CLASSES, mid, write_official
+
+    write_official(tmp_path)
+    folder = tmp_path / 'openimages'
+    assert format_openimages.main(['--load-path', str(folder), '--save-path', str(folder)]) == 0
+    capsys.readouterr()
+    meta, state, _ = load_fixture('csl_tresnet_openimages_tiny')  # its trunk, a 15-class bottleneck head
+    rs = np.random.RandomState(11)
+    state = dict(state, **{'head.fc.FC.weight': torch.from_numpy(rs.standard_normal((NUM_CLASSES, 512)).astype(np.float32)),
+                           'head.fc.FC.bias': torch.from_numpy(rs.standard_normal(NUM_CLASSES).astype(np.float32))})
+    torch.save({'model': state, 'idx_to_class': {k: mid(k) for k in range(NUM_CLASSES)}}, tmp_path / 'csl.pth')
+    base = ['--from', 'csl', str(tmp_path / 'csl.pth'), '--model', 'timm:vlpl_test_tresnet', '--image-size', '64']
+    assert run_import(base + [str(tmp_path / 'csl_order.pt'), '--data-root', str(tmp_path / 'none')], capsys)[0] == 0
+    code, stdout, err = run_import(base + [str(tmp_path / 'dataset_order.pt'), '--data-root', str(tmp_path)], capsys)
+    assert code == 0, err
+    theirs, ours = (checkpoints.load_checkpoint(tmp_path / f'{n}.pt') for n in ('csl_order', 'dataset_order'))
+    order = (folder / 'class_ids.txt').read_text().split()
+    assert ours['class_ids'] == order and theirs['class_ids'] == [mid(k) for k in range(NUM_CLASSES)]
+    assert ours['classnames'] == (folder / 'classnames.txt').read_text().splitlines()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = (checkpoints.rebuild_classifier(c, 'c').model(x) for c in (theirs, ours))
+    torch.testing.assert_close(b, a[:, [int(m[-2:]) for m in order]], rtol=0, atol=1e-5)  # mid(k) ends in k
+    common = ['--data-root', str(tmp_path), '--device', 'cpu', '--num-workers', '0']
+    assert main_clip.main(['--evaluate', str(tmp_path / 'dataset_order.pt')] + common) == 0
+    logged = capsys.readouterr()
+    assert 'Test mAP of openimages epoch 0' in logged.out + logged.err
+    assert main_clip.main(['--evaluate', str(tmp_path / 'csl_order.pt')] + common) == 2
+    logged = capsys.readouterr()
+    assert "its class 0 is '/m/0fix00', class 0 of openimages is" in logged.out + logged.err
