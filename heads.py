@@ -32,7 +32,8 @@ Differences from the released code, on purpose:
 
 Also here: `ModelEMA` (the weight EMA of both originals), `build_optimizer` / `build_schedule`
 (AdamW + per-step OneCycleLR, the recipe both heads were published with), the recipes and the
-per-dataset defaults (`RECIPES`, `DATASET_DEFAULTS`), and state-dict key maps from the originals.
+per-dataset defaults (`RECIPES`, `DATASET_DEFAULTS`). The heads keep the originals' parameter names, so that
+their published checkpoints map key for key (seed_checkpoints.py, preproc/import_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -528,21 +529,3 @@ def sgre_total_loss(loss_fn: Callable[[Tensor], Tensor], output: SGREOutput, lam
     """SGRE's training loss (models/mlic.py MLIC.forward): loss(logits) + lamda * loss(aux_logits),
     `loss_fn` mapping logits (B x K) to a scalar (the original: ASL against the labels)."""
     return loss_fn(output.logits) + lamda * loss_fn(output.aux_logits)
-
-
-# ------------------------------------------------------------------------- original key maps
-
-def q2l_state_dict_from_original(state: dict) -> dict:
-    """A Query2Label (Qeruy2Label) state_dict -> this head's: the head keys have the same names;
-    drop the backbone (`backbone.0.*`) and the position buffer (`backbone.1.pe`)."""
-    return {k.removeprefix('module.'): v for k, v in state.items()
-            if not k.removeprefix('module.').startswith('backbone.')}
-
-
-def sgre_state_dict_from_original(state: dict) -> dict:
-    """An SGRE (MLIC) state_dict -> this head's: same names; drop `backbone.*` and the position
-    buffer `position_embedding.pe` (and `criterion.*`, which holds nothing)."""
-    drop = ('backbone.', 'position_embedding.', 'criterion.')
-    return {k.removeprefix('module.'): v for k, v in state.items()
-            if not k.removeprefix('module.').startswith(drop)}
-

@@ -478,3 +478,19 @@ def test_csl_openimages_in_the_datasets_class_order(tmp_path, capsys):
     assert main_clip.main(['--evaluate', str(tmp_path / 'csl_order.pt')] + common) == 2
     logged = capsys.readouterr()
     assert "its class 0 is '/m/0fix00', class 0 of openimages is" in logged.out + logged.err
+
+
+def test_init_from_keeps_the_input_normalisation(tiny_pascal, tmp_path, capsys):
+    """The weights of a TResNet imported from CSL take [0, 1] pixels: a run started from them must say so
+    (--input-norm none), or --init-from refuses in one line before any work."""
+    source = write_fixture('csl_tresnet_coco_tiny', tmp_path / 'csl.pth')
+    out = tmp_path / 'csl.pt'
+    assert run_import(['--from', 'csl', str(source), str(out), '--model', 'timm:vlpl_test_tresnet', '-d', 'pascal',
+                       '--image-size', '64'], capsys)[0] == 0
+    run = ['-d', 'pascal', '-l', 'an', '-m', 'timm:vlpl_test_tresnet', '--image-size', '64', '--epochs', '1',
+           '--data-root', str(tiny_pascal), '--results-dir', str(tmp_path / 'runs'), '--cache-dir', str(tmp_path / 'c'),
+           '--device', 'cpu', '--num-workers', '0', '--init-from', str(out)]
+    assert main_clip.main(run) == 2
+    logged = capsys.readouterr()
+    assert 'its model does not fit this run' in logged.err and '--input-norm none' in logged.err
+    assert main_clip.main(run + ['--input-norm', 'none']) == 0
