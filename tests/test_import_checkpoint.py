@@ -215,7 +215,7 @@ def test_imported_logits_equal_the_originals(name, tmp_path, capsys):
     with torch.no_grad():
         logits = model(model_input(meta, input_norm))
     difference = (logits - torch.from_numpy(npz['logits'])).abs().max().item()
-    print(f'{name}: max |logit difference| {difference:.2e}')
+    print(f'{name}: max |logit difference| {difference:.2e} (logits up to {logits.abs().max().item():.2f})')
     assert difference < 1e-5
 
 
