@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=COUNT, default=None, help='default: per dataset (8; EM_APL: its paper)')
     p.add_argument('--lr', type=POSITIVE, default=None, help='Adam learning rate (default: per dataset)')
     p.add_argument('--image-size', type=COUNT, default=None, help='input size (default 448; demo 64)')
-    p.add_argument('--input-norm', default='imagenet', choices=models.INPUT_NORMS,
+    p.add_argument('--input-norm', default=None, choices=models.INPUT_NORMS,
                    help="the input normalisation the backbone's weights expect: imagenet (ImageNet mean and std, "
-                        "the pipeline's) or none ([0, 1] pixels: MIIL's TResNets, imported with "
-                        'preproc/import_checkpoint.py; docs/seed-checkpoints.md)')
+                        "the pipeline's) or none ([0, 1] pixels, as MIIL's TResNets were trained; "
+                        'docs/seed-checkpoints.md) (default: the backbone\'s: none for tresnet_m, tresnet_l and timm '
+                        'models whose pretrained config says so, else imagenet)')
     p.add_argument('--num-workers', type=number(int, low=0), default=min(8, os.cpu_count() or 1),
                    help='DataLoader worker processes')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto = cuda if available')
@@ -201,12 +202,13 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         partial_everywhere=a.partial_everywhere, seed=a.seed, data_root=a.data_root, results_dir=a.results_dir,
         run_name=a.run_name, cache_dir=a.cache_dir, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         image_size=a.image_size or models.backbone(a.model or DATASETS[a.dataset].model).image_size,
+        input_norm=a.input_norm or models.backbone(a.model or DATASETS[a.dataset].model).input_norm,
         num_workers=a.num_workers, device=a.device, clip_model=a.clip_model,
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
         warmup_epoch=a.warmup_epoch, text_features_dir=a.text_features_dir, init_from=a.init_from,
-        tensorboard=a.tensorboard, head=a.head, input_norm=a.input_norm, observed=a.observed, gamma_pos=a.gamma_pos, gamma_neg=a.gamma_neg,
+        tensorboard=a.tensorboard, head=a.head, observed=a.observed, gamma_pos=a.gamma_pos, gamma_neg=a.gamma_neg,
         gamma_unann=a.gamma_unann, asl_clip=a.asl_clip, asl_focal_grad=a.asl_focal_grad, csl_mode=a.csl_mode,
         likelihood_topk=a.likelihood_topk, prior_threshold=a.prior_threshold, prior_file=a.prior_file,
         dist_backend=a.dist_backend, dist_timeout=a.dist_timeout, sync_bn=not a.no_sync_bn,

@@ -333,7 +333,8 @@ class BackboneSpec:
     map given to heads that read the map, where `features` is no real grid (clip_vision: the
     ViT's patch tokens instead of the 1 x 1 embedding); None = `features`. image_size: the input
     side its published weights are made for, the run's default when --image-size is not given
-    (None: the dataset's).
+    (None: the dataset's). input_norm: the input normalisation its published weights were trained with
+    (INPUT_NORMS), the run's default when --input-norm is not given.
     """
     make_trunk: Callable[..., tuple[nn.Module, int]]
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -344,6 +345,7 @@ class BackboneSpec:
     map_features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     map_shape: Callable[[nn.Module, int], tuple[int, int, int]] | None = None
     image_size: int | None = None
+    input_norm: str = 'imagenet'
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -373,10 +375,12 @@ BACKBONES: dict[str, BackboneSpec] = {
         "timm 'resnet101.tv_in1k' (torchvision's IMAGENET1K_V1 weights, torchvision's keys); map 2048 x S/32 x S/32"),
     'tresnet_m': BackboneSpec(
         partial(_timm_trunk, 'tresnet_m.miil_in21k'), _timm_features, _timm_pool, _halvings(3, ceil=True, first=4),
-        True, "timm 'tresnet_m.miil_in21k' (ImageNet-21K, CSL's pretraining); map 2048 x S/32 x S/32"),
+        True, "timm 'tresnet_m.miil_in21k' (ImageNet-21K, CSL's pretraining; [0, 1] pixels); map 2048 x S/32 x S/32",
+        input_norm='none'),
     'tresnet_l': BackboneSpec(
         partial(_timm_trunk, 'tresnet_l.miil_in1k_448'), _timm_features, _timm_pool, _halvings(3, ceil=True, first=4),
-        True, "timm 'tresnet_l.miil_in1k_448' (Query2Label's tresnet_l_448); map 2432 x S/32 x S/32"),
+        True, "timm 'tresnet_l.miil_in1k_448' (Query2Label's tresnet_l_448; [0, 1] pixels); map 2432 x S/32 x S/32",
+        input_norm='none'),
     'swin_large': BackboneSpec(
         partial(_timm_trunk, 'swin_large_patch4_window12_384.ms_in22k'), _timm_map, _nhwc_pool,
         _halvings(3, ceil=True, first=4), True,
@@ -393,12 +397,23 @@ TIMM_PREFIX = 'timm:'
 INPUT_NORMS = ('imagenet', 'none')
 
 
+def _timm_input_norm(timm_name: str) -> str:
+    """'none' for a timm model whose pretrained config normalises with mean 0 and std 1 (MIIL's TResNets),
+    else 'imagenet'."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    plain = cfg is not None and tuple(cfg.mean) == (0.0, 0.0, 0.0) and tuple(cfg.std) == (1.0, 1.0, 1.0)
+    return 'none' if plain else 'imagenet'
+
+
 @functools.lru_cache(maxsize=None)
 def _timm_row(timm_name: str) -> BackboneSpec:
     return BackboneSpec(
         partial(_timm_trunk, timm_name), _timm_pooled, _flatten, lambda size: 1, False,
         f"timm {timm_name!r}: pooled by timm's own head (a 1 x 1 map); heads that read the map get its "
-        "forward_features as C x h x w", map_features=_timm_map, map_shape=_timm_map_shape)
+        "forward_features as C x h x w", map_features=_timm_map, map_shape=_timm_map_shape,
+        input_norm=_timm_input_norm(timm_name))
 
 
 def backbone(name: str) -> BackboneSpec:

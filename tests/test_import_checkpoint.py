@@ -494,3 +494,29 @@ def test_init_from_keeps_the_input_normalisation(tiny_pascal, tmp_path, capsys):
     logged = capsys.readouterr()
     assert 'its model does not fit this run' in logged.err and '--input-norm none' in logged.err
     assert main_clip.main(run + ['--input-norm', 'none']) == 0
+
+
+# --- input normalisation ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('backbone, norm', [('tresnet_m', 'none'), ('tresnet_l', 'none'), ('timm:tresnet_v2_l', 'none'),
+                                            ('resnet101', 'imagenet'), ('swin_large', 'imagenet'),
+                                            ('timm:resnet18', 'imagenet'), ('resnet50', 'imagenet')])
+def test_each_backbone_gets_the_inputs_its_weights_were_trained_on(backbone, norm):
+    """MIIL's TResNets (timm's pretrained configs: mean 0, std 1) take [0, 1] pixels by default."""
+    assert main_clip.parse_args(['-d', 'coco', '-m', backbone])[0].input_norm == norm
+    assert main_clip.parse_args(['-d', 'coco', '-m', backbone, '--input-norm', 'imagenet'])[0].input_norm == 'imagenet'
+
+
+def test_input_norm_none_gives_the_trunk_totensor_pixels():
+    import models
+
+    torch.manual_seed(0)
+    model = models.build_classifier('timm:resnet18', 3, pretrained=False, input_norm='none').eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        got = model((pixels - mean) / std)  # what the pipeline gives
+        expected = model.forward_head(model.spec.features(model.trunk, pixels))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert set(model.state_dict()) == set(models.build_classifier('timm:resnet18', 3, pretrained=False).state_dict())
