@@ -330,6 +330,19 @@ def _one_of(where: str, what: str, value, known: dict):
     return known[value]
 
 
+def _dataset(where: str, options: Options, notes: list, named: tuple, count: int, by_count: dict) -> str:
+    """-d, else the dataset the original's settings name (named: (what, its value or None, its name -> ours)),
+    else the one of the class count (noted)."""
+    if options.dataset:
+        return options.dataset
+    what, value, table = named
+    if value is not None:
+        return _one_of(where, what, value, table)
+    dataset = _one_of(where, 'a class count of', count, by_count)
+    notes.append(f'dataset {dataset} from its {count} classes (-d for another)')
+    return dataset
+
+
 def _refuse_rest(where: str, state: dict, used: set, what: str) -> None:
     rest = [k for k in state if k not in used]
     if rest:
@@ -348,6 +361,21 @@ def _grid_size(where: str, pe: torch.Tensor, dim: int, stride: int, name: str) -
         if not torch.allclose(pe[0].float(), expected, atol=1e-4):
             raise CheckpointImportError(f'{where}: {name} is not the sine position encoding of a {h} x {h} grid')
     return h * stride
+
+
+def _size_and_norm(where: str, options: Options, cfg: dict, notes: list, state: dict, pe: str, dim: int,
+                   layout: TrunkLayout, flag: str) -> tuple[int, str]:
+    """(input size, input normalisation) of Query2Label and SGRE: the size of the position encoding's grid
+    (--image-size may override it, noted), the normalisation of the settings' orid_norm (their `flag`;
+    off by default, noted when the settings do not say)."""
+    size = _grid_size(where, state[pe], dim, layout.stride, pe)
+    if options.image_size and options.image_size != size:
+        notes.append(f'input size {options.image_size} (--image-size); its position encoding was made for {size}')
+        size = options.image_size
+    if options.input_norm is None and 'orid_norm' not in cfg:
+        notes.append(f'ImageNet input normalisation ({flag} off, its default; the file does not say: --config, or '
+                     '--input-norm none for a model trained with it)')
+    return size, options.input_norm or ('none' if cfg.get('orid_norm') else 'imagenet')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,14 +494,7 @@ def _q2l(obj, where: str, options: Options) -> Imported:
                      '--config config.json gives them)')
     if bool(cfg.get('pre_norm', pre_norm)) != pre_norm:
         raise CheckpointImportError(f'{where}: --config says pre_norm {cfg["pre_norm"]}, its tensors say {pre_norm}')
-    size = _grid_size(where, state['backbone.1.pe'], hidden, layout.stride, 'backbone.1.pe')
-    if options.image_size and options.image_size != size:
-        notes.append(f'input size {options.image_size} (--image-size); its position encoding was made for {size}')
-        size = options.image_size
-    norm = options.input_norm or ('none' if cfg.get('orid_norm') else 'imagenet')
-    if options.input_norm is None and 'orid_norm' not in cfg:
-        notes.append('ImageNet input normalisation (--orid_norm off, the parsers\' default; the file does not say: '
-                     '--config or --input-norm none for a model trained with it)')
+    size, norm = _size_and_norm(where, options, cfg, notes, state, 'backbone.1.pe', hidden, layout, '--orid_norm')
     dataset = options.dataset or 'coco'  # q2l_infer.py --dataname coco14 only; cocodataset.py: COCO's category order
     classnames = _classes_of(dataset, where, count, options)
     head_keys = ('transformer.', 'query_embed.', 'fc.', 'input_proj.')
@@ -519,21 +540,9 @@ def _sgre(obj, where: str, options: Options) -> Imported:
             notes.append(f'{name} {value} (SGRE\'s {"README commands" if name == "pos" else "default"}; the file does '
                          'not say: --config config.yaml gives it)')
     setting = {**defaults, **{k: cfg[k] for k in defaults if k in cfg}}
-    size = _grid_size(where, state['position_embedding.pe'], dim, layout.stride, 'position_embedding.pe')
-    if options.image_size and options.image_size != size:
-        notes.append(f'input size {options.image_size} (--image-size); its position encoding was made for {size}')
-        size = options.image_size
-    norm = options.input_norm or ('none' if cfg.get('orid_norm') else 'imagenet')
-    if options.input_norm is None and 'orid_norm' not in cfg:
-        notes.append('ImageNet input normalisation (--orid-norm off, its default; --config or --input-norm none '
-                     'for a model trained with it)')
-    if options.dataset:
-        dataset = options.dataset
-    elif 'data' in cfg:
-        dataset = _one_of(where, 'its --data', cfg['data'], SGRE_DATASETS)
-    else:
-        dataset = _one_of(where, 'a class count of', count, {20: 'voc2007', 80: 'coco', 81: 'nuswide'})
-        notes.append(f'dataset {dataset} from its {count} classes (-d for another)')
+    size, norm = _size_and_norm(where, options, cfg, notes, state, 'position_embedding.pe', dim, layout, '--orid-norm')
+    dataset = _dataset(where, options, notes, ('its --data', cfg.get('data'), SGRE_DATASETS), count,
+                       {20: 'voc2007', 80: 'coco', 81: 'nuswide'})
     # scripts/mscoco.py: coco.cats order; scripts/nuswide.py: Concepts81.txt; scripts/voc2007.py: sorted names
     classnames = _classes_of(dataset, where, count, options)
     extras = {}
@@ -597,13 +606,8 @@ def _ccd(obj, where: str, options: Options) -> Imported:
     _refuse_rest(where, state, {'onebyone_conv.weight', 'onebyone_conv.bias', 'alpha'}
                  | {k for k in state if k.startswith('feature_extractor.')}, "CCD's ImageClassifier")
     notes = []
-    if options.dataset:
-        dataset = options.dataset
-    elif 'dataset' in settings:
-        dataset = _one_of(where, 'its P["dataset"]', settings['dataset'], CCD_DATASETS)
-    else:
-        dataset = _one_of(where, 'a class count of', count, {20: 'pascal', 80: 'coco', 81: 'nuswide'})
-        notes.append(f'dataset {dataset} from its {count} classes (-d for another; VOC 2007 is -d voc2007)')
+    dataset = _dataset(where, options, notes, ('its P["dataset"]', settings.get('dataset'), CCD_DATASETS), count,
+                       {20: 'pascal', 80: 'coco', 81: 'nuswide'})
     # datasets.py reads the formatted_*_labels.npy of Cole et al.'s format scripts, as this project's
     classnames = _classes_of(dataset, where, count, options)
     size = settings.get('train_resize', (448, 448))  # datasets.py tests at train_resize

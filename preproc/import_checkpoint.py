@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
 import sys
 from pathlib import Path
@@ -38,6 +37,7 @@ import seed_checkpoints  # noqa: E402
 from checkpoints import atomic_save, rebuild_classifier  # noqa: E402
 from config import DATASETS, DEFAULT_DIRS, VLPLError, one_line  # noqa: E402
 from preproc._common import run_cli  # noqa: E402
+from preproc.fetch import digests  # noqa: E402
 from seed_checkpoints import CheckpointImportError, Options  # noqa: E402
 
 
@@ -138,14 +138,6 @@ def rebuild(ckpt: dict, where: str):
         raise CheckpointImportError(one_line(e)) from None
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def import_checkpoint(kind: str, source: Path, output: Path, options: Options, overwrite: bool = False) -> list[str]:
     """Read, convert, rebuild and write; the report lines."""
     source, output = Path(source), Path(output)
@@ -157,7 +149,7 @@ def import_checkpoint(kind: str, source: Path, output: Path, options: Options, o
     ckpt = dict(model=imported.state, config=dataclasses.asdict(cfg), argv=imported.argv,
                 classnames=imported.classnames, epoch=imported.epoch, **imported.extras)
     model = rebuild(ckpt, where)
-    provenance = dict(source=kind, file=source.name, sha256=sha256(source), assumed=list(imported.notes))
+    provenance = dict(source=kind, file=source.name, sha256=digests(source)['sha256'], assumed=list(imported.notes))
     extras = {k: v for k, v in imported.extras.items() if k != 'label_embeddings'}  # the head holds those
     entries = records.model_entries(cfg, imported.argv, model, imported.epoch, imported.classnames)
     output.parent.mkdir(parents=True, exist_ok=True)
