@@ -84,6 +84,14 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+# The published weights that `pretrained` loads (the originals' torchvision resnet50(pretrained=True)
+# is IMAGENET1K_V1; IMAGENET1K_V2 moves VOC mAP by about a point, snucml/LargeLossMatters issue 3).
+RESNET50_WEIGHTS = 'IMAGENET1K_V1'
+TIMM_NAMES = {'convnext_xlarge_22k': 'convnext_xlarge.fb_in22k', 'convnext_xlarge_1k': 'convnext_xlarge.fb_in22k_ft_in1k'}
+PRETRAINED_WEIGHTS = {'resnet50': f'torchvision ResNet50_Weights.{RESNET50_WEIGHTS}',
+                      **{name: f'timm {tag}' for name, tag in TIMM_NAMES.items()}}
+
+
 def _resnet50_trunk(pretrained: bool, weights_path: str | None, clip_model) -> tuple[nn.Module, int]:
     import torchvision
 
@@ -104,10 +112,10 @@ def _resnet50_trunk(pretrained: bool, weights_path: str | None, clip_model) -> t
                 f'unexpected keys {unexpected[:3]}); check --backbone-weights')
     elif pretrained:
         try:
-            net = torchvision.models.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+            net = torchvision.models.resnet50(weights=getattr(torchvision.models.ResNet50_Weights, RESNET50_WEIGHTS))
         except Exception as exc:  # no network, proxy, corrupt cache: all end the same way for the user
             raise ModelLoadError(
-                f'downloading the ImageNet weights of resnet50 (torchvision IMAGENET1K_V1) failed '
+                f'downloading the ImageNet weights of resnet50 (torchvision {RESNET50_WEIGHTS}) failed '
                 f'({one_line(exc, with_type=True)}); pass {BACKBONE_FLAGS}') from exc
     else:
         net = torchvision.models.resnet50(weights=None)
@@ -258,10 +266,10 @@ BACKBONES: dict[str, BackboneSpec] = {
         'embedding, a 1 x 1 map; heads that read the map get the ViT patch-token grid (width x g x g)',
         map_features=_clip_token_map, map_shape=_clip_token_shape),
     'convnext_xlarge_22k': BackboneSpec(
-        partial(_timm_trunk, 'convnext_xlarge.fb_in22k'), _timm_features, _timm_pool, _halvings(5, ceil=False),
+        partial(_timm_trunk, TIMM_NAMES['convnext_xlarge_22k']), _timm_features, _timm_pool, _halvings(5, ceil=False),
         False, "timm 'convnext_xlarge.fb_in22k'; map 2048 x S/32 x S/32, pooled with timm's head norm"),
     'convnext_xlarge_1k': BackboneSpec(
-        partial(_timm_trunk, 'convnext_xlarge.fb_in22k_ft_in1k'), _timm_features, _timm_pool,
+        partial(_timm_trunk, TIMM_NAMES['convnext_xlarge_1k']), _timm_features, _timm_pool,
         _halvings(5, ceil=False), False,
         "timm 'convnext_xlarge.fb_in22k_ft_in1k'; map 2048 x S/32 x S/32, pooled with timm's head norm"),
     'small_cnn': BackboneSpec(
