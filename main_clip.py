@@ -175,7 +175,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     recipe = {}
     if a.recipe:  # the recipe's flags first, so that the command line's win
         try:
-            recipe_argv = paper_recipes.as_flags(paper_recipes.find(a.recipe, a.loss, a.dataset))
+            recipe_argv = paper_recipes.as_flags(paper_recipes.find(a.recipe, a.loss, a.dataset,
+                                                                    paper_recipes.long_flags(parser)))
         except VLPLError as e:
             parser.error(one_line(e))
         a = parser.parse_args(recipe_argv + list(sys.argv[1:] if argv is None else argv))

@@ -105,7 +105,7 @@ def _entry(path: Path, where: str, raw, *, not_applied: bool = False) -> Entry:
     return Entry(raw['value'], str(raw['source']).strip(), str(raw.get('why', '')).strip())
 
 
-def _read_part(path: Path, where: str, table: dict, flags: set[str]) -> tuple[dict, dict, Entry | None, dict]:
+def _read_part(path: Path, where: str, table: dict, flags) -> tuple[dict, dict, Entry | None, dict]:
     settings, facts, not_applied, published = {}, {}, {}, None
     for key, raw in table.items():
         here = f'{where}.{key}'
@@ -119,7 +119,7 @@ def _read_part(path: Path, where: str, table: dict, flags: set[str]) -> tuple[di
                 raise RecipeFileError(f'{path}: {here} must be a mAP in percent, got {published.value!r}')
         elif key in FACTS:
             facts[key] = _entry(path, here, raw)
-        elif key in flags:
+        elif flags is None or key in flags:
             settings[key] = _entry(path, here, raw)
         else:
             raise RecipeFileError(f'{path}: {here}: neither a main_clip.py flag (--{key}) nor one of '
@@ -127,17 +127,16 @@ def _read_part(path: Path, where: str, table: dict, flags: set[str]) -> tuple[di
     return settings, facts, published, not_applied
 
 
-@functools.lru_cache(maxsize=None)
-def _main_flags() -> frozenset:
-    import main_clip
-
-    return frozenset(opt[2:] for action in main_clip.build_parser()._actions for opt in action.option_strings
-                     if opt.startswith('--'))
+def long_flags(parser: argparse.ArgumentParser) -> frozenset:
+    """The long flags of a parser without their dashes: the keys a recipe may set."""
+    return frozenset(opt[2:] for action in parser._actions for opt in action.option_strings if opt.startswith('--'))
 
 
-def load_file(path: Path, flags: set[str] | None = None) -> list[Recipe]:
-    """Every (recipe, dataset) of one file; RecipeFileError names the file and key of a bad entry."""
-    flags = _main_flags() if flags is None else flags
+def load_file(path: Path, flags: frozenset | None = None) -> list[Recipe]:
+    """Every (recipe, dataset) of one file; RecipeFileError names the file and key of a bad entry.
+    flags: main_clip.py's long flags (long_flags); a key that is neither one of them nor a fact is
+    refused. None: every key that is not a fact counts as a setting (for readers of published
+    numbers, which need no parser)."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -168,22 +167,22 @@ def load_file(path: Path, flags: set[str] | None = None) -> list[Recipe]:
     return out
 
 
-def load_all(folder: Path = RECIPES_DIR) -> list[Recipe]:
+def load_all(folder: Path = RECIPES_DIR, flags: frozenset | None = None) -> list[Recipe]:
     recipes = []
     for path in sorted(Path(folder).glob('*.toml')):
-        recipes += load_file(path)
+        recipes += load_file(path, flags)
     return recipes
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_all(folder: str) -> tuple:
-    return tuple(load_all(Path(folder)))
+def _cached_all(folder: str, flags: frozenset | None) -> tuple:
+    return tuple(load_all(Path(folder), flags))
 
 
-def find(name: str, method: str, dataset: str, folder: Path = RECIPES_DIR) -> Recipe:
+def find(name: str, method: str, dataset: str, flags: frozenset | None = None, folder: Path = RECIPES_DIR) -> Recipe:
     """The recipe NAME of -l METHOD on DATASET (the method's own file first, then the files for
-    every method); UserError naming what exists otherwise."""
-    every = _cached_all(str(folder))
+    every method); UserError naming what exists otherwise. flags: as load_file."""
+    every = _cached_all(str(folder), flags)
     for wanted in (method, ANY_METHOD):
         for r in every:
             if r.method == wanted and r.name == name and r.dataset == dataset:
@@ -250,7 +249,7 @@ def overrides(parser: argparse.ArgumentParser, recipe_argv: list[str], given: ar
 
 def published_cells(folder: Path = RECIPES_DIR) -> dict[tuple[str, str, str], Entry]:
     """{(method, recipe name, dataset): published Entry} of every recipe that has one."""
-    return {(r.method, r.name, r.dataset): r.published for r in _cached_all(str(folder)) if r.published}
+    return {(r.method, r.name, r.dataset): r.published for r in _cached_all(str(folder), None) if r.published}
 
 
 def close(a, b) -> bool:

@@ -408,8 +408,9 @@ def slurm_executor(args, folder: Path):
 
     executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=args.max_requeues)
     params = {target: getattr(args, name) for name, target in SLURM_FLAGS.items() if getattr(args, name) is not None}
-    if 'mem' in params:
-        params['mem'] = f'{params["mem"]}GB'
+    if 'mem' in params:  # sbatch --mem takes a unit
+        gb = float(params['mem'])
+        params['mem'] = f'{int(gb)}GB' if gb.is_integer() else f'{int(gb * 1024)}MB'
     gpus = params.get('gpus_per_node') or 0
     params['ntasks_per_node'] = max(1, gpus)   # each task one process of the run's group (srun)
     params['additional_parameters'] = {'requeue': True}
@@ -627,8 +628,12 @@ def dry_run(grid: Grid, plans: list) -> int:
     kinds = [a.kind for _, a in plans]
     print(f'{kinds.count("done")} finished, {kinds.count("resume")} to resume, {kinds.count("start")} to start, '
           f'{kinds.count("refuse")} refused')
-    print(f'estimated cost of what is left: {_hours(total)} of one device'
-          + (f' (+ {unknown} runs without a figure)' if unknown else ''))
+    left = sum(a.kind in ('start', 'resume') for _, a in plans)
+    if left and unknown == left:
+        print(f'estimated cost of what is left: unknown (no figure for any of the {left} runs)')
+    else:
+        print(f'estimated cost of what is left: {_hours(total)} of one device'
+              + (f' (+ {unknown} runs without a figure)' if unknown else ''))
     return 0
 
 

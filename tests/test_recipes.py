@@ -14,7 +14,8 @@ import paper_recipes as pr
 import recipe as head_recipe
 from config import REPO_ROOT, Config
 
-RECIPES = pr.load_all()
+FLAGS = pr.long_flags(main_clip.build_parser())
+RECIPES = pr.load_all(flags=FLAGS)
 DATASETS4 = ('pascal', 'coco', 'nuswide', 'cub')
 # A source is a line of an original (owner/name@commit path:line), an issue thread of one, or says
 # plainly that no original publishes the value and which value this project chose.
@@ -143,7 +144,7 @@ def test_a_bad_recipe_file_is_named_with_its_key(tmp_path, text, message):
     path = tmp_path / 'bad.toml'
     path.write_text(text)
     with pytest.raises(pr.RecipeFileError, match=re.escape(message)) as info:
-        pr.load_file(path)
+        pr.load_file(path, FLAGS)
     assert str(path) in str(info.value)
 
 
