@@ -760,11 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.paper is not None:
-        return paper_main(args)
-    if not args.runs:
+    if not args.runs and args.paper is None:
         parser.error('give RUN_DIR folders, or --paper SWEEP_DIR')
     try:
+        if args.paper is not None:
+            written = write_paper(Path(args.paper), Path(args.out), args.tolerance)
+            print(f'{Path(args.paper)} -> {written[0]} ({len(written)} files)')
+            return 0
         runs = []
         for folder in find_run_folders(args.runs):
             try:
@@ -785,19 +787,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: cannot write to {args.out} ({e.strerror or e}); choose another --out', file=sys.stderr)
         return 2
     print(f'{len(runs)} runs -> {Path(args.out) / "report.md"} ({len(written)} files)')
-    return 0
-
-
-def paper_main(args) -> int:
-    try:
-        written = write_paper(Path(args.paper), Path(args.out), args.tolerance)
-    except ReportError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f'error: cannot write to {args.out} ({e.strerror or e}); choose another --out', file=sys.stderr)
-        return 2
-    print(f'{Path(args.paper)} -> {written[0]} ({len(written)} files)')
     return 0
 
 
