@@ -677,7 +677,7 @@ def plot_paper(cells: list[PaperCell], path: Path, tolerance: float) -> None:
     datasets = list(dict.fromkeys(c.dataset for c in cells))
     rows = list(dict.fromkeys(c.cell for c in cells))
     by_key = {(c.cell, c.dataset): c for c in cells}
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 1.4 + 0.55 * len(rows)),
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(6.5, 4.6 * len(datasets)), 1.6 + 0.55 * len(rows)),
                              constrained_layout=True, squeeze=False)
     for ax, d in zip(axes[0], datasets):
         for y, row in enumerate(rows):
@@ -697,8 +697,8 @@ def plot_paper(cells: list[PaperCell], path: Path, tolerance: float) -> None:
         ax.set_yticks(range(len(rows)), rows if ax is axes[0][0] else [''] * len(rows))
         ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set(title=d, xlabel='test mAP (%)')
-    axes[0][0].legend(loc='lower left', fontsize=8)
-    fig.suptitle(f'test mAP beside the published numbers (red: more than {tolerance:g} points apart)', fontsize=12)
+    axes[0][0].legend(loc='upper left', bbox_to_anchor=(0.0, -0.22), ncol=2, fontsize=8)
+    fig.suptitle(f'test mAP beside the published numbers\n(red: more than {tolerance:g} points apart)', fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -225,6 +225,27 @@ def test_cost_from_bench_figures(tmp_path):
     assert sweep.load_figures()[0]['model'] == 'resnet50'  # bench/figures.json is readable
 
 
+def test_local_executor_runs_one_group_of_gpus_per_run_at_once(tmp_path, monkeypatch):
+    """Four visible GPUs, two per run: two runs at a time, each a torchrun group on its own pair
+    (a stand-in for python records what it was given and how long it ran)."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\necho "GPUS=$CUDA_VISIBLE_DEVICES START=$(date +%s.%N) ARGS=$*"\nsleep 1\n'
+                    'echo "END=$(date +%s.%N)"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sweep, 'visible_gpus', lambda: ['0', '1', '2', '3'])
+    specs = [sweep.RunSpec(f'r{i}', 'an', None, 'pascal', i, ('-d', 'pascal', '-s', str(i)), str(tmp_path / f'r{i}'))
+             for i in range(3)]
+    outcomes = sweep.execute_local([(s, sweep.Action('start')) for s in specs], tmp_path, gpus_per_run=2,
+                                   python=str(fake), say=lambda line: None)
+    assert [o.kind for o in outcomes] == ['started'] * 3
+    logs = {s.name: (tmp_path / 'logs' / f'{s.name}.log').read_text() for s in specs}
+    assert 'GPUS=0,1 ' in logs['r0'] and 'GPUS=2,3 ' in logs['r1'] and 'GPUS=0,1 ' in logs['r2']
+    assert '-m torch.distributed.run --standalone --nproc_per_node=2 ' + str(REPO_ROOT / 'main_clip.py') in logs['r0']
+    times = {n: (float(log.split('START=')[1].split()[0]), float(log.split('END=')[1].split()[0])) for n, log in logs.items()}
+    assert times['r1'][0] < times['r0'][1]       # r0 and r1 ran together
+    assert times['r2'][0] >= times['r0'][1] - 0.05 or times['r2'][0] >= times['r1'][1] - 0.05  # r2 waited for a pair
+
+
 @pytest.mark.slow
 def test_local_sweep_sigkill_then_rerun(grid, tmp_path):
     """The local executor as a user runs it: sweep.py in its own process, SIGKILL in the middle of
