@@ -254,7 +254,7 @@ def provenance(cfg: Config, device, *, uses_clip: bool, git: Optional[dict] = No
     else:
         backbone = {'name': 'random initialisation (the run\'s torch seed)'}
     clip = None
-    if uses_clip or cfg.model == 'clip_vision' or cfg.head == 'sgre':
+    if uses_clip or cfg.model == 'clip_vision' or heads_run.needs_clip(cfg):
         if Path(str(cfg.clip_pretrained)).is_file():
             clip = _weights(f'{cfg.clip_model} / local file', cfg.clip_pretrained, cache)
         else:
@@ -293,7 +293,7 @@ class RunStatus:
         return self.state == 'finished'
 
 
-def _json_or_none(path: Path):
+def json_or_none(path: Path):
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -309,8 +309,8 @@ def run_status(folder) -> RunStatus:
     folder = Path(folder)
     if not folder.is_dir():
         return RunStatus('missing', why=f'{folder}: no such run folder')
-    config = _json_or_none(folder / 'config.json')
-    log = _json_or_none(folder / 'log.json')
+    config = json_or_none(folder / 'config.json')
+    log = json_or_none(folder / 'log.json')
     if config is None:
         return RunStatus('empty', why=f'{folder}: no readable config.json')
     epochs = config.get('epochs')

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import RESUMABLE_CHANGES
+from config import RESUMABLE_CHANGES, VLPLError
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -585,7 +585,7 @@ def paper_cells(sweep_dir: Path) -> list[PaperCell]:
             try:
                 r = paper_recipes.find(recipe or 'original', run['method'], run['dataset'])
                 cells[key].published, cells[key].title, cells[key].not_applied = r.published, r.title, r.not_applied
-            except Exception:  # no recipe for this cell: no published number to compare with
+            except VLPLError:  # no recipe for this cell: no published number to compare with
                 pass
         cell = cells[key]
         seed = run['seed']

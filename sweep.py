@@ -216,7 +216,7 @@ def plan(spec: RunSpec) -> Action:
     status = records.run_status(folder)
     if status.state == 'missing':
         return Action('start', epochs=cfg.epochs)
-    saved = records._json_or_none(folder / 'config.json')
+    saved = records.json_or_none(folder / 'config.json')
     if saved is not None:
         diffs = config_differences({k: _tuples(v) for k, v in saved.items() if k != 'record'}, cfg)
         if diffs:
@@ -336,8 +336,13 @@ def execute_local(work: list, sweep_dir: Path, *, gpus_per_run: int = 1, python:
             handle.flush()
             say(f'{"resume" if action.kind == "resume" else "start"} {spec.name}'
                 + (f' on GPU {",".join(slots[slot])}' if slots[slot] else '') + f' (log: {log_path})')
-            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
-                                       preexec_fn=_die_with_parent if sys.platform.startswith('linux') else None)
+            try:
+                process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                           preexec_fn=_die_with_parent if sys.platform.startswith('linux') else None)
+            except OSError as e:  # the interpreter or torchrun cannot be started
+                handle.close()
+                outcomes.append(Outcome(spec, 'failed', f'cannot start {command[0]}: {e.strerror or e}'))
+                continue
             running[slot] = (spec, action, process, handle, log_path, start)
         time.sleep(0.2)
         for slot, (spec, action, process, handle, log_path, start) in list(running.items()):
@@ -467,7 +472,7 @@ def load_figures(path: Path = FIGURES) -> list[dict]:
         return []
 
 
-def epoch_seconds(spec: RunSpec, cfg, sweep_dir: Path, figures: list[dict]) -> tuple[Optional[float], str]:
+def epoch_seconds(cfg, sweep_dir: Path, figures: list[dict]) -> tuple[Optional[float], str]:
     """Seconds per epoch of a run and where the figure comes from: the measured epochs of runs of
     this sweep with the same dataset, method, backbone, input size and batch (config.json's
     record), else the bench figures (seconds per image of a backbone at a size, bench/figures.json)
@@ -610,7 +615,7 @@ def dry_run(grid: Grid, plans: list) -> int:
         line = f'  {action.kind:7s} {spec.name}'
         if action.kind in ('start', 'resume'):
             cfg, _ = _parse(spec.argv)
-            seconds, where = epoch_seconds(spec, cfg, grid.results_dir, figures)
+            seconds, where = epoch_seconds(cfg, grid.results_dir, figures)
             left = (cfg.epochs - action.epochs_done)
             if seconds is None:
                 unknown += 1

@@ -220,7 +220,7 @@ def test_cost_from_bench_figures(tmp_path):
     cfg, _ = sweep._parse(['-d', 'coco', '-l', 'an', '--data-root', str(tmp_path / 'data'), '--device', 'cpu'])
     figures = [{'device': 'cpu', 'model': 'resnet50', 'image_size': 448, 'train_s_per_image': 2.0,
                 'eval_s_per_image': 0.5, 'command': 'python bench/bench_speed.py'}]
-    seconds, where = sweep.epoch_seconds(None, cfg, tmp_path / 'runs', figures)
+    seconds, where = sweep.epoch_seconds(cfg, tmp_path / 'runs', figures)
     assert seconds == 80 * 2.0 + (20 + 30) * 0.5 and 'bench/bench_speed.py' in where
     assert sweep.load_figures()[0]['model'] == 'resnet50'  # bench/figures.json is readable
 
