@@ -72,7 +72,8 @@ def evaluate_phases(cfg: Config, epoch: int, learner: Learner, data: Data, devic
         if phase == 'val' and ema is not None:
             ema_preds = predict(cfg, ema.module, data.loaders[phase], len(data.sets[phase]), data.num_classes,
                                 device, f'epoch {epoch} {phase} (EMA)')
-            if heads_run.ema_wins(phase_preds[phase], ema_preds, data.splits[phase].labels_true, epoch):
+            if heads_run.ema_wins(phase_preds[phase], ema_preds, data.splits[phase].labels_true, epoch,
+                                  data.splits[phase].counted()):
                 evaluated, phase_preds[phase] = ema.module, ema_preds
         times[phase] = time.perf_counter() - t0
     return phase_preds, evaluated
@@ -90,7 +91,7 @@ def log_epoch(cfg: Config, epoch: int, learner: Learner, data: Data, pl_source, 
             log.info(f'{phase}: skipped {int((~seen).sum())} unreadable images (--skip-bad-images); '
                      'metrics cover the rest')
         s = logger.log_phase(epoch, phase, phase_preds[phase][seen], split.labels_true[seen], observed[seen],
-                             train_loss if phase == 'train' else None)
+                             train_loss if phase == 'train' else None, mask=split.counted(seen))
         extra = ''
         if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
             precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)

@@ -93,12 +93,14 @@ class TrainLogger:
             raise ValueError(f'epoch {epoch} outside 1..{self.num_epochs}')
         return int(epoch) - 1
 
-    def log_phase(self, epoch: int, phase: str, preds, labels_true, labels_obs, loss: float | None) -> dict:
+    def log_phase(self, epoch: int, phase: str, preds, labels_true, labels_obs, loss: float | None,
+                  mask=None) -> dict:
         """Record one finished phase; returns its summary.
 
         preds: (N, K) predictions in [0, 1]; labels_true: (N, K) clean 0/1 labels; labels_obs:
         (N, K) observed labels in {-1, 0, 1} (or soft negatives); loss: average loss of the
-        phase, or None if not computed (stored as missing). Logging a phase again for the
+        phase, or None if not computed (stored as missing); mask: (N, K) bool, the entries the
+        metrics count (None: all; `metrics.compute_metrics`). Logging a phase again for the
         same epoch replaces the earlier record (e.g. after resuming mid-epoch).
 
         Summary: {'epoch', 'phase', 'loss', 'mean_pos', 'preds_k_hat', 'clean': {metric: value},
@@ -107,8 +109,8 @@ class TrainLogger:
         """
         row = self._check_epoch_phase(epoch, phase)
         preds, labels_true, labels_obs = self._checked_arrays(phase, preds, labels_true, labels_obs)
-        metrics = {'clean': compute_metrics(preds, labels_true),
-                   'observed': compute_metrics(preds, labels_obs == 1)}
+        metrics = {'clean': compute_metrics(preds, labels_true, mask),
+                   'observed': compute_metrics(preds, labels_obs == 1, mask)}
         self._store_phase(phase, row, preds, metrics, loss)
         self._logged[phase][row] = True
         return self.summary(epoch, phase)

@@ -70,9 +70,11 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
     """
     cfg = ckpt['config']
     name = cfg.get('model')
-    if name not in models.BACKBONES:
+    try:
+        models.backbone(name)
+    except ValueError:
         raise PredictError(f'the checkpoint names backbone {name!r}, which this code does not know '
-                           f'(known: {", ".join(sorted(models.BACKBONES))})')
+                           f'(known: {", ".join(sorted(models.BACKBONES))}, timm:NAME)') from None
     classnames = ckpt.get('classnames')
     if classnames is None:
         try:
@@ -86,7 +88,8 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
     if name == 'clip_vision':
         clip_model, _ = clip_loading.load_clip(cfg['clip_model'], None)
     extra = {'head': cfg['head']} if 'head' in cfg else {}
-    model = models.build_classifier(name, len(classnames), pretrained=False, clip_model=clip_model, **extra)
+    model = models.build_classifier(name, len(classnames), pretrained=False, clip_model=clip_model,
+                                    image_size=int(cfg['image_size']), **extra)
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:

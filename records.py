@@ -48,7 +48,8 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
         for phase in ('val', 'test'):
             preds, labels = phase_preds[phase], splits[phase].labels_true
             seen = ~np.isnan(preds[:, 0])  # rows of skipped images are NaN
-            per_class[phase] = (100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)).tolist()
+            per_class[phase] = (100.0 * average_precision_per_class(preds[seen], labels[seen] == 1,
+                                                                    splits[phase].counted(seen))).tolist()
             if phase == 'val':
                 thresholds = choose_thresholds(preds[seen], labels[seen]).tolist()
         save_json(run_dir / 'per_class_ap.json', per_class)
@@ -67,7 +68,7 @@ def run_record(cfg: Config, device, method_class) -> dict:
     provenance of the run's inputs (`provenance`; computed on the primary process only)."""
     used = set(losses.loss_hparams(cfg.loss)) if cfg.loss in losses.LOSSES else set()
     unused = sorted({'alpha', 'beta', 'beta_pos', 'beta_neg', 'warmup_epoch'} - used)
-    if not method_class.needs_pseudo_labels:
+    if not method_class.uses_pseudo_labels(cfg):
         unused += ['temp', 'threshold', 'partial', 'clip_mode', 'text_features']
         if cfg.model != 'clip_vision':
             unused += ['clip_model', 'clip_pretrained']
@@ -190,10 +191,10 @@ def published_weights_file(kind: str, name: str, tag: Optional[str] = None) -> O
             weights = getattr(torchvision.models.ResNet50_Weights, models.RESNET50_WEIGHTS)
             path = Path(torch.hub.get_dir()) / 'checkpoints' / Path(weights.url).name
             return str(path) if path.is_file() else None
-        if kind == 'backbone' and name in models.TIMM_NAMES:
+        if kind == 'backbone' and models.timm_name(name):
             import timm
 
-            hub = timm.models.get_pretrained_cfg(models.TIMM_NAMES[name]).hf_hub_id
+            hub = timm.models.get_pretrained_cfg(models.timm_name(name)).hf_hub_id
             return _hf_cached(hub, ('model.safetensors', 'pytorch_model.bin')) if hub else None
         if kind == 'clip':
             import open_clip
@@ -221,12 +222,16 @@ def _weights(name: str, path: Optional[str], cache_dir) -> dict:
 
 
 def data_files(cfg: Config) -> list[Path]:
-    """The formatted image lists, labels and observed labels a run of cfg reads."""
+    """The formatted image lists, labels, observed labels and ignore masks a run of cfg reads
+    (datasets.load_splits: --observed full reads no observed-label file; a mask only where the
+    dataset has one)."""
     import datasets
 
     folder = Path(cfg.data_root) / cfg.dataset
     names = [f'formatted_{phase}_{kind}.npy' for phase in ('train', 'val') for kind in ('images', 'labels')]
-    names.append(datasets.observed_file_name(cfg.observed))
+    if cfg.observed != datasets.FULL_OBSERVED:
+        names.append(datasets.observed_file_name(cfg.observed))
+    names += [name for name in ('formatted_train_ignore.npy', 'formatted_val_ignore.npy') if (folder / name).is_file()]
     return [folder / name for name in names]
 
 
@@ -249,8 +254,8 @@ def provenance(cfg: Config, device, *, uses_clip: bool, git: Optional[dict] = No
         backbone = _weights('--init-from', cfg.init_from, cache)
     elif cfg.model == 'clip_vision':
         backbone = {'name': f'the CLIP image tower ({cfg.clip_model} / {cfg.clip_pretrained})'}
-    elif cfg.pretrained and cfg.model in models.PRETRAINED_WEIGHTS:
-        backbone = _weights(models.PRETRAINED_WEIGHTS[cfg.model], published_weights_file('backbone', cfg.model), cache)
+    elif cfg.pretrained and models.pretrained_weights(cfg.model):
+        backbone = _weights(models.pretrained_weights(cfg.model), published_weights_file('backbone', cfg.model), cache)
     else:
         backbone = {'name': 'random initialisation (the run\'s torch seed)'}
     clip = None

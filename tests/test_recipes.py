@@ -85,7 +85,7 @@ def test_partial_label_and_head_recipes_of_the_seed_systems():
     assert csl == {('rps0.5', 'coco'), ('fpc1000', 'coco')}
     assert pr.find('rps0.5', 'CSL', 'coco').published.value == 85.21
     for name in ('q2l', 'sgre'):
-        for dataset in DATASETS4:
+        for dataset in DATASETS4 + ('voc2007',):
             r = pr.find(name, 'EM_PL', dataset)  # the heads' recipes hold for every method
             assert r.method == pr.ANY_METHOD and r.settings['head'].value == name
     assert pr.find('sgre', 'an', 'coco').settings['lamda'].value == 0.4
@@ -176,11 +176,11 @@ CLAIMS = {
     **{(s, 'boostlu'): (['--boostlu'], {}) for s in ('LL-R', 'LL-Ct', 'LL-Cp')},  # PEER_DEFAULTS['boostlu']
     ('GR', 'original'): ([], {}),                             # PEER_DEFAULTS['GR']
     ('AEVLP', 'original'): ([], {}),                          # PEER_DEFAULTS['AEVLP']
-    # CSL's loss settings are methods_partial's defaults; its training recipe is the recipe's alone.
+    # CSL's loss settings are methods_partial's defaults; its training recipe (and TResNet-M) the recipe's alone.
     ('CSL', 'rps0.5'): (['--observed', 'rps0.5'], {'*': {'lr', 'epochs', 'batch-size', 'image-size', 'optimizer',
-                                                         'weight-decay', 'schedule', 'ema-decay'}}),
+                                                         'weight-decay', 'schedule', 'ema-decay', 'model'}}),
     ('CSL', 'fpc1000'): (['--observed', 'fpc1000'], {'*': {'lr', 'epochs', 'batch-size', 'image-size', 'optimizer',
-                                                           'weight-decay', 'schedule', 'ema-decay'}}),
+                                                           'weight-decay', 'schedule', 'ema-decay', 'model'}}),
 }
 # an and EM have no claim: without --recipe they train with VLPL's rows (batch 8 everywhere), while
 # AckTheUnknown trained coco and nuswide with batch 16 (recipes/an.toml, EM.toml).
@@ -209,7 +209,7 @@ def test_in_code_defaults_equal_the_recipe(claim):
 def test_head_recipes_equal_the_heads_defaults():
     fields = {f.name: f.default for f in Config.__dataclass_fields__.values()}
     for name in ('q2l', 'sgre'):
-        for dataset in DATASETS4:
+        for dataset in DATASETS4 + ('voc2007',):
             r = pr.find(name, 'EM_PL', dataset)
             table = head_recipe.RECIPES[name]
             for key in ('optimizer', 'lr', 'weight_decay', 'schedule', 'epochs', 'batch_size', 'image_size'):
