@@ -286,8 +286,10 @@ def provenance(cfg: Config, device, *, uses_clip: bool, git: Optional[dict] = No
 @dataclass(frozen=True)
 class RunStatus:
     """state: 'finished' (every planned epoch logged, the closing lines' values present),
-    'interrupted' (some epochs logged), 'empty' (a folder without a complete epoch) or 'missing';
-    epochs_done / epochs: logged and planned epochs; why: one line for anything but finished."""
+    'interrupted' (stopped or still running: fewer epochs logged than planned), 'no finite mAP'
+    (every epoch logged but no best val / test mAP), 'empty' (a folder without a complete epoch)
+    or 'missing'; epochs_done / epochs: logged and planned epochs; why: one line for anything but
+    finished."""
     state: str
     epochs_done: int = 0
     epochs: Optional[int] = None
@@ -306,31 +308,39 @@ def json_or_none(path: Path):
     return data if isinstance(data, dict) else None
 
 
-def run_status(folder) -> RunStatus:
-    """What a run folder holds. A run is finished when config.json and log.json are readable,
-    log.json covers the planned epochs (config.json's `epochs`), every phase of every one of them
-    is logged, and the best epoch with its val and test mAP (the original's closing lines) is
-    there. The one definition of "finished" for sweep.py (skip it) and report.py (count it)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return RunStatus('missing', why=f'{folder}: no such run folder')
-    config = json_or_none(folder / 'config.json')
-    log = json_or_none(folder / 'log.json')
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def status_of(config: Optional[dict], log: Optional[dict], where: str = 'the run') -> RunStatus:
+    """What a run's config.json and log.json (as dicts, None when unreadable) say about it. A run
+    is finished when log.json covers the planned epochs (config.json's `epochs`, as log.json's
+    `num_epochs`), every phase of every one of them is logged, and the best epoch with its finite
+    val and test mAP (the original's closing lines) is there. The one definition of "finished"
+    for sweep.py (skip it) and report.py (count it)."""
     if config is None:
-        return RunStatus('empty', why=f'{folder}: no readable config.json')
+        return RunStatus('empty', why=f'{where}: no readable config.json')
     epochs = config.get('epochs')
     if log is None:
-        return RunStatus('empty', 0, epochs, f'{folder}: no complete epoch (no log.json)')
+        return RunStatus('empty', 0, epochs, f'{where}: no complete epoch (no log.json)')
     logged = log.get('logged', {})
     phases = [list(logged.get(phase, [])) for phase in ('train', 'val', 'test')]
     done = 0
     while all(done < len(p) and p[done] for p in phases):
         done += 1
     if not isinstance(epochs, int) or log.get('num_epochs') != epochs or done < epochs:
-        return RunStatus('interrupted', done, epochs, f'{folder}: {done} of {epochs} epochs logged')
-    if log.get('best_epoch') is None or log.get('best_val_map') is None or log.get('best_test_map') is None:
-        return RunStatus('interrupted', done, epochs, f'{folder}: log.json lacks the best epoch')
+        return RunStatus('interrupted', done, epochs, f'{where}: {done} of {epochs} epochs logged')
+    if log.get('best_epoch') is None or not all(_finite(log.get(k)) for k in ('best_val_map', 'best_test_map')):
+        return RunStatus('no finite mAP', done, epochs, f'{where}: log.json has no finite best val and test mAP')
     return RunStatus('finished', done, epochs)
+
+
+def run_status(folder) -> RunStatus:
+    """status_of the run folder's config.json and log.json ('missing' for no folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return RunStatus('missing', why=f'{folder}: no such run folder')
+    return status_of(json_or_none(folder / 'config.json'), json_or_none(folder / 'log.json'), str(folder))
 
 
 def open_tensorboard(cfg: Config, run_dir: Path):

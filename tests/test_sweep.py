@@ -427,10 +427,12 @@ def test_run_status(tmp_path):
            'best_val_map': 50.0, 'best_test_map': 40.0}
     (folder / 'log.json').write_text(json.dumps(log))
     assert records.run_status(folder) == records.RunStatus('interrupted', 1, 2, f'{folder}: 1 of 2 epochs logged')
-    log['logged']['test'] = [True, True]
     log['logged'] = {p: [True, True] for p in ('train', 'val', 'test')}
+    (folder / 'log.json').write_text(json.dumps(log | {'best_test_map': None}))
+    assert records.run_status(folder).state == 'no finite mAP'
     (folder / 'log.json').write_text(json.dumps(log))
     assert records.run_status(folder).finished
+    assert records.status_of(json.loads((folder / 'config.json').read_text()), log).finished  # report.py's Run holds both
     (folder / 'config.json').write_text(json.dumps({'epochs': 3}))  # resumed for more epochs, not yet done
     assert records.run_status(folder).state == 'interrupted'
 
