@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+import label_tables
 from config import DATASETS, DatasetInfo, VLPLError  # DATASETS: each dataset's facts in one row
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,6 +38,9 @@ class DataError(VLPLError):
 
 @dataclass
 class Split:
+    """labels_true and labels_obs are float32 numpy arrays, or, for a dataset of real partial
+    annotations (DatasetInfo.annotated), one and the same label_tables.Annotations table (int8
+    states read lazily; the observed labels are the annotations)."""
     images: np.ndarray  # (N,) str, relative to the image folder
     labels_true: np.ndarray  # (N, K) float32 in {0, 1}
     labels_obs: np.ndarray  # (N, K) float32 in {-1, 0, 1}
@@ -64,18 +68,29 @@ def image_root(data_root: str | Path, dataset: str) -> Path:
 
 
 def split_indices(num_rows: int, val_fraction: float = VAL_FRACTION,
-                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int = SPLIT_SEED, max_val: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut the official train split into (train, val) row indices, both sorted (docs/original-vlpl.md section 4).
 
     ``n_val = int(np.round(val_fraction * num_rows))``; ``perm = RandomState(seed).permutation(num_rows)``;
     train = ``sort(perm[:num_rows - n_val])``, val = ``sort(perm[num_rows - n_val:])``.
     The original takes ``perm[-n_val:]``, which is the whole permutation when n_val is 0; here val is
-    then empty (identical for every n_val > 0).
+    then empty (identical for every n_val > 0). max_val: n_val is at most this (DatasetInfo.max_val_images).
     """
     n_val = int(np.round(val_fraction * num_rows))
+    if max_val is not None:
+        n_val = min(n_val, max_val)
     n_train = num_rows - n_val
     perm = np.random.RandomState(seed).permutation(num_rows)
     return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+def metric_rows(num_rows: int, limit: int | None, seed: int = SPLIT_SEED) -> np.ndarray | None:
+    """The sorted rows of a train split whose predictions the train phase keeps for its metrics line
+    (DatasetInfo.train_metric_rows): `limit` rows drawn by RandomState(seed), or None (every row) when
+    there is no limit or the split is not larger."""
+    if limit is None or num_rows <= limit:
+        return None
+    return np.sort(np.random.RandomState(seed).permutation(num_rows)[:limit])
 
 
 DEMO_HINT = "run `python main_clip.py -d demo` (it creates the demo data)"
@@ -226,6 +241,8 @@ def load_splits(data_root: str | Path, dataset: str, *,
     folder = Path(data_root) / dataset
     if not folder.is_dir():
         raise DataError(f"{folder} not found: {formatting_hint(dataset)}")
+    if spec.annotated:
+        return _load_annotated_splits(folder, dataset, spec.num_classes, spec.max_val_images)
     full = observed == FULL_OBSERVED
     images, labels, train_observed = _load_phase(folder, dataset, "train", spec.num_classes,
                                                  with_observed=not (clean_train_labels or full),
@@ -253,6 +270,42 @@ def load_splits(data_root: str | Path, dataset: str, *,
         "val": Split(images[val_idx], labels[val_idx], labels[val_idx], rows(ignore, val_idx)),
         "test": Split(test_images, test_labels, test_labels.copy(), test_ignore),
     }
+
+
+def _load_annotated_splits(folder: Path, dataset: str, num_classes: int | None,
+                           max_val: int | None) -> dict[str, Split]:
+    """load_splits of a dataset of real partial annotations: formatted_{train,val}_labels.npy are
+    int8 annotation states (annotations.py), memory-mapped and read lazily; the train/val cut is a
+    row selection of the train table, and each split's observed labels are its annotations."""
+    hint = formatting_hint(dataset)
+    tables = {}
+    for phase in ("train", "val"):
+        images_path = folder / f"formatted_{phase}_images.npy"
+        images = load_array(images_path, hint)
+        if images.ndim != 1 or images.dtype.kind != "U":
+            raise DataError(f"{images_path} must be a 1-D array of strings, got {images.dtype} {images.shape}")
+        labels_path = folder / f"formatted_{phase}_labels.npy"
+        if not labels_path.is_file():
+            raise DataError(f"{labels_path} not found: {hint}")
+        try:
+            labels = label_tables.load(labels_path, len(images), num_classes)
+        except label_tables.AnnotationError as err:
+            raise DataError(f"{err}: {hint}") from None
+        if num_classes is None:
+            num_classes = labels.shape[1]  # the val file must then have as many
+        tables[phase] = images, labels
+    images, labels = tables["train"]
+    train_idx, val_idx = split_indices(len(images), max_val=max_val)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
+                        f"to cut a train and a val split: {hint}")
+    splits = {}
+    for phase, rows in (("train", train_idx), ("val", val_idx)):
+        table = labels.take(rows)
+        splits[phase] = Split(images[rows], table, table)
+    test_images, test_labels = tables["val"]
+    splits["test"] = Split(test_images, test_labels, test_labels)
+    return splits
 
 
 def image_tensor(img: Image.Image, image_size: int, *, flipped: bool = False) -> torch.Tensor:

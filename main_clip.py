@@ -29,6 +29,7 @@ import clip_loading
 import datasets
 import distributed
 import heads_run
+import label_tables
 import methods
 import methods_partial  # registers -l ASL and -l CSL
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
@@ -280,8 +281,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     clip_model, tokenizer = load_frozen_clip(cfg, method_class, device)
     pl_source = pseudo_label_source(cfg, method_class, clip_model, tokenizer, data, device)
     learner = build_model_and_optimiser(cfg, clip_model, tokenizer, data, resume, init_state, device)
-    train_true = torch.as_tensor(splits['train'].labels_true, device=device)
-    classnames = class_text_features.read_classnames(cfg.dataset)
+    train_true = label_tables.on_device(splits['train'].labels_true, device, copy=False)  # rows per batch
+    classnames = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
     start_epoch = restore(learner, resume, pl_source, data.sampler)
     add_ema(cfg, learner, resume, run_dir)
     record, tensorboard = start_records(cfg, device, method_class, folder, pl_source)

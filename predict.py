@@ -78,7 +78,7 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
     classnames = ckpt.get('classnames')
     if classnames is None:
         try:
-            classnames = class_text_features.read_classnames(cfg.get('dataset', ''))
+            classnames = class_text_features.read_classnames(cfg.get('dataset', ''), data_root=cfg.get('data_root'))
         except ModelLoadError:
             raise PredictError('the checkpoint holds no class names and its dataset '
                                f'{cfg.get("dataset")!r} has no text_features/<dataset>_classnames.txt') from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import ccd
@@ -64,9 +65,9 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
         preprocess=cfg.clip_preprocess)
     emb = cached_embeddings(labeler, train_eval_loader, key, Path(cfg.cache_dir), device=device,
                             amp=cfg.amp).to(device)  # (N, 2, D): unflipped, flipped
-    classnames = read_classnames(cfg.dataset)
+    classnames = read_classnames(cfg.dataset, data_root=cfg.data_root)
     report = {'options': pseudo_label_options(cfg), 'classnames': classnames, 'stages': []}
-    true = train_split.labels_true
+    true = np.asarray(train_split.labels_true)  # an Annotations table: its states, dense (small data)
     if not (cfg.pl_debias or cfg.pl_views == 'cam'):
         plain = labeler.from_embeddings(emb[:, 0]).cpu().numpy()
         report['stages'].append(pl_options.class_quality(plain, true, classnames) | {'when': 'global', 'epoch': 0})

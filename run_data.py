@@ -11,6 +11,7 @@ import torch
 import class_text_features
 import datasets
 import distributed
+import label_tables
 import methods
 import packs
 from checkpoints import ensure_writable
@@ -28,6 +29,9 @@ class Data:
     sampler: datasets.FlipSampler
     loaders: dict
     train_eval_loader: torch.utils.data.DataLoader
+    # The train rows whose predictions the train phase keeps for its metrics (datasets.metric_rows,
+    # DatasetInfo.train_metric_rows); None: every row.
+    metric_rows: object = None
 
     @property
     def num_classes(self) -> int:
@@ -100,6 +104,12 @@ def load_data(cfg: Config) -> tuple[dict, Path]:
     splits = prepare_data(cfg)
     num_classes = splits['train'].labels_obs.shape[1]
     for phase, split in splits.items():
+        if isinstance(split.labels_true, label_tables.Annotations):  # partial annotations, read in blocks
+            counts = label_tables.summary(split.labels_true)
+            log.info(f'{phase:>5}: {len(split.images):6d} images, {num_classes} classes, {counts["positives"]:.2f} '
+                     f'annotated positives and {counts["negatives"]:.2f} annotated negatives / image; '
+                     f'{counts["evaluable"]} classes with both (the mAP skips the others)')
+            continue
         negatives = ''
         if phase == 'train' and cfg.observed is not None:
             negatives = f'{(split.labels_obs == -1).sum(1).mean():.2f} observed negatives / image ({cfg.observed}), '
@@ -121,4 +131,5 @@ def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -
     for phase in ('val', 'test'):
         loaders[phase] = make_loader(sets[phase], batch_size=cfg.batch_size, cfg=cfg, device=device)
     train_eval_loader = make_loader(train_eval_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
-    return Data(splits, sets, train_eval_set, sampler, loaders, train_eval_loader)
+    return Data(splits, sets, train_eval_set, sampler, loaders, train_eval_loader,
+                datasets.metric_rows(len(splits['train']), cfg.data.train_metric_rows))

@@ -185,7 +185,7 @@ def _load_labels(dataset: str, folder: Path, phase: str, num_classes: int) -> np
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="generate_observed_labels.py",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS),
+    parser.add_argument("--dataset", required=True, choices=sorted(n for n, d in DATASETS.items() if not d.annotated),
                         help="dataset folder under --data-root (required; no default)")
     parser.add_argument("--scheme", choices=SCHEMES, default="single",
                         help="single: --num-pos positives and --num-neg negatives per image, train and "
