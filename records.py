@@ -225,16 +225,16 @@ def _weights(name: str, path: Optional[str], cache_dir) -> dict:
 
 def data_files(cfg: Config) -> list[Path]:
     """The formatted image lists, labels, observed labels and ignore masks a run of cfg reads
-    (datasets.load_splits: --observed full reads no observed-label file; a mask only where the
-    dataset has one)."""
+    (datasets.load_splits: --observed full reads no observed-label file, nor does a dataset of real
+    partial annotations such as openimages; a mask only where the dataset has one)."""
     import datasets
 
     folder = Path(cfg.data_root) / cfg.dataset
     names = [f'formatted_{phase}_{kind}.npy' for phase in ('train', 'val') for kind in ('images', 'labels')]
+    optional = ['formatted_train_ignore.npy', 'formatted_val_ignore.npy']
     if cfg.observed != datasets.FULL_OBSERVED:
-        names.append(datasets.observed_file_name(cfg.observed))
-    names += [name for name in ('formatted_train_ignore.npy', 'formatted_val_ignore.npy') if (folder / name).is_file()]
-    return [folder / name for name in names]
+        optional.insert(0, datasets.observed_file_name(cfg.observed))
+    return [folder / name for name in names] + [folder / name for name in optional if (folder / name).is_file()]
 
 
 # Config fields that name an input file, besides weights and data.
