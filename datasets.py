@@ -14,7 +14,7 @@ Without the file every entry counts.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+import fingerprint
 import label_tables
 from config import DATASETS, DatasetInfo, VLPLError  # DATASETS: each dataset's facts in one row
 
@@ -45,6 +46,7 @@ class Split:
     labels_true: np.ndarray  # (N, K) float32 in {0, 1}
     labels_obs: np.ndarray  # (N, K) float32 in {-1, 0, 1}
     ignore: np.ndarray | None = None  # (N, K) bool: entries no metric counts (formatted_*_ignore.npy)
+    _stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -53,6 +55,14 @@ class Split:
         """The (n, K) bool mask of the entries of `rows` that metrics count (metrics' `mask`), or
         None when every entry counts."""
         return None if self.ignore is None else ~self.ignore[rows]
+
+    def stats(self, root: Path) -> np.ndarray:
+        """(N, 2) int64 size and modification time of each image under root (fingerprint.image_stats),
+        taken once: the existence check, the input fingerprint and the pack checks share them."""
+        key = str(root)
+        if key not in self._stats:
+            self._stats[key] = fingerprint.image_stats(root, self.images)
+        return self._stats[key]
 
 
 def _spec(dataset: str) -> DatasetInfo:
@@ -154,6 +164,19 @@ def observed_tag_hint(dataset: str, tag: str, data_root: str | Path = "data") ->
     command = (f"run `python preproc/generate_observed_labels.py --dataset {dataset}{root} --scheme {scheme} "
                f"{flag}`")
     return command if canonical == tag else f"{command}, then pass --observed {canonical}"
+
+
+def source_files(observed: str | None = None, clean_train_labels: bool = False) -> dict[str, dict[str, str]]:
+    """The formatted file each array of load_splits' splits comes from: {phase: {field: file name}}
+    (val's labels_obs is its labels_true; --observed full and the clean labels come from the labels)."""
+    from_labels = clean_train_labels or observed == FULL_OBSERVED
+    train_obs = "formatted_train_labels.npy" if from_labels else observed_file_name(observed)
+    return {"train": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
+                      "labels_obs": train_obs, "ignore": "formatted_train_ignore.npy"},
+            "val": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
+                    "ignore": "formatted_train_ignore.npy"},
+            "test": {"images": "formatted_val_images.npy", "labels_true": "formatted_val_labels.npy",
+                     "ignore": "formatted_val_ignore.npy"}}
 
 
 def formatting_hint(dataset: str) -> str:
@@ -308,6 +331,51 @@ def _load_annotated_splits(folder: Path, dataset: str, num_classes: int | None,
     return splits
 
 
+class ImageRangeError(ValueError):
+    """An image whose values have no range to scale to 8 bits by (read_rgb); the caller names the file."""
+
+
+SIXTEEN_BIT = 65535
+
+
+def read_rgb(path) -> Image.Image:
+    """The RGB picture of an image file, as every reader here sees it: the training and evaluation
+    pipeline, the packs, the frozen-CLIP embedding cache, AEVLP's views (all through
+    MultiLabelImages) and predict.py.
+
+    8-bit modes (1, L, P, LA, PA, RGB, RGBA, CMYK, YCbCr, ...): PIL's convert('RGB'), unchanged.
+    convert('RGB') clips the modes PIL keeps wider than 8 bits at 255 (a 16-bit PNG turns white,
+    a float image in [0, 1] black), so they are scaled by their range first, to an 8-bit L image:
+
+    - I;16, I;16L, I;16B, I;16N (16-bit grey: PNG, TIFF) and I (32-bit integer; PIL opens 16-bit
+      PGM/PPM as I, scaled to 0..65535): v in 0..65535 becomes round(v / 257), half up, so 0 -> 0,
+      65535 -> 255, and an 8-bit value b widened to 16 bits the standard way (257 b, PNG's sample
+      depth scaling) reads back as b. Values outside 0..65535 (a 32-bit integer image) are refused.
+    - F (32-bit float, TIFF): values in [0, 1] become round(255 x), half up. Values outside [0, 1],
+      NaN or infinite are refused: such a file has no range to scale by.
+
+    A refusal is ImageRangeError; every caller names the file in its one-line message.
+    """
+    with Image.open(path) as img:
+        if img.mode == "F":
+            x = np.asarray(img, dtype=np.float64)
+            if not (np.isfinite(x).all() and x.min(initial=0.0) >= 0.0 and x.max(initial=0.0) <= 1.0):
+                finite = x[np.isfinite(x)]
+                span = f"{finite.min():g} to {finite.max():g}" if finite.size else "no finite value"
+                raise ImageRangeError(f"a float (mode F) image with values outside [0, 1] ({span}"
+                                      f"{', NaN or infinite values' if finite.size < x.size else ''}), so there is "
+                                      "no range to scale it to 8 bits by: save it as an 8- or 16-bit image")
+            return Image.fromarray(np.floor(x * 255.0 + 0.5).astype(np.uint8)).convert("RGB")  # uint8 2-D: L
+        if img.mode == "I" or img.mode.startswith("I;16"):
+            v = np.asarray(img).astype(np.int64)
+            low, high = int(v.min(initial=0)), int(v.max(initial=0))
+            if low < 0 or high > SIXTEEN_BIT:
+                raise ImageRangeError(f"an image of mode {img.mode} with values {low} to {high}, outside the 16-bit "
+                                      f"range 0..{SIXTEEN_BIT} it is scaled by: save it as an 8- or 16-bit image")
+            return Image.fromarray(((v + 128) // 257).astype(np.uint8)).convert("RGB")
+        return img.convert("RGB")
+
+
 def image_tensor(img: Image.Image, image_size: int, *, flipped: bool = False) -> torch.Tensor:
     """The network input of an RGB PIL image: Resize((S, S)) (bilinear, antialias), optional
     horizontal flip, ToTensor, ImageNet Normalize -> 3 x S x S float. Used for training,
@@ -424,13 +492,18 @@ class MultiLabelImages(torch.utils.data.Dataset):
         return len(self.split)
 
     def _open(self, path: Path) -> Image.Image:
+        where = f" of dataset {self.dataset}" if self.dataset else ""
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
+            return read_rgb(path)
+        except ImageRangeError as err:
+            raise DataError(f"image {path}{where} is {err}, or pass --skip-bad-images") from None
         except (OSError, ValueError) as err:
-            where = f" of dataset {self.dataset}" if self.dataset else ""
             raise DataError(f"cannot read image {path}{where} ({err}); check the image folder, "
                             f"re-run the dataset's formatting step, or pass --skip-bad-images") from None
+
+    def image_stats(self) -> np.ndarray:
+        """(N, 2) size and modification time of the files the pixels are read from (fingerprint.py)."""
+        return self.split.stats(self.root)
 
     def __getitem__(self, key) -> dict[str, torch.Tensor] | None:
         """``key`` is a row index, or a (row, flip) pair from FlipSampler (train only).
@@ -494,7 +567,8 @@ def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: b
     if not root.is_dir():
         raise DataError(f"image folder {root} of dataset {dataset} not found: check --data-root "
                         f"({formatting_hint(dataset)})")
-    missing = [str(p) for p in split.images if not (root / str(p)).is_file()]
+    stats = split.stats(root)  # one stat per image, kept for the input fingerprint
+    missing = [str(split.images[i]) for i in np.flatnonzero(stats[:, 0] == fingerprint.MISSING)]
     if not missing:
         return []
     what = f"{len(missing)} of {len(split)} {phase} images of dataset {dataset} are missing under {root} " \

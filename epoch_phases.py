@@ -120,7 +120,8 @@ def save_epoch(cfg: Config, epoch: int, argv: list[str], learner: Learner, data:
     records.save_epoch(run_dir, epoch, cfg, argv, learner.model, learner.optimizer, logger, learner.method,
                        data.sampler, classnames, phase_preds, data.splits, evaluated=evaluated,
                        extra=heads_run.training_state(learner.ema, learner.scheduler)
-                       | {'pseudo_labels': pl_source.state_dict() if pl_source is not None else {}})
+                       | {'pseudo_labels': pl_source.state_dict() if pl_source is not None else {},
+                          'inputs': data.inputs})
     save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
     folder.committed()
     if tensorboard is not None:

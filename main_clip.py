@@ -28,6 +28,7 @@ import class_text_features
 import clip_loading
 import datasets
 import distributed
+import fingerprint
 import heads_run
 import label_tables
 import methods
@@ -48,7 +49,7 @@ from epoch_phases import Learner, evaluate_phases, log_epoch, save_epoch, train_
 from files import save_json
 from instrumentation import TrainLogger
 from metrics import compute_metrics
-from run_data import Data, build_loaders, load_data, make_loader, prepare_data
+from run_data import Data, build_loaders, check_same_inputs, load_data, make_loader, prepare_data
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -278,6 +279,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
     method_class = methods.METHODS[cfg.loss]
     data = build_loaders(cfg, splits, root, method_class, device)
+    if resume is not None:
+        check_same_inputs(cfg, resume, data, root)
     clip_model, tokenizer = load_frozen_clip(cfg, method_class, device)
     pl_source = pseudo_label_source(cfg, method_class, clip_model, tokenizer, data, device)
     learner = build_model_and_optimiser(cfg, clip_model, tokenizer, data, resume, init_state, device)
@@ -285,7 +288,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     classnames = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
     start_epoch = restore(learner, resume, pl_source, data.sampler)
     add_ema(cfg, learner, resume, run_dir)
-    record, tensorboard = start_records(cfg, device, method_class, folder, pl_source)
+    record, tensorboard = start_records(cfg, device, method_class, folder, pl_source, data)
     wrap_for_training(cfg, learner, device)
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -384,9 +387,9 @@ def add_ema(cfg: Config, learner: Learner, resume: Optional[dict], run_dir: Path
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
 
 
-def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_source) -> tuple:
+def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_source, data: Data) -> tuple:
     """(config.json's record, TensorBoard writer or None); the primary process creates the run folder."""
-    record = records.run_record(cfg, device, method_class)
+    record = records.run_record(cfg, device, method_class) | {'inputs': fingerprint.summary(data.inputs)}
     tensorboard = records.open_tensorboard(cfg, folder.path) if is_primary() else None
     if is_primary():
         folder.create()

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import checkpoints
@@ -164,8 +163,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            with Image.open(self.files[i]) as img:
-                rgb = img.convert('RGB')
+            rgb = datasets.read_rgb(self.files[i])  # the training pipeline's reading, 16-bit and float images too
         except Exception as e:  # PIL raises many kinds on damaged files; every one means "skip this file"
             return i, None, one_line(e)[:200]
         return i, datasets.image_tensor(rgb, self.image_size), None

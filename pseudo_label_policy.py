@@ -62,7 +62,7 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
         dataset=cfg.dataset, image_root=images.root, images=train_split.images,
         clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, image_size=cfg.image_size,
         clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32',
-        preprocess=cfg.clip_preprocess)
+        preprocess=cfg.clip_preprocess, image_stats=images.image_stats())
     emb = cached_embeddings(labeler, train_eval_loader, key, Path(cfg.cache_dir), device=device,
                             amp=cfg.amp).to(device)  # (N, 2, D): unflipped, flipped
     classnames = read_classnames(cfg.dataset, data_root=cfg.data_root)
