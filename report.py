@@ -603,7 +603,8 @@ def paper_cells(sweep_dir: Path) -> list[PaperCell]:
         log = _read_json(folder / 'log.json')
         config = _read_json(folder / 'config.json')
         cell.results[seed] = log.get('best_test_map')
-        cell.provenance[seed] = config.get('record', {}).get('provenance', {})
+        record = config.get('record', {})  # provenance, and the data's fingerprint (fingerprint.summary)
+        cell.provenance[seed] = record.get('provenance', {}) | ({'inputs': record['inputs']} if 'inputs' in record else {})
     return list(cells.values())
 
 
