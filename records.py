@@ -23,7 +23,7 @@ import torch
 
 import heads_run
 import losses
-from checkpoints import atomic_save, rng_state
+from checkpoints import atomic_save, clip_entries, rng_state
 from config import NUMPY_SEED, Config, UserError
 from distributed import is_primary
 from files import save_json
@@ -40,7 +40,7 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
     best.pt (default: model; with --ema-decay maybe its average); extra: more last.pt entries (EMA,
     schedule)."""
     common = dict(model=model.state_dict(), epoch=epoch, config=dataclasses.asdict(cfg), argv=list(argv),
-                  classnames=classnames) | heads_run.checkpoint_entries(model)
+                  classnames=classnames) | heads_run.checkpoint_entries(model) | clip_entries(cfg, model)
     if logger.best_epoch == epoch:
         atomic_save(phase_preds['test'], run_dir / 'test_preds_best.npy')
         best = common if evaluated is None or evaluated is model else common | {'model': evaluated.state_dict()}
@@ -325,7 +325,12 @@ def status_of(config: Optional[dict], log: Optional[dict], where: str = 'the run
     epochs = config.get('epochs')
     if log is None:
         return RunStatus('empty', 0, epochs, f'{where}: no complete epoch (no log.json)')
-    logged = log.get('logged', {})
+    if not isinstance(epochs, int):  # a config.json without the planned epochs: log.json's
+        epochs = log.get('num_epochs')
+    logged = log.get('logged')
+    if logged is None:  # a log.json written before `logged` existed: the epochs with a clean mAP
+        logged = {phase: [v is not None for v in log.get('values', {}).get(phase, {}).get('map_clean', [])]
+                  for phase in ('train', 'val', 'test')}
     phases = [list(logged.get(phase, [])) for phase in ('train', 'val', 'test')]
     done = 0
     while all(done < len(p) and p[done] for p in phases):
