@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     for name, g in gaps.items():
         memory = '' if peaks[name] is None else f', peak {peaks[name] / 2 ** 30:.2f} GiB above the resident'
         lines.append(f'{name}: {spread([1e3 * t for t in g])} ms per step '
-                     f'({a.batch_size / median[name] * 1e3:.0f} images/s at the median{memory})')
+                     f'({a.batch_size / median[name] * 1e3:.3g} images/s at the median{memory})')
     if len(gaps) == 2:
         plain, ddp = median.values()
         lines.append(f'DDP wrapping overhead: DDP / plain (medians) = {ddp:.4g} / {plain:.4g} = {ddp / plain:.3f}x')

@@ -282,7 +282,7 @@ def run_loader(run: Run, size: Sizes) -> None:
         run.notes.append('loader: the pipelines\' tensors DIFFER (they must be bit-identical)')
     if fig.stages is not None:
         total = {p: sum(ms for q, _, ms in fig.stages if q == p) for p in ('PIL', 'packed')}
-        run.notes.append(f'loader stage profile (one thread, ms per image): PIL {total["PIL"]:.3f} in all; packed: '
+        run.notes.append(f'loader stage profile (one thread, CPU ms per image): PIL {total["PIL"]:.3f} in all; packed: '
                          + '; '.join(f'{stage} {ms:.3f}' for p, stage, ms in fig.stages if p == 'packed'))
     run.write()
 
