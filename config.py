@@ -83,11 +83,18 @@ class DatasetInfo:
     epochs: int = 10
     clip_model: str = 'ViT-L-14-336'
     clip_pretrained: str = 'openai'  # may hold '{data_root}'
+    # The dataset whose published per-dataset values (the peer methods', AEVLP's VOC prompt names) this
+    # one takes where no original publishes its own (voc2007: pascal's); None: its own.
+    published_as: Optional[str] = None
 
 
 DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
     DatasetInfo('pascal', 20, 'VOCdevkit/VOC2012/JPEGImages', lr=1e-5, batch_size=8, alpha=0.2, beta_pos=0.7,
                 expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8),
+    # VOC2007 trainval / test (preproc/format_pascal.py --year 2007, SGRE's rule for difficult objects;
+    # data/voc2007/README.md), the seed systems' VOC: VLPL has no VOC2007 settings, so these are pascal's.
+    DatasetInfo('voc2007', 20, 'VOCdevkit/VOC2007/JPEGImages', lr=1e-5, batch_size=8, alpha=0.2, beta_pos=0.7,
+                expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8, published_as='pascal'),
     DatasetInfo('coco', 80, '.', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,  # paths start with train2014/
                 expected_num_pos=2.9, apl_beta=0.9, apl_warmup=5, apl_batch_size=16),
     DatasetInfo('nuswide', 81, 'Flickr', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,
@@ -303,8 +310,8 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
 
 
 def default_run_name(dataset: str, loss: str, model: str, seed: int, observed: str | None = None) -> str:
-    """<dataset>[-<observed TAG>]_<method>_<backbone>_s<seed>."""
-    return f'{dataset}{"-" + observed if observed else ""}_{loss}_{model}_s{seed}'
+    """<dataset>[-<observed TAG>]_<method>_<backbone>_s<seed>; a backbone timm:NAME is written timm-NAME."""
+    return f'{dataset}{"-" + observed if observed else ""}_{loss}_{model.replace(":", "-")}_s{seed}'
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,11 @@ Every dataset lives in ``<data_root>/<name>/`` as six numpy files written by ``p
 dataset's image folder), ``formatted_{train,val}_labels.npy`` ((N, K) 0/1 ground truth) and
 ``formatted_{train,val}_labels_obs.npy`` ((N, K) observed labels in {-1, 0, 1}).
 The official "val" split is our test set; the official train split is cut into train and val.
+
+A dataset may add ``formatted_{train,val}_ignore.npy``: an (N, K) bool mask of the entries that no
+metric counts (SGRE's ``ignore.npy``, github.com/jasonseu/SGRE scripts/voc2007.py: a VOC2007 test
+image whose objects of a class are all "difficult"); their label in ``formatted_*_labels.npy`` is 0.
+Without the file every entry counts.
 """
 from __future__ import annotations
 
@@ -35,9 +40,15 @@ class Split:
     images: np.ndarray  # (N,) str, relative to the image folder
     labels_true: np.ndarray  # (N, K) float32 in {0, 1}
     labels_obs: np.ndarray  # (N, K) float32 in {-1, 0, 1}
+    ignore: np.ndarray | None = None  # (N, K) bool: entries no metric counts (formatted_*_ignore.npy)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def counted(self, rows=slice(None)) -> np.ndarray | None:
+        """The (n, K) bool mask of the entries of `rows` that metrics count (metrics' `mask`), or
+        None when every entry counts."""
+        return None if self.ignore is None else ~self.ignore[rows]
 
 
 def _spec(dataset: str) -> DatasetInfo:
@@ -85,6 +96,20 @@ _TAG_PATTERN = re.compile(r"(rps)(\d+(?:\.\d*)?|\.\d+)|(fpc)(\d+)")
 def observed_file_name(tag: str | None, phase: str = "train") -> str:
     """formatted_<phase>_labels_obs.npy (single positive, tag None) or ..._obs_<tag>.npy."""
     return f"formatted_{phase}_labels_obs.npy" if tag is None else f"formatted_{phase}_labels_obs_{tag}.npy"
+
+
+# --observed full: every training label observed (1 positive, -1 negative), made from
+# formatted_train_labels.npy itself (no file); an entry of formatted_train_ignore.npy stays unknown (0).
+FULL_OBSERVED = "full"
+
+
+def full_observed(labels: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
+    """Observed labels (N, K) float32 of fully labelled training: 1 where labels is 1, -1 where it is
+    0, and 0 (unknown) at the ignored entries."""
+    observed = np.where(labels == 1, 1.0, -1.0).astype(np.float32)
+    if ignore is not None:
+        observed[ignore] = 0.0
+    return observed
 
 
 def parse_observed_tag(tag: str) -> tuple[str, float | int] | None:
@@ -146,6 +171,16 @@ def check_labels(path: Path, labels: np.ndarray, num_classes: int, allowed: tupl
     return labels
 
 
+def load_ignore(folder: Path, dataset: str, phase: str, num_rows: int, num_classes: int) -> np.ndarray | None:
+    """The (N, K) bool mask of formatted_<phase>_ignore.npy (True: no metric counts the entry), or None
+    when the dataset has no such file."""
+    path = folder / f"formatted_{phase}_ignore.npy"
+    if not path.is_file():
+        return None
+    mask = check_labels(path, load_array(path, formatting_hint(dataset)), num_classes, (0, 1), num_rows)
+    return mask.astype(bool)  # bool, or 0/1 as SGRE's ignore.npy
+
+
 def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int, with_observed: bool,
                 observed_tag: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     hint = formatting_hint(dataset)
@@ -183,29 +218,40 @@ def load_splits(data_root: str | Path, dataset: str, *,
     ``clean_train_labels``, as the original does for the ``bce`` loss); val and test always carry
     the clean labels as ``labels_obs``. Only the train observed-label file is read:
     formatted_train_labels_obs.npy (single positive), or formatted_train_labels_obs_<observed>.npy
-    for a partial-annotation tag such as 'rps0.5' (docs/partial-labels.md).
+    for a partial-annotation tag such as 'rps0.5' (docs/partial-labels.md); ``observed='full'``
+    reads none: every label is observed (`full_observed`). Each split carries its rows of
+    formatted_*_ignore.npy as ``ignore`` when the dataset has one.
     """
     spec = _spec(dataset)
     folder = Path(data_root) / dataset
     if not folder.is_dir():
         raise DataError(f"{folder} not found: {formatting_hint(dataset)}")
+    full = observed == FULL_OBSERVED
     images, labels, train_observed = _load_phase(folder, dataset, "train", spec.num_classes,
-                                                 with_observed=not clean_train_labels, observed_tag=observed)
+                                                 with_observed=not (clean_train_labels or full),
+                                                 observed_tag=observed)
     test_images, test_labels, _ = _load_phase(folder, dataset, "val", spec.num_classes,
                                               with_observed=False)
+    ignore = load_ignore(folder, dataset, "train", len(images), spec.num_classes)
+    test_ignore = load_ignore(folder, dataset, "val", len(test_images), spec.num_classes)
     train_idx, val_idx = split_indices(len(images))
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
                         f"to cut a train and a val split: {formatting_hint(dataset)}")
-    if observed is not None and train_observed is not None:
+    if full:
+        train_observed = full_observed(labels, ignore)
+    elif observed is not None and train_observed is not None:
         _check_agrees(folder / observed_file_name(observed), train_observed, labels,
                       observed_tag_hint(dataset, observed, data_root))
     train_obs = labels if train_observed is None else train_observed
+
+    def rows(mask, idx):
+        return None if mask is None else mask[idx]
     # Separate arrays for labels_obs, so that updating observed labels (APL) never edits the truth.
     return {
-        "train": Split(images[train_idx], labels[train_idx], train_obs[train_idx]),
-        "val": Split(images[val_idx], labels[val_idx], labels[val_idx]),
-        "test": Split(test_images, test_labels, test_labels.copy()),
+        "train": Split(images[train_idx], labels[train_idx], train_obs[train_idx], rows(ignore, train_idx)),
+        "val": Split(images[val_idx], labels[val_idx], labels[val_idx], rows(ignore, val_idx)),
+        "test": Split(test_images, test_labels, test_labels.copy(), test_ignore),
     }
 
 

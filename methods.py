@@ -24,6 +24,7 @@ import torch
 
 import losses
 from config import Config
+from datasets import FULL_OBSERVED
 
 
 class Method:
@@ -33,16 +34,26 @@ class Method:
     needs_pseudo_labels: batch['pseudo_labels'] from the frozen CLIP; uses_warmup: --warmup-epoch
     counts epochs before the method's own rule starts; clean_train_labels: train on the clean
     labels instead of the observed ones (the full-label baselines bce, bce_ls); schedule_uses_epochs:
-    the total number of epochs enters the method, so a finished run cannot be resumed for more.
+    the total number of epochs enters the method, so a finished run cannot be resumed for more;
+    full_labels_refusal: why the method cannot train with every label observed (--observed full), or
+    None when it can: its rules for unknown entries then have nothing to act on and it trains on its
+    observed part (EM, EM_APL, EM_PL: the BCE of the labels; docs/partial-labels.md).
     """
     needs_pseudo_labels = False
     uses_warmup = False
     clean_train_labels = False
     schedule_uses_epochs = False  # True: the total number of epochs enters the method (no resume with more)
+    full_labels_refusal: str | None = None
     # A method with pseudo-labels of its own (AEVLP) names their builder: a callable (cfg, train_split,
-    # device, num_classes) -> (clip_labels.PseudoLabelSource, quality dict or None). None: VLPL's
-    # frozen-CLIP labels (clip_labels.build_pseudo_labels).
+    # device, num_classes) -> (pseudo_labeler.PseudoLabelSource, quality dict or None). None: VLPL's
+    # frozen-CLIP labels (pseudo_label_policy.build_pseudo_labels).
     pseudo_label_builder = None
+
+    @classmethod
+    def uses_pseudo_labels(cls, cfg: Config) -> bool:
+        """Whether a run of this method computes pseudo-labels: when it needs them, unless every label
+        is observed (--observed full), since pseudo-labels only fill unknown entries and there are none."""
+        return cls.needs_pseudo_labels and cfg.observed != FULL_OBSERVED
 
     @classmethod
     def training_images(cls, cfg: Config, images):
@@ -92,9 +103,16 @@ class Method:
 
 
 class PseudoLabelMethod(Method):
-    """EM_PL and EM_PL_ASL: the frozen CLIP's pseudo-labels enter the loss after the warm-up."""
+    """EM_PL and EM_PL_ASL: the frozen CLIP's pseudo-labels enter the loss after the warm-up. With
+    every label observed (--observed full) no pseudo-label is made: they only ever fill unknown
+    entries (o = 0), so the loss is the same whatever they are, and an all-zero matrix stands in."""
     needs_pseudo_labels = True
     uses_warmup = True
+
+    def loss(self, logits, preds, batch, *, epoch, step):
+        if batch['pseudo_labels'] is None:  # --observed full: no unknown entry to fill
+            batch = batch | {'pseudo_labels': torch.zeros_like(batch['observed'])}
+        return super().loss(logits, preds, batch, epoch=epoch, step=step)
 
 
 class CleanLabelMethod(Method):

@@ -30,8 +30,9 @@ import torch
 
 import losses_partial as lp
 import methods
-from clip_labels import read_classnames
+from class_text_features import read_classnames
 from config import NON_NEGATIVE, Config, UserError, number
+from datasets import FULL_OBSERVED
 from distributed import is_primary, log
 from files import atomic_write
 
@@ -68,7 +69,11 @@ def defaults(loss: str, observed_tag: str | None) -> dict:
 
 def flag_problem(cfg: Config) -> str | None:
     """A one-line complaint about the partial-label flags of cfg, or None when they are fine."""
-    if cfg.observed is not None and methods.METHODS[cfg.loss].clean_train_labels:
+    method = methods.METHODS[cfg.loss]
+    if cfg.observed == FULL_OBSERVED and method.full_labels_refusal:
+        return (f'--observed full: -l {cfg.loss} needs unknown labels: it {method.full_labels_refusal}; train '
+                'fully labelled data with -l bce, ASL or CSL (docs/partial-labels.md)')
+    if cfg.observed not in (None, FULL_OBSERVED) and method.clean_train_labels:
         return f'--observed does nothing with -l {cfg.loss}: it trains on every clean label; drop one of them'
     fields = ASL_FIELDS if cfg.loss == 'ASL' else CSL_FIELDS if cfg.loss == 'CSL' else ()
     for name in FLAG:
@@ -214,7 +219,8 @@ def add_arguments(parser) -> None:
     g.add_argument('--observed', default=None, metavar='TAG',
                    help='train on formatted_train_labels_obs_<TAG>.npy, e.g. rps0.5 or fpc1000, made by '
                         'preproc/generate_observed_labels.py --scheme rps|fpc (the demo makes its own); '
-                        'default: the single-positive file')
+                        '"full": every true label observed (1 positive, -1 negative; no file), refused for '
+                        'the methods that need unknown labels; default: the single-positive file')
     g.add_argument('--gamma-pos', type=NON_NEGATIVE, default=None,
                    help='focusing of positives (default: ASL 1, CSL 0)')
     g.add_argument('--gamma-neg', type=NON_NEGATIVE, default=None,

@@ -38,7 +38,16 @@ def _validate(preds, labels, name: str = 'compute_metrics') -> tuple[np.ndarray,
     return preds, labels
 
 
-def average_precision_per_class(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _validate_mask(mask, shape: tuple, name: str = 'compute_metrics') -> np.ndarray | None:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != shape or mask.dtype != np.bool_:
+        raise ValueError(f'{name}: mask must be a bool array of shape {shape}, got {mask.dtype} {mask.shape}')
+    return mask
+
+
+def average_precision_per_class(preds: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Average precision of every column, as scikit-learn's `average_precision_score`.
 
     AP_c = sum over thresholds t (the distinct scores, descending) of (R_t - R_{t-1}) * P_t,
@@ -47,8 +56,15 @@ def average_precision_per_class(preds: np.ndarray, labels: np.ndarray) -> np.nda
     P(s_i) / n_pos with P(s) = #{positives with score >= s} / #{images with score >= s},
     which is the same sum grouped by positive. AP is 0 for a class with no positive.
 
-    preds: (N, K) finite scores; labels: (N, K) bool. Returns (K,) float64.
+    preds: (N, K) finite scores; labels: (N, K) bool; mask: (N, K) bool, True where an entry counts
+    (None: every entry). The AP of class c then covers only the rows counted in column c, as SGRE's
+    VOCmAP drops the ignored rows of each class (github.com/jasonseu/SGRE lib/metrics.py). Returns
+    (K,) float64.
     """
+    if mask is not None:
+        # An entry left out scores below every counted score and is no positive: it adds to no
+        # count above, exactly as if its row were dropped from the column.
+        preds, labels = np.where(mask, preds, -np.inf), labels & mask
     num_images, num_classes = preds.shape
     scores = np.ascontiguousarray(preds.T)           # K x N
     positive = np.ascontiguousarray(labels.T)        # K x N
@@ -93,7 +109,7 @@ def top_k_hits(preds: np.ndarray, labels: np.ndarray, ks=TOP_KS) -> dict[int, np
     return out
 
 
-def compute_metrics(preds, labels) -> dict[str, float]:
+def compute_metrics(preds, labels, mask=None) -> dict[str, float]:
     """Metrics of section 9 for predictions `preds` (N x K scores) and 0/1 `labels` (N x K).
 
     - 'map': 100 * mean over classes of the average precision (scikit-learn's definition,
@@ -107,11 +123,15 @@ def compute_metrics(preds, labels) -> dict[str, float]:
     prec/rec/top values are fractions in [0, 1]; only 'map' is in percent.
 
     labels may be bool or numeric 0/1 (observed labels must be mapped with `== 1` first).
-    Raises ValueError for non-2-D or mismatched shapes, empty input, non-finite preds or
-    labels other than 0/1.
+    mask: (N, K) bool, True where an entry counts (None: all): 'map' leaves the other entries out of
+    each class's AP (`average_precision_per_class`); the per-image metrics rank every class, and an
+    entry left out, whose label is 0, is no hit.
+    Raises ValueError for non-2-D or mismatched shapes, empty input, non-finite preds,
+    labels other than 0/1 or a mask that is not bool of the same shape.
     """
     preds, labels = _validate(preds, labels)
-    results = {'map': 100.0 * float(np.mean(average_precision_per_class(preds, labels)))}
+    mask = _validate_mask(mask, preds.shape)
+    results = {'map': 100.0 * float(np.mean(average_precision_per_class(preds, labels, mask)))}
     num_pos = labels.sum(axis=1)
     hits = top_k_hits(preds, labels)
     for k in TOP_KS:

@@ -40,7 +40,8 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
         for phase in ('val', 'test'):
             preds, labels = phase_preds[phase], splits[phase].labels_true
             seen = ~np.isnan(preds[:, 0])  # rows of skipped images are NaN
-            per_class[phase] = (100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)).tolist()
+            per_class[phase] = (100.0 * average_precision_per_class(preds[seen], labels[seen] == 1,
+                                                                    splits[phase].counted(seen))).tolist()
             if phase == 'val':
                 thresholds = choose_thresholds(preds[seen], labels[seen]).tolist()
         save_json(run_dir / 'per_class_ap.json', per_class)
@@ -72,7 +73,7 @@ def run_record(cfg: Config, device, method_class) -> dict:
         commit = None
     used = set(losses.loss_hparams(cfg.loss)) if cfg.loss in losses.LOSSES else set()
     unused = sorted({'alpha', 'beta', 'beta_pos', 'beta_neg', 'warmup_epoch'} - used)
-    if not method_class.needs_pseudo_labels:
+    if not method_class.uses_pseudo_labels(cfg):
         unused += ['temp', 'threshold', 'partial', 'clip_mode', 'text_features']
         if cfg.model != 'clip_vision':
             unused += ['clip_model', 'clip_pretrained']

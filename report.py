@@ -144,19 +144,19 @@ def per_class_ap(run: Run) -> tuple[dict | None, str]:
     if not preds_path.is_file():
         return None, 'no per_class_ap.json or test_preds_best.npy in the run folder'
     try:
-        import clip_labels
+        import class_text_features
         import datasets  # torch is imported only for this fallback
         from metrics import average_precision_per_class
 
         data_root = Path(run.config.get('data_root', 'data'))
         if not data_root.is_absolute() and not data_root.is_dir():
             data_root = REPO_ROOT / data_root
-        splits = datasets.load_splits(data_root, run.config['dataset'])
+        splits = datasets.load_splits(data_root, run.config['dataset'], observed=run.config.get('observed'))
         labels = splits['test'].labels_true
         preds = np.load(preds_path, allow_pickle=False)
         seen = ~np.isnan(preds).any(axis=1)  # rows of images skipped in training are NaN
-        ap = 100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)
-        names = clip_labels.read_classnames(run.config['dataset'])
+        ap = 100.0 * average_precision_per_class(preds[seen], labels[seen] == 1, splits['test'].counted(seen))
+        names = class_text_features.read_classnames(run.config['dataset'])
     except Exception as e:  # data not on this machine, other labels, ...: the report goes on without it
         return None, f'no per_class_ap.json, and test AP could not be recomputed ({str(e).splitlines()[0][:120]})'
     if len(names) != ap.size:

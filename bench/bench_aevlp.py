@@ -25,8 +25,8 @@ if __name__ == '__main__':  # no progress bars in the output (tqdm reads this wh
     os.environ.setdefault('TQDM_DISABLE', '1')
 
 import aevlp  # noqa: E402
+import clip_loading  # noqa: E402
 from bench.common import load_line, machine_lines  # noqa: E402
-import clip_labels  # noqa: E402
 
 
 def _sync(device):
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.manual_seed(0)
-    size = clip_labels.configured_image_size(a.clip_model)
+    size = clip_loading.configured_image_size(a.clip_model)
     views = torch.randint(0, 256, (a.batch, 1 + a.grid ** 2, size, size, 3), dtype=torch.uint8)
     flips = torch.rand(a.batch, 1 + a.grid ** 2) < 0.5
     observed = torch.zeros(a.batch, a.classes, device=device)
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
           f'{"" if device.type == "cuda" else "threads"})')
     seconds = {}
     for precision, dtype in (('fp32', torch.float32), ('fp16', torch.float16)):
-        model, _ = clip_labels.load_clip(a.clip_model, None, device=device, precision=precision)
-        width = clip_labels.clip_embed_dim(model)
+        model, _ = clip_loading.load_clip(a.clip_model, None, device=device, precision=precision)
+        width = clip_loading.clip_embed_dim(model)
         text = aevlp.text_matrix(torch.randn(a.classes, width, device=device).to(dtype), None, None)
         scorer = aevlp.CropScorer(model.visual.eval(), text, observed, hp)
         seconds[precision] = step_time(scorer, views, flips, index, a.steps, a.warmup, device)

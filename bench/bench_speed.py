@@ -9,7 +9,7 @@ Real architectures with random initialisation (nothing is downloaded): ResNet-50
 the frozen CLIP ViT-L-14-336 image tower with random unit text features (K = 80), batch 8, the
 same random batch for every variant (--model, --clip-model, --image-size, --batch-size make it
 smaller; tests/test_bench.py runs it tiny). The batch is already on the device: data loading is
-not timed. The pseudo-label sources are the training script's own (clip_labels.build_pseudo_labels
+not timed. The pseudo-label sources are the training script's own (pseudo_label_policy.build_pseudo_labels
 with --clip-mode online and cache), so the bench calls them as engine.train_one_epoch does.
 
   train    one EM_PL step of engine.train_one_epoch on a one-batch loader: pseudo-labels from
@@ -107,7 +107,7 @@ class Setup:
     cfg: object            # config.Config of the original run (float32, --clip-mode online)
     model: object          # the classifier (ResNet-50)
     optimizer: object
-    labeler: object        # clip_labels.PseudoLabeler around the frozen CLIP image tower (the parts section)
+    labeler: object        # pseudo_labeler.PseudoLabeler around the frozen CLIP image tower (the parts section)
     online: object         # the training script's pseudo-label source of --clip-mode online
     cached: object         # ... of --clip-mode cache (the batch's embeddings cached once, both flips)
     batch: dict            # one training batch as the loader gives it: image, index, flipped
@@ -135,21 +135,24 @@ class OneBatchImages:
 
 def make_setup(args, device, workdir: Path) -> Setup:
     """Both networks with random weights, one random batch, and the pseudo-label sources that
-    main_clip.py builds for --clip-mode online and cache (clip_labels.build_pseudo_labels; the cache
+    main_clip.py builds for --clip-mode online and cache (pseudo_label_policy.build_pseudo_labels; the cache
     is written under `workdir`)."""
     import numpy as np
     import torch
 
-    import clip_labels
+    import class_text_features
+    import clip_loading
     import datasets
     import methods
     import models
+    import pseudo_label_policy
+    import pseudo_labeler
     from config import build_config
 
     torch.manual_seed(args.seed)
     progress(f'building CLIP {args.clip_model} (random init) and {args.model} (random init) ...')
-    clip, tokenizer = clip_labels.load_clip(args.clip_model, None, device=device)
-    width = clip_labels.clip_embed_dim(clip)
+    clip, tokenizer = clip_loading.load_clip(args.clip_model, None, device=device)
+    width = clip_loading.clip_embed_dim(clip)
     text_path = workdir / 'text_features.npy'
     np.save(text_path, torch.nn.functional.normalize(torch.randn(NUM_CLASSES, width), dim=1).numpy())
     cfg = build_config(dataset='coco', loss='EM_PL', model=args.model, pretrained=False, device=device.type,
@@ -173,11 +176,11 @@ def make_setup(args, device, workdir: Path) -> Setup:
                                          collate_fn=datasets.collate_skipping)
     progress('building the pseudo-label sources; the cache embeds the batch once per flip with the frozen CLIP ...')
     with contextlib.redirect_stdout(sys.stderr):  # their log lines are progress, not results
-        online, _ = clip_labels.build_pseudo_labels(cfg, clip, tokenizer, split, loader, device, NUM_CLASSES)
-        cached, _ = clip_labels.build_pseudo_labels(dataclasses.replace(cfg, clip_mode='cache'), clip, tokenizer,
-                                                    split, loader, device, NUM_CLASSES)
-    labeler = clip_labels.PseudoLabeler(clip.visual, clip_labels.load_text_features(text_path, NUM_CLASSES),
-                                        temp=cfg.temp, threshold=cfg.threshold, partial=cfg.partial).to(device)
+        online, _ = pseudo_label_policy.build_pseudo_labels(cfg, clip, tokenizer, split, loader, device, NUM_CLASSES)
+        cached, _ = pseudo_label_policy.build_pseudo_labels(dataclasses.replace(cfg, clip_mode='cache'), clip,
+                                                            tokenizer, split, loader, device, NUM_CLASSES)
+    labeler = pseudo_labeler.PseudoLabeler(clip.visual, class_text_features.load_text_features(text_path, NUM_CLASSES),
+                                           temp=cfg.temp, threshold=cfg.threshold, partial=cfg.partial).to(device)
     method = methods.build_method(cfg, observed.cpu().numpy(), device)
     setup = Setup(device=device, cfg=cfg, model=model, optimizer=optimizer, labeler=labeler, online=online,
                   cached=cached, batch=batch, method=method, train_true=true, sync=device_sync(device))

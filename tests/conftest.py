@@ -42,6 +42,24 @@ def tiny_clip(tmp_path_factory) -> dict:
     return {'config': str(config), 'checkpoint': str(checkpoint), 'folder': folder}
 
 
+@pytest.fixture
+def timm_calls(monkeypatch) -> list:
+    """timm.create_model replaced by a recorder: the list of (name, kwargs) of every call; each call
+    returns a stand-in trunk (Flatten with num_features 2048), so no network or real model is needed."""
+    import timm
+
+    calls = []
+
+    def fake_create_model(name, **kwargs):
+        calls.append((name, kwargs))
+        net = torch.nn.Flatten(1)
+        net.num_features = 2048
+        return net
+
+    monkeypatch.setattr(timm, 'create_model', fake_create_model)
+    return calls
+
+
 def write_pascal_like(root: Path, num_train: int, num_val: int, seed: int = 0, size: int = 24) -> Path:
     """A pascal-shaped formatted dataset (K = 20) of small coloured images, class-dependent colours."""
     from preproc.generate_observed_labels import generate_observed
@@ -78,11 +96,12 @@ def tiny_pascal(tmp_path_factory) -> Path:
 @pytest.fixture(scope='session')
 def tiny_text_features(tiny_clip, tmp_path_factory) -> str:
     """Pascal class-name text features of the tiny CLIP, as a .npy file (for --text-features)."""
-    import clip_labels
+    import class_text_features
+    import clip_loading
 
-    clip, tokenizer = clip_labels.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    clip, tokenizer = clip_loading.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
     path = tmp_path_factory.mktemp('text') / 'pascal_tiny.npy'
-    clip_labels.save_text_features(path, clip_labels.compute_text_features(clip, tokenizer, clip_labels.read_classnames('pascal')))
+    class_text_features.save_text_features(path, class_text_features.compute_text_features(clip, tokenizer, class_text_features.read_classnames('pascal')))
     return str(path)
 
 
