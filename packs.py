@@ -198,7 +198,8 @@ def image_sets(cfg, splits: dict, root: Path) -> tuple[dict, torch.utils.data.Da
     """The datasets of a run for cfg.data_format: {phase: set} and the unflipped train set (for the
     embedding cache and the EM_APL update; None when `splits` has no train split)."""
     if cfg.data_format == 'packed':
-        pin = cfg.device == 'cuda' or (cfg.device == 'auto' and torch.cuda.is_available())  # main_clip.select_device
+        # page-locked batches when the run is on CUDA (main_clip.select_device's rule for 'auto')
+        pin = cfg.device == 'cuda' or (cfg.device == 'auto' and torch.cuda.is_available())
 
         def make(phase, train):
             return PackedImages(cfg.data_root, splits[phase], cfg.image_size, train=train, dataset=cfg.dataset,

@@ -152,8 +152,8 @@ class Run:
         """None when the section fits in what is left, else the reason it is skipped."""
         need = NEEDS[name][0] if self.on_gpu else 0
         if self.left() < need or self.left() <= 0:
-            return f'time box: {max(self.left(), 0):.0f} s left of --budget {self.args.budget:.0f}, the section needs ' \
-                   f'about {need} s'
+            return (f'time box: {max(self.left(), 0):.0f} s left of --budget {self.args.budget:.0f}, the section '
+                    f'needs about {need} s')
         return None
 
     def text(self, extra: list[str] = ()) -> str:

@@ -13,8 +13,8 @@ from decimal import Decimal
 import pytest
 import torch
 
-from bench import (bench_aevlp, bench_ddp_step, bench_heads, bench_loader, bench_metrics, bench_speed,
-                   gpu_figures, sgre_memory)
+from bench import (bench_aevlp, bench_ddp_step, bench_heads, bench_loader, bench_metrics, bench_seed_backbones,
+                   bench_speed, gpu_figures, sgre_memory)
 
 NUMBER = r'[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?'
 
@@ -184,6 +184,17 @@ def test_bench_aevlp(capsys):
     assert_quotient(ratio.group(3), ms['fp16'], ms['fp32'])
 
 
+def test_bench_seed_backbones(capsys):
+    assert bench_seed_backbones.main(['--rows', 'small_cnn', '--heads', 'linear,q2l,sgre', '--image-size', '32',
+                                      '--batch-size', '2', '--steps', '1', '--warmup', '0', '--head-width', '16']) == 0
+    out = capsys.readouterr().out
+    machine_header(out)
+    rows = markdown_rows(out, 'small_cnn')
+    assert [r[1] for r in rows] == ['linear', 'q2l', 'sgre']
+    for row in rows:
+        assert_quotient(row[6], '2000', row[5])  # images/s = batch / (ms / 1000)
+
+
 def test_sgre_memory(capsys):
     threads = torch.get_num_threads()
     assert sgre_memory.main(['--classes', '2', '--tokens', '4', '--dim', '8', '--embed-dim', '4', '--att-dim', '16',
@@ -228,7 +239,8 @@ def test_gpu_figures_on_the_cpu_runs_every_section_tiny_and_says_so(tmp_path, ca
 
 
 def test_gpu_figures_time_box_skips_what_does_not_fit(tmp_path, capsys):
-    assert gpu_figures.main(['--out', str(tmp_path / 'f.md'), '--budget', '0.001', '--sections', 'train,loader,ddp']) == 0
+    assert gpu_figures.main(['--out', str(tmp_path / 'f.md'), '--budget', '0.001',
+                             '--sections', 'train,loader,ddp']) == 0
     out = capsys.readouterr().out
     rows = markdown_rows(out, 'train') + markdown_rows(out, 'loader') + markdown_rows(out, 'ddp')
     assert [r[0] for r in rows] == ['train', 'loader', 'ddp']
