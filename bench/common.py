@@ -75,6 +75,15 @@ def load_line(when: str = 'end') -> str:
                                           f'{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)')
 
 
+def parse_sections(parser, text: str, known) -> list[str]:
+    """The comma-separated sections of `text`, each one of `known` (else the parser's one-line error)."""
+    sections = [s.strip() for s in text.split(',') if s.strip()]
+    unknown = sorted(set(sections) - set(known))
+    if unknown or not sections:
+        parser.error(f'--sections: unknown {unknown}; choose among {", ".join(known)}')
+    return sections
+
+
 def log(message: str) -> None:
     """Progress on stderr, so that stdout is only the result (the table to paste)."""
     print(message, file=sys.stderr, flush=True)

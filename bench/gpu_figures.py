@@ -41,7 +41,7 @@ if __name__ == '__main__':  # no progress bars in the output (tqdm reads this wh
     os.environ.setdefault('TQDM_DISABLE', '1')
 
 from bench import bench_ddp_step, bench_loader, bench_speed  # noqa: E402
-from bench.common import cpu_count, load_line, log, machine_lines, spread  # noqa: E402
+from bench.common import cpu_count, load_line, log, machine_lines, parse_sections, spread  # noqa: E402
 
 SECTIONS = ('train', 'eval', 'loader', 'ddp', 'compile')
 # Seconds a section needs at least on a GPU (set-up included), and the share of what is left it may
@@ -182,6 +182,18 @@ def one_line(err: BaseException) -> str:
     return f'{type(err).__name__}: {(str(err).splitlines() or [""])[0][:200]}'
 
 
+def attempt(run: Run, section: str, measure, need: str | None = None):
+    """measure() when the section fits in the time box (that of NEEDS[need or section]), else None; a
+    skipped or failed section is a row that says why, and the other sections still run."""
+    reason = run.fits(need or section)
+    if reason:
+        return skip(run, section, f'skipped: {reason}')
+    try:
+        return measure()
+    except Exception as err:
+        return skip(run, section, f'failed: {one_line(err)}')
+
+
 def speed_setup(run: Run, size: Sizes, sections: list[str]):
     """(bench_speed's arguments, its Setup) for train, eval and compile, or None when none of them runs."""
     import tempfile
@@ -215,14 +227,11 @@ def speed_setup(run: Run, size: Sizes, sections: list[str]):
 def run_steps(run: Run, name: str, speed) -> None:
     """train or eval: every variant of bench_speed's section, side by side."""
     args, st = speed
-    reason = run.fits(name)
-    if reason:
-        return skip(run, name, f'skipped: {reason}')
-    try:
-        variants = (bench_speed.train_variants if name == 'train' else bench_speed.eval_variants)(st, args)
-        rows = bench_speed.run_section(name, variants, args, st.sync, deadline=run.section_deadline(name))
-    except Exception as err:  # the section's row says why; the other sections still run
-        return skip(run, name, f'failed: {one_line(err)}')
+    make = bench_speed.train_variants if name == 'train' else bench_speed.eval_variants
+    rows = attempt(run, name, lambda: bench_speed.run_section(name, make(st, args), args, st.sync,
+                                                              deadline=run.section_deadline(name)))
+    if rows is None:
+        return
     run.lines += step_lines(name, rows)
     if name == 'train':
         last = rows[-1]  # the cached step under --amp --channels-last: what a GPU run trains with
@@ -233,19 +242,14 @@ def run_steps(run: Run, name: str, speed) -> None:
 def run_compile(run: Run, speed) -> None:
     """Eager vs torch.compile of the bf16 cached training step and of the bf16 evaluation step."""
     args, st = speed
-    reason = run.fits('compile')
-    if reason:
-        return skip(run, 'compile', f'skipped: {reason}')
     compiled = argparse.Namespace(**{**vars(args), 'compile': True})
     for section, make, keys in (('compile: train', bench_speed.train_variants, ('cached_amp_cl', 'cached_compile')),
                                 ('compile: eval', bench_speed.eval_variants, ('ours_amp_cl', 'ours_compile'))):
         started = time.perf_counter()
-        try:
-            variants = {k: v for k, v in make(st, compiled).items() if k in keys}
-            rows = bench_speed.run_section(section, variants, compiled, st.sync,
-                                           deadline=run.section_deadline('compile'))
-        except Exception as err:
-            skip(run, section, f'failed: {one_line(err)}')
+        variants = {k: v for k, v in make(st, compiled).items() if k in keys}
+        rows = attempt(run, section, lambda: bench_speed.run_section(
+            section, variants, compiled, st.sync, deadline=run.section_deadline('compile')), need='compile')
+        if rows is None:
             continue
         lines = step_lines(section, rows)
         lines[-1].note = (lines[-1].note + '; ' if lines[-1].note else '') + \
@@ -257,15 +261,11 @@ def run_compile(run: Run, speed) -> None:
 def run_loader(run: Run, size: Sizes) -> None:
     import torch
 
-    reason = run.fits('loader')
-    if reason:
-        return skip(run, 'loader', f'skipped: {reason}')
     args = bench_loader.parse_args(size.loader)
     device = torch.device(args.device)
-    try:
-        fig = bench_loader.measure(args, device)
-    except Exception as err:
-        return skip(run, 'loader', f'failed: {one_line(err)}')
+    fig = attempt(run, 'loader', lambda: bench_loader.measure(args, device))
+    if fig is None:
+        return
     base = float(f'{fig.median["PIL"]:.4g}')
     for name, rates in fig.rates.items():
         median = float(f'{statistics.median(rates):.4g}')
@@ -290,15 +290,12 @@ def run_loader(run: Run, size: Sizes) -> None:
 def run_ddp(run: Run, size: Sizes) -> None:
     import torch
 
-    reason = run.fits('ddp')
-    if reason:
-        return skip(run, 'ddp', f'skipped: {reason}')
     a = bench_ddp_step.parse_args(size.ddp)
     device = torch.device(a.device, 0) if a.device == 'cuda' else torch.device('cpu')
-    try:
-        gaps, peaks, _ = bench_ddp_step.measure(a, device)
-    except Exception as err:
-        return skip(run, 'ddp', f'failed: {one_line(err)}')
+    measured = attempt(run, 'ddp', lambda: bench_ddp_step.measure(a, device))
+    if measured is None:
+        return
+    gaps, peaks, _ = measured
     base = None
     for name, g in gaps.items():
         ms = [1e3 * t for t in g]
@@ -328,10 +325,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    sections = [s.strip() for s in args.sections.split(',') if s.strip()]
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown or not sections:
-        parser.error(f'--sections: unknown {unknown}; choose among {", ".join(SECTIONS)}')
+    sections = parse_sections(parser, args.sections, SECTIONS)
     if args.budget <= 0:
         parser.error('--budget must be > 0')
     try:
