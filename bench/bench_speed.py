@@ -43,8 +43,9 @@ if __name__ == '__main__':  # no progress bars in the output (tqdm reads this wh
 from bench.common import (device_sync, load_line, log as progress, machine_lines,  # noqa: E402
                           spread, time_interleaved)
 
-SECTIONS = ('train', 'eval', 'metrics', 'parts')
+SECTIONS = ('train', 'eval', 'metrics', 'parts', 'overhead')
 NUM_CLASSES = 80  # COCO
+UNRATED = ('parts', 'overhead')  # sections of pieces, not of alternatives: no speed-up
 METRICS_SHAPE = (40137, NUM_CLASSES)  # COCO test split
 # Ratios the issue asks for: (section, variant key) -> minimal speed-up over the section's baseline.
 TARGETS = {('train', 'cached'): ('cpu', 2.5), ('eval', 'ours'): (None, 5.0),
@@ -305,8 +306,9 @@ def bench_metrics(args) -> tuple[list[Row], str]:
     return rows, f'metrics: {shape[0]} x {shape[1]}; largest difference between the two: {worst:.1e}'
 
 
-def bench_parts(st: Setup, args) -> list[Row]:
-    """The pieces of a training step alone: which one dominates the online step?"""
+def bare_steps(st: Setup):
+    """(training step, forward) of the classifier called directly, without the engine: the same model,
+    batch, cached pseudo-labels and EM_PL loss as the train and eval rows."""
     import torch
 
     import losses
@@ -326,8 +328,15 @@ def bench_parts(st: Setup, args) -> list[Row]:
     def classifier_forward():
         st.model.eval()
         with torch.inference_mode():
-            st.model(images)
+            torch.sigmoid(st.model(images))
 
+    return classifier_step, classifier_forward
+
+
+def bench_parts(st: Setup, args) -> list[Row]:
+    """The pieces of a training step alone: which one dominates the online step?"""
+    images, index, flipped = st.batch['image'], st.batch['index'], st.batch['flipped']
+    classifier_step, classifier_forward = bare_steps(st)
     variants = {'clip': ('frozen CLIP image tower embed (no_grad)', lambda: st.labeler.embed(images)),
                 'step': ('classifier forward + EM_PL loss + backward + Adam', classifier_step),
                 'forward': ('classifier forward (inference_mode)', classifier_forward),
@@ -335,8 +344,26 @@ def bench_parts(st: Setup, args) -> list[Row]:
     return run_section('parts', variants, args, st.sync)
 
 
+def bench_overhead(st: Setup, args) -> list[Row]:
+    """The engine's own cost per step: engine.train_one_epoch and engine.predict against the bare step
+    and forward of the same model, in this process's CPU time (user + system), which other processes'
+    load barely moves. Meaningful at small sizes (--model small_cnn --image-size 16 --threads 1
+    --steps 200), where the network's time does not hide a millisecond."""
+    import time
+
+    classifier_step, classifier_forward = bare_steps(st)
+    images, index, flipped = st.batch['image'], st.batch['index'], st.batch['flipped']
+    train, evaluate = train_variants(st, args)['cached'][1], eval_variants(st, args)['ours'][1]
+    variants = {'engine_train': ('CPU time: engine.train_one_epoch, one cached step', train),
+                'bare_train': ('CPU time: the same step without the engine (lookup + step)',
+                               lambda: (st.cached(images, index, flipped), classifier_step())),
+                'engine_eval': ('CPU time: engine.predict, one batch', evaluate),
+                'bare_eval': ('CPU time: the same forward without the engine', classifier_forward)}
+    return run_section('overhead', variants, args, st.sync, clock=time.process_time)
+
+
 def run_section(section: str, variants: dict, args, sync, warmup: int | None = None,
-                deadline: float | None = None) -> list[Row]:
+                deadline: float | None = None, clock=None) -> list[Row]:
     """Time {key: (label, fn)} interleaved; rows in the order given, the first is the baseline. On CUDA
     each variant then runs once more alone for its peak memory above what was resident before. A
     --compile variant is compiled by one untimed run first; if compiling fails (no compiler, an
@@ -355,7 +382,8 @@ def run_section(section: str, variants: dict, args, sync, warmup: int | None = N
                 progress(f'  {skipped[key]}')
     timed = {key: fn for key, (_, fn) in variants.items() if key not in skipped}
     progress(f'{section}: {len(timed)} variants x ({warmup} warm-up + {args.steps} timed), interleaved ...')
-    times = time_interleaved(timed, warmup=warmup, steps=args.steps, sync=sync, deadline=deadline)
+    times = time_interleaved(timed, warmup=warmup, steps=args.steps, sync=sync, deadline=deadline,
+                             **({'clock': clock} if clock else {}))
     peaks = {key: peak_memory(fn, sync) for key, fn in timed.items()} if args.device == 'cuda' else {}
     return [Row(section, key, label, times.get(key, []), peaks.get(key), skipped.get(key))
             for key, (label, _) in variants.items()]
@@ -380,7 +408,7 @@ def speed_ups(rows: list[Row]) -> dict[tuple[str, str], float]:
     """(section, key) -> the section's first row's median over this row's median (parts: none)."""
     baseline: dict[str, float] = {}
     return {(row.section, row.key): baseline.setdefault(row.section, row.median) / row.median
-            for row in rows if row.section != 'parts' and not row.skipped}
+            for row in rows if row.section not in UNRATED and not row.skipped}
 
 
 def format_table(rows: list[Row], device_type: str) -> str:
@@ -413,6 +441,13 @@ def parts_note(rows: list[Row]) -> str | None:
     return (f'parts: CLIP embed / classifier step = {t["clip"] / t["step"]:.2f}; predicted speed-ups: '
             f'train (clip + step) / (step + lookup) = {(t["clip"] + t["step"]) / (t["step"] + t["lookup"]):.2f}x, '
             f'eval (clip + forward) / forward = {(t["clip"] + t["forward"]) / t["forward"]:.2f}x')
+
+
+def overhead_note(rows: list[Row]) -> str:
+    """The engine's cost per step: the engine's median CPU time minus the bare step's."""
+    t = {row.key: row.median for row in rows if row.section == 'overhead'}
+    return (f'overhead (CPU time): the engine adds {1e3 * (t["engine_train"] - t["bare_train"]):.3f} ms to a training '
+            f'step and {1e3 * (t["engine_eval"] - t["bare_eval"]):.3f} ms to an evaluation step (medians)')
 
 
 def parse_args(argv=None):
@@ -451,7 +486,7 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix='bench_speed_') as workdir:
-        if {'train', 'eval', 'parts'} & set(args.sections):
+        if {'train', 'eval', 'parts', 'overhead'} & set(args.sections):
             setup_started = time.perf_counter()
             st = make_setup(args, device, Path(workdir))
             notes.append(f'set-up (building both networks, embedding the batch once per flip): '
@@ -462,7 +497,8 @@ def main(argv=None) -> int:
             notes.append(f'pseudo-labels of the batch, cached vs online: '
                          f'{"equal" if torch.equal(pl_online, pl_cached) else "DIFFERENT"} '
                          f'({int((pl_online == 1).sum())} positives in {pl_online.numel()} entries)')
-            for section, bench in (('train', bench_train), ('eval', bench_eval), ('parts', bench_parts)):
+            for section, bench in (('train', bench_train), ('eval', bench_eval), ('parts', bench_parts),
+                                   ('overhead', bench_overhead)):
                 if section in args.sections:
                     rows += bench(st, args)
     if 'metrics' in args.sections:
@@ -471,6 +507,8 @@ def main(argv=None) -> int:
         notes.append(note)
     if 'parts' in args.sections:
         notes.append(parts_note(rows))
+    if 'overhead' in args.sections:
+        notes.append(overhead_note(rows))
 
     print('VLPL speed benchmark: ours vs the original, same inputs, one process')
     print('\n'.join(header))

@@ -105,13 +105,15 @@ def device_sync(device) -> Callable[[], None]:
 
 
 def time_interleaved(variants: dict[str, Callable[[], object]], *, warmup: int, steps: int,
-                     sync: Callable[[], None], deadline: float | None = None) -> dict[str, list[float]]:
+                     sync: Callable[[], None], deadline: float | None = None,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds of each of `steps` runs of every variant, after `warmup` untimed runs of each.
 
     Rounds go A, B, C, A, B, C, ...: slow drifts of the machine's load (other processes on a shared
     CPU, GPU clocks) then spread over all variants instead of favouring one. `sync` waits for queued
     device work, so that an asynchronous GPU call is timed to its end. `deadline` (a perf_counter
-    time): no new round starts after it once every variant has one timed run (a time box).
+    time): no new round starts after it once every variant has one timed run (a time box). `clock`:
+    the wall time, or time.process_time for this process's CPU time (user + system).
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(warmup + steps):
@@ -119,9 +121,9 @@ def time_interleaved(variants: dict[str, Callable[[], object]], *, warmup: int, 
             break
         for name, fn in variants.items():
             sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync()
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return times

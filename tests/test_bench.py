@@ -73,14 +73,14 @@ def test_machine_lines_warn_when_the_machine_is_busy(monkeypatch):
 def test_bench_speed_every_section(capsys):
     assert bench_speed.main(['--clip-model', 'vlpl-demo-tiny', '--model', 'small_cnn', '--image-size', '32',
                              '--batch-size', '2', '--steps', '2', '--metrics-rows', '60',
-                             '--sections', 'train,eval,metrics,parts']) == 0
+                             '--sections', 'train,eval,metrics,parts,overhead']) == 0
     out = capsys.readouterr().out
     machine_header(out)
     assert 'classifier small_cnn at 32 px, frozen CLIP vlpl-demo-tiny' in out
     assert 'pseudo-labels of the batch, cached vs online: equal' in out
     rows = {}
     for section, label, median, speed_up, _target, runs in markdown_rows(out, 'train') + markdown_rows(out, 'eval') \
-            + markdown_rows(out, 'metrics') + markdown_rows(out, 'parts'):
+            + markdown_rows(out, 'metrics') + markdown_rows(out, 'parts') + markdown_rows(out, 'overhead'):
         assert spread_of(runs)[1] == median  # the median column is the median of the runs
         rows.setdefault(section, []).append((label, median, speed_up))
     assert [label.split(':')[0] for label, _, _ in rows['train']] == ['original', 'ours']
@@ -91,8 +91,12 @@ def test_bench_speed_every_section(capsys):
         assert rows[section][0][2] == '1.00x'
         for _, median, speed_up in rows[section][1:]:
             assert_quotient(speed_up.rstrip('x'), base, median)
-    assert all(speed_up == '' for _, _, speed_up in rows['parts'])
+    assert all(speed_up == '' for _, _, speed_up in rows['parts'] + rows['overhead'])
     assert re.search(r'^parts: CLIP embed / classifier step = ', out, re.M)
+    engine_train, bare_train, engine_eval, bare_eval = (float(median) for _, median, _ in rows['overhead'])
+    added = re.search(rf'the engine adds ({NUMBER}) ms to a training step and ({NUMBER}) ms to an evaluation', out)
+    assert abs(float(added.group(1)) - 1e3 * (engine_train - bare_train)) <= 1e3 * 1e-3 * engine_train + 5e-4
+    assert abs(float(added.group(2)) - 1e3 * (engine_eval - bare_eval)) <= 1e3 * 1e-3 * engine_eval + 5e-4
 
 
 def test_bench_speed_rows_of_amp_and_a_compile_that_fails(capsys, monkeypatch):
