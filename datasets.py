@@ -14,7 +14,7 @@ Without the file every entry counts.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from config import DATASETS, DatasetInfo, VLPLError  # DATASETS: each dataset's facts in one row
+import fingerprint
+import label_tables
+from config import DATASETS, DEFAULT_DIRS, DatasetInfo, VLPLError  # DATASETS: each dataset's facts in one row
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,10 +39,14 @@ class DataError(VLPLError):
 
 @dataclass
 class Split:
+    """labels_true and labels_obs are float32 numpy arrays, or, for a dataset of real partial
+    annotations (DatasetInfo.annotated), one and the same label_tables.Annotations table (int8
+    states read lazily; the observed labels are the annotations)."""
     images: np.ndarray  # (N,) str, relative to the image folder
     labels_true: np.ndarray  # (N, K) float32 in {0, 1}
     labels_obs: np.ndarray  # (N, K) float32 in {-1, 0, 1}
     ignore: np.ndarray | None = None  # (N, K) bool: entries no metric counts (formatted_*_ignore.npy)
+    _stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -49,6 +55,14 @@ class Split:
         """The (n, K) bool mask of the entries of `rows` that metrics count (metrics' `mask`), or
         None when every entry counts."""
         return None if self.ignore is None else ~self.ignore[rows]
+
+    def stats(self, root: Path) -> np.ndarray:
+        """(N, 2) int64 size and modification time of each image under root (fingerprint.image_stats),
+        taken once: the existence check, the input fingerprint and the pack checks share them."""
+        key = str(root)
+        if key not in self._stats:
+            self._stats[key] = fingerprint.image_stats(root, self.images)
+        return self._stats[key]
 
 
 def _spec(dataset: str) -> DatasetInfo:
@@ -64,28 +78,47 @@ def image_root(data_root: str | Path, dataset: str) -> Path:
 
 
 def split_indices(num_rows: int, val_fraction: float = VAL_FRACTION,
-                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int = SPLIT_SEED, max_val: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut the official train split into (train, val) row indices, both sorted (docs/original-vlpl.md section 4).
 
     ``n_val = int(np.round(val_fraction * num_rows))``; ``perm = RandomState(seed).permutation(num_rows)``;
     train = ``sort(perm[:num_rows - n_val])``, val = ``sort(perm[num_rows - n_val:])``.
     The original takes ``perm[-n_val:]``, which is the whole permutation when n_val is 0; here val is
-    then empty (identical for every n_val > 0).
+    then empty (identical for every n_val > 0). max_val: n_val is at most this (DatasetInfo.max_val_images).
     """
     n_val = int(np.round(val_fraction * num_rows))
+    if max_val is not None:
+        n_val = min(n_val, max_val)
     n_train = num_rows - n_val
     perm = np.random.RandomState(seed).permutation(num_rows)
     return np.sort(perm[:n_train]), np.sort(perm[n_train:])
 
 
-DEMO_HINT = "run `python main_clip.py -d demo` (it creates the demo data)"
+def metric_rows(num_rows: int, limit: int | None, seed: int = SPLIT_SEED) -> np.ndarray | None:
+    """The sorted rows of a train split whose predictions the train phase keeps for its metrics line
+    (DatasetInfo.train_metric_rows): `limit` rows drawn by RandomState(seed), or None (every row) when
+    there is no limit or the split is not larger."""
+    if limit is None or num_rows <= limit:
+        return None
+    return np.sort(np.random.RandomState(seed).permutation(num_rows)[:limit])
 
 
-def observed_labels_hint(dataset: str) -> str:
-    """What to run when formatted_*_labels_obs.npy is missing."""
+def _data_root_flag(data_root: str | Path | None) -> str:
+    """' --data-root X' for a hint's command, '' for the default data folder (or when not known)."""
+    if data_root is None or Path(data_root).resolve() == Path(DEFAULT_DIRS["data"]).resolve():
+        return ""
+    return f" --data-root {data_root}"
+
+
+def demo_hint(data_root: str | Path | None = None) -> str:
+    return f"run `python main_clip.py -d demo{_data_root_flag(data_root)}` (it creates the demo data)"
+
+
+def observed_labels_hint(dataset: str, data_root: str | Path | None = None) -> str:
+    """What to run when formatted_*_labels_obs.npy is missing (with --data-root where it is not the default)."""
     if dataset == "demo":
-        return DEMO_HINT
-    return f"run `python preproc/generate_observed_labels.py --dataset {dataset}`"
+        return demo_hint(data_root)
+    return f"run `python preproc/generate_observed_labels.py --dataset {dataset}{_data_root_flag(data_root)}`"
 
 
 # Partial annotations (docs/partial-labels.md): formatted_train_labels_obs_<TAG>.npy, TAG rps<P> or
@@ -135,17 +168,31 @@ def observed_tag_hint(dataset: str, tag: str, data_root: str | Path = "data") ->
     scheme, param = parsed
     canonical = canonical_observed_tag(scheme, param)
     flag = f"--drop-prob {param!r}" if scheme == "rps" else f"--per-class {param}"
-    root = "" if str(data_root) == "data" else f" --data-root {data_root}"
+    root = _data_root_flag(data_root)
     command = (f"run `python preproc/generate_observed_labels.py --dataset {dataset}{root} --scheme {scheme} "
                f"{flag}`")
     return command if canonical == tag else f"{command}, then pass --observed {canonical}"
 
 
-def formatting_hint(dataset: str) -> str:
-    """What to run when formatted_*_{images,labels}.npy are missing."""
+def source_files(observed: str | None = None, clean_train_labels: bool = False) -> dict[str, dict[str, str]]:
+    """The formatted file each array of load_splits' splits comes from: {phase: {field: file name}}
+    (val's labels_obs is its labels_true; --observed full and the clean labels come from the labels)."""
+    from_labels = clean_train_labels or observed == FULL_OBSERVED
+    train_obs = "formatted_train_labels.npy" if from_labels else observed_file_name(observed)
+    return {"train": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
+                      "labels_obs": train_obs, "ignore": "formatted_train_ignore.npy"},
+            "val": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
+                    "ignore": "formatted_train_ignore.npy"},
+            "test": {"images": "formatted_val_images.npy", "labels_true": "formatted_val_labels.npy",
+                     "ignore": "formatted_val_ignore.npy"}}
+
+
+def formatting_hint(dataset: str, data_root: str | Path | None = None) -> str:
+    """What to run when formatted_*_{images,labels}.npy are missing (writing them under data_root)."""
     if dataset == "demo":
-        return DEMO_HINT
-    return f"see data/{dataset}/README.md and run `python preproc/format_{dataset}.py`"
+        return demo_hint(data_root)
+    save = f" --save-path {Path(data_root) / dataset}" if _data_root_flag(data_root) else ""
+    return f"see data/{dataset}/README.md and run `python preproc/format_{dataset}.py{save}`"
 
 
 def load_array(path: Path, how_to_create: str) -> np.ndarray:
@@ -177,13 +224,13 @@ def load_ignore(folder: Path, dataset: str, phase: str, num_rows: int, num_class
     path = folder / f"formatted_{phase}_ignore.npy"
     if not path.is_file():
         return None
-    mask = check_labels(path, load_array(path, formatting_hint(dataset)), num_classes, (0, 1), num_rows)
+    mask = check_labels(path, load_array(path, formatting_hint(dataset, folder.parent)), num_classes, (0, 1), num_rows)
     return mask.astype(bool)  # bool, or 0/1 as SGRE's ignore.npy
 
 
 def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int, with_observed: bool,
                 observed_tag: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    hint = formatting_hint(dataset)
+    hint = formatting_hint(dataset, folder.parent)
     images_path = folder / f"formatted_{phase}_images.npy"
     images = load_array(images_path, hint)
     if images.ndim != 1 or images.dtype.kind != "U":
@@ -193,10 +240,14 @@ def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int, with_o
     observed = None
     if with_observed:
         obs_path = folder / observed_file_name(observed_tag, phase)
-        hint = (observed_labels_hint(dataset) if observed_tag is None
+        hint = (observed_labels_hint(dataset, folder.parent) if observed_tag is None
                 else observed_tag_hint(dataset, observed_tag, folder.parent))
         observed = check_labels(obs_path, load_array(obs_path, hint),
                                 num_classes, (-1, 0, 1), len(images)).astype(np.float32)
+        if not (observed == 1).any():  # e.g. --observed rps1.0: every annotation dropped; nothing to learn from
+            raise DataError(f"{obs_path} holds no observed positive at all: nothing to train on; "
+                            + ("choose a tag that keeps some (rps<P> with P < 1, fpc<N> with N >= 1)"
+                               if observed_tag is not None else f"{hint} again"))
     return images, labels.astype(np.float32), observed
 
 
@@ -225,7 +276,9 @@ def load_splits(data_root: str | Path, dataset: str, *,
     spec = _spec(dataset)
     folder = Path(data_root) / dataset
     if not folder.is_dir():
-        raise DataError(f"{folder} not found: {formatting_hint(dataset)}")
+        raise DataError(f"{folder} not found: {formatting_hint(dataset, data_root)}")
+    if spec.annotated:
+        return _load_annotated_splits(folder, dataset, spec.num_classes, spec.max_val_images)
     full = observed == FULL_OBSERVED
     images, labels, train_observed = _load_phase(folder, dataset, "train", spec.num_classes,
                                                  with_observed=not (clean_train_labels or full),
@@ -237,7 +290,7 @@ def load_splits(data_root: str | Path, dataset: str, *,
     train_idx, val_idx = split_indices(len(images))
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
-                        f"to cut a train and a val split: {formatting_hint(dataset)}")
+                        f"to cut a train and a val split: {formatting_hint(dataset, data_root)}")
     if full:
         train_observed = full_observed(labels, ignore)
     elif observed is not None and train_observed is not None:
@@ -253,6 +306,87 @@ def load_splits(data_root: str | Path, dataset: str, *,
         "val": Split(images[val_idx], labels[val_idx], labels[val_idx], rows(ignore, val_idx)),
         "test": Split(test_images, test_labels, test_labels.copy(), test_ignore),
     }
+
+
+def _load_annotated_splits(folder: Path, dataset: str, num_classes: int | None,
+                           max_val: int | None) -> dict[str, Split]:
+    """load_splits of a dataset of real partial annotations: formatted_{train,val}_labels.npy are
+    int8 annotation states (annotations.py), memory-mapped and read lazily; the train/val cut is a
+    row selection of the train table, and each split's observed labels are its annotations."""
+    hint = formatting_hint(dataset, folder.parent)
+    tables = {}
+    for phase in ("train", "val"):
+        images_path = folder / f"formatted_{phase}_images.npy"
+        images = load_array(images_path, hint)
+        if images.ndim != 1 or images.dtype.kind != "U":
+            raise DataError(f"{images_path} must be a 1-D array of strings, got {images.dtype} {images.shape}")
+        labels_path = folder / f"formatted_{phase}_labels.npy"
+        if not labels_path.is_file():
+            raise DataError(f"{labels_path} not found: {hint}")
+        try:
+            labels = label_tables.load(labels_path, len(images), num_classes)
+        except label_tables.AnnotationError as err:
+            raise DataError(f"{err}: {hint}") from None
+        if num_classes is None:
+            num_classes = labels.shape[1]  # the val file must then have as many
+        tables[phase] = images, labels
+    images, labels = tables["train"]
+    train_idx, val_idx = split_indices(len(images), max_val=max_val)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
+                        f"to cut a train and a val split: {hint}")
+    splits = {}
+    for phase, rows in (("train", train_idx), ("val", val_idx)):
+        table = labels.take(rows)
+        splits[phase] = Split(images[rows], table, table)
+    test_images, test_labels = tables["val"]
+    splits["test"] = Split(test_images, test_labels, test_labels)
+    return splits
+
+
+class ImageRangeError(ValueError):
+    """An image whose values have no range to scale to 8 bits by (read_rgb); the caller names the file."""
+
+
+SIXTEEN_BIT = 65535
+
+
+def read_rgb(path) -> Image.Image:
+    """The RGB picture of an image file, as every reader here sees it: the training and evaluation
+    pipeline, the packs, the frozen-CLIP embedding cache, AEVLP's views (all through
+    MultiLabelImages) and predict.py.
+
+    8-bit modes (1, L, P, LA, PA, RGB, RGBA, CMYK, YCbCr, ...): PIL's convert('RGB'), unchanged.
+    convert('RGB') clips the modes PIL keeps wider than 8 bits at 255 (a 16-bit PNG turns white,
+    a float image in [0, 1] black), so they are scaled by their range first, to an 8-bit L image:
+
+    - I;16, I;16L, I;16B, I;16N (16-bit grey: PNG, TIFF) and I (32-bit integer; PIL opens 16-bit
+      PGM/PPM as I, scaled to 0..65535): v in 0..65535 becomes round(v / 257), half up, so 0 -> 0,
+      65535 -> 255, and an 8-bit value b widened to 16 bits the standard way (257 b, PNG's sample
+      depth scaling) reads back as b. Values outside 0..65535 (a 32-bit integer image) are refused.
+    - F (32-bit float, TIFF): values in [0, 1] become round(255 x), half up. Values outside [0, 1],
+      NaN or infinite are refused: such a file has no range to scale by.
+
+    A refusal is ImageRangeError; every caller names the file in its one-line message.
+    """
+    with Image.open(path) as img:
+        if img.mode == "F":
+            x = np.asarray(img, dtype=np.float64)
+            if not (np.isfinite(x).all() and x.min(initial=0.0) >= 0.0 and x.max(initial=0.0) <= 1.0):
+                finite = x[np.isfinite(x)]
+                span = f"{finite.min():g} to {finite.max():g}" if finite.size else "no finite value"
+                raise ImageRangeError(f"a float (mode F) image with values outside [0, 1] ({span}"
+                                      f"{', NaN or infinite values' if finite.size < x.size else ''}), so there is "
+                                      "no range to scale it to 8 bits by: save it as an 8- or 16-bit image")
+            return Image.fromarray(np.floor(x * 255.0 + 0.5).astype(np.uint8)).convert("RGB")  # uint8 2-D: L
+        if img.mode == "I" or img.mode.startswith("I;16"):
+            v = np.asarray(img).astype(np.int64)
+            low, high = int(v.min(initial=0)), int(v.max(initial=0))
+            if low < 0 or high > SIXTEEN_BIT:
+                raise ImageRangeError(f"an image of mode {img.mode} with values {low} to {high}, outside the 16-bit "
+                                      f"range 0..{SIXTEEN_BIT} it is scaled by: save it as an 8- or 16-bit image")
+            return Image.fromarray(((v + 128) // 257).astype(np.uint8)).convert("RGB")
+        return img.convert("RGB")
 
 
 def image_tensor(img: Image.Image, image_size: int, *, flipped: bool = False) -> torch.Tensor:
@@ -371,13 +505,18 @@ class MultiLabelImages(torch.utils.data.Dataset):
         return len(self.split)
 
     def _open(self, path: Path) -> Image.Image:
+        where = f" of dataset {self.dataset}" if self.dataset else ""
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
+            return read_rgb(path)
+        except ImageRangeError as err:
+            raise DataError(f"image {path}{where} is {err}, or pass --skip-bad-images") from None
         except (OSError, ValueError) as err:
-            where = f" of dataset {self.dataset}" if self.dataset else ""
             raise DataError(f"cannot read image {path}{where} ({err}); check the image folder, "
                             f"re-run the dataset's formatting step, or pass --skip-bad-images") from None
+
+    def image_stats(self) -> np.ndarray:
+        """(N, 2) size and modification time of the files the pixels are read from (fingerprint.py)."""
+        return self.split.stats(self.root)
 
     def __getitem__(self, key) -> dict[str, torch.Tensor] | None:
         """``key`` is a row index, or a (row, flip) pair from FlipSampler (train only).
@@ -435,7 +574,8 @@ def report_skipped(dataset: "MultiLabelImages", rows: list[int]) -> None:
             log.warning(f"skipped unreadable image {dataset.root / str(dataset.split.images[row])} (--skip-bad-images)")
 
 
-def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: bool) -> list[str]:
+def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: bool,
+                 data_root: str | Path | None = None) -> list[str]:
     """The image files of a split that do not exist, found before any expensive work.
 
     Missing files stop the run unless skip_bad; even then a split that is mostly missing (more than
@@ -443,8 +583,9 @@ def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: b
     """
     if not root.is_dir():
         raise DataError(f"image folder {root} of dataset {dataset} not found: check --data-root "
-                        f"({formatting_hint(dataset)})")
-    missing = [str(p) for p in split.images if not (root / str(p)).is_file()]
+                        f"({formatting_hint(dataset, data_root)})")
+    stats = split.stats(root)  # one stat per image, kept for the input fingerprint
+    missing = [str(split.images[i]) for i in np.flatnonzero(stats[:, 0] == fingerprint.MISSING)]
     if not missing:
         return []
     what = f"{len(missing)} of {len(split)} {phase} images of dataset {dataset} are missing under {root} " \

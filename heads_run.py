@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 import class_text_features
-from config import Config, UserError, one_line
+from config import DATASETS, Config, UserError, one_line
 from distributed import log
 from heads import HeadConfigError, Query2LabelHead, dataset_defaults
 from recipe import OPTIMIZERS, SCHEDULES, ModelEMA, build_optimizer, build_schedule
+from label_tables import take_rows
 from metrics import compute_metrics
 
 
@@ -28,21 +29,21 @@ def add_arguments(g) -> None:
     g.add_argument('--head', default='linear', choices=['linear', 'q2l', 'sgre'],
                    help='classifier head on the backbone: linear (the original), q2l (Query2Label) or sgre (SGRE); '
                         'q2l and sgre read the whole feature map')
-    g.add_argument('--q2l-hidden', type=int, default=d['q2l_hidden'].default, help='Query2Label hidden size')
-    g.add_argument('--q2l-enc-layers', type=int, default=d['q2l_enc_layers'].default, help='Query2Label encoder layers')
-    g.add_argument('--q2l-dec-layers', type=int, default=d['q2l_dec_layers'].default, help='Query2Label decoder layers')
-    g.add_argument('--q2l-heads', type=int, default=d['q2l_heads'].default, help='Query2Label attention heads')
-    g.add_argument('--q2l-ffn', type=int, default=d['q2l_ffn'].default, help='Query2Label feed-forward width')
+    g.add_argument('--q2l-hidden', type=int, default=None, help=_sized('Query2Label hidden size', 'q2l_hidden'))
+    g.add_argument('--q2l-enc-layers', type=int, default=None, help=_sized('Query2Label encoder layers', 'q2l_enc_layers'))
+    g.add_argument('--q2l-dec-layers', type=int, default=None, help=_sized('Query2Label decoder layers', 'q2l_dec_layers'))
+    g.add_argument('--q2l-heads', type=int, default=None, help=_sized('Query2Label attention heads', 'q2l_heads'))
+    g.add_argument('--q2l-ffn', type=int, default=None, help=_sized('Query2Label feed-forward width', 'q2l_ffn'))
     g.add_argument('--q2l-dropout', type=float, default=d['q2l_dropout'].default, help='Query2Label dropout')
     g.add_argument('--q2l-pre-norm', action='store_true', help='Query2Label pre-norm layers (needs --q2l-dec-self-attn)')
     g.add_argument('--q2l-dec-self-attn', action='store_true',
                    help='keep the self-attention of the Query2Label decoder layers (the original removes it)')
-    g.add_argument('--sgre-layers', type=int, default=d['sgre_layers'].default, help='SGRE encoder layers')
-    g.add_argument('--sgre-heads', type=int, default=d['sgre_heads'].default, help='SGRE attention heads')
-    g.add_argument('--sgre-ffn', type=int, default=d['sgre_ffn'].default, help='SGRE encoder feed-forward width')
+    g.add_argument('--sgre-layers', type=int, default=None, help=_sized('SGRE encoder layers', 'sgre_layers'))
+    g.add_argument('--sgre-heads', type=int, default=None, help=_sized('SGRE attention heads', 'sgre_heads'))
+    g.add_argument('--sgre-ffn', type=int, default=None, help=_sized('SGRE encoder feed-forward width', 'sgre_ffn'))
     g.add_argument('--sgre-dropout', type=float, default=d['sgre_dropout'].default, help='SGRE encoder dropout')
-    g.add_argument('--sgre-att-dim', type=int, default=d['sgre_att_dim'].default,
-                   help='size of SGRE\'s low-rank bilinear label-to-pixel attention')
+    g.add_argument('--sgre-att-dim', type=int, default=None,
+                   help=_sized('size of SGRE\'s low-rank bilinear label-to-pixel attention', 'sgre_att_dim'))
     g.add_argument('--sgre-tau', type=float, default=d['sgre_tau'].default, help='SGRE attention temperature')
     g.add_argument('--sgre-no-pos', action='store_true', help='SGRE without the sine position encoding')
     g.add_argument('--sgre-chunk', type=int, default=None,
@@ -69,9 +70,29 @@ def add_arguments(g) -> None:
                         'pct_start 0.2, stepped every batch)')
 
 
+def _sized(text: str, name: str) -> str:
+    """Help of a head-size flag: the paper's default and the datasets' own (DatasetInfo.head_sizes)."""
+    own = [f'{row.name} {dict(row.head_sizes)[name]}' for row in DATASETS.values() if name in dict(row.head_sizes)]
+    return f'{text} (default: {Config.__dataclass_fields__[name].default}, the paper\'s' + \
+        ''.join(f'; {o}' for o in own) + ')'
+
+
+def head_sizes(a: argparse.Namespace) -> None:
+    """Fill the head sizes left unset: for the head in use the dataset's (the demo's small heads, as its
+    row gives the backbone), else the paper's (Config's defaults, which the other heads keep, so that
+    a run's settings name no size it does not use)."""
+    own = dict(DATASETS[a.dataset].head_sizes) if a.dataset in DATASETS else {}
+    for head, names in HEAD_SIZES.items():
+        for name in names:
+            if getattr(a, name) is None:
+                default = Config.__dataclass_fields__[name].default
+                setattr(a, name, own.get(name, default) if head == a.head else default)
+
+
 def config_options(a: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """The Config fields of the 'Transformer heads' flags, checked (parser.error on a bad value),
-    with lamda's per-dataset default."""
+    with lamda's per-dataset default and the dataset's head sizes."""
+    head_sizes(a)
     if a.head != 'sgre':
         for flag, value in (('--lamda', a.lamda), ('--label-embeddings', a.label_embeddings)):
             if value is not None:
@@ -115,6 +136,16 @@ def config_options(a: argparse.Namespace, parser: argparse.ArgumentParser) -> di
 
 
 # ------------------------------------------------------------------------------------- heads
+
+# The Config fields that shape each head's weights (its state_dict): a checkpoint's head fits a run's
+# when these are equal (checkpoints.architecture).
+HEAD_SIZES = {
+    'linear': (),
+    'q2l': ('q2l_hidden', 'q2l_enc_layers', 'q2l_dec_layers', 'q2l_heads', 'q2l_ffn', 'q2l_pre_norm',
+            'q2l_dec_self_attn'),
+    'sgre': ('sgre_layers', 'sgre_heads', 'sgre_ffn', 'sgre_att_dim'),
+}
+
 
 def _q2l_kwargs(c) -> dict:
     get = c.get if isinstance(c, dict) else lambda k: getattr(c, k)
@@ -214,9 +245,9 @@ def ema_wins(model_preds: np.ndarray, ema_preds: np.ndarray, labels_true: np.nda
     """Query2Label's rule (main_mlc.py): validate the model and its average, keep the average when
     its val mAP is strictly higher. Logs both. mask: the entries mAP counts (None: all)."""
     seen = ~np.isnan(model_preds[:, 0])
-    counted = None if mask is None else mask[seen]
-    m = compute_metrics(model_preds[seen], labels_true[seen], counted)['map']
-    e = compute_metrics(ema_preds[seen], labels_true[seen], counted)['map']
+    labels_true, counted = take_rows(labels_true, seen), None if mask is None else mask[seen]
+    m = compute_metrics(take_rows(model_preds, seen), labels_true, counted)['map']
+    e = compute_metrics(take_rows(ema_preds, seen), labels_true, counted)['map']
     wins = e > m
     log.info(f'epoch {epoch} val mAP: model {m:.2f}, EMA {e:.2f} -> evaluating the {"EMA" if wins else "model"}')
     return bool(wins)

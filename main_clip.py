@@ -28,7 +28,9 @@ import class_text_features
 import clip_loading
 import datasets
 import distributed
+import fingerprint
 import heads_run
+import label_tables
 import methods
 import methods_partial  # registers -l ASL and -l CSL
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
@@ -37,7 +39,7 @@ import packs
 import pseudo_label_options
 import pseudo_label_policy
 import records
-from checkpoints import RunFolder, config_differences, load_checkpoint, set_rng_state
+from checkpoints import RunFolder, config_differences, load_checkpoint, rebuild_classifier, set_rng_state
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
                     build_config, number, one_line)
 from distributed import is_primary, log
@@ -46,7 +48,7 @@ from epoch_phases import Learner, evaluate_phases, log_epoch, save_epoch, train_
 from files import save_json
 from instrumentation import TrainLogger
 from metrics import compute_metrics
-from run_data import Data, build_loaders, load_data, make_loader, prepare_data
+from run_data import Data, build_loaders, check_same_inputs, load_data, make_loader, prepare_data
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -260,18 +262,19 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict], overwrite: bool = 
 def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: RunFolder) -> dict:
     run_dir = folder.path
     seed_everything(cfg.seed)
-    splits, root = load_data(cfg)
-    init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
+    splits, root, init, trunk = load_data(cfg, resume)
     method_class = methods.METHODS[cfg.loss]
     data = build_loaders(cfg, splits, root, method_class, device)
+    if resume is not None:
+        check_same_inputs(cfg, resume, data, root)
     clip_model, tokenizer = load_frozen_clip(cfg, method_class, device)
     pl_source = pseudo_label_source(cfg, method_class, clip_model, tokenizer, data, device)
-    learner = build_model_and_optimiser(cfg, clip_model, tokenizer, data, resume, init_state, device)
-    train_true = torch.as_tensor(splits['train'].labels_true, device=device)
-    classnames = class_text_features.read_classnames(cfg.dataset)
+    learner = build_model_and_optimiser(cfg, clip_model, tokenizer, data, resume, init, trunk, device)
+    train_true = label_tables.on_device(splits['train'].labels_true, device, copy=False)  # rows per batch
+    classnames = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
     start_epoch = restore(learner, resume, pl_source, data.sampler)
     add_ema(cfg, learner, resume, run_dir)
-    record, tensorboard = start_records(cfg, device, method_class, folder, pl_source)
+    record, tensorboard = start_records(cfg, device, method_class, folder, pl_source, data)
     wrap_for_training(cfg, learner, device)
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -320,25 +323,25 @@ def pseudo_label_source(cfg: Config, method_class, clip_model, tokenizer, data: 
 
 
 def build_model_and_optimiser(cfg: Config, clip_model, tokenizer, data: Data, resume: Optional[dict],
-                              init_state: Optional[dict], device) -> Learner:
-    """The classifier (fresh, or --init-from's weights), the method object, the optimiser, the schedule, the logger."""
+                              init: Optional[dict], trunk: Optional[models.Trunk], device) -> Learner:
+    """The classifier (fresh, on the trunk load_data built, or --init-from's weights), the method object, the
+    optimiser, the schedule, the logger."""
     num_classes = data.num_classes
     label_embeddings = heads_run.label_embeddings(cfg, clip_model, tokenizer, num_classes, resume)
     # Reseed so that the head's initialisation does not depend on what ran before (CLIP loading and
     # every DataLoader iterator draw from the global generator).
     torch.manual_seed(cfg.seed)
-    fresh = resume is None and init_state is None  # else the weights come from a checkpoint
+    fresh = resume is None and init is None  # else the weights come from a checkpoint
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
-                                    weights_path=cfg.backbone_weights if fresh else None,
+                                    weights_path=cfg.backbone_weights if fresh else None, trunk=trunk,
                                     clip_model=clip_model, head=cfg.head,
                                     cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
                                     **heads_run.head_options(cfg, label_embeddings)).to(device)
-    if init_state is not None:
-        try:
-            model.load_state_dict(init_state)
-        except RuntimeError as e:
-            raise UserError(f'--init-from {cfg.init_from}: its model does not fit -m {cfg.model} with '
-                            f'{num_classes} classes ({one_line(e)[:120]})') from None
+    if init is not None:
+        problem = models.state_dict_mismatch(model.state_dict(), init['model'])
+        if problem:
+            raise UserError(f'--init-from {cfg.init_from}: its model does not fit this run: {problem}')
+        model.load_state_dict(init['model'])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = methods.build_method(cfg, data.splits['train'].labels_obs, device)
@@ -370,9 +373,9 @@ def add_ema(cfg: Config, learner: Learner, resume: Optional[dict], run_dir: Path
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
 
 
-def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_source) -> tuple:
+def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_source, data: Data) -> tuple:
     """(config.json's record, TensorBoard writer or None); the primary process creates the run folder."""
-    record = records.run_record(cfg, device, method_class)
+    record = records.run_record(cfg, device, method_class) | {'inputs': fingerprint.summary(data.inputs)}
     tensorboard = records.open_tensorboard(cfg, folder.path) if is_primary() else None
     if is_primary():
         folder.create()
@@ -401,20 +404,17 @@ def closing_lines(logger: TrainLogger, run_dir: Path) -> dict:
                 run_dir=str(run_dir))
 
 
-def evaluate(cfg: Config, ckpt: dict) -> float:
-    """Test mAP of a saved model (no CLIP weights needed: the classifier carries its own)."""
+def evaluate(cfg: Config, ckpt: dict, where: str = '--evaluate') -> float:
+    """Test mAP of a saved model, rebuilt from the checkpoint alone (checkpoints.rebuild_classifier: no
+    CLIP weights, no CLIP config file; the demo's tiny CLIP is not trained for it)."""
     device = select_device(cfg.device)
-    splits = prepare_data(cfg)
+    rebuilt = rebuild_classifier(ckpt, where)
+    splits = prepare_data(cfg, clip=False)
     num_classes = splits['test'].labels_true.shape[1]
-    clip_model = None
-    if cfg.model == 'clip_vision':
-        clip_model, _ = clip_loading.load_clip(cfg.clip_model, None, device=device)
-    label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
-    model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
-                                    **heads_run.head_options(cfg, label_embeddings))
-    model.load_state_dict(ckpt['model'])
-    model.to(device)
+    if num_classes != len(rebuilt.classnames):
+        raise UserError(f'{where}: its model has {len(rebuilt.classnames)} classes, the test split of '
+                        f'{cfg.dataset} under {cfg.data_root} {num_classes}')
+    model = rebuilt.model.to(device)
     root = datasets.image_root(cfg.data_root, cfg.dataset)
     test_set = packs.image_sets(cfg, {'test': splits['test']}, root)[0]['test']  # --data-format pil or packed
     loader = make_loader(test_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
@@ -473,11 +473,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.evaluate:
             ckpt = load_checkpoint(Path(args.evaluate))
             cfg = config_from_checkpoint(ckpt, strip_flag(argv, '--evaluate'), Path(args.evaluate), None)
-            evaluate(cfg, ckpt)
+            evaluate(cfg, ckpt, f'--evaluate {args.evaluate}')
             return 0
         resume = None
         if args.resume:
             last = Path(args.resume) / 'last.pt'
+            if (Path(args.resume) / 'config.json').is_file() and not last.exists():
+                raise UserError(f'--resume {args.resume}: the run stopped before its first checkpoint, so there is '
+                                'nothing to continue; run the same command without --resume')
             resume = load_checkpoint(last)
             cfg = config_from_checkpoint(resume, strip_flag(argv, '--resume'), last, args.resume)
             if resume['epoch'] >= cfg.epochs:

@@ -22,7 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+import label_tables
 import losses
+from label_tables import Annotations
 from config import Config
 from datasets import FULL_OBSERVED
 
@@ -43,6 +45,7 @@ class Method:
     uses_warmup = False
     clean_train_labels = False
     schedule_uses_epochs = False  # True: the total number of epochs enters the method (no resume with more)
+    edits_observed = False  # True: the method rewrites its observed matrix (EM_APL, LL-Cp)
     full_labels_refusal: str | None = None
     # A method with pseudo-labels of its own (AEVLP) names their builder: a callable (cfg, train_split,
     # device, num_classes) -> (pseudo_labeler.PseudoLabelSource, quality dict or None). None: VLPL's
@@ -67,8 +70,12 @@ class Method:
         self.hparams = dict(alpha=cfg.alpha, beta=cfg.beta, beta_pos=cfg.beta_pos, beta_neg=cfg.beta_neg,
                             positive=2, negative=4, unknown=4, warmup_epoch=cfg.warmup_epoch, ls_coef=0.1,
                             expected_num_pos=cfg.data.expected_num_pos, num_classes=self.num_classes)
-        # N x K, a copy: a method that edits it in place (LL-Cp) must not edit the split's labels.
-        self.observed = torch.tensor(train_observed, device=device)
+        # N x K, a copy: a method that edits it in place (LL-Cp) must not edit the split's labels. Partial
+        # annotations (a label_tables.Annotations table) stay on the host, read per batch, unless the
+        # method edits them (edits_observed: then a dense float32 copy, for small data).
+        if self.edits_observed and isinstance(train_observed, Annotations):
+            train_observed = np.asarray(train_observed, dtype=np.float32)
+        self.observed = label_tables.on_device(train_observed, device, copy=True)
 
     def param_groups(self, lr: float) -> list[dict]:
         """Extra optimiser parameter groups the method trains (none for a plain loss)."""
@@ -95,11 +102,18 @@ class Method:
         outputs of the current model on the train split (eval mode, row order, NaN rows for
         skipped images)."""
 
+    def observed_labels(self):
+        """The N x K observed labels now, for the train phase's metrics: a numpy array, or the split's
+        Annotations table when the method reads it unchanged."""
+        return self.observed.cpu().numpy() if torch.is_tensor(self.observed) else self.observed.labels
+
     def state_dict(self) -> dict:
-        return {'observed': self.observed.cpu()}
+        # An annotation table read unchanged is data, not state: it is not copied into every checkpoint.
+        return {'observed': self.observed.cpu()} if torch.is_tensor(self.observed) else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.observed = state['observed'].to(self.observed.device)
+        if 'observed' in state:
+            self.observed = state['observed'].to(self.observed.device)
 
 
 class PseudoLabelMethod(Method):
@@ -126,6 +140,7 @@ class AsymmetricPseudoLabelling(Method):
     observed matrix (losses.apl_update), which the next epochs train on."""
     uses_warmup = True
     schedule_uses_epochs = True  # n_c = U_c / (epochs - warm-up)
+    edits_observed = True
 
     def __init__(self, cfg: Config, train_observed: np.ndarray, device):
         super().__init__(cfg, train_observed, device)

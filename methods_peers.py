@@ -131,6 +131,7 @@ class LargeLossCorrectionTemporary(LargeLoss):
                            'observed labels (--llcp-as-released: as LL-Ct, as the released code runs)')
 class LargeLossCorrectionPermanent(LargeLoss):
     scheme = 'LL-Cp'
+    edits_observed = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,10 +331,14 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
               f'{", ".join(LINEAR_INIT_METHODS)}')
 
     row_key = 'pascal' if a.dataset == 'demo' else DATASETS[a.dataset].published_as or a.dataset
+    published = row_key in lp.PEER_DEFAULTS['boostlu']
+    if (key or a.boostlu) and not published:  # e.g. OpenImages: none of these papers gives its settings
+        error(f'-l {a.loss}{" --boostlu" if a.boostlu else ""}: its original publishes no settings for '
+              f'-d {a.dataset}; use it on {", ".join(sorted(lp.PEER_DEFAULTS["boostlu"]))} or the demo')
     paper = {}
     if key in ('role', 'LL', 'GR', 'AEVLP'):
         paper = lp.peer_hparams(key, row_key)
-    boost = lp.peer_hparams('boostlu', row_key)
+    boost = lp.peer_hparams('boostlu', row_key) if published else {}
     if a.dataset != 'demo' and (key or a.boostlu):
         # Each paper's training settings (PEER_DEFAULTS sources); BoostLU's when it is on.
         settings = boost if a.boostlu else paper

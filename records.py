@@ -16,10 +16,11 @@ import torch
 
 import heads_run
 import losses
-from checkpoints import atomic_save, rng_state
+from checkpoints import atomic_save, clip_entries, rng_state
 from config import Config, UserError
 from files import save_json
-from metrics import average_precision_per_class, choose_thresholds
+from label_tables import take_rows
+from metrics import per_class_ap, per_class_thresholds
 
 
 def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, optimizer, logger, method,
@@ -31,19 +32,20 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
     best.pt (default: model; with --ema-decay maybe its average); extra: more last.pt entries (EMA,
     schedule)."""
     common = dict(model=model.state_dict(), epoch=epoch, config=dataclasses.asdict(cfg), argv=list(argv),
-                  classnames=classnames) | heads_run.checkpoint_entries(model)
+                  classnames=classnames) | heads_run.checkpoint_entries(model) | clip_entries(cfg, model)
     if logger.best_epoch == epoch:
         atomic_save(phase_preds['test'], run_dir / 'test_preds_best.npy')
         best = common if evaluated is None or evaluated is model else common | {'model': evaluated.state_dict()}
         atomic_save(best | {'test_map': logger.best_test_map}, run_dir / 'best.pt')
         per_class, thresholds = {'classnames': classnames, 'epoch': epoch}, None
         for phase in ('val', 'test'):
-            preds, labels = phase_preds[phase], splits[phase].labels_true
-            seen = ~np.isnan(preds[:, 0])  # rows of skipped images are NaN
-            per_class[phase] = (100.0 * average_precision_per_class(preds[seen], labels[seen] == 1,
-                                                                    splits[phase].counted(seen))).tolist()
+            seen = ~np.isnan(phase_preds[phase][:, 0])  # rows of skipped images are NaN
+            preds, labels = (take_rows(x, seen) for x in (phase_preds[phase], splits[phase].labels_true))
+            # None: a class that partial annotations cannot evaluate (metrics.average_precision_annotated)
+            aps = 100.0 * per_class_ap(preds, labels, splits[phase].counted(seen))
+            per_class[phase] = [None if np.isnan(ap) else ap for ap in aps.tolist()]
             if phase == 'val':
-                thresholds = choose_thresholds(preds[seen], labels[seen]).tolist()
+                thresholds = per_class_thresholds(preds, labels).tolist()
         save_json(run_dir / 'per_class_ap.json', per_class)
         save_json(run_dir / 'thresholds.json', {'classnames': classnames, 'thresholds': thresholds, 'epoch': epoch,
                                                 'rule': 'score >= threshold; maximises F1 per class on val'})

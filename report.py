@@ -8,13 +8,20 @@ when present) and writes into --out:
 
     report.md          the tables below, with the plots embedded
     runs.csv           one row per run: dataset, method (loss), backbone, head, seed, best epoch,
-                       val and test mAP of the best epoch (the values of log.json, full precision)
+                       val and test mAP of the best epoch (the values of log.json, full precision),
+                       status (complete, or incomplete (e/E epochs): stopped or still running, or no
+                       finite mAP) and whether the run is in its group's mean (and why not)
     groups.csv         runs that differ only by seed: n, seeds, mean and sample std (n - 1) of the mAPs
+                       of the complete runs, one per seed (--include-incomplete: the incomplete too);
+                       the runs left out, named
     per_class_ap.csv   run, class, val and test AP (%) of the best epoch, when available
     curves_<group>.png per-epoch mAP (train/val/test), loss, and the pseudo-label precision/recall
                        when logged; one thin line per seed, the mean thick
     map_by_group.png   val and test mAP of every group, mean ± std
     per_class_ap_<group>.png  test AP per class of the best epoch, sorted
+
+Files of an earlier report in the same --out that this one does not write (plots of groups that are
+gone) are removed (REPORT_FILES), so the folder describes these runs only.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +50,10 @@ REPO_ROOT = Path(__file__).resolve().parent
 IGNORED_SETTINGS = RESUMABLE_CHANGES | frozenset({'seed', 'channels_last', 'argv', 'init_from'})
 TABLE_COLUMNS = ('dataset', 'method', 'backbone', 'head')
 PER_CLASS_PLOT_MAX = 60  # more classes: the plot shows the lowest and highest PER_CLASS_PLOT_MAX / 2
+# What a report writes into --out (glob patterns): an earlier report's files that this one does not
+# write again are removed.
+REPORT_FILES = ('report.md', 'runs.csv', 'groups.csv', 'per_class_ap.csv', 'map_by_group.png', 'curves_*.png',
+                'per_class_ap_*.png')
 
 
 class ReportError(Exception):
@@ -60,6 +72,7 @@ class Run:
     log: dict
     per_class: dict | None = None     # {'classnames': [...], 'val': [...] or None, 'test': [...]} in %
     per_class_note: str = ''          # why per_class is missing, or where it came from
+    left_out: str = ''                # why the run is not in its group's means ('' = it is; select_runs)
 
     @property
     def row(self) -> dict:
@@ -68,7 +81,24 @@ class Run:
         return {'dataset': c.get('dataset'), 'method': c.get('loss'), 'backbone': c.get('model'),
                 'head': c.get('head', 'linear'), 'seed': c.get('seed'), 'best_epoch': self.log.get('best_epoch'),
                 'val_map': self.log.get('best_val_map'), 'test_map': self.log.get('best_test_map'),
-                'run': self.name}
+                'run': self.name, 'status': self.status}
+
+    @property
+    def epochs(self) -> tuple[int, int]:
+        """(epochs whose test phase is logged, epochs the run was started for)."""
+        planned = self.log.get('num_epochs') or self.config.get('epochs') or 0
+        logged = self.log.get('logged', {}).get('test')
+        if logged is None:
+            logged = [v is not None for v in self.log.get('values', {}).get('test', {}).get('map_clean', [])]
+        return int(sum(bool(x) for x in logged)), int(planned)
+
+    @property
+    def status(self) -> str:
+        """'complete'; 'incomplete (e/E epochs)' for a run stopped or still running; 'no finite mAP'."""
+        if not all(_finite(self.log.get(k)) for k in ('best_val_map', 'best_test_map')):
+            return 'no finite mAP'
+        done, planned = self.epochs
+        return 'complete' if done >= planned else f'incomplete ({done}/{planned} epochs)'
 
     def series(self, phase: str, name: str) -> np.ndarray:
         """(epochs,) float array of log.json values[phase][name] or extra[phase][name]; NaN where not
@@ -80,19 +110,28 @@ class Run:
         return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def find_run_folders(paths: list[str]) -> list[Path]:
-    """Each path is a run folder (it holds config.json) or a folder of run folders."""
-    folders = []
+    """Each path is a run folder (it holds config.json) or a folder of run folders; hidden folders inside
+    (.NAME.replaced: a run that --overwrite is replacing) are not runs of their own. A folder named twice
+    (or through another path) counts once."""
+    folders, seen = [], set()
     for p in map(Path, paths):
         if not p.is_dir():
             raise ReportError(f'{p}: no such folder (pass run folders such as results/<run> or results/)')
         if (p / 'config.json').is_file():
-            folders.append(p)
-            continue
-        inside = sorted(q.parent for q in p.glob('*/config.json'))
+            inside = [p]
+        else:
+            inside = sorted(q.parent for q in p.glob('*/config.json') if not q.parent.name.startswith('.'))
         if not inside:
             raise ReportError(f'{p}: neither a run folder (no config.json) nor a folder of run folders')
-        folders += inside
+        for folder in inside:
+            if folder.resolve() not in seen:
+                seen.add(folder.resolve())
+                folders.append(folder)
     return folders
 
 
@@ -146,7 +185,8 @@ def per_class_ap(run: Run) -> tuple[dict | None, str]:
     try:
         import class_text_features
         import datasets  # torch is imported only for this fallback
-        from metrics import average_precision_per_class
+        from label_tables import take_rows
+        from metrics import per_class_ap as test_ap
 
         data_root = Path(run.config.get('data_root', 'data'))
         if not data_root.is_absolute() and not data_root.is_dir():
@@ -155,8 +195,8 @@ def per_class_ap(run: Run) -> tuple[dict | None, str]:
         labels = splits['test'].labels_true
         preds = np.load(preds_path, allow_pickle=False)
         seen = ~np.isnan(preds).any(axis=1)  # rows of images skipped in training are NaN
-        ap = 100.0 * average_precision_per_class(preds[seen], labels[seen] == 1, splits['test'].counted(seen))
-        names = class_text_features.read_classnames(run.config['dataset'])
+        ap = 100.0 * test_ap(preds[seen], take_rows(labels, seen), splits['test'].counted(seen))  # NaN: skipped
+        names = class_text_features.read_classnames(run.config['dataset'], data_root=str(data_root))
     except Exception as e:  # data not on this machine, other labels, ...: the report goes on without it
         return None, f'no per_class_ap.json, and test AP could not be recomputed ({str(e).splitlines()[0][:120]})'
     if len(names) != ap.size:
@@ -179,9 +219,49 @@ class Group:
     def identity(self) -> dict:
         return {k: self.runs[0].row[k] for k in TABLE_COLUMNS}
 
+    @property
+    def counted(self) -> list[Run]:
+        """The runs of the group's means (select_runs)."""
+        return [r for r in self.runs if not r.left_out]
+
 
 def _settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in IGNORED_SETTINGS and not isinstance(v, dict)}
+
+
+def select_runs(groups: list['Group'], include_incomplete: bool = False) -> None:
+    """Mark the runs left out of their group's means (Run.left_out): no finite mAP; incomplete (stopped
+    or still running: its best epoch is that of fewer epochs) unless include_incomplete; and a seed
+    already counted in the group (a copy or a resumed copy of a run is not an independent sample:
+    the first complete run of each seed is kept)."""
+    for g in groups:
+        kept: dict = {}
+        for run in g.runs:
+            status = run.status
+            if status == 'no finite mAP':
+                run.left_out = status
+            elif status != 'complete' and not include_incomplete:
+                run.left_out = status.split(' ')[0]
+            elif run.row['seed'] in kept:
+                run.left_out = f'repeats seed {run.row["seed"]} of {kept[run.row["seed"]].name}'
+            else:
+                run.left_out = ''
+                kept[run.row['seed']] = run
+
+
+def left_out_line(runs: list[Run], include_incomplete: bool) -> str:
+    """One line on the runs left out of the group means ('' when none is)."""
+    out = [r for r in runs if r.left_out]
+    if not out:
+        return ''
+    kinds: dict = {}
+    for r in out:
+        kind = 'repeated seed' if r.left_out.startswith('repeats') else r.left_out
+        kinds[kind] = kinds.get(kind, 0) + 1
+    flag = '' if include_incomplete or 'incomplete' not in kinds else '; --include-incomplete counts the incomplete'
+    return (f'Left out of the group means: {len(out)} run{"s" if len(out) > 1 else ""} ('
+            + ', '.join(f'{n} {kind}' for kind, n in kinds.items()) + f'): '
+            + ', '.join(r.name for r in out) + flag + '.')
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -237,12 +317,14 @@ def _fmt_mean_std(mean, std) -> str:
 
 
 def group_summary(g: Group) -> dict:
-    val = mean_std([r.row['val_map'] for r in g.runs])
-    test = mean_std([r.row['test_map'] for r in g.runs])
-    return {**g.identity, 'settings': g.settings, 'n': len(g.runs),
-            'seeds': ' '.join(str(r.row['seed']) for r in g.runs),
-            'best_epochs': ' '.join(str(r.row['best_epoch']) for r in g.runs),
-            'val_map_mean': val[0], 'val_map_std': val[1], 'test_map_mean': test[0], 'test_map_std': test[1]}
+    runs = g.counted
+    val = mean_std([r.row['val_map'] for r in runs])
+    test = mean_std([r.row['test_map'] for r in runs])
+    return {**g.identity, 'settings': g.settings, 'n': len(runs),
+            'seeds': ' '.join(str(r.row['seed']) for r in runs),
+            'best_epochs': ' '.join(str(r.row['best_epoch']) for r in runs),
+            'val_map_mean': val[0], 'val_map_std': val[1], 'test_map_mean': test[0], 'test_map_std': test[1],
+            'left_out': '; '.join(f'{r.name} ({r.left_out})' for r in g.runs if r.left_out)}
 
 
 def _csv(header: list[str], rows: list[list]) -> str:
@@ -262,29 +344,34 @@ def _markdown_table(header: list[str], rows: list[list[str]], align: str) -> str
 
 def runs_table(runs: list[Run]) -> tuple[str, str]:
     """(Markdown, CSV) of one row per run."""
-    keys = ['dataset', 'method', 'backbone', 'head', 'seed', 'best_epoch', 'val_map', 'test_map', 'run']
-    md = _markdown_table(['dataset', 'method', 'backbone', 'head', 'seed', 'best epoch', 'val mAP', 'test mAP', 'run'],
+    keys = ['dataset', 'method', 'backbone', 'head', 'seed', 'best_epoch', 'val_map', 'test_map', 'run', 'status']
+    md = _markdown_table(['dataset', 'method', 'backbone', 'head', 'seed', 'best epoch', 'val mAP', 'test mAP', 'run',
+                          'status'],
                          [[r.row['dataset'], r.row['method'], r.row['backbone'], r.row['head'], r.row['seed'],
-                           r.row['best_epoch'], _fmt(r.row['val_map']), _fmt(r.row['test_map']), r.name]
-                          for r in runs], 'lllllrrrl')
-    return md, _csv(keys + ['folder'], [[r.row[k] for k in keys] + [str(r.folder)] for r in runs])
+                           r.row['best_epoch'], _fmt(r.row['val_map']), _fmt(r.row['test_map']), r.name,
+                           r.row['status'] + (f'; not in the mean ({r.left_out})' if r.left_out
+                                              and not r.left_out.startswith(('incomplete', 'no finite')) else '')]
+                          for r in runs], 'lllllrrrll')
+    return md, _csv(keys + ['in_group_mean', 'left_out', 'folder'],
+                    [[r.row[k] for k in keys] + [not r.left_out, r.left_out, str(r.folder)] for r in runs])
 
 
 def groups_table(groups: list[Group]) -> tuple[str, str]:
     """(Markdown, CSV) of one row per group of seeds."""
     rows = [group_summary(g) for g in groups]
     md = _markdown_table(['dataset', 'method', 'backbone', 'head', 'settings', 'n', 'seeds', 'best epochs',
-                          'val mAP', 'test mAP'],
+                          'val mAP', 'test mAP', 'left out'],
                          [[s['dataset'], s['method'], s['backbone'], s['head'], s['settings'] or '—', s['n'],
                            s['seeds'], s['best_epochs'], _fmt_mean_std(s['val_map_mean'], s['val_map_std']),
-                           _fmt_mean_std(s['test_map_mean'], s['test_map_std'])] for s in rows], 'llllllllrr')
+                           _fmt_mean_std(s['test_map_mean'], s['test_map_std']), s['left_out'] or '—']
+                          for s in rows], 'llllllllrrl')
     keys = list(rows[0]) if rows else []
     return md, _csv(keys, [[s[k] for k in keys] for s in rows])
 
 
 def group_per_class(g: Group) -> dict | None:
     """Per-class AP of a group: class names and (n_runs x K) val/test arrays (NaN rows where missing)."""
-    have = [r.per_class for r in g.runs if r.per_class is not None]
+    have = [r.per_class for r in g.counted if r.per_class is not None]
     if not have:
         return None
     names = have[0]['classnames']
@@ -348,13 +435,14 @@ def plot_curves(g: Group, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
-    has_pl = any(not np.isnan(r.series('train', n)).all() for r in g.runs for n in ('pl_precision', 'pl_recall'))
+    runs = g.counted or g.runs  # the runs of the group's means; all of them when none is
+    has_pl = any(not np.isnan(r.series('train', n)).all() for r in runs for n in ('pl_precision', 'pl_recall'))
     panels = 3 if has_pl else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), constrained_layout=True)
     ax = axes[0]
     for phase in ('train', 'val', 'test'):
-        _plot_series(ax, g.runs, phase, 'map_clean', f'{phase} mAP', PHASE_COLORS[phase])
-    for r in g.runs:
+        _plot_series(ax, runs, phase, 'map_clean', f'{phase} mAP', PHASE_COLORS[phase])
+    for r in runs:
         best = r.log.get('best_epoch')
         if best:
             val = r.series('val', 'map_clean')
@@ -366,21 +454,21 @@ def plot_curves(g: Group, path: Path) -> None:
     ax.set(title='mAP on clean labels (%)', xlabel='epoch', ylabel='mAP (%)')
     ax.legend(loc='lower right', fontsize=9)
     ax = axes[1]
-    drawn = [_plot_series(ax, g.runs, phase, 'loss', f'{phase} loss', PHASE_COLORS[phase]) for phase in PHASE_COLORS]
+    drawn = [_plot_series(ax, runs, phase, 'loss', f'{phase} loss', PHASE_COLORS[phase]) for phase in PHASE_COLORS]
     ax.set(title='loss' + (' (negative for the EM losses: entropy term)' if str(g.identity['method']).startswith('EM')
                            else ''), xlabel='epoch', ylabel='loss')
     if any(drawn):
         ax.legend(fontsize=9)
     if has_pl:
         ax = axes[2]
-        _plot_series(ax, g.runs, 'train', 'pl_precision', 'precision', '#9467bd')
-        _plot_series(ax, g.runs, 'train', 'pl_recall', 'recall', '#8c564b')
+        _plot_series(ax, runs, 'train', 'pl_precision', 'precision', '#9467bd')
+        _plot_series(ax, runs, 'train', 'pl_recall', 'recall', '#8c564b')
         ax.set(title='pseudo-labels on unknown entries (train)', xlabel='epoch', ylim=(0, 1.02))
         ax.legend(fontsize=9)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    seeds = ', '.join(str(r.row['seed']) for r in g.runs)
-    fig.suptitle(f'{_group_title(g)}  (seed{"s" if len(g.runs) > 1 else ""} {seeds})', fontsize=13)
+    seeds = ', '.join(str(r.row['seed']) for r in runs)
+    fig.suptitle(f'{_group_title(g)}  (seed{"s" if len(runs) > 1 else ""} {seeds})', fontsize=13)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -398,7 +486,7 @@ def plot_map_by_group(groups: list[Group], path: Path) -> None:
     crosses; the axis is zoomed to the values so that close results stay apart."""
     plt = _pyplot()
     rows = [group_summary(g) for g in groups]
-    labels = [f'{_group_title(g)}  (n={len(g.runs)})' for g in groups]
+    labels = [f'{_group_title(g)}  (n={len(g.counted)})' for g in groups]
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.8 * len(groups)), constrained_layout=True)
     values = []
     for offset, phase in ((-0.15, 'val'), (0.15, 'test')):
@@ -406,7 +494,7 @@ def plot_map_by_group(groups: list[Group], path: Path) -> None:
             mean, std = s[f'{phase}_map_mean'], s[f'{phase}_map_std']
             if mean is None:
                 continue
-            seeds = [r.row[f'{phase}_map'] for r in g.runs if r.row[f'{phase}_map'] is not None]
+            seeds = [r.row[f'{phase}_map'] for r in g.counted if r.row[f'{phase}_map'] is not None]
             values += seeds
             ax.plot(seeds, [y + offset] * len(seeds), 'x', color=PHASE_COLORS[phase], alpha=0.6, markersize=6)
             ax.errorbar(mean, y + offset, xerr=std or 0.0, fmt='o', color=PHASE_COLORS[phase], capsize=4,
@@ -431,9 +519,11 @@ def plot_per_class(g: Group, pc: dict, path: Path) -> None:
     plt = _pyplot()
     phase = 'test' if pc['test'] is not None else 'val'
     stack = pc[phase]
-    mean = np.nanmean(stack, axis=0)
     several = stack.shape[0] > 1
-    std = np.nanstd(stack, axis=0, ddof=1) if several else np.zeros_like(mean)
+    with warnings.catch_warnings():  # a class partial annotations cannot evaluate is NaN in every run
+        warnings.simplefilter('ignore', RuntimeWarning)
+        mean = np.nanmean(stack, axis=0)
+        std = np.nanstd(stack, axis=0, ddof=1) if several else np.zeros_like(mean)
     order = np.argsort(-mean, kind='stable')
     title = f'{phase} AP per class at the best epoch (mAP {np.nanmean(mean):.2f})\n{_group_title(g)}'
     if order.size > PER_CLASS_PLOT_MAX:
@@ -468,10 +558,13 @@ def plot_per_class(g: Group, pc: dict, path: Path) -> None:
 # The report
 
 
-def write_report(runs: list[Run], out: Path) -> list[Path]:
-    """Write tables, CSVs and PNGs into `out`; returns the files written."""
+def write_report(runs: list[Run], out: Path, include_incomplete: bool = False) -> list[Path]:
+    """Write tables, CSVs and PNGs into `out`; returns the files written. Files of an earlier report there
+    that this one does not write are removed (REPORT_FILES)."""
     out.mkdir(parents=True, exist_ok=True)
+    earlier = {path for pattern in REPORT_FILES for path in out.glob(pattern)}
     groups = group_runs(runs)
+    select_runs(groups, include_incomplete)
     written = []
 
     def write(name: str, text: str) -> None:
@@ -487,7 +580,10 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
           '## Runs\n', runs_md,
           '## Groups of seeds\n',
           'Runs whose configurations differ only by seed (and folders, device, workers). '
-          'Values: mean ± sample standard deviation (n − 1 in the denominator); one run shows its value alone.\n',
+          'Values: mean ± sample standard deviation (n − 1 in the denominator); one run shows its value alone. '
+          + ('Incomplete runs are counted (--include-incomplete); ' if include_incomplete else
+             'Only complete runs are counted; ') + 'one run per seed.\n',
+          (left_out_line(runs, include_incomplete) + '\n') if left_out_line(runs, include_incomplete) else '',
           groups_md]
 
     plot_map_by_group(groups, out / 'map_by_group.png')
@@ -505,10 +601,10 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
         pc = group_per_class(g)
         md.append(f'### {_group_title(g)}\n')
         if pc is None:
-            notes = sorted({r.per_class_note for r in g.runs if r.per_class is None})
+            notes = sorted({r.per_class_note for r in g.counted if r.per_class is None})
             md.append(f'Not available: {"; ".join(notes) or "class names differ between seeds"}.\n')
             continue
-        sources = sorted({r.per_class_note for r in g.runs if r.per_class is not None})
+        sources = sorted({r.per_class_note for r in g.counted if r.per_class is not None})
         md.append(f'Source: {", ".join(sources)}; AP in percent, mean ± sample std over seeds.\n')
         name = f'per_class_ap_{g.name}.png'
         plot_per_class(g, pc, out / name)
@@ -525,6 +621,8 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
     if per_class_rows:
         write('per_class_ap.csv', _csv(['run', 'class', 'val_ap', 'test_ap'], per_class_rows))
     write('report.md', '\n'.join(md))
+    for path in earlier - set(written):  # e.g. the plots of a group that is not in this report
+        path.unlink(missing_ok=True)
     return written
 
 
@@ -536,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('runs', nargs='+', metavar='RUN_DIR',
                    help='run folders (holding config.json and log.json), or folders of run folders')
     p.add_argument('--out', default='report', help='folder for report.md, the CSV files and the plots')
+    p.add_argument('--include-incomplete', action='store_true',
+                   help='count runs that stopped (or are still running) before their last epoch in the group '
+                        'means (default: listed, marked incomplete, left out of the means)')
     return p
 
 
@@ -554,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in runs:  # the same run name under two results folders: tell them apart
             if names.count(r.name) > 1:
                 r.name = f'{r.folder.parent.name}/{r.name}'
-        written = write_report(runs, Path(args.out))
+        written = write_report(runs, Path(args.out), args.include_incomplete)
     except ReportError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -562,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: cannot write to {args.out} ({e.strerror or e}); choose another --out', file=sys.stderr)
         return 2
     print(f'{len(runs)} runs -> {Path(args.out) / "report.md"} ({len(written)} files)')
+    if left_out_line(runs, args.include_incomplete):
+        print(left_out_line(runs, args.include_incomplete))
     return 0
 
 

@@ -129,6 +129,11 @@ class OneBatchImages:
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_stats(self):
+        """The files' (size, mtime) of the cache key (fingerprint.py): none here, the images are in memory."""
+        import numpy as np
+        return np.zeros((len(self.images), 2), dtype=np.int64)
+
     def __getitem__(self, i: int) -> dict:
         import torch
         return dict(image=self.images[i], index=torch.tensor(i), flipped=torch.tensor(False))

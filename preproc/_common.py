@@ -50,6 +50,13 @@ def dataset_parser(prog: str, dataset: str, description: str) -> argparse.Argume
     return parser
 
 
+def add_missing_images_flag(parser: argparse.ArgumentParser, images: str) -> None:
+    """--missing-images drop|error (default drop), for `images` (e.g. 'listed images absent under Flickr/')."""
+    parser.add_argument("--missing-images", choices=("drop", "error"), default="drop",
+                        help=f"{images}: 'drop' leaves them out and reports how many, 'error' refuses to "
+                             "write anything (default: drop)")
+
+
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], list[str]],
             argv: list[str] | None, errors: tuple[type[Exception], ...] = (PreprocError,)) -> int:
     """Parse argv and print the report lines body(args) returns (exit status 0); an error of a

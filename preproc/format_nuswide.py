@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as `python preproc/format_nuswide.py`
 
 import numpy as np
 
-from preproc._common import (PreprocError, check_class_names, dataset_parser, parse_int, read_rows,
-                             require, run_cli, save_formatted)
+from preproc._common import (PreprocError, add_missing_images_flag, check_class_names, dataset_parser, parse_int,
+                             read_rows, require, run_cli, save_formatted)
 
 PHASES = (("Train", "train"), ("Test", "val"))  # (NUS-WIDE list name, our phase)
 DOWNLOAD = ("download the NUS-WIDE image lists, ground truth and Concepts81.txt and extract them "
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                              "was run on, where every image has a label; 'keep' writes them with "
                              "an all-zero label row (they never get an observed positive) "
                              "(default: drop)")
-    parser.add_argument("--missing-images", choices=("drop", "error"), default="drop",
-                        help="listed images absent under Flickr/: 'drop' leaves them out and "
-                             "reports how many, 'error' refuses to write anything (default: drop)")
+    add_missing_images_flag(parser, "listed images absent under Flickr/")
 
     def body(args):
         return format_nuswide(Path(args.load_path), Path(args.save_path),

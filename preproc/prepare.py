@@ -173,7 +173,9 @@ def format_argv(recipe: Recipe, folder: Path) -> list[str]:
 
 
 def observed_argv(recipe: Recipe, data_root: Path) -> list[str]:
-    return ["--dataset", recipe.name, "--data-root", str(data_root)]
+    # --overwrite: this step runs only when the labels it samples from (or the script) changed, so the
+    # file it replaces was derived from other labels; a file of the same labels is left as it is
+    return ["--dataset", recipe.name, "--data-root", str(data_root), "--overwrite"]
 
 
 def free_space(folder: Path) -> tuple[Path, int]:

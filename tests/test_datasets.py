@@ -19,6 +19,7 @@ def test_dataset_table():
         "nuswide": (81, "Flickr"),
         "cub": (312, "CUB_200_2011/images"),
         "demo": (30, "images"),
+        "openimages": (None, "."),  # as many classes as the user's trainable list (format_openimages.py)
     }
     assert datasets.IMAGENET_MEAN == (0.485, 0.456, 0.406)
     assert datasets.IMAGENET_STD == (0.229, 0.224, 0.225)

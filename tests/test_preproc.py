@@ -556,7 +556,7 @@ def test_generate_observed_labels_cli(tmp_path, capsys):
         # a fresh RandomState(1200) per phase
         np.testing.assert_array_equal(observed, observed_by_loop(labels, 1, 0, 1200))
 
-    assert generate_observed_labels.main(argv + ["--num-pos", "-1", "--num-neg", "2", "--seed", "5"]) == 0
+    assert generate_observed_labels.main(argv + ["--num-pos", "-1", "--num-neg", "2", "--seed", "5", "--overwrite"]) == 0
     observed = np.load(folder / "formatted_val_labels_obs.npy", allow_pickle=False)
     np.testing.assert_array_equal(observed, observed_by_loop(val, -1, 2, 5))
 
