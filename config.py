@@ -287,6 +287,10 @@ class Config:
     pl_views_threshold: Optional[float] = None
     clip_preprocess: str = 'original'
     prompts: Optional[str] = None
+    # The original's settings applied (--recipe NAME, paper_recipes.py) and the flags of the command
+    # line that changed them ('--flag value' strings): provenance, not settings of their own.
+    recipe: Optional[str] = None
+    recipe_overrides: tuple = ()
 
     @property
     def data(self) -> DatasetInfo:
@@ -296,7 +300,7 @@ class Config:
 # Settings a resumed run may change without changing its results.
 RESUMABLE_CHANGES = frozenset({'num_workers', 'device', 'results_dir', 'cache_dir', 'data_root', 'clip_mode',
                                'run_dir', 'skip_bad_images', 'text_features_dir', 'tensorboard',
-                               'dist_backend', 'dist_timeout', 'sync_bn', 'data_format'})
+                               'dist_backend', 'dist_timeout', 'sync_bn', 'data_format', 'recipe_overrides'})
 
 
 def build_config(*, dataset: str, loss: str, model: str | None = None, temp: float = 0.01,

@@ -551,9 +551,12 @@ class MultiLabelImages(torch.utils.data.Dataset):
         return {}
 
 
-def collate_skipping(items: list) -> dict:
+def collate_skipping(items: list | dict) -> dict:
     """default_collate of the items MultiLabelImages could read; the rows it gave up on are listed
-    under "skipped" (a list of row indices), and a batch of skipped items only has that key."""
+    under "skipped" (a list of row indices), and a batch of skipped items only has that key. A dict
+    is a batch its dataset already collated (packs.PackedImages.__getitems__): returned as it is."""
+    if isinstance(items, dict):
+        return items
     kept = [item for item in items if "skipped" not in item]
     batch = torch.utils.data.default_collate(kept) if kept else {}
     batch["skipped"] = [item["skipped"] for item in items if "skipped" in item]

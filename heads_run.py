@@ -63,9 +63,10 @@ def add_arguments(g) -> None:
                         'evaluates the model and the average and keeps the better on val, as Query2Label '
                         '(0 = off; the originals use 0.9997, SGRE on VOC 0.9983)')
     g.add_argument('--optimizer', default=d['optimizer'].default, choices=OPTIMIZERS,
-                   help='adam (the original VLPL) or adamw (the transformer heads\' recipe)')
+                   help='adam (the original VLPL), adamw (the transformer heads\' recipe) or sgd (momentum 0.9, '
+                        'LargeLossMatters\' choice for VOC)')
     g.add_argument('--weight-decay', type=float, default=d['weight_decay'].default,
-                   help='weight decay (default 0; Query2Label 1e-2, SGRE 1e-4 with adamw)')
+                   help='weight decay (default 0; Query2Label 1e-2, SGRE 1e-4 with adamw; LargeLossMatters 1e-3 with sgd)')
     g.add_argument('--schedule', default=d['schedule'].default, choices=SCHEDULES,
                    help='learning-rate schedule: none (constant) or onecycle (OneCycleLR to --lr, '
                         'pct_start 0.2, stepped every batch)')

@@ -36,6 +36,7 @@ import methods_partial  # registers -l ASL and -l CSL
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
 import packs
+import paper_recipes
 import pseudo_label_options
 import pseudo_label_policy
 import records
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--partial-everywhere', action='store_true',
                    help='apply -p to every dataset and backbone')
     p.add_argument('-s', '--pytorch_seed', '--seed', dest='seed', type=number(int), default=0, help='torch seed')
+    p.add_argument('--recipe', default=None, metavar='NAME',
+                   help='start from the original\'s own settings for -l and -d (recipes/<METHOD>.toml, e.g. '
+                        '"original"; docs/sweeps.md); flags given here win and are recorded as overrides')
     p.add_argument('--data-root', default=DEFAULT_DIRS['data'], help='folder holding <dataset>/formatted_*.npy')
     p.add_argument('--results-dir', default=DEFAULT_DIRS['results'], help='each run writes a folder here')
     p.add_argument('--run-name', default=None,
@@ -190,6 +194,15 @@ EXCLUSIVE = [('evaluate', 'resume', 'evaluate a checkpoint or continue a run, no
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     parser = build_parser()
     a = parser.parse_args(argv)
+    recipe = {}
+    if a.recipe:  # the recipe's flags first, so that the command line's win
+        try:
+            recipe_argv = paper_recipes.as_flags(paper_recipes.find(a.recipe, a.loss, a.dataset,
+                                                                    paper_recipes.long_flags(parser)))
+        except VLPLError as e:
+            parser.error(one_line(e))
+        a = parser.parse_args(recipe_argv + list(sys.argv[1:] if argv is None else argv))
+        recipe = dict(recipe=a.recipe, recipe_overrides=paper_recipes.overrides(parser, recipe_argv, a))
     if a.gpu is not None:
         os.environ['CUDA_VISIBLE_DEVICES'] = str(a.gpu)
     for first, second, why in EXCLUSIVE:
@@ -213,7 +226,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         likelihood_topk=a.likelihood_topk, prior_threshold=a.prior_threshold, prior_file=a.prior_file,
         dist_backend=a.dist_backend, dist_timeout=a.dist_timeout, sync_bn=not a.no_sync_bn,
         data_format=a.data_format, compile=a.compile,
-        **peer, **heads_run.config_options(a, parser), **pseudo_label_options.settings(a))
+        **peer, **heads_run.config_options(a, parser), **pseudo_label_options.settings(a), **recipe)
     problem = methods_partial.flag_problem(cfg)
     if problem:
         parser.error(problem)

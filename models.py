@@ -89,6 +89,11 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+# The published weights that `pretrained` loads (the originals' torchvision resnet50(pretrained=True)
+# is IMAGENET1K_V1; IMAGENET1K_V2 moves VOC mAP by about a point, snucml/LargeLossMatters issue 3).
+RESNET50_WEIGHTS = 'IMAGENET1K_V1'
+
+
 def _resnet50_trunk(pretrained: bool, weights_path: str | None, clip_model, image_size=None) -> tuple[nn.Module, int]:
     import torchvision
 
@@ -104,10 +109,10 @@ def _resnet50_trunk(pretrained: bool, weights_path: str | None, clip_model, imag
         net.load_state_dict(state, strict=False)
     elif pretrained:
         try:
-            net = torchvision.models.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+            net = torchvision.models.resnet50(weights=getattr(torchvision.models.ResNet50_Weights, RESNET50_WEIGHTS))
         except Exception as exc:  # no network, proxy, corrupt cache: all end the same way for the user
             raise ModelLoadError(
-                f'downloading the ImageNet weights of resnet50 (torchvision IMAGENET1K_V1) failed '
+                f'downloading the ImageNet weights of resnet50 (torchvision {RESNET50_WEIGHTS}) failed '
                 f'({one_line(exc, with_type=True)}); pass {BACKBONE_FLAGS}') from exc
     else:
         net = torchvision.models.resnet50(weights=None)
@@ -431,6 +436,22 @@ def backbone(name: str) -> BackboneSpec:
                          '(timm.list_models() lists them)')
     raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(sorted(BACKBONES))} or timm:NAME '
                      '(any timm model, e.g. timm:resnet18)')
+
+
+def timm_name(name: str) -> str | None:
+    """The timm model (with its pretrained tag) behind backbone `name`, None for the others."""
+    trunk = backbone(name).make_trunk
+    return trunk.args[0] if isinstance(trunk, partial) and trunk.func is _timm_trunk else None
+
+
+def pretrained_weights(name: str) -> str | None:
+    """The published weights `pretrained` loads for backbone `name` ('torchvision
+    ResNet50_Weights.IMAGENET1K_V1', 'timm <model.tag>'), None where there are none (small_cnn;
+    clip_vision takes the CLIP's). Recorded in every run's provenance; recipes' facts check it."""
+    if name == 'resnet50':
+        return f'torchvision ResNet50_Weights.{RESNET50_WEIGHTS}'
+    timm_model = timm_name(name)
+    return f'timm {timm_model}' if timm_model else None
 
 
 # --------------------------------------------------------------------------- heads

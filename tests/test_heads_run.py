@@ -121,7 +121,7 @@ def test_default_flags_keep_the_original_recipe():
     (['--ema-decay', '1.0'], '--ema-decay'),
     (['--head', 'q2l', '--q2l-hidden', '30'], '--q2l-hidden 30 must be divisible by --q2l-heads 4'),
     (['--head', 'q2l', '--q2l-pre-norm'], '--q2l-pre-norm needs'),
-    (['--optimizer', 'sgd'], 'invalid choice'),
+    (['--optimizer', 'rmsprop'], 'invalid choice'),
     (['--sgre-chunk', '0'], '--sgre-chunk'),
 ])
 def test_head_flags_are_checked_when_parsed(flags, reason, capsys):
