@@ -433,9 +433,10 @@ def _csl(obj, where: str, options: Options) -> Imported:
         dataset = options.dataset or 'coco'
         classnames = _classes_of(dataset, where, count, options)
         size = 448  # train.py --image-size
+    if options.image_size is None:
+        notes.append(f'input size {size} (CSL\'s {"infer.py --input_size" if published else "train.py --image-size"} '
+                     'default; --image-size for another)')
     size = options.image_size or size
-    notes.append(f'input size {size} (CSL\'s {"infer.py --input_size" if published else "train.py --image-size"} '
-                 'default; --image-size for another)')
     norm = options.input_norm or 'none'  # get_data.py: ToTensor without Normalize
     argv = ['-d', dataset, '-m', backbone, '--head', head, '--image-size', str(size), '--input-norm', norm]
     return Imported({**trunk, **{'head.' + k: v for k, v in head_state.items()}}, argv, classnames, dataset,
