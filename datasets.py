@@ -412,24 +412,33 @@ def to_model_input(images: torch.Tensor, flipped: torch.Tensor | None, device) -
     B x S x S x 3 batch (--data-format packed) is moved without blocking and made there exactly as
     image_tensor makes it: rows with ``flipped`` mirrored left-right (TF.hflip, exact on uint8),
     ToTensor (3 x S x S, float32, divided by 255) and Normalize (minus the mean, divided by the
-    std, in float32), so the result is bit-identical to the PIL pipeline's tensor. On the CPU the
-    same float32 operations are applied once to the 256 values of a byte (``_byte_table``) and
-    every pixel is looked up: one pass over memory instead of five, the same bits.
+    std, in float32), so the result is bit-identical to the PIL pipeline's tensor. Those float32
+    operations are applied once, on the CPU, to the 256 values of a byte (``_byte_table``) and every
+    pixel is looked up: one pass over memory instead of five, and the same bits on every device (CUDA
+    divides a tensor by a Python number as a product with its reciprocal, which rounds differently
+    from the CPU's division: computed there, the batch differed from the PIL pipeline's, measured on
+    an H200).
     """
     if images.dtype != torch.uint8:
         return images.to(device, non_blocking=True)
     if torch.device(device).type == 'cpu':
         return _lookup_on_cpu(images, flipped)
-    return _normalise_on_device(images.to(device, non_blocking=True),
-                                None if flipped is None else flipped.to(device, non_blocking=True))
+    return _lookup_on_device(images.to(device, non_blocking=True),
+                             None if flipped is None else flipped.to(device, non_blocking=True))
 
 
-def _normalise_on_device(x: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
-    """to_model_input of a uint8 batch with tensor operations: hflip, ToTensor, Normalize."""
+_DEVICE_TABLES: dict = {}
+
+
+def _lookup_on_device(x: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
+    """to_model_input of a uint8 B x S x S x 3 batch with tensor operations on its device: hflip, then
+    each byte looked up in the CPU-computed _byte_table (channel c's values at [256 c, 256 c + 256))."""
     if flipped is not None:
         x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(2), x)
-    x = x.permute(0, 3, 1, 2).contiguous().float().div(255)  # TF.to_tensor
-    return _normalise(x)
+    if x.device not in _DEVICE_TABLES:
+        _DEVICE_TABLES[x.device] = torch.from_numpy(_byte_table()).reshape(-1).to(x.device)
+    offsets = torch.arange(0, 3 * 256, 256, device=x.device).view(1, 3, 1, 1)
+    return _DEVICE_TABLES[x.device][x.permute(0, 3, 1, 2).long() + offsets]  # B x 3 x S x S float32
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:

@@ -278,8 +278,8 @@ def run_loader(run: Run, size: Sizes) -> None:
     if run.step_need:
         run.lines.append(Line('loader', f'the training step needs ({run.step_need[1]}, batch {args.batch_size})',
                               'images/s', [run.step_need[0]], note='the batch over the train section\'s median step'))
-    if not fig.identical:
-        run.notes.append('loader: the pipelines\' tensors DIFFER (they must be bit-identical)')
+    run.notes.append('loader: the pipelines\' tensors are bit-identical' if fig.identical else
+                     'loader: the pipelines\' tensors DIFFER (they must be bit-identical)')
     if fig.stages is not None:
         total = {p: sum(ms for q, _, ms in fig.stages if q == p) for p in ('PIL', 'packed')}
         run.notes.append(f'loader stage profile (one thread, CPU ms per image): PIL {total["PIL"]:.3f} in all; packed: '

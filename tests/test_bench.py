@@ -240,6 +240,7 @@ def test_gpu_figures_on_the_cpu_runs_every_section_tiny_and_says_so(tmp_path, ca
             else:  # a step's speed-up: the baseline's time over this one's
                 assert_quotient(value, base, median)
     assert sections['loader'][-1][0].startswith('the training step needs (ours: cached, --amp --channels-last')
+    assert "- loader: the pipelines' tensors are bit-identical" in out
 
 
 def test_gpu_figures_time_box_skips_what_does_not_fit(tmp_path, capsys):

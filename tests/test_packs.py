@@ -53,7 +53,7 @@ def test_packed_tensors_are_bit_identical_to_pil_for_both_flips(data):
         assert made.dtype == reference.dtype and made.shape == reference.shape and made.is_contiguous()
         assert torch.equal(made, reference)  # bit for bit, flipped and unflipped rows
         # the tensor operations used on a GPU, here on the CPU
-        assert torch.equal(datasets._normalise_on_device(batch['image'], batch['flipped']), reference)
+        assert torch.equal(datasets._lookup_on_device(batch['image'], batch['flipped']), reference)
     # a float batch (the PIL pipeline) is only moved
     assert datasets.to_model_input(reference, None, 'cpu') is reference
 
