@@ -392,10 +392,10 @@ def _csl(obj, where: str, options: Options) -> Imported:
                                        options.model)
     head_state = _under(state, 'head.fc.')
     if 'embedding_generator.0.weight' in head_state:
-        head = 'bottleneck'
-        if _size(head_state['embedding_generator.0.weight'], 0) != 512:
-            raise CheckpointImportError(f'{where}: its bottleneck head has {_size(head_state["embedding_generator.0.weight"], 0)} '
-                                        "features; this project's bottleneck head has CSL's 512")
+        head, features = 'bottleneck', _size(head_state['embedding_generator.0.weight'], 0)
+        if features != 512:
+            raise CheckpointImportError(f"{where}: its bottleneck head has {features} features; this project's "
+                                        "bottleneck head has CSL's 512")
         keys = {'embedding_generator.0.weight', 'embedding_generator.0.bias', 'FC.weight', 'FC.bias'}
         count = _size(head_state['FC.weight'], 0)
     else:
