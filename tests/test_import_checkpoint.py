@@ -13,8 +13,9 @@ Query2Label's CvT (not built). Then:
   TResNet and Swin classes made small; SGRE's MLIC on its ResNet-18 inside its ModelEma; CCD's
   ImageClassifier, full size) in eval mode; every state-dict entry drawn by `recipe_tensor` below from
   numpy's RandomState(seed), key by key in the model's own order, except the constant buffers the original
-  computes (position encodings, Swin's relative-position index and masks), kept as it computed them
-  (`keep/<key>`), and CCD's alpha set to 3 as its train.py sets it (coeff 3); the input
+  computes (position encodings, Swin's relative-position index and masks) and CCD's alpha (set to 3 first,
+  as its train.py sets it with --coeff 3), kept as they were (`keep/<key>`; SGRE's file of label embeddings,
+  RandomState(5) normal, too); the input
   RandomState(input_seed).random_sample(shape), given to the original as it is; `logits`, the original
   module's output on it (float32). `meta` (JSON) holds the layout (key, shape, dtype), the seeds, how the
   original's file wraps the state dict, the constructor call and, for SGRE, its config.yaml settings.
@@ -24,11 +25,13 @@ Query2Label's CvT (not built). Then:
   saves its P.
 
 The tests write each fixture as the original saves it, import it with the command line, rebuild the
-classifier through the project's one rebuild path (checkpoints.rebuild_classifier, that of --evaluate,
---init-from's check and predict.py) and compare the logits on the same input within 1e-5.
+classifier through the project's one rebuild path (checkpoints.rebuild_classifier, that of --evaluate and
+predict.py) and compare the logits on the same input within 1e-5. The small TResNet and Swin are held by
+timm's own classes at the same sizes, registered as timm models below (`--model timm:vlpl_test_*`).
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import sys
@@ -232,7 +235,7 @@ def test_the_imported_command_line_is_the_models(tmp_path, capsys):
     cfg, _ = main_clip.parse_args(ckpt['argv'])
     assert (cfg.q2l_hidden, cfg.q2l_ffn, cfg.q2l_heads, cfg.q2l_enc_layers, cfg.q2l_dec_layers) == (512, 256, 8, 1, 2)
     assert cfg.q2l_pre_norm and cfg.q2l_dec_self_attn and cfg.image_size == 64
-    assert ckpt['epoch'] == 7 and ckpt['config'] == __import__('dataclasses').asdict(cfg)
+    assert ckpt['epoch'] == 7 and ckpt['config'] == dataclasses.asdict(cfg)
     assert 'builds as: -d voc2007 -m timm:resnet18 --head q2l' in stdout
 
 
@@ -289,7 +292,7 @@ def test_every_tensor_of_the_published_models_has_its_place(name):
     imported = seed_checkpoints.convert(kind, obj, name, options)
     cfg = import_checkpoint.parse_settings(imported.argv, name)
     assert (cfg.model, cfg.head, cfg.image_size) == (backbone, head, size)
-    ckpt = dict(model=imported.state, config=__import__('dataclasses').asdict(cfg), argv=imported.argv,
+    ckpt = dict(model=imported.state, config=dataclasses.asdict(cfg), argv=imported.argv,
                 classnames=imported.classnames, epoch=0, **imported.extras)
     with torch.device('meta'):
         rebuilt = checkpoints.rebuild_classifier(ckpt, name)
