@@ -503,8 +503,8 @@ def _write_cached(path: Path, key: dict, array: np.ndarray) -> torch.Tensor:
 
 def cached_view_embeddings(labeler: PseudoLabeler, loader, rows: torch.Tensor, boxes: torch.Tensor, key: dict,
                            cache_dir: str | os.PathLike, *, device) -> torch.Tensor:
-    """(V, D) float32 CLIP embeddings of CCD's local views: view v is image rows[v] cropped to
-    boxes[v] (ccd.view_inputs). Cached like the global embeddings, under `key` (the split's
+    """(V, D) float32 CLIP embeddings of CCD's local views: view v is image rows[v] cropped and resized to
+    boxes[v] (a ccd.cam_views row: box and size; ccd.view_inputs). Cached like the global embeddings, under `key` (the split's
     embedding_cache_key, computed in float32 without autocast) plus the digest of the views, so a rerun
     with the same views reuses them.
     `loader`: the split in row order without flips."""
@@ -654,7 +654,8 @@ class CcdPseudoLabels(PseudoLabelSource):
                                  f'bound {cfg.pl_views_bound})')
         try:
             rows, _, boxes = ccd.cam_views(
-                model, self.loader, multiplier=self.multiplier, margin=cfg.pl_views_margin, device=self.device,
+                model, self.loader, multiplier=self.multiplier, offset=int(round(cfg.pl_views_margin * cfg.image_size)),
+                side=self.labeler.image_size, device=self.device,
                 progress=lambda iterable, desc: distributed.progress(iterable, desc=desc))
         except ValueError as exc:  # a model without CAM: refused at parse time, kept as a guard
             raise UserError(f'--pl-views cam: {one_line(exc)}') from None
