@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import clip_labels
+import class_text_features
+import clip_loading
 import datasets
 import distributed
 import losses_peers as lp
+import pseudo_labeler
 from config import Config, ModelLoadError, UserError, one_line
 
 GCN_SLOPE = 0.2  # models.py PseudoLabelGeneratorOpenAI: nn.LeakyReLU(0.2) after gc1 and gc2
@@ -174,7 +176,7 @@ def aevlp_classnames(cfg: Config) -> list[str]:
                             f'({one_line(exc)})') from None
         names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
-        names = clip_labels.read_classnames(cfg.dataset)
+        names = class_text_features.read_classnames(cfg.dataset)
         if cfg.dataset == 'pascal':
             names = [VOC_IDENTIFIERS.get(n, n) for n in names]
     return [n.replace('_', ' ') for n in names]
@@ -264,8 +266,8 @@ def build_pseudo_labels(cfg: Config, train_split, device, num_classes: int):
     every training batch's views (no cache: the flips are drawn anew each epoch)."""
     precision = scoring_precision(cfg, device)
     dtype = {'fp16': torch.float16, 'fp32': torch.float32}[precision]
-    clip_model, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device,
-                                                  precision=precision)
+    clip_model, tokenizer = clip_loading.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device,
+                                                   precision=precision)
     sequence_first(clip_model)
     names = aevlp_classnames(cfg)
     if len(names) != num_classes:
@@ -287,7 +289,7 @@ def build_pseudo_labels(cfg: Config, train_split, device, num_classes: int):
     observed = torch.as_tensor(train_split.labels_obs, dtype=torch.float32, device=device)
     hp = dict(grid_size=cfg.aevlp_grid, temp=cfg.aevlp_temp, eta=cfg.aevlp_eta, top_k=cfg.aevlp_top_k,
               threshold=cfg.aevlp_threshold, negative_ratio=cfg.aevlp_negative_ratio)
-    size, views = clip_labels.clip_image_size(clip_model), crop_size(cfg)
+    size, views = clip_loading.clip_image_size(clip_model), crop_size(cfg)
     if size != views:
         raise UserError(f'the views are {views} px (--aevlp-crop-size or the model config) but CLIP model '
                         f'{cfg.clip_model} takes {size} px inputs: pass --aevlp-crop-size {size}')
@@ -300,7 +302,7 @@ def build_pseudo_labels(cfg: Config, train_split, device, num_classes: int):
     return AevlpPseudoLabels(scorer), None
 
 
-class AevlpPseudoLabels(clip_labels.PseudoLabelSource):
+class AevlpPseudoLabels(pseudo_labeler.PseudoLabelSource):
     """The engine's pseudo-label source: the batch's views scored at every step (no state)."""
 
     def __init__(self, scorer: CropScorer):
@@ -316,7 +318,7 @@ class AevlpPseudoLabels(clip_labels.PseudoLabelSource):
 def crop_size(cfg: Config) -> int:
     """The side of the views: --aevlp-crop-size, else the CLIP's input side (224 for ViT-B-16, the
     original's transforms.Resize((224, 224))), read from its model config."""
-    size = cfg.aevlp_crop_size or clip_labels.configured_image_size(cfg.clip_model)
+    size = cfg.aevlp_crop_size or clip_loading.configured_image_size(cfg.clip_model)
     if size is None:
         raise ModelLoadError(f'cannot tell the input side of CLIP model {cfg.clip_model!r} from its config: '
                              'pass --aevlp-crop-size')

@@ -12,7 +12,7 @@ names the lines it follows. Three bugs of the released code are fixed here (docs
 
 The pure functions take and return tensors; `cam_views` finds the views of a split with the
 classifier, `view_inputs` makes their CLIP inputs, `local_labels` and `blend` refresh the labels
-(clip_labels.CcdPseudoLabels runs them, with the frozen CLIP in between).
+(ccd_labels.CcdPseudoLabels runs them, with the frozen CLIP in between).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import clip_labels
+import class_text_features
 from config import Config, UserError, one_line
 from distributed import log
 from heads import HeadConfigError, Query2LabelHead, dataset_defaults
@@ -146,7 +146,7 @@ def needs_clip(cfg: Config) -> bool:
 def label_embeddings(cfg: Config, clip_model, tokenizer, num_classes: int, saved: dict | None = None):
     """SGRE's (K, E) label embeddings, float32: those of a checkpoint (`saved`, on resume and
     --evaluate), else --label-embeddings, else the run's CLIP text features of the class names
-    (clip_labels.text_features_for, the same as the pseudo-labeller's). None for other heads."""
+    (class_text_features.text_features_for, the same as the pseudo-labeller's). None for other heads."""
     if cfg.head != 'sgre':
         return None
     if saved is not None and saved.get('label_embeddings') is not None:
@@ -165,7 +165,7 @@ def label_embeddings(cfg: Config, clip_model, tokenizer, num_classes: int, saved
         return emb.astype(np.float32)
     if saved is not None:  # --evaluate of a checkpoint without them: no CLIP text to compute them from
         raise UserError('this SGRE checkpoint holds no label embeddings: pass --label-embeddings FILE.npy')
-    return clip_labels.text_features_for(cfg, clip_model, tokenizer, num_classes).float().cpu().numpy()
+    return class_text_features.text_features_for(cfg, clip_model, tokenizer, num_classes).float().cpu().numpy()
 
 
 def checkpoint_entries(model) -> dict:

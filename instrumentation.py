@@ -36,6 +36,16 @@ def _to_jsonable(values: np.ndarray) -> list:
     return [None if math.isnan(v) else float(v) for v in values.tolist()]
 
 
+def _from_jsonable(values: list, pad: int) -> np.ndarray:
+    """The inverse of _to_jsonable, padded with `pad` NaNs (epochs the saved state did not have)."""
+    return np.array([np.nan if v is None else v for v in values] + [np.nan] * pad, dtype=np.float64)
+
+
+def _value_at(array: np.ndarray, row: int) -> float | None:
+    value = float(array[row])
+    return None if math.isnan(value) else value
+
+
 # summary.csv columns '<phase>_<column>' after epoch, train_loss and the clean mAP of each phase:
 # column name -> logger series.
 SUMMARY_METRICS = {'map_observed': 'map_observed', 'prec_at_1': 'prec_at_1_clean',
@@ -96,6 +106,15 @@ class TrainLogger:
         val phase of the current best epoch.
         """
         row = self._check_epoch_phase(epoch, phase)
+        preds, labels_true, labels_obs = self._checked_arrays(phase, preds, labels_true, labels_obs)
+        metrics = {'clean': compute_metrics(preds, labels_true),
+                   'observed': compute_metrics(preds, labels_obs == 1)}
+        self._store_phase(phase, row, preds, metrics, loss)
+        self._logged[phase][row] = True
+        return self.summary(epoch, phase)
+
+    def _checked_arrays(self, phase: str, preds, labels_true, labels_obs) -> tuple:
+        """The three inputs of log_phase as arrays, each (N, K) with the N of preds (ValueError if not)."""
         preds = np.asarray(preds)
         labels_true = np.asarray(labels_true)
         labels_obs = np.asarray(labels_obs)
@@ -104,8 +123,10 @@ class TrainLogger:
             if array.ndim != 2 or array.shape != expected:
                 raise ValueError(f'log_phase({phase}): {name} has shape {array.shape}, expected '
                                  f'(N, {self.num_classes}) with the same N as preds')
-        metrics = {'clean': compute_metrics(preds, labels_true),
-                   'observed': compute_metrics(preds, labels_obs == 1)}
+        return preds, labels_true, labels_obs
+
+    def _store_phase(self, phase: str, row: int, preds: np.ndarray, metrics: dict, loss: float | None) -> None:
+        """One phase's loss, prediction statistics and metrics into row `row` of its series."""
         values = self._values[phase]
         values['loss'][row] = np.nan if loss is None else float(loss)
         values['mean_pos'][row] = float(np.mean(np.sum(preds > 0.5, axis=1)))
@@ -113,8 +134,6 @@ class TrainLogger:
         for kind in LABEL_KINDS:
             for key, value in metrics[kind].items():
                 values[_series_name(kind, key)][row] = value
-        self._logged[phase][row] = True
-        return self.summary(epoch, phase)
 
     def log_scalar(self, epoch: int, phase: str, name: str, value: float | None) -> None:
         """Record one extra per-epoch scalar that is not a metric of `log_phase`, e.g.
@@ -138,8 +157,7 @@ class TrainLogger:
         values = self._values[phase]
 
         def scalar(name):
-            value = float(values[name][row])
-            return None if math.isnan(value) else value
+            return _value_at(values[name], row)
 
         best = self.best_epoch
         out = {'epoch': int(epoch), 'phase': phase,
@@ -196,31 +214,34 @@ class TrainLogger:
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state_dict()`. The class count must match; a state of fewer epochs fills
         the first ones (a finished run resumed for more epochs)."""
+        pad = self._epochs_to_pad(state)
+        try:
+            for phase in PHASES:
+                self._logged[phase], self._values[phase], self._extra[phase] = self._restored_phase(state, phase, pad)
+        except KeyError as missing:
+            raise ValueError(f'logger state lacks {missing}; was it written by TrainLogger.state_dict()?') from None
+
+    def _epochs_to_pad(self, state: dict) -> int:
+        """Epochs this run has beyond the saved state's (ValueError if it has fewer or other classes)."""
         saved_epochs = state.get('num_epochs')
         if not isinstance(saved_epochs, int) or saved_epochs > self.num_epochs \
                 or state.get('num_classes') != self.num_classes:
             raise ValueError(f"logger state is for {saved_epochs} epochs / "
                              f"{state.get('num_classes')} classes, this run has {self.num_epochs} / "
                              f'{self.num_classes}')
-        pad = self.num_epochs - saved_epochs
-        try:
-            for phase in PHASES:
-                logged = np.concatenate([np.asarray(state['logged'][phase], dtype=bool), np.zeros(pad, bool)])
-                series = {name: np.array([np.nan if v is None else v for v in state['values'][phase][name]]
-                                         + [np.nan] * pad, dtype=np.float64) for name in SERIES}
-                if logged.shape != (self.num_epochs,) or any(a.shape != (self.num_epochs,)
-                                                             for a in series.values()):
-                    raise ValueError(f'logger state for phase {phase!r} has the wrong length')
-                extra = {name: np.array([np.nan if v is None else v for v in values] + [np.nan] * pad,
-                                        dtype=np.float64)
-                         for name, values in state.get('extra', {}).get(phase, {}).items()}
-                if any(a.shape != (self.num_epochs,) for a in extra.values()):
-                    raise ValueError(f'logger state for phase {phase!r} has an extra series of the wrong length')
-                self._logged[phase] = logged
-                self._values[phase] = series
-                self._extra[phase] = extra  # absent in states saved before log_scalar existed
-        except KeyError as missing:
-            raise ValueError(f'logger state lacks {missing}; was it written by TrainLogger.state_dict()?') from None
+        return self.num_epochs - saved_epochs
+
+    def _restored_phase(self, state: dict, phase: str, pad: int) -> tuple:
+        """(logged, series, extra series) of one phase from a state, each checked to be num_epochs long."""
+        logged = np.concatenate([np.asarray(state['logged'][phase], dtype=bool), np.zeros(pad, bool)])
+        series = {name: _from_jsonable(state['values'][phase][name], pad) for name in SERIES}
+        if logged.shape != (self.num_epochs,) or any(a.shape != (self.num_epochs,) for a in series.values()):
+            raise ValueError(f'logger state for phase {phase!r} has the wrong length')
+        # extra: absent in states saved before log_scalar existed
+        extra = {name: _from_jsonable(values, pad) for name, values in state.get('extra', {}).get(phase, {}).items()}
+        if any(a.shape != (self.num_epochs,) for a in extra.values()):
+            raise ValueError(f'logger state for phase {phase!r} has an extra series of the wrong length')
+        return logged, series, extra
 
     def to_json_dict(self) -> dict:
         """The JSON log: the best-epoch result plus the full state."""
@@ -236,23 +257,21 @@ class TrainLogger:
         """One dict per epoch with at least one logged phase, in epoch order (see save_summary_csv)."""
         best = self.best_epoch
         extra_columns = [(phase, name) for phase in PHASES for name in sorted(self._extra[phase])]
-        rows = []
-        for row in range(self.num_epochs):
-            if not any(self._logged[phase][row] for phase in PHASES):
-                continue
+        return [self._summary_row(row, best, extra_columns) for row in range(self.num_epochs)
+                if any(self._logged[phase][row] for phase in PHASES)]
 
-            def value(array):
-                v = float(array[row])
-                return None if math.isnan(v) else v
+    def _summary_row(self, row: int, best: int | None, extra_columns: list) -> dict:
+        """The summary.csv row of epoch row + 1 (see save_summary_csv for the columns)."""
+        def value(array):
+            return _value_at(array, row)
 
-            out = {'epoch': row + 1, 'train_loss': value(self._values['train']['loss'])}
-            out.update({f'{phase}_map': value(self._values[phase]['map_clean']) for phase in PHASES})
-            for column, series in SUMMARY_METRICS.items():
-                out.update({f'{phase}_{column}': value(self._values[phase][series]) for phase in PHASES})
-            out.update({f'{phase}_{name}': value(self._extra[phase][name]) for phase, name in extra_columns})
-            out['best'] = int(best == row + 1)
-            rows.append(out)
-        return rows
+        out = {'epoch': row + 1, 'train_loss': value(self._values['train']['loss'])}
+        out.update({f'{phase}_map': value(self._values[phase]['map_clean']) for phase in PHASES})
+        for column, series in SUMMARY_METRICS.items():
+            out.update({f'{phase}_{column}': value(self._values[phase][series]) for phase in PHASES})
+        out.update({f'{phase}_{name}': value(self._extra[phase][name]) for phase, name in extra_columns})
+        out['best'] = int(best == row + 1)
+        return out
 
     def save_summary_csv(self, path) -> None:
         """Write summary.csv atomically: one row per logged epoch, as timm's `update_summary`

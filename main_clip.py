@@ -1,7 +1,7 @@
 """Train and evaluate single-positive multi-label classifiers with CLIP pseudo-labels (VLPL).
 
-Reads top to bottom: per-dataset settings, the command line, set-up (data, frozen CLIP, model),
-the phases of an epoch, checkpoints, and the loop. Examples:
+Reads top to bottom: the command line, set-up, the run as a sequence of named steps (`_run`; its
+data steps are in run_data.py, the phases of an epoch in epoch_phases.py), --evaluate, and main. Examples:
 
     python main_clip.py -d demo                      # offline demo, CPU, a few minutes
     python main_clip.py -d coco -l EM_PL -m clip_vision
@@ -24,7 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-import clip_labels
+import class_text_features
+import clip_loading
 import datasets
 import distributed
 import heads_run
@@ -34,15 +35,18 @@ import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
 import packs
 import pseudo_label_options
+import pseudo_label_policy
 import records
-from checkpoints import RunFolder, config_differences, ensure_writable, load_checkpoint, set_rng_state
+from checkpoints import RunFolder, config_differences, load_checkpoint, set_rng_state
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
                     build_config, number, one_line)
 from distributed import is_primary, log
-from engine import NonFiniteLoss, predict, train_one_epoch
+from engine import NonFiniteLoss, predict
+from epoch_phases import Learner, evaluate_phases, log_epoch, save_epoch, train_phase
 from files import save_json
-from instrumentation import TrainLogger, format_summary
+from instrumentation import TrainLogger
 from metrics import compute_metrics
+from run_data import Data, build_loaders, load_data, make_loader, prepare_data
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -228,69 +232,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_data(cfg: Config) -> dict:
-    """The formatted splits (docs/original-vlpl.md section 4); the demo is generated on first use."""
-    if cfg.dataset == 'demo':
-        from preproc import make_demo
-        with distributed.primary_first('generating the demo data'):
-            make_demo.ensure_demo(cfg.data_root, progress=is_primary())
-            if cfg.observed is not None:
-                ensure_demo_observed(cfg)
-    return datasets.load_splits(cfg.data_root, cfg.dataset, observed=cfg.observed,
-                                clean_train_labels=methods.METHODS[cfg.loss].clean_train_labels)
-
-
-def ensure_demo_observed(cfg: Config) -> None:
-    """The demo makes its own partial-annotation file (seed 1200) when it lacks it, or when the demo
-    was rebuilt since: generate_observed_labels.py --scheme rps|fpc for a tag it can parse."""
-    from preproc import generate_observed_labels
-
-    parsed = datasets.parse_observed_tag(cfg.observed)
-    if parsed is None or datasets.canonical_observed_tag(*parsed) != cfg.observed:
-        return  # load_splits names the command
-    folder = Path(cfg.data_root) / 'demo'
-    path = folder / datasets.observed_file_name(cfg.observed)
-    if path.is_file() and path.stat().st_mtime >= (folder / 'formatted_train_labels.npy').stat().st_mtime:
-        return
-    if is_primary():
-        log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed))
-
-
-def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
-    """Batches in row order (or the sampler's), pinned for CUDA, workers kept across epochs.
-    Several processes: a training loader yields this rank's share of each global batch
-    (distributed.GlobalBatchShares); an evaluation loader this rank's block of rows."""
-    workers = cfg.num_workers
-    batches = dict(batch_size=batch_size, sampler=sampler)
-    if distributed.world_size() > 1:
-        batches = (dict(batch_sampler=distributed.GlobalBatchShares(sampler, batch_size)) if sampler is not None
-                   else dict(batch_size=batch_size, sampler=None))
-        dataset = dataset if sampler is not None else distributed.shard(dataset)
-    return torch.utils.data.DataLoader(
-        dataset, **batches, shuffle=False, num_workers=workers,
-        collate_fn=datasets.collate_skipping, pin_memory=device.type == 'cuda',
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
-
-
-def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
-    """Every input file checked before the expensive work (CLIP, the embedding cache, training)."""
-    for phase, split in splits.items():
-        if cfg.data_format == 'packed':  # the packs replace the image files
-            packs.open_pack(cfg.data_root, cfg.dataset, phase, split.images, cfg.image_size)
-            continue
-        for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images):
-            log.warning(f'skipped missing image {root / path} (--skip-bad-images)')
-    for flag, path in (('--backbone-weights', cfg.backbone_weights), ('--text-features', cfg.text_features),
-                       ('--init-from', cfg.init_from)):
-        if path is not None and not Path(path).is_file():
-            raise UserError(f'{flag} {path}: no such file')
-    if cfg.text_features:
-        clip_labels.load_text_features(cfg.text_features, splits['train'].labels_obs.shape[1])
-    ensure_writable(Path(cfg.cache_dir), '--cache-dir')
 
 
 def run(cfg: Config, argv: list[str], resume: Optional[dict], overwrite: bool = False) -> dict:
@@ -305,51 +248,69 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict], overwrite: bool = 
 def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: RunFolder) -> dict:
     run_dir = folder.path
     seed_everything(cfg.seed)
-    splits = prepare_data(cfg)
-    num_classes = splits['train'].labels_obs.shape[1]
-    for phase, split in splits.items():
-        negatives = ''
-        if phase == 'train' and cfg.observed is not None:
-            negatives = f'{(split.labels_obs == -1).sum(1).mean():.2f} observed negatives / image ({cfg.observed}), '
-        log.info(f'{phase:>5}: {len(split.images):6d} images, {num_classes} classes, '
-                 f'{split.labels_obs.clip(min=0).sum(1).mean():.2f} observed positives / image, {negatives}'
-                 f'{split.labels_true.sum(1).mean():.2f} true positives / image')
-
-    root = datasets.image_root(cfg.data_root, cfg.dataset)
-    check_inputs(cfg, splits, root)
+    splits, root = load_data(cfg)
     init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
     method_class = methods.METHODS[cfg.loss]
-    sets, train_eval_set = packs.image_sets(cfg, splits, root)  # --data-format pil or packed
-    sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP adds its views
-    sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0))
-    loaders = {'train': make_loader(sets['train'], batch_size=cfg.batch_size, sampler=sampler, cfg=cfg,
-                                    device=device)}
-    for phase in ('val', 'test'):
-        loaders[phase] = make_loader(sets[phase], batch_size=cfg.batch_size, cfg=cfg, device=device)
-    train_eval_loader = make_loader(train_eval_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
+    data = build_loaders(cfg, splits, root, method_class, device)
+    clip_model, tokenizer = load_frozen_clip(cfg, method_class, device)
+    pl_source = pseudo_label_source(cfg, method_class, clip_model, tokenizer, data, device)
+    learner = build_model_and_optimiser(cfg, clip_model, tokenizer, data, resume, init_state, device)
+    train_true = torch.as_tensor(splits['train'].labels_true, device=device)
+    classnames = class_text_features.read_classnames(cfg.dataset)
+    start_epoch = restore(learner, resume, pl_source, data.sampler)
+    add_ema(cfg, learner, resume, run_dir)
+    record, tensorboard = start_records(cfg, device, method_class, folder, pl_source)
+    wrap_for_training(cfg, learner, device)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        train_preds, train_loss, pl_counts = train_phase(cfg, epoch, learner, data, pl_source, train_true, device,
+                                                         run_dir)
+        times = {'train': time.perf_counter() - t0}
+        phase_preds, evaluated = evaluate_phases(cfg, epoch, learner, data, device, {'train': train_preds}, times)
+        log_epoch(cfg, epoch, learner, data, pl_source, phase_preds, train_loss, pl_counts, times)
+        if is_primary():
+            save_epoch(cfg, epoch, argv, learner, data, pl_source, classnames, phase_preds, evaluated, train_loss,
+                       times, record, tensorboard, folder)
+        log.info(f'checkpoint: {run_dir / "last.pt"} (epoch {epoch})')
+    return closing_lines(learner.logger, run_dir)
 
-    own_labels = method_class.pseudo_label_builder  # a method's own pseudo-labels (AEVLP), else VLPL's
-    clip_model = tokenizer = None
-    if ((method_class.needs_pseudo_labels and own_labels is None) or cfg.model == 'clip_vision'
-            or heads_run.needs_clip(cfg)):
-        clip_model, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
-    pl_source = None
-    if method_class.needs_pseudo_labels:
-        if own_labels is not None:
-            pl_source, quality = own_labels(cfg, splits['train'], device, num_classes)
-        else:
-            pl_source, quality = clip_labels.build_pseudo_labels(cfg, clip_model, tokenizer, splits['train'],
-                                                                 train_eval_loader, device, num_classes)
-        if quality:
-            log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}): precision '
-                     f'{quality["precision"]:.3f}, recall {quality["recall"]:.3f}, '
-                     f'{quality["per_image"]:.2f} positives / image')
-        if pl_source.report:
-            log.info(pseudo_label_options.quality_line(pl_source.report['stages'][-1], 'on train'))
 
+def load_frozen_clip(cfg: Config, method_class, device) -> tuple:
+    """(CLIP model, tokenizer) when the run needs CLIP (VLPL's pseudo-labels, -m clip_vision, a head's
+    label embeddings), else (None, None)."""
+    if ((method_class.needs_pseudo_labels and method_class.pseudo_label_builder is None)
+            or cfg.model == 'clip_vision' or heads_run.needs_clip(cfg)):
+        return clip_loading.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
+    return None, None
+
+
+def pseudo_label_source(cfg: Config, method_class, clip_model, tokenizer, data: Data, device):
+    """The pseudo-labels of the training phase (None for a method without them): the method's own
+    (AEVLP), else VLPL's frozen-CLIP labels; their quality on train is logged."""
+    if not method_class.needs_pseudo_labels:
+        return None
+    own_labels = method_class.pseudo_label_builder
+    if own_labels is not None:
+        pl_source, quality = own_labels(cfg, data.splits['train'], device, data.num_classes)
+    else:
+        pl_source, quality = pseudo_label_policy.build_pseudo_labels(
+            cfg, clip_model, tokenizer, data.splits['train'], data.train_eval_loader, device, data.num_classes)
+    if quality:
+        log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}): precision '
+                 f'{quality["precision"]:.3f}, recall {quality["recall"]:.3f}, '
+                 f'{quality["per_image"]:.2f} positives / image')
+    if pl_source.report:
+        log.info(pseudo_label_options.quality_line(pl_source.report['stages'][-1], 'on train'))
+    return pl_source
+
+
+def build_model_and_optimiser(cfg: Config, clip_model, tokenizer, data: Data, resume: Optional[dict],
+                              init_state: Optional[dict], device) -> Learner:
+    """The classifier (fresh, or --init-from's weights), the method object, the optimiser, the schedule, the logger."""
+    num_classes = data.num_classes
+    label_embeddings = heads_run.label_embeddings(cfg, clip_model, tokenizer, num_classes, resume)
     # Reseed so that the head's initialisation does not depend on what ran before (CLIP loading and
     # every DataLoader iterator draw from the global generator).
-    label_embeddings = heads_run.label_embeddings(cfg, clip_model, tokenizer, num_classes, resume)
     torch.manual_seed(cfg.seed)
     fresh = resume is None and init_state is None  # else the weights come from a checkpoint
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
@@ -365,100 +326,59 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
                             f'{num_classes} classes ({one_line(e)[:120]})') from None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    method = methods.build_method(cfg, splits['train'].labels_obs, device)
+    method = methods.build_method(cfg, data.splits['train'].labels_obs, device)
     optimizer, scheduler = heads_run.build_optimization(
-        cfg, model.param_groups(cfg.lr, cfg.head_lr_mult) + method.param_groups(cfg.lr), len(loaders['train']))
-    logger = TrainLogger(cfg.epochs, num_classes)
-    train_true = torch.as_tensor(splits['train'].labels_true, device=device)
-    classnames = clip_labels.read_classnames(cfg.dataset)
-    start_epoch = 1
+        cfg, model.param_groups(cfg.lr, cfg.head_lr_mult) + method.param_groups(cfg.lr), len(data.loaders['train']))
+    return Learner(model, method, optimizer, scheduler, TrainLogger(cfg.epochs, num_classes))
+
+
+def restore(learner: Learner, resume: Optional[dict], pl_source, sampler) -> int:
+    """The state of a resumed run (model, optimiser, logger, method, random states, pseudo-labels);
+    returns the first epoch to train."""
+    if resume is None:
+        return 1
+    learner.model.load_state_dict(resume['model'])
+    learner.optimizer.load_state_dict(resume['optimizer'])
+    learner.logger.load_state_dict(resume['logger'])
+    learner.method.load_state_dict(resume['method'])
+    set_rng_state(resume['rng'], sampler)
+    if pl_source is not None:
+        pl_source.load_state_dict(resume.get('pseudo_labels', {}))
+    return resume['epoch'] + 1
+
+
+def add_ema(cfg: Config, learner: Learner, resume: Optional[dict], run_dir: Path) -> None:
+    """The weight EMA (--ema-decay), from the restored weights; a resumed run restores its state and the schedule's."""
+    learner.ema = heads_run.build_ema(cfg, learner.model)
     if resume is not None:
-        model.load_state_dict(resume['model'])
-        optimizer.load_state_dict(resume['optimizer'])
-        logger.load_state_dict(resume['logger'])
-        method.load_state_dict(resume['method'])
-        set_rng_state(resume['rng'], sampler)
-        if pl_source is not None:
-            pl_source.load_state_dict(resume.get('pseudo_labels', {}))
-        start_epoch = resume['epoch'] + 1
-    ema = heads_run.build_ema(cfg, model)
-    if resume is not None:
-        heads_run.load_training_state(resume, ema, scheduler)
+        heads_run.load_training_state(resume, learner.ema, learner.scheduler)
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
+
+
+def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_source) -> tuple:
+    """(config.json's record, TensorBoard writer or None); the primary process creates the run folder."""
     record = records.run_record(cfg, device, method_class)
-    tensorboard = records.open_tensorboard(cfg, run_dir) if is_primary() else None
+    tensorboard = records.open_tensorboard(cfg, folder.path) if is_primary() else None
     if is_primary():
         folder.create()
-        save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
+        save_json(folder.path / 'config.json', dataclasses.asdict(cfg) | {'record': record})
         if pl_source is not None and pl_source.report:
-            save_json(run_dir / 'pl_quality.json', pl_source.report)
-    train_model = distributed.wrap_model(model, device, cfg.sync_bn)  # model itself on one process
-    eval_model = model
+            save_json(folder.path / 'pl_quality.json', pl_source.report)
+    return record, tensorboard
+
+
+def wrap_for_training(cfg: Config, learner: Learner, device) -> None:
+    """The model as training runs it (DistributedDataParallel for several processes) and --compile's forms."""
+    learner.train_model = distributed.wrap_model(learner.model, device, cfg.sync_bn)  # model itself on one process
+    learner.eval_model = learner.model
     if cfg.compile:  # the compiled modules share the model's parameters; checkpoints save `model`
-        eval_model = torch.compile(model)
-        train_model = eval_model if train_model is model else torch.compile(train_model)
+        learner.eval_model = torch.compile(learner.model)
+        learner.train_model = (learner.eval_model if learner.train_model is learner.model
+                               else torch.compile(learner.train_model))
 
-    def predict_train(desc: str):
-        return predict(cfg, eval_model, train_eval_loader, len(train_eval_set), num_classes, device, desc)
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        if pl_source is not None and pl_source.before_epoch(epoch, model, lambda: predict_train(
-                f'epoch {epoch} CCD threshold calibration')) and is_primary():
-            save_json(run_dir / 'pl_quality.json', pl_source.report)
-        if cfg.linear_init:  # LinearInit: a frozen trunk for the first --linear-init epochs
-            model.set_trunk_frozen(epoch <= cfg.linear_init)
-        train_preds, train_loss, pl_counts = train_one_epoch(epoch, cfg, train_model, optimizer, loaders['train'],
-                                                             method, train_true, pl_source, device,
-                                                             scheduler=scheduler, ema=ema)
-        method.end_epoch(epoch, lambda: predict_train(f'epoch {epoch} {cfg.loss} update'))
-        times = {'train': time.perf_counter() - t0}
-        phase_preds = {'train': train_preds}
-        evaluated = model  # with --ema-decay: the model or its average, whichever is better on val
-        for phase in ('val', 'test'):
-            t0 = time.perf_counter()
-            phase_preds[phase] = predict(cfg, eval_model if evaluated is model else evaluated, loaders[phase],
-                                         len(sets[phase]), num_classes, device, f'epoch {epoch} {phase}')
-            if phase == 'val' and ema is not None:
-                ema_preds = predict(cfg, ema.module, loaders[phase], len(sets[phase]), num_classes, device,
-                                    f'epoch {epoch} {phase} (EMA)')
-                if heads_run.ema_wins(phase_preds[phase], ema_preds, splits[phase].labels_true, epoch):
-                    evaluated, phase_preds[phase] = ema.module, ema_preds
-            times[phase] = time.perf_counter() - t0
-        for phase in ('train', 'val', 'test'):
-            split = splits[phase]
-            observed = method.observed.cpu().numpy() if phase == 'train' else split.labels_obs
-            seen = ~np.isnan(phase_preds[phase][:, 0])
-            if not seen.all():
-                log.info(f'{phase}: skipped {int((~seen).sum())} unreadable images (--skip-bad-images); '
-                         'metrics cover the rest')
-            s = logger.log_phase(epoch, phase, phase_preds[phase][seen], split.labels_true[seen], observed[seen],
-                                 train_loss if phase == 'train' else None)
-            extra = ''
-            if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
-                precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)
-                logger.log_scalar(epoch, 'train', 'pl_precision', float(precision))
-                logger.log_scalar(epoch, 'train', 'pl_recall', float(recall))
-                extra = f' | PL on unknown: precision {precision:.3f}, recall {recall:.3f}'
-                if pl_counts[3] > 0:
-                    extra += f', {int(pl_counts[3])} positive PL on annotated negatives ignored'
-            log.info(f'{format_summary(s)} | {times[phase]:.1f} s{extra}')
-        if is_primary():
-            # wall times go to config.json's record, so that log.json holds only reproducible numbers
-            record['epoch_seconds'] = record.get('epoch_seconds', {}) | {str(epoch): round(sum(times.values()), 2)}
-            records.save_epoch(run_dir, epoch, cfg, argv, model, optimizer, logger, method, sampler, classnames,
-                               phase_preds, splits, evaluated=evaluated,
-                               extra=heads_run.training_state(ema, scheduler)
-                               | {'pseudo_labels': pl_source.state_dict() if pl_source is not None else {}})
-            save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
-            folder.committed()
-            if tensorboard is not None:
-                for phase in ('train', 'val', 'test'):
-                    tensorboard.add_scalar(f'mAP/{phase}', logger.get(phase, 'map_clean')[epoch - 1], epoch)
-                tensorboard.add_scalar('loss/train', train_loss, epoch)
-                tensorboard.flush()
-        log.info(f'checkpoint: {run_dir / "last.pt"} (epoch {epoch})')
-
+def closing_lines(logger: TrainLogger, run_dir: Path) -> dict:
+    """The original's three closing lines; the best epoch's results."""
     log.info(f'Best epoch: {logger.best_epoch}')
     log.info(f'Best epoch validation score: {logger.best_val_map:.2f}')
     log.info(f'Best epoch test score: {logger.best_test_map:.2f}')
@@ -473,7 +393,7 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
     num_classes = splits['test'].labels_true.shape[1]
     clip_model = None
     if cfg.model == 'clip_vision':
-        clip_model, _ = clip_labels.load_clip(cfg.clip_model, None, device=device)
+        clip_model, _ = clip_loading.load_clip(cfg.clip_model, None, device=device)
     label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
     model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
                                     cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,

@@ -40,8 +40,8 @@ class Method:
     clean_train_labels = False
     schedule_uses_epochs = False  # True: the total number of epochs enters the method (no resume with more)
     # A method with pseudo-labels of its own (AEVLP) names their builder: a callable (cfg, train_split,
-    # device, num_classes) -> (clip_labels.PseudoLabelSource, quality dict or None). None: VLPL's
-    # frozen-CLIP labels (clip_labels.build_pseudo_labels).
+    # device, num_classes) -> (pseudo_labeler.PseudoLabelSource, quality dict or None). None: VLPL's
+    # frozen-CLIP labels (pseudo_label_policy.build_pseudo_labels).
     pseudo_label_builder = None
 
     @classmethod

@@ -30,7 +30,7 @@ import torch
 
 import losses_partial as lp
 import methods
-from clip_labels import read_classnames
+from class_text_features import read_classnames
 from config import NON_NEGATIVE, Config, UserError, number
 from distributed import is_primary, log
 from files import atomic_write

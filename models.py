@@ -9,7 +9,7 @@ Backbones are rows of `BACKBONES`; `build_classifier` builds any pair. The trunk
 original's networks (github.com/mvrl/VLPL, models.py: ResNet-50 with fc removed, the trainable CLIP
 image tower, timm ConvNeXt-XL with head.fc replaced; see docs/original-vlpl.md section 6).
 
-The frozen CLIP pseudo-labeller is not here: see clip_labels.py.
+The frozen CLIP pseudo-labeller is not here: see pseudo_labeler.py.
 Loading errors that a user can fix raise `ModelLoadError` with a one-line message that names the
 command-line flag to use.
 """
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from clip_labels import clip_embed_dim, clip_image_size, resize_for_clip
+from clip_loading import clip_embed_dim, clip_image_size, resize_for_clip
 from config import ModelLoadError, UserError, one_line
 from heads import Query2LabelHead, SGREHead
 from losses_peers import boostlu_logits
@@ -397,7 +397,7 @@ def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
     pretrained: download the backbone's published weights (ignored by small_cnn, which is always
     random, and by clip_vision, whose weights are clip_model's). weights_path: a local weights file
     instead of the download (torchvision state dict for resnet50, any file timm reads for
-    convnext). clip_model: the model from clip_labels.load_clip, required by clip_vision (its image
+    convnext). clip_model: the model from clip_loading.load_clip, required by clip_vision (its image
     tower is deep-copied and trained; the copy does not share parameters with clip_model).
     """
     if name not in BACKBONES:

@@ -27,7 +27,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import checkpoints
-import clip_labels
+import class_text_features
+import clip_loading
 import datasets
 import models
 from config import ModelLoadError, VLPLError, one_line
@@ -64,7 +65,7 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
     'clip_model' for clip_vision, 'head' when present) and ckpt['classnames']. Checkpoints written
     before the class names were stored fall back to text_features/<dataset>_classnames.txt.
     No weights are downloaded: clip_vision builds the CLIP architecture with random weights
-    (clip_labels.load_clip(name, None)) and the checkpoint then fills every parameter.
+    (clip_loading.load_clip(name, None)) and the checkpoint then fills every parameter.
     Raises PredictError when the checkpoint does not describe a model of this code base.
     """
     cfg = ckpt['config']
@@ -75,7 +76,7 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
     classnames = ckpt.get('classnames')
     if classnames is None:
         try:
-            classnames = clip_labels.read_classnames(cfg.get('dataset', ''))
+            classnames = class_text_features.read_classnames(cfg.get('dataset', ''))
         except ModelLoadError:
             raise PredictError('the checkpoint holds no class names and its dataset '
                                f'{cfg.get("dataset")!r} has no text_features/<dataset>_classnames.txt') from None
@@ -83,7 +84,7 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
     classnames = [str(c) for c in classnames]
     clip_model = None
     if name == 'clip_vision':
-        clip_model, _ = clip_labels.load_clip(cfg['clip_model'], None)
+        clip_model, _ = clip_loading.load_clip(cfg['clip_model'], None)
     extra = {'head': cfg['head']} if 'head' in cfg else {}
     model = models.build_classifier(name, len(classnames), pretrained=False, clip_model=clip_model, **extra)
     try:

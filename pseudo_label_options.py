@@ -11,7 +11,7 @@ preprocessing, and the per-class quality report of the pseudo-labels (pl_quality
 - Quality (`class_quality`): precision, recall and count of the positive pseudo-labels per class,
   against the true labels of the train split.
 
-Imports nothing of the project above datasets.py (clip_labels.py imports this module).
+Imports nothing of the project above datasets.py (pseudo_labeler.py, class_text_features.py and the modules above them import this one).
 """
 from __future__ import annotations
 

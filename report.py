@@ -144,7 +144,7 @@ def per_class_ap(run: Run) -> tuple[dict | None, str]:
     if not preds_path.is_file():
         return None, 'no per_class_ap.json or test_preds_best.npy in the run folder'
     try:
-        import clip_labels
+        import class_text_features
         import datasets  # torch is imported only for this fallback
         from metrics import average_precision_per_class
 
@@ -156,7 +156,7 @@ def per_class_ap(run: Run) -> tuple[dict | None, str]:
         preds = np.load(preds_path, allow_pickle=False)
         seen = ~np.isnan(preds).any(axis=1)  # rows of images skipped in training are NaN
         ap = 100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)
-        names = clip_labels.read_classnames(run.config['dataset'])
+        names = class_text_features.read_classnames(run.config['dataset'])
     except Exception as e:  # data not on this machine, other labels, ...: the report goes on without it
         return None, f'no per_class_ap.json, and test AP could not be recomputed ({str(e).splitlines()[0][:120]})'
     if len(names) != ap.size:

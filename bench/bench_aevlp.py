@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aevlp  # noqa: E402
-import clip_labels  # noqa: E402
+import clip_loading  # noqa: E402
 
 
 def _sync(device):
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.manual_seed(0)
-    size = clip_labels.configured_image_size(a.clip_model)
+    size = clip_loading.configured_image_size(a.clip_model)
     views = torch.randint(0, 256, (a.batch, 1 + a.grid ** 2, size, size, 3), dtype=torch.uint8)
     flips = torch.rand(a.batch, 1 + a.grid ** 2) < 0.5
     observed = torch.zeros(a.batch, a.classes, device=device)
@@ -68,8 +68,8 @@ def main(argv=None) -> None:
           f'{"" if device.type == "cuda" else "threads"})')
     seconds = {}
     for precision, dtype in (('fp32', torch.float32), ('fp16', torch.float16)):
-        model, _ = clip_labels.load_clip(a.clip_model, None, device=device, precision=precision)
-        width = clip_labels.clip_embed_dim(model)
+        model, _ = clip_loading.load_clip(a.clip_model, None, device=device, precision=precision)
+        width = clip_loading.clip_embed_dim(model)
         text = aevlp.text_matrix(torch.randn(a.classes, width, device=device).to(dtype), None, None)
         scorer = aevlp.CropScorer(model.visual.eval(), text, observed, hp)
         seconds[precision] = step_time(scorer, views, flips, index, a.steps, a.warmup, device)

@@ -114,7 +114,7 @@ class Setup:
     cfg: object            # config.Config of the original run (float32, --clip-mode online)
     model: object          # ResNet-50 classifier
     optimizer: object
-    labeler: object        # clip_labels.PseudoLabeler around the random CLIP ViT-L-14-336 image tower
+    labeler: object        # pseudo_labeler.PseudoLabeler around the random CLIP ViT-L-14-336 image tower
     batch: dict            # one training batch as the loader gives it: image, index, flipped
     method: object         # methods.Method of EM_PL over the batch's observed labels (B x K)
     train_true: object     # B x K clean labels on the device, as train_one_epoch expects
@@ -126,9 +126,10 @@ class Setup:
 
 def make_setup(args, device) -> Setup:
     import torch
-    import clip_labels
+    import clip_loading
     import methods
     import models
+    import pseudo_labeler
     from config import build_config
 
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
@@ -136,10 +137,10 @@ def make_setup(args, device) -> Setup:
                        batch_size=args.batch_size, image_size=args.image_size, clip_mode='online')
     torch.manual_seed(args.seed)
     progress('building CLIP ViT-L-14-336 (random init) and ResNet-50 (random init) ...')
-    clip, _ = clip_labels.load_clip('ViT-L-14-336', None, device=device)
+    clip, _ = clip_loading.load_clip('ViT-L-14-336', None, device=device)
     text = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, clip.visual.output_dim), dim=1)
-    labeler = clip_labels.PseudoLabeler(clip.visual, text, temp=cfg.temp, threshold=cfg.threshold,
-                                   partial=cfg.partial).to(device)
+    labeler = pseudo_labeler.PseudoLabeler(clip.visual, text, temp=cfg.temp, threshold=cfg.threshold,
+                                           partial=cfg.partial).to(device)
     del clip  # the text tower is not needed
     model = models.build_classifier('resnet50', NUM_CLASSES, pretrained=False).to(device)
     optimizer = torch.optim.Adam(model.param_groups(cfg.lr), lr=cfg.lr)

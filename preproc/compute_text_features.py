@@ -3,7 +3,7 @@
 Row k is the L2-normalised open_clip text embedding of the template with '{}' replaced by class k
 (text_features/<dataset>_classnames.txt, formatted class order; CUB attributes as phrases).
 Default output: text_features/<dataset>_<clip model>_<weights>[_t<template hash>].npy, see
-clip_labels.default_text_features_path. The file is written atomically.
+class_text_features.default_text_features_path. The file is written atomically.
 
     python preproc/compute_text_features.py --dataset pascal
     python preproc/compute_text_features.py --dataset demo --clip-model vlpl-demo-tiny \\
@@ -18,13 +18,14 @@ from pathlib import Path
 if __package__ in (None, ''):  # run as `python preproc/compute_text_features.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import clip_labels  # noqa: E402
+import class_text_features  # noqa: E402
+import clip_loading  # noqa: E402
 from config import ModelLoadError  # noqa: E402
 from preproc._common import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    datasets = sorted(p.name.removesuffix('_classnames.txt') for p in clip_labels.CLASSNAMES_DIR.glob('*_classnames.txt'))
+    datasets = sorted(p.name.removesuffix('_classnames.txt') for p in class_text_features.CLASSNAMES_DIR.glob('*_classnames.txt'))
     parser = argparse.ArgumentParser(prog='compute_text_features', description=__doc__.split('\n\n')[0])
     parser.add_argument('--dataset', required=True, choices=datasets,
                         help='dataset whose class names are encoded (required)')
@@ -49,12 +50,12 @@ def compute_and_save(dataset: str, clip_model: str, clip_pretrained: str | None,
     """Load CLIP, encode the dataset's class names, save (K, D) float32 normalised rows; returns the path."""
     if '{}' not in template:
         raise ValueError(f"--template {template!r} must contain '{{}}' where the class name goes")
-    path = Path(output) if output else clip_labels.default_text_features_path(dataset, clip_model, clip_pretrained,
-                                                                         template)
-    classnames = clip_labels.read_classnames(dataset)
-    clip, tokenizer = clip_labels.load_clip(clip_model, clip_pretrained, device=device)
-    features = clip_labels.compute_text_features(clip, tokenizer, classnames, template)
-    return clip_labels.save_text_features(path, features)
+    path = Path(output) if output else class_text_features.default_text_features_path(
+        dataset, clip_model, clip_pretrained, template)
+    classnames = class_text_features.read_classnames(dataset)
+    clip, tokenizer = clip_loading.load_clip(clip_model, clip_pretrained, device=device)
+    features = class_text_features.compute_text_features(clip, tokenizer, classnames, template)
+    return class_text_features.save_text_features(path, features)
 
 
 def main(argv: list[str] | None = None) -> int:

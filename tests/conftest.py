@@ -78,11 +78,12 @@ def tiny_pascal(tmp_path_factory) -> Path:
 @pytest.fixture(scope='session')
 def tiny_text_features(tiny_clip, tmp_path_factory) -> str:
     """Pascal class-name text features of the tiny CLIP, as a .npy file (for --text-features)."""
-    import clip_labels
+    import class_text_features
+    import clip_loading
 
-    clip, tokenizer = clip_labels.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    clip, tokenizer = clip_loading.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
     path = tmp_path_factory.mktemp('text') / 'pascal_tiny.npy'
-    clip_labels.save_text_features(path, clip_labels.compute_text_features(clip, tokenizer, clip_labels.read_classnames('pascal')))
+    class_text_features.save_text_features(path, class_text_features.compute_text_features(clip, tokenizer, class_text_features.read_classnames('pascal')))
     return str(path)
 
 

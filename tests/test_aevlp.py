@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 import aevlp
-import clip_labels
+import clip_loading
 import datasets
 import losses_peers as lp
 from config import UserError
@@ -225,7 +225,7 @@ def test_view_side_is_the_clips_input_side(tiny_clip):
     assert aevlp.crop_size(Cfg) == 32  # TINY_CLIP_CONFIG's vision image_size
     Cfg.aevlp_crop_size = 48
     assert aevlp.crop_size(Cfg) == 48
-    assert clip_labels.configured_image_size('ViT-B-16') == 224
+    assert clip_loading.configured_image_size('ViT-B-16') == 224
 
 
 def test_classnames_file(tmp_path):

@@ -10,7 +10,7 @@ the relation a random symmetric matrix (all drawn with numpy, the same bits on e
 numbers are stored (see the file's 'meta').
 
 Here the same inputs go through this repository's real path: main_clip.parse_args -> aevlp.build_pseudo_labels
-(clip_labels.load_clip with open_clip at fp16, the tokenizer, the graph) -> aevlp.CropViews -> the scorer and
+(clip_loading.load_clip with open_clip at fp16, the tokenizer, the graph) -> aevlp.CropViews -> the scorer and
 losses_peers.aevlp_pseudo_labels. Every stage is bit-identical (aevlp.sequence_first runs open_clip's
 transformers sequence-first, as OpenAI's code; batch-first, the fp16 features differ by an ulp or two).
 
@@ -180,7 +180,7 @@ def _run_the_port(tmp_path, monkeypatch):
     from PIL import Image
 
     import aevlp
-    import clip_labels
+    import clip_loading
     import datasets
     import main_clip
 
@@ -208,7 +208,7 @@ def _run_the_port(tmp_path, monkeypatch):
         '--aevlp-gcn', str(gcn), '--aevlp-relation', str(tmp_path / 'relation.npy'),
         '--aevlp-classnames', str(tmp_path / 'names.txt')])
     seen = {}
-    load_clip, text_matrix = clip_labels.load_clip, aevlp.text_matrix
+    load_clip, text_matrix = clip_loading.load_clip, aevlp.text_matrix
 
     def recording_load_clip(*args, **kwargs):
         seen['model'], seen['tokenizer'] = load_clip(*args, **kwargs)
@@ -217,7 +217,7 @@ def _run_the_port(tmp_path, monkeypatch):
     def recording_text_matrix(text, adjacency, weights):
         seen['text_before'] = text.clone()
         return text_matrix(text, adjacency, weights)
-    monkeypatch.setattr(clip_labels, 'load_clip', recording_load_clip)
+    monkeypatch.setattr(clip_loading, 'load_clip', recording_load_clip)
     monkeypatch.setattr(aevlp, 'text_matrix', recording_text_matrix)
     source, _ = aevlp.build_pseudo_labels(cfg, split, torch.device('cpu'), NUM_CLASSES)
 

@@ -1,4 +1,4 @@
-"""Tests of the frozen-CLIP embedding cache (clip_labels.cached_embeddings, clip_labels.embedding_cache_key).
+"""Tests of the frozen-CLIP embedding cache (embedding_cache.cached_embeddings, embedding_cache.embedding_cache_key).
 
 A tiny random open_clip model (conftest.tiny_clip) embeds the tiny pascal-shaped dataset
 (conftest.tiny_pascal, K = 20). Checked: a round trip that runs CLIP once only; a new cache
@@ -21,7 +21,11 @@ import torch.nn.functional as F
 
 import datasets
 import main_clip
-import clip_labels
+import class_text_features
+import clip_loading
+import embedding_cache
+import pseudo_label_policy
+import pseudo_labeler
 
 IMAGE_SIZE = 32  # pipeline size; the tiny CLIP's own input size is 32 as well
 BATCH = 8
@@ -37,12 +41,12 @@ def clip_files(tiny_clip, tmp_path) -> dict:
 
 
 @pytest.fixture
-def labeler(clip_files) -> clip_labels.PseudoLabeler:
-    clip, _ = clip_labels.load_clip(clip_files['config'], clip_files['checkpoint'])
+def labeler(clip_files) -> pseudo_labeler.PseudoLabeler:
+    clip, _ = clip_loading.load_clip(clip_files['config'], clip_files['checkpoint'])
     # Random unit text features; partial 0.25 makes 5 negative pseudo-labels per image, so
     # both signs of pseudo-label are compared.
     text = F.normalize(torch.randn(20, 32, generator=torch.Generator().manual_seed(1)), dim=1)
-    return clip_labels.PseudoLabeler(clip.visual, text, temp=0.01, threshold=0.3, partial=0.25)
+    return pseudo_labeler.PseudoLabeler(clip.visual, text, temp=0.01, threshold=0.3, partial=0.25)
 
 
 @pytest.fixture(scope='module')
@@ -65,7 +69,7 @@ def make_key(root, split, clip_files, **changes) -> dict:
     entries = dict(dataset='pascal', image_root=root, images=split.images, clip_model=clip_files['config'],
                    clip_pretrained=clip_files['checkpoint'], image_size=IMAGE_SIZE, clip_size=32)
     entries.update(changes)
-    return clip_labels.embedding_cache_key(**entries)
+    return embedding_cache.embedding_cache_key(**entries)
 
 
 class CountingEmbed:
@@ -86,7 +90,7 @@ def build(labeler, root, split, key, cache_dir, monkeypatch, fail_at=None) -> tu
     counter = CountingEmbed(labeler, fail_at)
     monkeypatch.setattr(labeler, 'embed', counter)
     try:
-        return clip_labels.cached_embeddings(labeler, eval_loader(root, split), key, cache_dir, device='cpu'), counter.calls
+        return embedding_cache.cached_embeddings(labeler, eval_loader(root, split), key, cache_dir, device='cpu'), counter.calls
     finally:
         monkeypatch.setattr(labeler, 'embed', counter.embed)
 
@@ -124,12 +128,12 @@ def test_round_trip_runs_clip_once_and_reloads_identical_values(labeler, root, t
         raise AssertionError('the second call must load the cache, not run CLIP')
 
     monkeypatch.setattr(labeler, 'embed', no_clip)
-    second = clip_labels.cached_embeddings(labeler, eval_loader(root, train_split), key, cache_dir, device='cpu')
+    second = embedding_cache.cached_embeddings(labeler, eval_loader(root, train_split), key, cache_dir, device='cpu')
     assert torch.equal(second, first)
     # A key built again from equal entries (another list object, same names) finds the same file.
-    third = clip_labels.cached_embeddings(labeler, eval_loader(root, train_split),
-                                     make_key(root, train_split, clip_files, images=list(train_split.images)),
-                                     cache_dir, device='cpu')
+    third = embedding_cache.cached_embeddings(labeler, eval_loader(root, train_split),
+                                              make_key(root, train_split, clip_files, images=list(train_split.images)),
+                                              cache_dir, device='cpu')
     assert torch.equal(third, first)
     assert len(data_files(cache_dir, '.npy')) == 1
 
@@ -209,13 +213,13 @@ def test_a_changed_key_entry_selects_a_new_cache_and_rebuilds(change, labeler, r
 
 def test_the_weights_identity_follows_the_file(clip_files):
     path = clip_files['checkpoint']
-    before = clip_labels.embedding_cache_key(dataset='pascal', image_root='.', images=['a'], clip_model='m',
-                                        clip_pretrained=path, image_size=8, clip_size=8)['weights']
+    before = embedding_cache.embedding_cache_key(dataset='pascal', image_root='.', images=['a'], clip_model='m',
+                                                 clip_pretrained=path, image_size=8, clip_size=8)['weights']
     stat = os.stat(path)
     assert before == {'file': str(Path(path).resolve()), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
     _touch(path)
-    after = clip_labels.embedding_cache_key(dataset='pascal', image_root='.', images=['a'], clip_model='m',
-                                       clip_pretrained=path, image_size=8, clip_size=8)['weights']
+    after = embedding_cache.embedding_cache_key(dataset='pascal', image_root='.', images=['a'], clip_model='m',
+                                                clip_pretrained=path, image_size=8, clip_size=8)['weights']
     assert after['mtime_ns'] == before['mtime_ns'] + 5_000_000_000 and after['size'] == before['size']
 
 
@@ -351,10 +355,10 @@ def test_cached_pseudo_labels_equal_online_ones_for_every_row_and_flip(labeler, 
 
 def test_main_clip_cache_source_equals_online_source_on_training_batches(labeler, root, train_split, clip_files,
                                                                         tiny_pascal, tmp_path):
-    """The wiring of clip_labels.build_pseudo_labels: (images, index, flipped) of FlipSampler
+    """The wiring of pseudo_label_policy.build_pseudo_labels: (images, index, flipped) of FlipSampler
     batches give the same pseudo-labels from the cache as from the frozen CLIP."""
     text_path = tmp_path / 'text.npy'
-    clip_labels.save_text_features(text_path, labeler.text_features)
+    class_text_features.save_text_features(text_path, labeler.text_features)
     cfg, _ = main_clip.parse_args([
         '-d', 'pascal', '--data-root', str(tiny_pascal), '--cache-dir', str(tmp_path / 'cache'),
         '--results-dir', str(tmp_path / 'results'), '-m', 'small_cnn', '--no-pretrained',
@@ -363,12 +367,12 @@ def test_main_clip_cache_source_equals_online_source_on_training_batches(labeler
         '--text-features', str(text_path)])
     splits = datasets.load_splits(tiny_pascal, 'pascal')
     device = torch.device('cpu')
-    clip, tokenizer = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained)
+    clip, tokenizer = clip_loading.load_clip(cfg.clip_model, cfg.clip_pretrained)
     sources = {}
     for mode in ('cache', 'online'):
         config = dataclasses.replace(cfg, clip_mode=mode)
-        sources[mode], _ = clip_labels.build_pseudo_labels(config, clip, tokenizer, splits['train'],
-                                                           eval_loader(root, splits['train']), device, 20)
+        sources[mode], _ = pseudo_label_policy.build_pseudo_labels(config, clip, tokenizer, splits['train'],
+                                                                   eval_loader(root, splits['train']), device, 20)
     assert len(data_files(tmp_path / 'cache', '.npy')) == 1
     train_set = datasets.MultiLabelImages(root, splits['train'], IMAGE_SIZE, train=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH, sampler=datasets.FlipSampler(len(train_set), 0),

@@ -13,8 +13,13 @@ import torch
 import torch.nn.functional as F
 
 import ccd
-import clip_labels
+import class_text_features
+import clip_loading
+import embedding_cache
 import pseudo_label_options as plo
+import pseudo_label_policy
+import pseudo_labeler
+from config import UserError
 from conftest import interrupt_after, tiny_run_args
 
 
@@ -280,20 +285,20 @@ def test_prompt_files_and_the_ensemble(tmp_path, tiny_clip):
     f.write_text('# comment\na photo of a {}\n\n{} in the wild\n')
     assert plo.read_prompts(str(f)) == ['a photo of a {}', '{} in the wild']
     f.write_text('\n  \n# only a comment\n')
-    with pytest.raises(clip_labels.UserError, match='holds no template'):
+    with pytest.raises(UserError, match='holds no template'):
         plo.read_prompts(str(f))
     f.write_text('no placeholder\n')
-    with pytest.raises(clip_labels.UserError, match="has no '{}'"):
+    with pytest.raises(UserError, match="has no '{}'"):
         plo.read_prompts(str(f))
-    clip, tok = clip_labels.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    clip, tok = clip_loading.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
     names = ['cat', 'dog']
     templates = ['a photo of a {}', '{} in the wild']
     got = plo.ensemble_text_features(clip, tok, names, templates)
     for k, name in enumerate(names):
-        per = torch.stack([clip_labels.compute_text_features(clip, tok, [name], t)[0] for t in templates])
+        per = torch.stack([class_text_features.compute_text_features(clip, tok, [name], t)[0] for t in templates])
         torch.testing.assert_close(got[k], F.normalize(per.mean(0), dim=0), atol=1e-6, rtol=0)
     one = plo.ensemble_text_features(clip, tok, names, ['{}'])
-    torch.testing.assert_close(one, clip_labels.compute_text_features(clip, tok, names), atol=1e-6, rtol=0)
+    torch.testing.assert_close(one, class_text_features.compute_text_features(clip, tok, names), atol=1e-6, rtol=0)
 
 
 def test_clip_preprocessing():
@@ -324,14 +329,14 @@ def test_scores_to_labels_is_the_default_rule():
     e = F.normalize(torch.randn(9, 16, generator=g), dim=1)
     t = F.normalize(torch.randn(5, 16, generator=g), dim=1)
     scores = torch.softmax((e @ t.T) / 0.01, dim=1)
-    assert torch.equal(clip_labels.pseudo_labels(e, t, 0.01, 0.3, 0.4), clip_labels.scores_to_labels(scores, 0.3, 0.4))
+    assert torch.equal(pseudo_labeler.pseudo_labels(e, t, 0.01, 0.3, 0.4), pseudo_labeler.scores_to_labels(scores, 0.3, 0.4))
 
 
 def test_the_cache_key_names_the_preprocessing():
     base = dict(dataset='pascal', image_root='.', images=['a'], clip_model='m', clip_pretrained='openai',
                 image_size=8, clip_size=8)
-    assert clip_labels.embedding_cache_key(**base)['preprocess'] == 'original'
-    assert clip_labels.embedding_cache_key(**base) != clip_labels.embedding_cache_key(**base, preprocess='clip')
+    assert embedding_cache.embedding_cache_key(**base)['preprocess'] == 'original'
+    assert embedding_cache.embedding_cache_key(**base) != embedding_cache.embedding_cache_key(**base, preprocess='clip')
 
 
 # --------------------------------------------------------------------------- end to end (tiny fixture)
@@ -385,14 +390,14 @@ def test_default_pseudo_labels_are_unchanged(tiny_pascal, tmp_path, tiny_clip, t
     import main_clip
 
     cfg, _ = main_clip.parse_args(tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features))
-    clip, tok = clip_labels.load_clip(cfg.clip_model, cfg.clip_pretrained)
+    clip, tok = clip_loading.load_clip(cfg.clip_model, cfg.clip_pretrained)
     splits = datasets.load_splits(cfg.data_root, 'pascal')
     root = datasets.image_root(cfg.data_root, 'pascal')
     ds = datasets.MultiLabelImages(root, splits['train'], cfg.image_size, train=False, dataset='pascal')
     loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=datasets.collate_skipping)
-    source, quality = clip_labels.build_pseudo_labels(cfg, clip, tok, splits['train'], loader, torch.device('cpu'), 20)
-    text = clip_labels.load_text_features(cfg.text_features, 20)
-    labeler = clip_labels.PseudoLabeler(clip.visual, text, temp=cfg.temp, threshold=cfg.threshold)
+    source, quality = pseudo_label_policy.build_pseudo_labels(cfg, clip, tok, splits['train'], loader, torch.device('cpu'), 20)
+    text = class_text_features.load_text_features(cfg.text_features, 20)
+    labeler = pseudo_labeler.PseudoLabeler(clip.visual, text, temp=cfg.temp, threshold=cfg.threshold)
     batch = next(iter(loader))
     flipped = torch.tensor([0, 1] * 4)
     images = torch.where(flipped.bool()[:, None, None, None], batch['image'].flip(-1), batch['image'])

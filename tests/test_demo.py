@@ -1,9 +1,9 @@
-"""Tests of preproc/make_demo.py: the synthetic demo dataset and its tiny CLIP.
+"""Tests of the demo (preproc/make_demo.py, demo_scenes.py, demo_clip.py): the synthetic dataset and its tiny CLIP.
 
 Small sizes throughout (tens of pictures, one short CLIP epoch), except the quality test, which
 trains the tiny CLIP at a moderate size and checks its zero-shot pseudo-labels through the same
 public path the training script uses (datasets.load_splits -> MultiLabelImages ->
-clip_labels.load_clip -> compute_text_features -> PseudoLabeler).
+clip_loading.load_clip -> compute_text_features -> PseudoLabeler).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from preproc import make_demo
+from preproc import demo_clip, demo_scenes, make_demo
 from preproc.generate_observed_labels import generate_observed
 
-K = len(make_demo.DEMO_CLASSES)
+K = len(demo_scenes.DEMO_CLASSES)
 SMALL = dict(num_train=60, num_test=20, num_clip_pairs=64, clip_epochs=1)
 NPY_FILES = [f"formatted_{phase}_{kind}.npy" for phase in ("train", "val")
              for kind in ("images", "labels", "labels_obs")]
@@ -48,15 +48,15 @@ def demos(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_class_names_are_distinct_and_match_the_text_file():
-    import clip_labels
+    import class_text_features
 
     path = Path(make_demo.__file__).resolve().parents[1] / "text_features" / "demo_classnames.txt"
-    assert path.read_text(encoding="utf-8").splitlines() == make_demo.DEMO_CLASSES
-    assert clip_labels.read_classnames("demo") == make_demo.DEMO_CLASSES
-    assert len(set(make_demo.DEMO_CLASSES)) == K == 30
+    assert path.read_text(encoding="utf-8").splitlines() == demo_scenes.DEMO_CLASSES
+    assert class_text_features.read_classnames("demo") == demo_scenes.DEMO_CLASSES
+    assert len(set(demo_scenes.DEMO_CLASSES)) == K == 30
     # Neither the colour nor the shape alone names a class: each belongs to 2 or 3 classes.
     for part in (0, 1):
-        counts = Counter(name.split()[part] for name in make_demo.DEMO_CLASSES)
+        counts = Counter(name.split()[part] for name in demo_scenes.DEMO_CLASSES)
         assert len(counts) == 12 and set(counts.values()) <= {2, 3}
 
 
@@ -78,11 +78,11 @@ def test_generation_is_deterministic_per_seed(demos):
 
 
 def test_picture_streams_do_not_depend_on_size_and_differ_between_splits():
-    few, few_labels = make_demo.generate_pictures(3, make_demo.STREAM_TRAIN, 4)
-    more, more_labels = make_demo.generate_pictures(3, make_demo.STREAM_TRAIN, 9)
+    few, few_labels = demo_scenes.generate_pictures(3, demo_scenes.STREAM_TRAIN, 4)
+    more, more_labels = demo_scenes.generate_pictures(3, demo_scenes.STREAM_TRAIN, 9)
     assert np.array_equal(few, more[:4]) and np.array_equal(few_labels, more_labels[:4])
-    for stream in (make_demo.STREAM_VAL, make_demo.STREAM_CLIP):
-        other, _ = make_demo.generate_pictures(3, stream, 9)
+    for stream in (demo_scenes.STREAM_VAL, demo_scenes.STREAM_CLIP):
+        other, _ = demo_scenes.generate_pictures(3, stream, 9)
         assert not any(np.array_equal(x, y) for x in more for y in other)
 
 
@@ -107,7 +107,7 @@ def test_formatted_files_have_the_dataset_layout(demos):
 
 
 def test_pictures_hold_several_co_occurring_partly_visible_objects():
-    _, labels, areas = make_demo.generate_pictures(0, make_demo.STREAM_TRAIN, 300, with_areas=True)
+    _, labels, areas = demo_scenes.generate_pictures(0, demo_scenes.STREAM_TRAIN, 300, with_areas=True)
     counts = labels.sum(axis=1)
     assert counts.min() >= 1 and counts.max() <= 6
     assert counts.mean() >= 3.0
@@ -117,7 +117,7 @@ def test_pictures_hold_several_co_occurring_partly_visible_objects():
     visible = areas[labels == 1]
     assert np.mean(visible < 60) > 0.25 and visible.max() < 64 * 64
     # Co-occurrence: two classes of the same scene meet more often than two of different scenes.
-    scene = np.arange(K) % make_demo.NUM_SCENES
+    scene = np.arange(K) % demo_scenes.NUM_SCENES
     together = labels.T @ labels
     same = scene[:, None] == scene[None, :]
     off_diagonal = ~np.eye(K, dtype=bool)
@@ -128,15 +128,15 @@ def test_render_keeps_every_object_half_visible():
     """Re-render with an id map at 1x: each drawn object keeps >= MIN_VISIBLE of its area."""
     for i in range(40):
         rng = np.random.default_rng([0, 0, i])
-        picture, classes, areas = make_demo.render_picture(rng)
+        picture, classes, areas = demo_scenes.render_picture(rng)
         assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
         assert len(classes) == len(set(classes)) == len(areas) >= 1
         for k, area in zip(classes, areas):
             # An object covers at least half of the smallest disc of RADIUS_RANGE.
-            shape = make_demo._SHAPES[make_demo._CLASS_PARTS[k][1]]
-            r = make_demo.RADIUS_RANGE[0] * make_demo._SUPERSAMPLE
-            mask, _, _ = make_demo._mask(shape, 100.0, 100.0, r, 0.0)
-            assert area >= make_demo.MIN_VISIBLE * mask.sum() / 16 - 1e-6
+            shape = demo_scenes._SHAPES[demo_scenes._CLASS_PARTS[k][1]]
+            r = demo_scenes.RADIUS_RANGE[0] * demo_scenes._SUPERSAMPLE
+            mask, _, _ = demo_scenes._mask(shape, 100.0, 100.0, r, 0.0)
+            assert area >= demo_scenes.MIN_VISIBLE * mask.sum() / 16 - 1e-6
 
 
 def test_captions_name_the_largest_object_and_only_objects_of_the_picture():
@@ -145,15 +145,15 @@ def test_captions_name_the_largest_object_and_only_objects_of_the_picture():
     areas = [20.0, 200.0, 3.0, 40.0]
     named = Counter()
     for _ in range(400):
-        caption = make_demo.make_caption(names, areas, rng)
+        caption = demo_clip.make_caption(names, areas, rng)
         assert "blue square" in caption
-        assert not any(other in caption for other in make_demo.DEMO_CLASSES if other not in names)
+        assert not any(other in caption for other in demo_scenes.DEMO_CLASSES if other not in names)
         named.update(name for name in names if name in caption)
     # Smaller visible area, named less often: 200 px always, 3 px about a quarter of the time.
     assert named["blue square"] == 400 > named["navy star"] > named["red circle"] > named["green triangle"]
     assert 0.1 < named["green triangle"] / 400 < 0.35
-    assert make_demo.make_caption(["red circle"], [10.0], rng) in {
-        t.format(v) for t in make_demo._CAPTION_TEMPLATES for v in ("red circle", "a red circle")}
+    assert demo_clip.make_caption(["red circle"], [10.0], rng) in {
+        t.format(v) for t in demo_clip._CAPTION_TEMPLATES for v in ("red circle", "a red circle")}
 
 
 def test_load_splits_reads_the_demo(demos):
@@ -209,7 +209,7 @@ def test_old_or_damaged_demo_is_detected_by_content_and_rebuilt_with_one_line(tm
     originals = {name: (demo_dir / name).read_bytes() for name in NPY_FILES}
     stamp = json.loads((demo_dir / "demo_manifest.json").read_text())
     assert stamp["version"] == make_demo.GENERATOR_VERSION and stamp["num_train"] == 60
-    assert stamp["classes"] == make_demo.DEMO_CLASSES and len(stamp["sha256"]) == 6
+    assert stamp["classes"] == demo_scenes.DEMO_CLASSES and len(stamp["sha256"]) == 6
 
     def rebuild() -> str:
         lines.clear()
@@ -253,16 +253,17 @@ def test_old_or_damaged_demo_is_detected_by_content_and_rebuilt_with_one_line(tm
 
 
 def test_checkpoint_loads_through_load_clip(demos):
-    import clip_labels
+    import class_text_features
+    import clip_loading
 
     checkpoint = demos["a"] / "demo" / "clip" / "vlpl-demo-tiny.pt"
-    model, tokenizer = clip_labels.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
+    model, tokenizer = clip_loading.load_clip(demo_clip.DEMO_CLIP_CONFIG, str(checkpoint))
     saved = torch.load(checkpoint, weights_only=True)
     loaded = model.state_dict()
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
-    assert clip_labels.clip_image_size(model) == make_demo.IMAGE_SIZE
-    features = clip_labels.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES)
+    assert clip_loading.clip_image_size(model) == demo_scenes.IMAGE_SIZE
+    features = class_text_features.compute_text_features(model, tokenizer, demo_scenes.DEMO_CLASSES)
     assert features.shape == (K, model.text_projection.shape[1])
 
 
@@ -283,18 +284,20 @@ def test_cli_builds_the_demo_and_reports_bad_paths(tmp_path, capsys):
 def test_tiny_clip_pseudo_labels_beat_the_class_prior(tmp_path):
     """Zero-shot pseudo-labels (class name only, temp 0.01, threshold 0.3) on the held-out test
     split of a moderately trained tiny CLIP: precision must be far above the class prior."""
+    import class_text_features
+    import clip_loading
     import datasets
-    import clip_labels
+    import pseudo_labeler
 
     checkpoint = make_demo.ensure_demo(tmp_path, seed=0, progress=False, num_train=10,
                                        num_test=200, num_clip_pairs=1500, clip_epochs=3)
     test = datasets.load_splits(tmp_path, "demo")["test"]
     images = datasets.MultiLabelImages(datasets.image_root(tmp_path, "demo"), test,
-                                       image_size=make_demo.IMAGE_SIZE, train=False)
+                                       image_size=demo_scenes.IMAGE_SIZE, train=False)
     batch = torch.stack([images[i]["image"] for i in range(len(images))])
-    model, tokenizer = clip_labels.load_clip(make_demo.DEMO_CLIP_CONFIG, str(checkpoint))
-    text_features = clip_labels.compute_text_features(model, tokenizer, make_demo.DEMO_CLASSES, "{}")
-    labeler = clip_labels.PseudoLabeler(model.visual, text_features, temp=0.01, threshold=0.3)
+    model, tokenizer = clip_loading.load_clip(demo_clip.DEMO_CLIP_CONFIG, str(checkpoint))
+    text_features = class_text_features.compute_text_features(model, tokenizer, demo_scenes.DEMO_CLASSES, "{}")
+    labeler = pseudo_labeler.PseudoLabeler(model.visual, text_features, temp=0.01, threshold=0.3)
     positive = labeler(batch).numpy() == 1
     truth = test.labels_true == 1
 

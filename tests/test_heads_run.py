@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import clip_labels
+import class_text_features
+import clip_loading
 import heads_run
 import main_clip
 import methods
@@ -55,7 +56,7 @@ def test_each_head_trains_and_evaluates(head, tiny_pascal, tmp_path, tiny_clip, 
         assert len(aux_calls) == 8 and aux_calls[0] == (8, 20)
         # default label embeddings: the run's CLIP text features (here --text-features)
         np.testing.assert_array_equal(last['label_embeddings'].numpy(),
-                                      clip_labels.load_text_features(tiny_text_features, 20).numpy())
+                                      class_text_features.load_text_features(tiny_text_features, 20).numpy())
     else:
         assert not aux_calls and 'label_embeddings' not in last
     assert any(k.startswith('head.transformer.') or k.startswith('head.attention.') for k in last['model'])
@@ -144,7 +145,7 @@ def test_head_that_does_not_fit_the_trunk_is_one_line(tiny_pascal, tmp_path, tin
 
 
 def test_clip_vision_map_heads_read_the_vit_token_grid(tiny_clip):
-    clip, _ = clip_labels.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    clip, _ = clip_loading.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
     torch.manual_seed(0)
     model = models.build_classifier('clip_vision', 5, clip_model=clip, head='q2l', hidden_dim=16, nheads=4,
                                     dim_feedforward=32).eval()
@@ -154,7 +155,7 @@ def test_clip_vision_map_heads_read_the_vit_token_grid(tiny_clip):
         grid = model.forward_features(x)
         visual = clip.visual
         visual.output_tokens = True
-        _, tokens = visual(clip_labels.resize_for_clip(x, 32))
+        _, tokens = visual(clip_loading.resize_for_clip(x, 32))
         visual.output_tokens = False
         assert model(x).shape == (2, 5)
     torch.testing.assert_close(grid, tokens.transpose(1, 2).reshape(2, 64, 4, 4), rtol=0, atol=0)

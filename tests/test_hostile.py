@@ -163,12 +163,12 @@ def test_skip_bad_images_names_each_skipped_file_once(tmp_path, tiny_clip, tiny_
 
 
 def test_backbone_weights_are_checked_before_clip_is_loaded(tmp_path, run_args, capsys, monkeypatch):
-    import clip_labels
+    import clip_loading
 
     def no_clip(*args, **kwargs):
         raise AssertionError('CLIP was loaded before the inputs were checked')
 
-    monkeypatch.setattr(clip_labels, 'load_clip', no_clip)
+    monkeypatch.setattr(clip_loading, 'load_clip', no_clip)
     args = [a for a in run_args() if a != '--no-pretrained'] + ['--backbone-weights', str(tmp_path / 'no.pth')]
     assert main_clip.main(args) == 2
     one_error_line(capsys.readouterr().err, '--backbone-weights', 'no.pth')

@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import clip_labels
+import class_text_features
+import clip_loading
+import pseudo_labeler
 import models
 
 # embed_dim 32, 32 px images in 8 px patches, 2 layers of width 64 in both towers.
@@ -47,7 +49,7 @@ def tiny_clip(tmp_path_factory):
     """(model, tokenizer, config path, checkpoint path, saved state dict), loaded via load_clip."""
     folder = tmp_path_factory.mktemp('clip')
     config, checkpoint, state = make_tiny_clip(folder)
-    model, tokenizer = clip_labels.load_clip(str(config), str(checkpoint))
+    model, tokenizer = clip_loading.load_clip(str(config), str(checkpoint))
     return model, tokenizer, config, checkpoint, state
 
 
@@ -66,35 +68,35 @@ def test_load_clip_restores_the_saved_weights(tiny_clip):
     for key, value in state.items():
         assert torch.equal(loaded[key], value), key
     assert not model.training
-    assert clip_labels.clip_image_size(model) == 32
+    assert clip_loading.clip_image_size(model) == 32
     assert tokenizer(['a cat']).shape == (1, 77)
 
 
 def test_load_clip_finds_a_config_by_name_in_clip_configs(tiny_clip, tmp_path, monkeypatch):
     _, _, config, checkpoint, state = tiny_clip
     (tmp_path / 'shipped-tiny.json').write_text(config.read_text())
-    monkeypatch.setattr(clip_labels, "CLIP_CONFIG_DIR", tmp_path)
-    model, _ = clip_labels.load_clip('shipped-tiny', str(checkpoint))
+    monkeypatch.setattr(clip_loading, "CLIP_CONFIG_DIR", tmp_path)
+    model, _ = clip_loading.load_clip('shipped-tiny', str(checkpoint))
     assert torch.equal(model.visual.proj, state['visual.proj'])
 
 
 def test_load_clip_random_init_and_bad_names(tiny_clip, tmp_path):
     _, _, config, _, state = tiny_clip
-    model, _ = clip_labels.load_clip(str(config), None)
+    model, _ = clip_loading.load_clip(str(config), None)
     assert model.visual.proj.shape == state['visual.proj'].shape
     with pytest.raises(models.ModelLoadError) as err:
-        clip_labels.load_clip('no-such-clip-model', None)
+        clip_loading.load_clip('no-such-clip-model', None)
     assert_one_line(str(err.value), 'no-such-clip-model', '--clip-model')
     with pytest.raises(models.ModelLoadError) as err:
-        clip_labels.load_clip(str(config), str(tmp_path / 'missing.pt'))
+        clip_loading.load_clip(str(config), str(tmp_path / 'missing.pt'))
     assert_one_line(str(err.value), 'missing.pt', '--clip-pretrained')
     bad = tmp_path / 'bad.json'
     bad.write_text(json.dumps({'embed_dim': 8}))
     with pytest.raises(models.ModelLoadError) as err:
-        clip_labels.load_clip(str(bad), None)
+        clip_loading.load_clip(str(bad), None)
     assert_one_line(str(err.value), 'bad.json', 'vision_cfg')
     with pytest.raises(models.ModelLoadError) as err:
-        clip_labels.load_clip('ViT-B-32', 'no-such-tag')
+        clip_loading.load_clip('ViT-B-32', 'no-such-tag')
     assert_one_line(str(err.value), 'no-such-tag', '--clip-pretrained PATH')
 
 
@@ -103,7 +105,7 @@ def test_load_clip_wrong_checkpoint_is_a_clear_error(tiny_clip, tmp_path):
     broken = tmp_path / 'broken.pt'
     torch.save({k: v for k, v in state.items() if not k.startswith('visual.')}, broken)
     with pytest.raises(models.ModelLoadError) as err:
-        clip_labels.load_clip(str(config), str(broken))
+        clip_loading.load_clip(str(config), str(broken))
     assert_one_line(str(err.value), 'broken.pt', '--clip-pretrained')
 
 
@@ -115,7 +117,7 @@ def test_failed_clip_download_names_the_flag(monkeypatch):
 
     monkeypatch.setattr(open_clip.factory, 'download_pretrained', no_network)
     with pytest.raises(models.ModelLoadError) as err:
-        clip_labels.load_clip('ViT-B-32', 'openai')
+        clip_loading.load_clip('ViT-B-32', 'openai')
     assert_one_line(str(err.value), 'failed', '--clip-pretrained PATH', 'ViT-B-32')
 
 
@@ -131,7 +133,7 @@ def test_openai_tags_get_quickgelu(monkeypatch):
 
     monkeypatch.setattr(open_clip, 'create_model', fake_create_model)
     with pytest.raises(models.ModelLoadError):
-        clip_labels.load_clip('ViT-L-14-336', 'openai')
+        clip_loading.load_clip('ViT-L-14-336', 'openai')
     assert seen['name'] == 'ViT-L-14-336' and seen['pretrained'] == 'openai'
     assert seen['force_quick_gelu'] is True
 
@@ -147,7 +149,7 @@ def test_torchscript_checkpoint_goes_to_the_openai_loader(tiny_clip, tmp_path, m
     calls = []
     monkeypatch.setattr(open_clip, 'load_openai_model',
                         lambda path, **kwargs: calls.append((path, kwargs)) or model)
-    loaded, _ = clip_labels.load_clip(str(config), str(archive))
+    loaded, _ = clip_loading.load_clip(str(config), str(archive))
     assert loaded is model and calls == [(str(archive), {'precision': 'fp32', 'device': torch.device('cpu')})]
 
 
@@ -272,7 +274,7 @@ def test_clip_vision_is_a_trainable_copy_with_a_head_on_the_projected_embedding(
     with torch.no_grad():
         for batch in (1, 2):
             assert model(x[:batch]).shape == (batch, 6)
-        expected = model.head(clip.visual(clip_labels.resize_for_clip(x, 32)))
+        expected = model.head(clip.visual(clip_loading.resize_for_clip(x, 32)))
         assert torch.allclose(model(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match='clip_model'):
         models.build_classifier('clip_vision', 6)
@@ -286,8 +288,8 @@ def test_resize_for_clip_equals_the_original_per_image_resize():
     torch.manual_seed(0)
     x = torch.randn(3, 3, 56, 56)
     original = torch.stack([transforms.Resize((24, 24))(img) for img in x])
-    assert torch.equal(clip_labels.resize_for_clip(x, 24), original)
-    assert torch.equal(clip_labels.resize_for_clip(x, 24),
+    assert torch.equal(clip_loading.resize_for_clip(x, 24), original)
+    assert torch.equal(clip_loading.resize_for_clip(x, 24),
                        F.interpolate(x, size=(24, 24), mode='bilinear', align_corners=False, antialias=True))
 
 
@@ -301,7 +303,7 @@ def softmax(values, temp):
 def labels_for(similarities, temp=0.01, threshold=0.3, partial=0.0):
     """pseudo_labels on a given similarity matrix: identity text features make e @ T.T = e."""
     sims = torch.as_tensor(similarities, dtype=torch.float32)
-    return clip_labels.pseudo_labels(sims, torch.eye(sims.shape[1]), temp, threshold, partial)
+    return pseudo_labeler.pseudo_labels(sims, torch.eye(sims.shape[1]), temp, threshold, partial)
 
 
 def test_pseudo_labels_threshold_and_temperature_by_hand():
@@ -347,7 +349,7 @@ def test_pseudo_labels_never_exceed_one_over_threshold_positives():
     text = F.normalize(torch.randn(30, 16), dim=1)
     for threshold in (0.05, 0.1, 0.2, 0.25, 0.3, 0.5):
         for temp in (0.001, 0.01, 0.1, 1.0):
-            positives = (clip_labels.pseudo_labels(emb, text, temp, threshold) == 1).sum(1)
+            positives = (pseudo_labeler.pseudo_labels(emb, text, temp, threshold) == 1).sum(1)
             assert positives.max() <= math.floor(1 / threshold)
 
 
@@ -363,25 +365,25 @@ def test_pseudo_labels_match_a_numpy_reference():
     expected = (s > 0.2).astype(np.float32)
     lowest = np.argsort(s, axis=1, kind='stable')[:, :int(0.3 * 10)]
     np.put_along_axis(expected, lowest, -1.0, axis=1)
-    got = clip_labels.pseudo_labels(torch.from_numpy(emb), torch.from_numpy(text), 0.05, 0.2, 0.3)
+    got = pseudo_labeler.pseudo_labels(torch.from_numpy(emb), torch.from_numpy(text), 0.05, 0.2, 0.3)
     assert got.dtype == torch.float32 and got.shape == (50, 10)
     np.testing.assert_array_equal(got.numpy(), expected)
 
 
 def test_pseudo_labels_reject_bad_input():
     with pytest.raises(ValueError, match='width'):
-        clip_labels.pseudo_labels(torch.zeros(2, 3), torch.zeros(4, 5))
+        pseudo_labeler.pseudo_labels(torch.zeros(2, 3), torch.zeros(4, 5))
     with pytest.raises(ValueError, match='partial'):
-        clip_labels.pseudo_labels(torch.zeros(2, 3), torch.zeros(4, 3), partial=1.5)
+        pseudo_labeler.pseudo_labels(torch.zeros(2, 3), torch.zeros(4, 3), partial=1.5)
     with pytest.raises(ValueError, match='temperature'):
-        clip_labels.pseudo_labels(torch.zeros(2, 3), torch.zeros(4, 3), temp=0.0)
+        pseudo_labeler.pseudo_labels(torch.zeros(2, 3), torch.zeros(4, 3), temp=0.0)
 
 
 def test_pseudo_labeler_is_frozen_and_embeddings_give_the_image_labels(tiny_clip):
     clip, tokenizer, config, checkpoint, _ = tiny_clip
-    clip, tokenizer = clip_labels.load_clip(str(config), str(checkpoint))  # a private copy to freeze
-    text = clip_labels.compute_text_features(clip, tokenizer, ['cat', 'dog', 'car', 'tree'])
-    labeler = clip_labels.PseudoLabeler(clip.visual, text * 3.0, temp=0.05, threshold=0.25, partial=0.5)
+    clip, tokenizer = clip_loading.load_clip(str(config), str(checkpoint))  # a private copy to freeze
+    text = class_text_features.compute_text_features(clip, tokenizer, ['cat', 'dog', 'car', 'tree'])
+    labeler = pseudo_labeler.PseudoLabeler(clip.visual, text * 3.0, temp=0.05, threshold=0.25, partial=0.5)
     labeler.train()
     assert not labeler.visual.training
     assert not any(p.requires_grad for p in labeler.parameters())
@@ -393,10 +395,10 @@ def test_pseudo_labeler_is_frozen_and_embeddings_give_the_image_labels(tiny_clip
     assert emb.shape == (3, 32) and not emb.requires_grad
     assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-6)
     with torch.no_grad():
-        expected = F.normalize(clip.visual(clip_labels.resize_for_clip(x, 32)), dim=-1)
+        expected = F.normalize(clip.visual(clip_loading.resize_for_clip(x, 32)), dim=-1)
     assert torch.allclose(emb, expected, atol=1e-6)
     labels = labeler(x)
     assert torch.equal(labeler.from_embeddings(emb), labels)
-    assert torch.equal(labels, clip_labels.pseudo_labels(emb, text, 0.05, 0.25, 0.5))
+    assert torch.equal(labels, pseudo_labeler.pseudo_labels(emb, text, 0.05, 0.25, 0.5))
     assert ((labels == -1).sum(1) == 2).all()
     assert labeler(x[:1]).shape == (1, 4)

@@ -15,6 +15,7 @@ import losses_partial as lp
 import main_clip
 import methods
 import methods_partial
+import run_data
 from conftest import interrupt_after, write_pascal_like
 from preproc import generate_observed_labels
 
@@ -207,7 +208,7 @@ def _roundtrip(state, tmp_path):
 
 
 def test_prior_file_is_read_once_checked_and_kept_in_the_checkpoint(tmp_path, capsys):
-    names = main_clip.clip_labels.read_classnames('pascal')
+    names = main_clip.class_text_features.read_classnames('pascal')
     prior = torch.linspace(0.05, 0.9, K)
     path = tmp_path / 'prior.csv'
     path.write_text(lp.prior_csv_text(names, prior))
@@ -274,11 +275,11 @@ def test_the_demo_makes_its_own_tag_file(tmp_path):
     labels = (np.random.RandomState(0).rand(40, 30) < 0.3).astype(np.float64)
     np.save(folder / 'formatted_train_labels.npy', labels)
     cfg = main_clip.parse_args(['-d', 'demo', '--data-root', str(tmp_path), '--observed', 'fpc3', '-l', 'CSL'])[0]
-    main_clip.ensure_demo_observed(cfg)
+    run_data.ensure_demo_observed(cfg)
     path = folder / 'formatted_train_labels_obs_fpc3.npy'
     made = np.load(path)
     assert np.array_equal(made, generate_observed_labels.simulate_fpc(labels, 3, 1200))
     assert ((made == 1).sum(0) <= 3).all() and ((made == -1).sum(0) <= 3).all()
     stamp = path.stat().st_mtime_ns
-    main_clip.ensure_demo_observed(cfg)
+    run_data.ensure_demo_observed(cfg)
     assert path.stat().st_mtime_ns == stamp

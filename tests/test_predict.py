@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import clip_labels
+import clip_loading
 import datasets
 import models
 import predict
@@ -173,7 +173,7 @@ def test_user_errors_one_line(checkpoint, folder, tmp_path, capsys):
 
 def test_rebuild_clip_vision_without_clip_weights(tiny_clip, tmp_path):
     """clip_vision: the architecture comes from the CLIP config alone, every weight from the checkpoint."""
-    clip_model, _ = clip_labels.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
+    clip_model, _ = clip_loading.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
     torch.manual_seed(1)
     trained = models.build_classifier('clip_vision', 3, clip_model=clip_model).eval()
     ckpt = {'model': trained.state_dict(), 'epoch': 1, 'classnames': CLASSNAMES,

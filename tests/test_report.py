@@ -146,7 +146,7 @@ def test_mean_std():
 def test_per_class_recomputed_from_test_preds(tiny_pascal, tmp_path, capsys):
     """Runs written before per_class_ap.json existed: test AP from test_preds_best.npy and the test labels."""
     import datasets
-    import clip_labels
+    import class_text_features
 
     folder = make_run(tmp_path / 'results', 0, per_class=False, dataset='pascal', data_root=str(tiny_pascal))
     labels = datasets.load_splits(tiny_pascal, 'pascal')['test'].labels_true
@@ -158,7 +158,7 @@ def test_per_class_recomputed_from_test_preds(tiny_pascal, tmp_path, capsys):
     rows = read_csv(out / 'per_class_ap.csv')
     keep = np.arange(len(labels)) != 3
     expected = 100 * average_precision_per_class(preds[keep], labels[keep] == 1)
-    assert [r['class'] for r in rows] == clip_labels.read_classnames('pascal')
+    assert [r['class'] for r in rows] == class_text_features.read_classnames('pascal')
     assert [float(r['test_ap']) for r in rows] == pytest.approx(expected.tolist())
     assert all(r['val_ap'] == '' for r in rows)
     assert 'recomputed from test_preds_best.npy' in (out / 'report.md').read_text()

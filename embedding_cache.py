@@ -1,0 +1,150 @@
+"""The frozen-CLIP embedding cache: every training image embedded once, read by every epoch.
+
+The frozen CLIP's output depends only on the image and its horizontal flip, so the embeddings of a
+split (`cached_embeddings`) and of CCD's local views (`cached_view_embeddings`) are computed once
+and kept under --cache-dir, in a file named after the digest of everything they depend on
+(`embedding_cache_key`), with that key in a JSON file beside it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ccd
+import datasets
+import distributed
+from clip_loading import clip_embed_dim, weights_identity
+from files import save_json, save_npy
+from pseudo_labeler import PseudoLabeler
+
+
+def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, clip_pretrained: str | None,
+                        image_size: int, clip_size: int, precision: str = 'float32',
+                        preprocess: str = 'original') -> dict:
+    """Everything a cached embedding depends on. A change of any entry selects another cache file.
+
+    precision: 'float32', or 'bf16' for a cache built under CUDA autocast (--amp). A JSON model
+    config is identified by its content too, so editing it in place invalidates the cache.
+    preprocess: how the pipeline tensor becomes CLIP's input (--clip-preprocess). The embeddings of
+    CCD's local views add the digest of their boxes (cached_view_embeddings).
+    """
+    config = Path(str(clip_model))
+    config_sha = (hashlib.sha256(config.read_bytes()).hexdigest()
+                  if str(clip_model).endswith('.json') and config.is_file() else None)
+    return {'format': 1, 'dataset': dataset, 'image_root': str(Path(image_root).resolve()),
+            'images_sha256': hashlib.sha256('\n'.join(map(str, images)).encode()).hexdigest(),
+            'num_images': len(images), 'clip_model': str(clip_model), 'clip_config_sha256': config_sha,
+            'weights': weights_identity(clip_pretrained), 'image_size': int(image_size),
+            'clip_size': int(clip_size), 'precision': precision, 'preprocess': preprocess}
+
+
+def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str | os.PathLike, *,
+                      device, amp: bool = False) -> torch.Tensor:
+    """(N, 2, D) float32 frozen-CLIP embeddings of every image of `loader`, unflipped and flipped.
+
+    The frozen CLIP's output depends only on the image and the horizontal flip, so it is computed
+    once and reused by every epoch and every later run with the same key (embedding_cache_key).
+    `loader` must yield the images without random flips (eval transforms); the flipped embedding
+    is that of image.flip(-1), which is exactly the tensor the training transform produces.
+    The array is written to a temporary file and renamed, and its key file is written after it:
+    an interrupted build is never used, it is rebuilt. bf16 autocast on CUDA when `amp`.
+    """
+    path = _cache_path(key, cache_dir)
+    num_rows = key['num_images']
+    array = _read_cached(path, key, (num_rows, 2))
+    # Several processes: all use the file or all rebuild it, each embedding its block of rows.
+    if not distributed.any_rank(array is None):
+        return array
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    out = None
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if amp and torch.device(device).type == 'cuda'
+                else contextlib.nullcontext())
+    with autocast:
+        for batch in distributed.progress(loader, desc='frozen CLIP embeddings (once, cached)'):
+            if 'image' not in batch:  # every image of the batch was skipped (--skip-bad-images)
+                continue
+            images = datasets.to_model_input(batch['image'], batch.get('flipped'), device)  # packed: on the device
+            plain, flipped = labeler.embed(images), labeler.embed(images.flip(-1))  # B x D each
+            if out is None:
+                out = np.zeros((num_rows, 2, plain.shape[1]), dtype=np.float32)
+            index = batch['index'].numpy()
+            out[index, 0] = plain.float().cpu().numpy()
+            out[index, 1] = flipped.float().cpu().numpy()
+    if distributed.world_size() > 1:  # the loader held this rank's block (distributed.shard): gather
+        mine = out if out is not None else np.zeros((num_rows, 2, labeler.text_features.shape[1]), np.float32)
+        merged = distributed.merge_shards(torch.from_numpy(mine)).numpy()
+        out = merged if distributed.any_rank(out is not None) else None
+    if out is None:
+        raise ValueError('the embedding cache loader yielded no image')
+    if distributed.is_primary():  # rank 0 writes; the others wait until the file is complete
+        _write_cached(path, key, out)
+    distributed.barrier()
+    return torch.from_numpy(out)
+
+
+def _cache_path(key: dict, cache_dir) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f'clip_{key["dataset"]}_{digest}.npy'
+
+
+def _read_cached(path: Path, key: dict, leading: tuple) -> torch.Tensor | None:
+    """The cached array at `path` if its key file holds `key` and its leading dimensions are `leading`."""
+    key_path = path.with_suffix('.json')
+    if path.is_file() and key_path.is_file():
+        try:
+            stored_key = json.loads(key_path.read_text())
+            array = np.load(path, allow_pickle=False)
+            if stored_key == key and array.ndim == len(leading) + 1 and array.shape[:len(leading)] == leading:
+                return torch.from_numpy(array)
+        except (OSError, ValueError, EOFError):
+            pass  # unreadable or truncated: rebuilt by the caller
+    return None
+
+
+def _write_cached(path: Path, key: dict, array: np.ndarray) -> torch.Tensor:
+    """The array first, its key file after it: an interrupted write is never read back."""
+    key_path = path.with_suffix('.json')
+    key_path.unlink(missing_ok=True)
+    save_npy(path, array)
+    save_json(key_path, key)
+    return torch.from_numpy(array)
+
+
+def cached_view_embeddings(labeler: PseudoLabeler, loader, rows: torch.Tensor, boxes: torch.Tensor, key: dict,
+                           cache_dir: str | os.PathLike, *, device) -> torch.Tensor:
+    """(V, D) float32 CLIP embeddings of CCD's local views: view v is image rows[v] cropped and resized to
+    boxes[v] (a ccd.cam_views row: box and size; ccd.view_inputs). Cached like the global embeddings, under `key` (the split's
+    embedding_cache_key, computed in float32 without autocast) plus the digest of the views, so a rerun
+    with the same views reuses them.
+    `loader`: the split in row order without flips."""
+    views = torch.cat([rows[:, None], boxes], dim=1).numpy().astype(np.int64)
+    key = dict(key, precision='float32', views='ccd-cam-crops',
+               views_sha256=hashlib.sha256(views.tobytes()).hexdigest(), num_views=int(views.shape[0]))
+    path = _cache_path(key, cache_dir)
+    array = _read_cached(path, key, (views.shape[0],))
+    if array is not None:
+        return array
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    out = np.zeros((views.shape[0], clip_embed_dim(labeler.visual)), dtype=np.float32)
+    order = torch.argsort(rows, stable=True)
+    for batch in distributed.progress(loader, desc='CCD local views: CLIP embeddings'):
+        if 'image' not in batch:
+            continue
+        index = batch['index']
+        lo, hi = torch.searchsorted(rows[order], torch.stack([index.min(), index.max() + 1]))
+        picked = order[lo:hi]
+        picked = picked[torch.isin(rows[picked], index)]
+        if picked.numel() == 0:
+            continue
+        position = {int(r): i for i, r in enumerate(index.tolist())}
+        images = batch['image'][[position[int(r)] for r in rows[picked]]].to(device)
+        inputs = ccd.view_inputs(images, boxes[picked], labeler.image_size, labeler.to_clip_normalisation)
+        out[picked.numpy()] = labeler.embed_inputs(inputs).cpu().numpy()
+    return _write_cached(path, key, out)
+

@@ -1,0 +1,124 @@
+"""The data of a run: the formatted splits (the demo generated on first use), every input file
+checked before the expensive work, the image sets of --data-format and their loaders (`Data`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+import class_text_features
+import datasets
+import distributed
+import methods
+import packs
+from checkpoints import ensure_writable
+from config import Config, UserError
+from distributed import is_primary, log
+
+
+@dataclasses.dataclass
+class Data:
+    """The splits of a run, their image sets and loaders. train_eval: the train images in row order
+    without flips (the embedding cache, predictions on the train split)."""
+    splits: dict
+    sets: dict
+    train_eval_set: torch.utils.data.Dataset
+    sampler: datasets.FlipSampler
+    loaders: dict
+    train_eval_loader: torch.utils.data.DataLoader
+
+    @property
+    def num_classes(self) -> int:
+        return self.splits['train'].labels_obs.shape[1]
+
+
+def prepare_data(cfg: Config) -> dict:
+    """The formatted splits (docs/original-vlpl.md section 4); the demo is generated on first use."""
+    if cfg.dataset == 'demo':
+        from preproc import make_demo
+        with distributed.primary_first('generating the demo data'):
+            make_demo.ensure_demo(cfg.data_root, progress=is_primary())
+            if cfg.observed is not None:
+                ensure_demo_observed(cfg)
+    return datasets.load_splits(cfg.data_root, cfg.dataset, observed=cfg.observed,
+                                clean_train_labels=methods.METHODS[cfg.loss].clean_train_labels)
+
+
+def ensure_demo_observed(cfg: Config) -> None:
+    """The demo makes its own partial-annotation file (seed 1200) when it lacks it, or when the demo
+    was rebuilt since: generate_observed_labels.py --scheme rps|fpc for a tag it can parse."""
+    from preproc import generate_observed_labels
+
+    parsed = datasets.parse_observed_tag(cfg.observed)
+    if parsed is None or datasets.canonical_observed_tag(*parsed) != cfg.observed:
+        return  # load_splits names the command
+    folder = Path(cfg.data_root) / 'demo'
+    path = folder / datasets.observed_file_name(cfg.observed)
+    if path.is_file() and path.stat().st_mtime >= (folder / 'formatted_train_labels.npy').stat().st_mtime:
+        return
+    if is_primary():
+        log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed))
+
+
+def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
+    """Batches in row order (or the sampler's), pinned for CUDA, workers kept across epochs.
+    Several processes: a training loader yields this rank's share of each global batch
+    (distributed.GlobalBatchShares); an evaluation loader this rank's block of rows."""
+    workers = cfg.num_workers
+    batches = dict(batch_size=batch_size, sampler=sampler)
+    if distributed.world_size() > 1:
+        batches = (dict(batch_sampler=distributed.GlobalBatchShares(sampler, batch_size)) if sampler is not None
+                   else dict(batch_size=batch_size, sampler=None))
+        dataset = dataset if sampler is not None else distributed.shard(dataset)
+    return torch.utils.data.DataLoader(
+        dataset, **batches, shuffle=False, num_workers=workers,
+        collate_fn=datasets.collate_skipping, pin_memory=device.type == 'cuda',
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
+    """Every input file checked before the expensive work (CLIP, the embedding cache, training)."""
+    for phase, split in splits.items():
+        if cfg.data_format == 'packed':  # the packs replace the image files
+            packs.open_pack(cfg.data_root, cfg.dataset, phase, split.images, cfg.image_size)
+            continue
+        for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images):
+            log.warning(f'skipped missing image {root / path} (--skip-bad-images)')
+    for flag, path in (('--backbone-weights', cfg.backbone_weights), ('--text-features', cfg.text_features),
+                       ('--init-from', cfg.init_from)):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f'{flag} {path}: no such file')
+    if cfg.text_features:
+        class_text_features.load_text_features(cfg.text_features, splits['train'].labels_obs.shape[1])
+    ensure_writable(Path(cfg.cache_dir), '--cache-dir')
+
+
+def load_data(cfg: Config) -> tuple[dict, Path]:
+    """The formatted splits, described in one line each, and every input file checked; (splits, image root)."""
+    splits = prepare_data(cfg)
+    num_classes = splits['train'].labels_obs.shape[1]
+    for phase, split in splits.items():
+        negatives = ''
+        if phase == 'train' and cfg.observed is not None:
+            negatives = f'{(split.labels_obs == -1).sum(1).mean():.2f} observed negatives / image ({cfg.observed}), '
+        log.info(f'{phase:>5}: {len(split.images):6d} images, {num_classes} classes, '
+                 f'{split.labels_obs.clip(min=0).sum(1).mean():.2f} observed positives / image, {negatives}'
+                 f'{split.labels_true.sum(1).mean():.2f} true positives / image')
+    root = datasets.image_root(cfg.data_root, cfg.dataset)
+    check_inputs(cfg, splits, root)
+    return splits, root
+
+
+def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -> Data:
+    """The image sets (--data-format), the flip sampler and the loaders of every phase."""
+    sets, train_eval_set = packs.image_sets(cfg, splits, root)  # --data-format pil or packed
+    sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP adds its views
+    sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0))
+    loaders = {'train': make_loader(sets['train'], batch_size=cfg.batch_size, sampler=sampler, cfg=cfg,
+                                    device=device)}
+    for phase in ('val', 'test'):
+        loaders[phase] = make_loader(sets[phase], batch_size=cfg.batch_size, cfg=cfg, device=device)
+    train_eval_loader = make_loader(train_eval_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
+    return Data(splits, sets, train_eval_set, sampler, loaders, train_eval_loader)
