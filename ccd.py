@@ -137,8 +137,8 @@ def crop_size(crop_h: int, crop_w: int, long_side: int, *, python_sides: tuple[b
     (train.py:83-93; on a tie the height decides, as the original's `cropx > cropy` test).
 
     run_train gives `cropping_box` the CAM corners as 0-dim int64 tensors (rows of `nonzero()`), so a
-    side is a tensor, and `scale = 640 / side` a float32 tensor, unless both of its ends were clamped to
-    the image (then Python ints, and Python floats). The out size is int() of the float32 product
+    side is a tensor, and `scale = 640 / side` a float32 tensor (computed by torch as 640 x float32(1 / side)),
+    unless both of its ends were clamped to the image (then Python ints, and Python floats). The out size is int() of the float32 product
     side * scale (truncated), which for about 10 % of boxes is one pixel less than the exact quotient
     (639 for 640). python_sides: (rows, columns) whose both ends were clamped (crop_geometry tells).
     """
@@ -147,7 +147,8 @@ def crop_size(crop_h: int, crop_w: int, long_side: int, *, python_sides: tuple[b
         long, long_int = crop_w, cols_int
     else:
         long, long_int = crop_h, rows_int
-    scale = long_side / long if long_int else np.float32(long_side) / np.float32(long)
+    # `640 / tensor` is torch's reciprocal-then-multiply in float32 (Tensor.__rtruediv__), not a division
+    scale = long_side / long if long_int else np.float32(np.float32(1) / np.float32(long)) * np.float32(long_side)
 
     def side(n: int, n_int: bool) -> int:
         if n_int and long_int:  # Python int times Python float

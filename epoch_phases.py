@@ -66,6 +66,9 @@ def evaluate_phases(cfg: Config, epoch: int, learner: Learner, data: Data, devic
     evaluated = model
     for phase in ('val', 'test'):
         t0 = time.perf_counter()
+        if phase == 'test' and data.splits['test'] is data.splits['val']:  # -l CCD validates on the test split
+            phase_preds['test'], times['test'] = phase_preds['val'], 0.0
+            continue
         phase_preds[phase] = predict(cfg, learner.eval_model if evaluated is model else evaluated,
                                      data.loaders[phase], len(data.sets[phase]), data.num_classes, device,
                                      f'epoch {epoch} {phase}')

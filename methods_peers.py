@@ -157,7 +157,10 @@ class Aevlp(methods.Method):
     --gr-q). The pseudo-labels are not state: the original recomputes them at every step."""
     needs_pseudo_labels = True
     schedule_uses_epochs = True  # GR's schedules run over --epochs
-    pseudo_label_builder = staticmethod(aevlp.build_pseudo_labels)
+
+    @staticmethod
+    def pseudo_label_builder(cfg: Config, data, device):
+        return aevlp.build_pseudo_labels(cfg, data.splits['train'], device, data.num_classes)
 
     @classmethod
     def training_images(cls, cfg: Config, images):

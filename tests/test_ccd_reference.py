@@ -204,9 +204,226 @@ def sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
+FINGERPRINT_RTOL, FINGERPRINT_ATOL = 1e-5, 1e-6
+
+
 def fingerprint(t: torch.Tensor) -> np.ndarray:
     """A large gradient's fingerprint (float64): its sum, its sum of squares and its dot products with three
     fixed random vectors (RandomState(0), standard normal, one per row)."""
     x = t.detach().double().reshape(-1).numpy()
     r = np.random.RandomState(0).standard_normal((3, x.size))
     return np.concatenate([[x.sum(), (x * x).sum()], r @ x])
+
+
+# --------------------------------------------------------------------------- the port's real path
+
+def write_data(root: Path) -> Path:
+    """The recipe's pictures as a formatted pascal folder (labels: one class per picture; the port reads
+    none of them for training)."""
+    from PIL import Image
+
+    folder = root / 'pascal'
+    images = folder / 'VOCdevkit' / 'VOC2012' / 'JPEGImages'
+    images.mkdir(parents=True)
+    for phase, pics in (('train', train_pictures()), ('val', val_pictures())):
+        names = []
+        for b, picture in enumerate(pics):
+            names.append(f'{phase}_{b}.png')
+            Image.fromarray(picture).save(images / names[-1])
+        labels = np.zeros((len(pics), NUM_CLASSES))
+        labels[np.arange(len(pics)), np.arange(len(pics)) % NUM_CLASSES] = 1
+        np.save(folder / f'formatted_{phase}_images.npy', np.array(names))
+        np.save(folder / f'formatted_{phase}_labels.npy', labels)
+    return root
+
+
+def port_args(tmp_path: Path, *extra: str) -> list[str]:
+    """main_clip flags that give the port RECIPE_P (flags for each of its settings)."""
+    config = tmp_path / 'ccd-reference-tiny.json'
+    if not config.exists():
+        config.write_text(json.dumps(CLIP_CONFIG))
+        torch.save(clip_state_dict(), tmp_path / 'tiny-openai-state-dict.pt')
+        write_data(tmp_path / 'data')
+    p = RECIPE_P
+    return ['-d', 'pascal', '-l', 'CCD', '--device', 'cpu', '--num-workers', '0', '--data-root', str(tmp_path / 'data'),
+            '--results-dir', str(tmp_path / 'results'), '--cache-dir', str(tmp_path / 'cache'),
+            '--clip-model', str(config), '--clip-pretrained', str(tmp_path / 'tiny-openai-state-dict.pt'),
+            '-m', 'resnet50', '--no-pretrained', '--image-size', str(p['train_resize'][0]),
+            '--batch-size', str(p['bsize']), '--epochs', str(p['num_epochs']), '--ccd-infer-size', str(p['resize'][0]),
+            '--ccd-view-size', str(VIEW_SIDE), '--ccd-offset', str(p['offset_size']), '--ccd-coeff', str(p['coeff']),
+            '--ccd-loss-coeff', str(p['loss_coeff']), '--ccd-ratio', str(p['ratio']), '--ccd-ls-coeff', str(p['LS_coeff']),
+            '--ccd-bound', str(p['bound']), '--ccd-refreshes', str(p['inf_num']),
+            '--ccd-consistency', str(p['use_consist']), *extra]
+
+
+def port_table(tmp_path: Path, *extra: str):
+    """(cfg, the CcdTable of methods_ccd.build_labels) for the recipe."""
+    import main_clip
+    import methods
+    import methods_ccd
+    import run_data
+
+    cfg, _ = main_clip.parse_args(port_args(tmp_path, *extra))
+    device = torch.device('cpu')
+    splits, root = run_data.load_data(cfg)
+    data = run_data.build_loaders(cfg, splits, root, methods.METHODS['CCD'], device)
+    table, _ = methods_ccd.build_labels(cfg, data, device)
+    return cfg, table
+
+
+def recipe_classifier(buffers: dict[str, np.ndarray], cam_boost: float):
+    """models.Classifier (-m resnet50, linear head) with the recipe's weights, mapped from CCD's keys, and the
+    given batch-norm buffers (CCD's key names)."""
+    import methods_ccd
+    import models
+
+    ccd_state = classifier_state_dict() | {k: torch.from_numpy(np.asarray(v)) for k, v in buffers.items()}
+    state, alpha = methods_ccd.ccd_state_dict(ccd_state)
+    assert alpha == 1.0  # the recipe's alpha; CCD multiplies it by coeff before the first step
+    model = models.build_classifier('resnet50', NUM_CLASSES, pretrained=False, cam_boost=cam_boost)
+    model.load_state_dict(state)
+    return model
+
+
+def _reference():
+    ref = np.load(FIXTURE)
+    meta = json.loads(str(ref['meta']))
+    recipe = {k: globals()[k] for k in meta['recipe']}
+    assert json.loads(json.dumps(recipe)) == meta['recipe'], 'the recipe changed: remake the fixture'
+    assert {k: sha256(v) for k, v in sorted(clip_state_dict().items())} == meta['clip_state_dict_sha256']
+    assert {k: sha256(v) for k, v in sorted(classifier_state_dict().items())} == meta['classifier_state_dict_sha256']
+    return ref, meta
+
+
+def _group(ref, prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: ref[k] for k in ref.files if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------- the tests
+
+def test_cropping_box_follows_the_originals_float32_arithmetic_with_tensor_corners():
+    """train.py cropping_box as run_train calls it (0-dim int64 tensor corners from nonzero()): the port's box,
+    output size and resized pixels equal the original's on 400 random boxes; with Python-int corners (how the
+    earlier test called it) 44 of them get another size, which the port must not follow."""
+    import ccd
+
+    ref, meta = _reference()
+    image = torch.from_numpy(np.random.RandomState(BOX_SEED + 1).standard_normal((1, 3, VIEW_SIDE, VIEW_SIDE))
+                             .astype(np.float32))
+    want, want_int = ref['crop_rows'], ref['crop_rows_python_ints']
+    other = 0
+    for i, (y1, x1, y2, x2, off) in enumerate(random_boxes()):
+        view = ccd.crop_geometry((int(y1), int(x1)), (int(y2), int(x2)), int(off), VIEW_SIDE, VIEW_SIDE, VIEW_SIDE)
+        assert list(view) == want[i].tolist(), (i, view, want[i])
+        crop = ccd.crop_view(image[0], view)[None]
+        assert hashlib.sha256(crop.contiguous().numpy().tobytes()).hexdigest()[:16] == meta['crop_sha256'][i]
+        other += list(view[4:]) != want_int[i][4:].tolist()
+    assert other == 44  # about 10 %: 639 instead of 640 on the long side, sometimes the short side
+
+
+def test_the_text_features_and_the_global_table_are_the_originals(tmp_path):
+    """Run D (the script's debias on): the prompt features, the global softmax scores, the entropy flags, the
+    class bias and the floored, debiased table equal what run_train computed. The original divides by a NaN
+    bias for every class that is never a confident top-1 (here 19 of 20: four pictures); the port gives those
+    bias 1 (docs/ccd.md), so their columns are the floored scores, and every other entry is the original's."""
+    ref, _ = _reference()
+    _, raw = port_table(tmp_path, '--ccd-no-global-debias', '--ccd-ls-coeff', '0')  # the scores themselves
+    torch.testing.assert_close(raw.text, torch.from_numpy(ref['text']), atol=1e-6, rtol=0)
+    torch.testing.assert_close(raw.table, torch.from_numpy(ref['global_scores']), atol=1e-6, rtol=0)
+    _, table = port_table(tmp_path)  # the script's settings (the embeddings come from the cache)
+    assert table.flags.tolist() == ref['flags'].tolist() == [0.0, 1.0, 0.0, 1.0]
+    nan = np.isnan(ref['bias'])
+    assert nan.sum() == 19 and (ref['bias_counts'][nan] == 0).all()
+    np.testing.assert_allclose(table.bias.numpy()[~nan], ref['bias'][~nan], atol=1e-6, rtol=0)
+    assert (table.bias.numpy()[nan] == 1).all()
+    got, want = table.table.numpy(), ref['debiased']
+    np.testing.assert_allclose(got[:, ~nan], want[:, ~nan], atol=1e-6, rtol=0)
+    assert np.isnan(want[:, nan]).all()
+    np.testing.assert_allclose(got[:, nan], np.maximum(ref['global_scores'][:, nan], 0.05), atol=1e-6, rtol=0)
+
+
+def test_the_refresh_is_the_originals(tmp_path):
+    """Run T (no division, so no NaN): the epoch-0 table, then CCD's epoch-2 refresh through the port's real
+    CcdTable.before_epoch with the classifier the original refreshed with (the recipe's weights, alpha 3, its
+    batch-norm statistics after two epochs at lr 0): the calibrated threshold, every view (image, class, CAM
+    corners in row order, box, resized size) and the refreshed table equal the original's."""
+    ref, _ = _reference()
+    cfg, table = port_table(tmp_path, '--ccd-no-global-debias', '--ccd-no-local-debias')
+    torch.testing.assert_close(table.table, torch.from_numpy(ref['table0']), atol=1e-6, rtol=0)
+    model = recipe_classifier(_group(ref, 'refresh_buffer/'), cfg.boostlu_alpha)
+    seen = []
+    import ccd
+    cam_views = ccd.cam_views
+
+    def recording(*args, **kwargs):
+        out = cam_views(*args, **kwargs)
+        seen.append(out)
+        return out
+    ccd.cam_views = recording
+    try:
+        assert not table.before_epoch(2, model, None)  # CCD's epoch 1: nothing changes
+        assert table.before_epoch(3, model, None)
+        assert not table.before_epoch(4, model, None)  # inf_num 1: once
+    finally:
+        ccd.cam_views = cam_views
+    assert table.multiplier == float(ref['multiplier'])
+    rows, classes, views = seen[0]
+    want = ref['views']  # idx, class, box (4), size (2), corners (4)
+    assert rows.tolist() == want[:, 0].tolist() and classes.tolist() == want[:, 1].tolist()
+    assert set(classes.tolist()) == set(SELECTED_CLASSES)
+    assert views.tolist() == want[:, 2:8].tolist()
+    torch.testing.assert_close(table.table, torch.from_numpy(ref['table2']), atol=1e-6, rtol=0)
+    assert not torch.equal(table.table, torch.from_numpy(ref['table1']))
+
+
+def test_a_training_step_is_the_originals(tmp_path):
+    """The first step of CCD's epoch 0 (soft-label BCE alone) and of its epoch 2 (flag-weighted BCE plus the
+    consistency BCE of the second view), through the port's Ccd.loss on the original's batch (its images,
+    colour-jittered view, soft labels and flags) with the recipe's ResNet-50 in train mode: the logits, the
+    losses, every parameter's gradient and the batch-norm statistics after the two forward passes equal
+    the original's within 1e-6."""
+    import main_clip
+    import methods_ccd
+
+    ref, _ = _reference()
+    cfg, _ = main_clip.parse_args(port_args(tmp_path))
+    for epoch in (0, 2):
+        s = _group(ref, f'step{epoch}/')
+        buffers = _group(ref, 'refresh_buffer/') | {k[len('before/'):]: v for k, v in s.items() if k.startswith('before/')}
+        model = recipe_classifier(buffers, cfg.boostlu_alpha).train()
+        method = methods_ccd.Ccd(cfg, np.zeros((len(TRAIN_SIZES), NUM_CLASSES), np.float32), torch.device('cpu'))
+        rows = torch.from_numpy(s['rows'])
+
+        class Table:  # the table rows and flags the original read for this batch
+            flags = torch.zeros(len(TRAIN_SIZES))
+            table = torch.zeros(len(TRAIN_SIZES), NUM_CLASSES)
+        Table.flags[rows] = torch.from_numpy(ref['flags'][s['rows']])  # the global pass's entropy flags
+        method.use_pseudo_labels(Table)
+        logits = model(torch.from_numpy(s['image']))
+        view = method.second_view(epoch + 1)
+        assert (view is not None) == (epoch == 2)
+        view_logits = model(torch.from_numpy(s['ex_image'])) if view else None
+        batch = dict(index=rows, pseudo_labels=torch.from_numpy(s['labels']), view_logits=view_logits)
+        loss = method.loss(logits, torch.sigmoid(logits), batch, epoch=epoch + 1, step=0)
+        loss.backward()
+        torch.testing.assert_close(logits.detach(), torch.from_numpy(s['logits']), atol=1e-6, rtol=0)
+        torch.testing.assert_close(loss.detach(), torch.from_numpy(s['loss']), atol=1e-6, rtol=0)
+        if view:
+            torch.testing.assert_close(view_logits.detach(), torch.from_numpy(s['ex_logits']), atol=1e-6, rtol=0)
+            import ccd
+            w = (Table.flags[rows][:, None] + cfg.ccd_loss_coeff).clamp(0, 1)  # the original's batch_flag
+            assert torch.equal(w, torch.from_numpy(s['flags'])) and sorted(w[:, 0].tolist()) == [0.10000000149011612, 1.0]
+            want_ce, want_consist = float(s['loss_ce']), float(s['loss_consist'])
+            assert abs(ccd.consistency_loss(view_logits, logits).item() - want_consist) <= 1e-6
+            assert abs((w * ccd.soft_label_loss(logits, batch['pseudo_labels'])).mean().item() - want_ce) <= 1e-6
+        params = dict(model.named_parameters())
+        for key, want in s.items():
+            if key.startswith('grad/'):
+                got = params[methods_ccd.classifier_key(key[len('grad/'):])].grad
+                torch.testing.assert_close(got.reshape(want.shape), torch.from_numpy(want), atol=1e-6, rtol=0)
+            elif key.startswith('grad_fingerprint/'):
+                got = fingerprint(params[methods_ccd.classifier_key(key[len('grad_fingerprint/'):])].grad)
+                np.testing.assert_allclose(got, want, rtol=FINGERPRINT_RTOL, atol=FINGERPRINT_ATOL, err_msg=key)
+            elif key.startswith('after/'):
+                got = model.state_dict()[methods_ccd.classifier_key(key[len('after/'):])]
+                torch.testing.assert_close(got, torch.from_numpy(want), atol=1e-6, rtol=0)
