@@ -89,20 +89,31 @@ def cam_peak_box(cam: torch.Tensor, height: int, width: int, *,
     peak is a rectangle). raster False: (first row, smallest column, last row, largest column), the
     peak's true range. None when no pixel passes (a flat CAM; the original raises IndexError).
     """
-    m = F.interpolate(cam[None, None].float(), (height, width), mode='bilinear', align_corners=False)
-    m = (m - m.amin(dim=(2, 3), keepdim=True)) / (m.amax(dim=(2, 3), keepdim=True)
-                                                 - m.amin(dim=(2, 3), keepdim=True) + CAM_NORM_EPS)
-    peak = m[0, 0] > CAM_PEAK
-    if raster:
-        points = torch.nonzero(peak)
-        if points.numel() == 0:
-            return None
-        return int(points[0, 0]), int(points[0, 1]), int(points[-1, 0]), int(points[-1, 1])
-    rows = torch.nonzero(peak.any(dim=1))[:, 0]
-    if rows.numel() == 0:
-        return None
-    cols = torch.nonzero(peak.any(dim=0))[:, 0]
-    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+    return cam_peak_boxes(cam[None], height, width, raster=raster)[0]
+
+
+def cam_peak_boxes(cams: torch.Tensor, height: int, width: int, *, raster: bool = False,
+                   chunk: int = 64) -> list[Optional[tuple[int, int, int, int]]]:
+    """cam_peak_box of each of M maps (M x h x w), upsampled `chunk` at a time."""
+    boxes = []
+    for start in range(0, cams.shape[0], chunk):
+        m = F.interpolate(cams[start:start + chunk, None].float(), (height, width), mode='bilinear',
+                          align_corners=False)
+        m = (m - m.amin(dim=(2, 3), keepdim=True)) / (m.amax(dim=(2, 3), keepdim=True)
+                                                     - m.amin(dim=(2, 3), keepdim=True) + CAM_NORM_EPS)
+        peak = (m > CAM_PEAK)[:, 0]  # M' x H x W
+        found = peak.flatten(1).any(dim=1).tolist()
+        if raster:  # the first and the last True in row-major order
+            flat = peak.flatten(1).to(torch.uint8)
+            first = flat.argmax(dim=1)
+            last = flat.shape[1] - 1 - flat.flip(1).argmax(dim=1)
+            corners = torch.stack([first // width, first % width, last // width, last % width], dim=1)
+        else:  # the first and last rows and columns with a True
+            rows, cols = peak.any(dim=2).to(torch.uint8), peak.any(dim=1).to(torch.uint8)
+            corners = torch.stack([rows.argmax(dim=1), cols.argmax(dim=1), height - 1 - rows.flip(1).argmax(dim=1),
+                                   width - 1 - cols.flip(1).argmax(dim=1)], dim=1)
+        boxes += [tuple(c) if ok else None for c, ok in zip(corners.tolist(), found)]
+    return boxes
 
 
 def _box_sides(pos1: tuple[int, int], pos2: tuple[int, int], offset: int, height: int,
@@ -264,8 +275,9 @@ def cam_views(model, loader, *, multiplier: float, offset: int, side: int, devic
         cams = model.class_activation_maps(features).float()
         if getattr(model, 'cam_boost', None) is not None:  # CCD models.py ImageClassifier.forward
             cams = torch.where(cams > 0, cams * model.cam_boost, cams)
-        for b, k in (probs >= multiplier).nonzero().tolist():  # row-major: classes in order per image
-            peak = cam_peak_box(cams[b, k], height, width, raster=raster)
+        chosen = (probs >= multiplier).nonzero()  # row-major: classes in order per image
+        peaks = cam_peak_boxes(cams[chosen[:, 0], chosen[:, 1]], height, width, raster=raster)
+        for (b, k), peak in zip(chosen.tolist(), peaks):
             if peak is None:  # flat: the whole image, both sides clamped
                 views.append((0, 0, width, height) + crop_size(height, width, side, python_sides=(True, True)))
             else:

@@ -13,7 +13,8 @@
   [-0.5, 0.5], applied in a random order), normalised and flipped on its own. The consistency loss
   compares the two views' outputs. The randomness comes from the sampler (datasets.FlipSampler with one
   view flip and eight draws per item), not from the workers, so a run repeats and resumes exactly; the
-  original draws it unseeded in its workers (the same distributions).
+  original draws it unseeded in its workers (the same distributions). In the epochs without the
+  consistency term (CCD's 0 and 1) the view is not made (the original makes it and leaves it unused).
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ class CcdTrainViews(CcdImages):
     def extras(self, img: Image.Image, key) -> dict[str, torch.Tensor]:
         if not (isinstance(key, tuple) and len(key) == 4):
             raise ValueError('CcdTrainViews needs (row, flip, view_flips, draws) keys from FlipSampler(views=1, draws=8)')
+        if key[3] is None:  # an epoch without the consistency term (FlipSampler.skip_draws)
+            return {}
         resized = TF.resize(img, [self.image_size, self.image_size])
         jittered = np.asarray(colour_jitter(resized, key[3]))
         x = ((jittered / 255.0 - _MEAN) / _STD).astype(np.float32)

@@ -166,7 +166,7 @@ class CcdTable(PseudoLabelSource):
         with -s), the classifier in eval mode, until a window's mean count lies in (bound, bound + 2)."""
         cfg = self.cfg
         start = 0.05 if cfg.ccd_ls_coeff else 0.001  # train.py:197-200
-        calibration = ccd.ThresholdCalibration(start, cfg.ccd_bound)
+        calibration = ccd.ThresholdCalibration(start, cfg.ccd_bound, step=cfg.ccd_calibration_step)
         model.eval()
         for batch in distributed.progress(self.calibration_loader, desc='CCD threshold calibration'):
             if 'image' in batch and calibration.feed(torch.sigmoid(model(batch['image'].to(self.device)).float())):

@@ -254,13 +254,14 @@ class Config:
     # by methods_ccd.apply_defaults): coeff (the CAM's alpha), loss_coeff (flag offset), ratio (blend), the
     # view margin in pixels, LS_coeff (floor 1 / it; 0: off), the calibration bound, inf_num (refreshes),
     # use_consist, global_temp and local_temp (the debias), the inference and view sides, the CAM box rule,
-    # the CLIP's precision.
+    # the CLIP's precision; the calibration's step (CCD: 0.001 per 100 images; the demo's small split: more).
     ccd_coeff: float = 3.0
     ccd_loss_coeff: float = 1.0
     ccd_ratio: float = 0.2
     ccd_offset: int = 80
     ccd_ls_coeff: int = 20
     ccd_bound: float = 4.0
+    ccd_calibration_step: float = 0.001
     ccd_refreshes: int = 1
     ccd_consistency: float = 1.0
     ccd_global_debias: bool = True

@@ -435,13 +435,16 @@ class FlipSampler(torch.utils.data.Sampler):
     the others (so the rows and flips are those of views = 0), for a dataset that flips further
     views of the image independently (aevlp.CropViews). draws > 0: each item is (row, flip, view_flips,
     draws) with `draws` uniform numbers in [0, 1) per row, drawn last, for a dataset whose further views
-    are random in other ways (ccd_images.CcdTrainViews' colour jitter).
+    are random in other ways (ccd_images.CcdTrainViews' colour jitter). skip_draws: the draws are made
+    (the random stream stays that of every epoch) but handed out as None, so that the dataset skips
+    the view they shape in an epoch that does not read it.
     """
 
     def __init__(self, num_rows: int, seed: int, views: int = 0, draws: int = 0):
         self.num_rows = num_rows
         self.views = views
         self.draws = draws
+        self.skip_draws = False
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -456,6 +459,8 @@ class FlipSampler(torch.utils.data.Sampler):
         if not self.draws:
             return iter(zip(order, flips, map(tuple, view_flips)))
         draws = torch.rand(self.num_rows, self.draws, generator=self.generator, dtype=torch.float64).tolist()
+        if self.skip_draws:
+            return iter(zip(order, flips, map(tuple, view_flips), [None] * self.num_rows))
         return iter(zip(order, flips, map(tuple, view_flips), map(tuple, draws)))
 
     def state(self) -> torch.Tensor:
