@@ -36,7 +36,7 @@ import distributed
 import losses_peers as lp
 import pseudo_labeler
 from clip_loading import sequence_first  # tests replace aevlp.sequence_first
-from config import Config, ModelLoadError, UserError, one_line
+from config import DATASETS, Config, ModelLoadError, UserError, one_line
 
 GCN_SLOPE = 0.2  # models.py PseudoLabelGeneratorOpenAI: nn.LeakyReLU(0.2) after gc1 and gc2
 PROMPT = 'a photo of a {}.'  # PromptLearner: ctx_init "a photo of a" + " " + name + "."
@@ -158,7 +158,7 @@ def aevlp_classnames(cfg: Config) -> list[str]:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         names = class_text_features.read_classnames(cfg.dataset)
-        if cfg.dataset == 'pascal':
+        if (DATASETS[cfg.dataset].published_as or cfg.dataset) == 'pascal':
             names = [VOC_IDENTIFIERS.get(n, n) for n in names]
     return [n.replace('_', ' ') for n in names]
 

@@ -20,7 +20,7 @@ from torch import nn
 import distributed
 import pseudo_label_options as pl_options
 from clip_loading import is_checkpoint_path, weights_identity
-from config import DEFAULT_DIRS, REPO_ROOT, Config, ModelLoadError, one_line
+from config import DATASETS, DEFAULT_DIRS, REPO_ROOT, Config, ModelLoadError, one_line
 from files import save_json, save_npy
 
 CLASSNAMES_DIR = REPO_ROOT / 'text_features'
@@ -36,12 +36,21 @@ def cub_attribute_phrase(attribute: str) -> str:
     return f"{group}: {value.replace('_', ' ')}"
 
 
-def read_classnames(dataset: str, *, raw: bool = False) -> list[str]:
-    """Class names of `dataset` in formatted class order, from text_features/<dataset>_classnames.txt.
+def read_classnames(dataset: str, *, raw: bool = False, data_root: str | None = None) -> list[str]:
+    """Class names of `dataset` in formatted class order, from text_features/<dataset>_classnames.txt,
+    or from the file its DATASETS row names (`classnames`, under data_root: a class list that comes
+    from the user's own files, written by its format script, e.g. OpenImages' trainable classes).
 
     For cub the file holds the attribute names of attributes.txt; they are returned as readable
     phrases (cub_attribute_phrase) unless raw=True.
     """
+    row = DATASETS.get(dataset)
+    if row is not None and row.classnames:
+        path = Path(row.classnames.format(data_root=data_root or DEFAULT_DIRS['data']))
+        if not path.is_file():
+            raise ModelLoadError(f'no class names for dataset {dataset!r}: {path} is missing; see data/{dataset}/'
+                                 f'README.md and run `python preproc/format_{dataset}.py` (it writes them)')
+        return [line.strip() for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
     path = CLASSNAMES_DIR / f'{dataset}_classnames.txt'
     if not path.is_file():
         known = sorted(p.name.removesuffix('_classnames.txt') for p in CLASSNAMES_DIR.glob('*_classnames.txt'))
@@ -140,7 +149,7 @@ def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int) -> t
     """
     if cfg.text_features:
         return load_text_features(cfg.text_features, num_classes)
-    classnames = read_classnames(cfg.dataset)
+    classnames = read_classnames(cfg.dataset, data_root=cfg.data_root)
     key = dict(clip_model=cfg.clip_model, weights=weights_identity(cfg.clip_pretrained), classnames=classnames)
     if cfg.prompts:
         templates = pl_options.read_prompts(cfg.prompts)

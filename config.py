@@ -68,13 +68,13 @@ class DatasetInfo:
     batch size from its own paper (SPML-AckTheUnknown, Table of hyperparameters).
     """
     name: str
-    num_classes: int
+    num_classes: int | None  # None: as many as the formatted files hold (a class list the user's files give)
     image_dir: str  # relative to <data_root>/<name>
     lr: float
     batch_size: int
     alpha: float
     beta_pos: float
-    expected_num_pos: float
+    expected_num_pos: float | None  # None: not known for the dataset (-l epr is refused)
     apl_beta: float
     apl_warmup: int
     apl_batch_size: int
@@ -83,11 +83,29 @@ class DatasetInfo:
     epochs: int = 10
     clip_model: str = 'ViT-L-14-336'
     clip_pretrained: str = 'openai'  # may hold '{data_root}'
+    # The dataset whose published per-dataset values (the peer methods', AEVLP's VOC prompt names) this
+    # one takes where no original publishes its own (voc2007: pascal's); None: its own.
+    published_as: Optional[str] = None
+    # Real partial annotations (annotations.py): the formatted label files hold int8 annotation states
+    # (1 positive, -1 annotated negative, 0 unannotated), which are both the observed labels of training
+    # and the ground truth of evaluation, where only annotated entries count.
+    annotated: bool = False
+    # Class-name file, may hold '{data_root}'; '' = text_features/<name>_classnames.txt (committed).
+    classnames: str = ''
+    # A train split too large to predict whole each epoch (millions of images x K classes): the val split
+    # cut from it holds at most max_val_images rows (None: datasets.VAL_FRACTION of them), and the train
+    # phase's metrics cover train_metric_rows of its rows, a fixed random subset (None: every row).
+    max_val_images: int | None = None
+    train_metric_rows: int | None = None
 
 
 DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
     DatasetInfo('pascal', 20, 'VOCdevkit/VOC2012/JPEGImages', lr=1e-5, batch_size=8, alpha=0.2, beta_pos=0.7,
                 expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8),
+    # VOC2007 trainval / test (preproc/format_pascal.py --year 2007, SGRE's rule for difficult objects;
+    # data/voc2007/README.md), the seed systems' VOC: VLPL has no VOC2007 settings, so these are pascal's.
+    DatasetInfo('voc2007', 20, 'VOCdevkit/VOC2007/JPEGImages', lr=1e-5, batch_size=8, alpha=0.2, beta_pos=0.7,
+                expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8, published_as='pascal'),
     DatasetInfo('coco', 80, '.', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,  # paths start with train2014/
                 expected_num_pos=2.9, apl_beta=0.9, apl_warmup=5, apl_batch_size=16),
     DatasetInfo('nuswide', 81, 'Flickr', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,
@@ -101,6 +119,18 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
                 expected_num_pos=3.4, apl_beta=0.2, apl_warmup=3, apl_batch_size=32,
                 image_size=64, model='small_cnn', epochs=10, clip_model='vlpl-demo-tiny',
                 clip_pretrained='{data_root}/demo/clip/vlpl-demo-tiny.pt'),
+    # OpenImages V6 with its human-verified partial annotations (preproc/format_openimages.py,
+    # docs/openimages.md): the classes are the user's oidv6-classes-trainable.txt (9,605 in V6), named in
+    # the classnames.txt that the format script writes beside the labels. lr 2e-4 and batch 64 are the
+    # defaults of CSL's train.py (its OpenImages recipe is not released), 224 px its infer.py's input size
+    # for the OpenImages TResNet-M. VLPL publishes no OpenImages setting: alpha, beta_pos and the EM_APL
+    # values are COCO's (web photos, as OpenImages); the expected positives per image (epr) are unknown.
+    # 20,000 val images and 20,000 train rows in the train metrics keep the predictions of those phases
+    # at 0.8 GB each (float32 x 9,605 classes), whatever the size of the train split.
+    DatasetInfo('openimages', None, '.', lr=2e-4, batch_size=64, alpha=0.1, beta_pos=0.7,
+                expected_num_pos=None, apl_beta=0.9, apl_warmup=5, apl_batch_size=16, image_size=224,
+                annotated=True, classnames='{data_root}/openimages/classnames.txt', max_val_images=20000,
+                train_metric_rows=20000),
 )}
 
 
@@ -323,8 +353,8 @@ def build_config(*, dataset: str, loss: str, model: str | None = None, temp: flo
 
 
 def default_run_name(dataset: str, loss: str, model: str, seed: int, observed: str | None = None) -> str:
-    """<dataset>[-<observed TAG>]_<method>_<backbone>_s<seed>."""
-    return f'{dataset}{"-" + observed if observed else ""}_{loss}_{model}_s{seed}'
+    """<dataset>[-<observed TAG>]_<method>_<backbone>_s<seed>; a backbone timm:NAME is written timm-NAME."""
+    return f'{dataset}{"-" + observed if observed else ""}_{loss}_{model.replace(":", "-")}_s{seed}'
 
 
 # ----------------------------------------------------------------------------------------------

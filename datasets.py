@@ -5,11 +5,16 @@ Every dataset lives in ``<data_root>/<name>/`` as six numpy files written by ``p
 dataset's image folder), ``formatted_{train,val}_labels.npy`` ((N, K) 0/1 ground truth) and
 ``formatted_{train,val}_labels_obs.npy`` ((N, K) observed labels in {-1, 0, 1}).
 The official "val" split is our test set; the official train split is cut into train and val.
+
+A dataset may add ``formatted_{train,val}_ignore.npy``: an (N, K) bool mask of the entries that no
+metric counts (SGRE's ``ignore.npy``, github.com/jasonseu/SGRE scripts/voc2007.py: a VOC2007 test
+image whose objects of a class are all "difficult"); their label in ``formatted_*_labels.npy`` is 0.
+Without the file every entry counts.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+import fingerprint
+import label_tables
 from config import DATASETS, DatasetInfo, VLPLError  # DATASETS: each dataset's facts in one row
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,12 +39,30 @@ class DataError(VLPLError):
 
 @dataclass
 class Split:
+    """labels_true and labels_obs are float32 numpy arrays, or, for a dataset of real partial
+    annotations (DatasetInfo.annotated), one and the same label_tables.Annotations table (int8
+    states read lazily; the observed labels are the annotations)."""
     images: np.ndarray  # (N,) str, relative to the image folder
     labels_true: np.ndarray  # (N, K) float32 in {0, 1}
     labels_obs: np.ndarray  # (N, K) float32 in {-1, 0, 1}
+    ignore: np.ndarray | None = None  # (N, K) bool: entries no metric counts (formatted_*_ignore.npy)
+    _stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def counted(self, rows=slice(None)) -> np.ndarray | None:
+        """The (n, K) bool mask of the entries of `rows` that metrics count (metrics' `mask`), or
+        None when every entry counts."""
+        return None if self.ignore is None else ~self.ignore[rows]
+
+    def stats(self, root: Path) -> np.ndarray:
+        """(N, 2) int64 size and modification time of each image under root (fingerprint.image_stats),
+        taken once: the existence check, the input fingerprint and the pack checks share them."""
+        key = str(root)
+        if key not in self._stats:
+            self._stats[key] = fingerprint.image_stats(root, self.images)
+        return self._stats[key]
 
 
 def _spec(dataset: str) -> DatasetInfo:
@@ -53,18 +78,29 @@ def image_root(data_root: str | Path, dataset: str) -> Path:
 
 
 def split_indices(num_rows: int, val_fraction: float = VAL_FRACTION,
-                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int = SPLIT_SEED, max_val: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cut the official train split into (train, val) row indices, both sorted (docs/original-vlpl.md section 4).
 
     ``n_val = int(np.round(val_fraction * num_rows))``; ``perm = RandomState(seed).permutation(num_rows)``;
     train = ``sort(perm[:num_rows - n_val])``, val = ``sort(perm[num_rows - n_val:])``.
     The original takes ``perm[-n_val:]``, which is the whole permutation when n_val is 0; here val is
-    then empty (identical for every n_val > 0).
+    then empty (identical for every n_val > 0). max_val: n_val is at most this (DatasetInfo.max_val_images).
     """
     n_val = int(np.round(val_fraction * num_rows))
+    if max_val is not None:
+        n_val = min(n_val, max_val)
     n_train = num_rows - n_val
     perm = np.random.RandomState(seed).permutation(num_rows)
     return np.sort(perm[:n_train]), np.sort(perm[n_train:])
+
+
+def metric_rows(num_rows: int, limit: int | None, seed: int = SPLIT_SEED) -> np.ndarray | None:
+    """The sorted rows of a train split whose predictions the train phase keeps for its metrics line
+    (DatasetInfo.train_metric_rows): `limit` rows drawn by RandomState(seed), or None (every row) when
+    there is no limit or the split is not larger."""
+    if limit is None or num_rows <= limit:
+        return None
+    return np.sort(np.random.RandomState(seed).permutation(num_rows)[:limit])
 
 
 DEMO_HINT = "run `python main_clip.py -d demo` (it creates the demo data)"
@@ -85,6 +121,20 @@ _TAG_PATTERN = re.compile(r"(rps)(\d+(?:\.\d*)?|\.\d+)|(fpc)(\d+)")
 def observed_file_name(tag: str | None, phase: str = "train") -> str:
     """formatted_<phase>_labels_obs.npy (single positive, tag None) or ..._obs_<tag>.npy."""
     return f"formatted_{phase}_labels_obs.npy" if tag is None else f"formatted_{phase}_labels_obs_{tag}.npy"
+
+
+# --observed full: every training label observed (1 positive, -1 negative), made from
+# formatted_train_labels.npy itself (no file); an entry of formatted_train_ignore.npy stays unknown (0).
+FULL_OBSERVED = "full"
+
+
+def full_observed(labels: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
+    """Observed labels (N, K) float32 of fully labelled training: 1 where labels is 1, -1 where it is
+    0, and 0 (unknown) at the ignored entries."""
+    observed = np.where(labels == 1, 1.0, -1.0).astype(np.float32)
+    if ignore is not None:
+        observed[ignore] = 0.0
+    return observed
 
 
 def parse_observed_tag(tag: str) -> tuple[str, float | int] | None:
@@ -116,6 +166,25 @@ def observed_tag_hint(dataset: str, tag: str, data_root: str | Path = "data") ->
     return command if canonical == tag else f"{command}, then pass --observed {canonical}"
 
 
+def source_files(observed: str | None = None, clean_train_labels: bool = False,
+                 unlabelled: bool = False) -> dict[str, dict[str, str]]:
+    """The formatted file each array of load_splits' splits comes from: {phase: {field: file name}}
+    (val's labels_obs is its labels_true; --observed full and the clean labels come from the labels;
+    unlabelled: train's labels_obs are zeros from no file, and val is the test split)."""
+    from_labels = clean_train_labels or observed == FULL_OBSERVED
+    train_obs = "formatted_train_labels.npy" if from_labels else observed_file_name(observed)
+    test = {"images": "formatted_val_images.npy", "labels_true": "formatted_val_labels.npy",
+            "ignore": "formatted_val_ignore.npy"}
+    if unlabelled:
+        return {"train": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
+                          "ignore": "formatted_train_ignore.npy"}, "val": test, "test": test}
+    return {"train": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
+                      "labels_obs": train_obs, "ignore": "formatted_train_ignore.npy"},
+            "val": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
+                    "ignore": "formatted_train_ignore.npy"},
+            "test": test}
+
+
 def formatting_hint(dataset: str) -> str:
     """What to run when formatted_*_{images,labels}.npy are missing."""
     if dataset == "demo":
@@ -144,6 +213,16 @@ def check_labels(path: Path, labels: np.ndarray, num_classes: int, allowed: tupl
     if not np.isin(labels, allowed).all():
         raise DataError(f"{path} holds values other than {allowed}")
     return labels
+
+
+def load_ignore(folder: Path, dataset: str, phase: str, num_rows: int, num_classes: int) -> np.ndarray | None:
+    """The (N, K) bool mask of formatted_<phase>_ignore.npy (True: no metric counts the entry), or None
+    when the dataset has no such file."""
+    path = folder / f"formatted_{phase}_ignore.npy"
+    if not path.is_file():
+        return None
+    mask = check_labels(path, load_array(path, formatting_hint(dataset)), num_classes, (0, 1), num_rows)
+    return mask.astype(bool)  # bool, or 0/1 as SGRE's ignore.npy
 
 
 def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int, with_observed: bool,
@@ -183,7 +262,9 @@ def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool
     ``clean_train_labels``, as the original does for the ``bce`` loss); val and test always carry
     the clean labels as ``labels_obs``. Only the train observed-label file is read:
     formatted_train_labels_obs.npy (single positive), or formatted_train_labels_obs_<observed>.npy
-    for a partial-annotation tag such as 'rps0.5' (docs/partial-labels.md).
+    for a partial-annotation tag such as 'rps0.5' (docs/partial-labels.md); ``observed='full'``
+    reads none: every label is observed (`full_observed`). Each split carries its rows of
+    formatted_*_ignore.npy as ``ignore`` when the dataset has one.
 
     unlabelled: a method that reads no training label (-l CCD, docs/ccd.md): no observed-label file is
     read (``labels_obs`` of train is zeros), train is the whole official train split (a val split cut from
@@ -195,28 +276,119 @@ def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool
     folder = Path(data_root) / dataset
     if not folder.is_dir():
         raise DataError(f"{folder} not found: {formatting_hint(dataset)}")
+    if spec.annotated:
+        return _load_annotated_splits(folder, dataset, spec.num_classes, spec.max_val_images)
+    full = observed == FULL_OBSERVED
     images, labels, train_observed = _load_phase(folder, dataset, "train", spec.num_classes,
-                                                 with_observed=not (clean_train_labels or unlabelled),
+                                                 with_observed=not (clean_train_labels or full or unlabelled),
                                                  observed_tag=observed)
     test_images, test_labels, _ = _load_phase(folder, dataset, "val", spec.num_classes,
                                               with_observed=False)
-    test = Split(test_images, test_labels, test_labels.copy())
+    ignore = load_ignore(folder, dataset, "train", len(images), spec.num_classes)
+    test_ignore = load_ignore(folder, dataset, "val", len(test_images), spec.num_classes)
+    test = Split(test_images, test_labels, test_labels.copy(), test_ignore)
     if unlabelled:
-        return {"train": Split(images, labels, np.zeros_like(labels)), "val": test, "test": test}
+        return {"train": Split(images, labels, np.zeros_like(labels), ignore), "val": test, "test": test}
     train_idx, val_idx = split_indices(len(images))
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
                         f"to cut a train and a val split: {formatting_hint(dataset)}")
-    if observed is not None and train_observed is not None:
+    if full:
+        train_observed = full_observed(labels, ignore)
+    elif observed is not None and train_observed is not None:
         _check_agrees(folder / observed_file_name(observed), train_observed, labels,
                       observed_tag_hint(dataset, observed, data_root))
     train_obs = labels if train_observed is None else train_observed
+
+    def rows(mask, idx):
+        return None if mask is None else mask[idx]
     # Separate arrays for labels_obs, so that updating observed labels (APL) never edits the truth.
     return {
-        "train": Split(images[train_idx], labels[train_idx], train_obs[train_idx]),
-        "val": Split(images[val_idx], labels[val_idx], labels[val_idx]),
+        "train": Split(images[train_idx], labels[train_idx], train_obs[train_idx], rows(ignore, train_idx)),
+        "val": Split(images[val_idx], labels[val_idx], labels[val_idx], rows(ignore, val_idx)),
         "test": test,
     }
+
+
+def _load_annotated_splits(folder: Path, dataset: str, num_classes: int | None,
+                           max_val: int | None) -> dict[str, Split]:
+    """load_splits of a dataset of real partial annotations: formatted_{train,val}_labels.npy are
+    int8 annotation states (annotations.py), memory-mapped and read lazily; the train/val cut is a
+    row selection of the train table, and each split's observed labels are its annotations."""
+    hint = formatting_hint(dataset)
+    tables = {}
+    for phase in ("train", "val"):
+        images_path = folder / f"formatted_{phase}_images.npy"
+        images = load_array(images_path, hint)
+        if images.ndim != 1 or images.dtype.kind != "U":
+            raise DataError(f"{images_path} must be a 1-D array of strings, got {images.dtype} {images.shape}")
+        labels_path = folder / f"formatted_{phase}_labels.npy"
+        if not labels_path.is_file():
+            raise DataError(f"{labels_path} not found: {hint}")
+        try:
+            labels = label_tables.load(labels_path, len(images), num_classes)
+        except label_tables.AnnotationError as err:
+            raise DataError(f"{err}: {hint}") from None
+        if num_classes is None:
+            num_classes = labels.shape[1]  # the val file must then have as many
+        tables[phase] = images, labels
+    images, labels = tables["train"]
+    train_idx, val_idx = split_indices(len(images), max_val=max_val)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
+                        f"to cut a train and a val split: {hint}")
+    splits = {}
+    for phase, rows in (("train", train_idx), ("val", val_idx)):
+        table = labels.take(rows)
+        splits[phase] = Split(images[rows], table, table)
+    test_images, test_labels = tables["val"]
+    splits["test"] = Split(test_images, test_labels, test_labels)
+    return splits
+
+
+class ImageRangeError(ValueError):
+    """An image whose values have no range to scale to 8 bits by (read_rgb); the caller names the file."""
+
+
+SIXTEEN_BIT = 65535
+
+
+def read_rgb(path) -> Image.Image:
+    """The RGB picture of an image file, as every reader here sees it: the training and evaluation
+    pipeline, the packs, the frozen-CLIP embedding cache, AEVLP's views (all through
+    MultiLabelImages) and predict.py.
+
+    8-bit modes (1, L, P, LA, PA, RGB, RGBA, CMYK, YCbCr, ...): PIL's convert('RGB'), unchanged.
+    convert('RGB') clips the modes PIL keeps wider than 8 bits at 255 (a 16-bit PNG turns white,
+    a float image in [0, 1] black), so they are scaled by their range first, to an 8-bit L image:
+
+    - I;16, I;16L, I;16B, I;16N (16-bit grey: PNG, TIFF) and I (32-bit integer; PIL opens 16-bit
+      PGM/PPM as I, scaled to 0..65535): v in 0..65535 becomes round(v / 257), half up, so 0 -> 0,
+      65535 -> 255, and an 8-bit value b widened to 16 bits the standard way (257 b, PNG's sample
+      depth scaling) reads back as b. Values outside 0..65535 (a 32-bit integer image) are refused.
+    - F (32-bit float, TIFF): values in [0, 1] become round(255 x), half up. Values outside [0, 1],
+      NaN or infinite are refused: such a file has no range to scale by.
+
+    A refusal is ImageRangeError; every caller names the file in its one-line message.
+    """
+    with Image.open(path) as img:
+        if img.mode == "F":
+            x = np.asarray(img, dtype=np.float64)
+            if not (np.isfinite(x).all() and x.min(initial=0.0) >= 0.0 and x.max(initial=0.0) <= 1.0):
+                finite = x[np.isfinite(x)]
+                span = f"{finite.min():g} to {finite.max():g}" if finite.size else "no finite value"
+                raise ImageRangeError(f"a float (mode F) image with values outside [0, 1] ({span}"
+                                      f"{', NaN or infinite values' if finite.size < x.size else ''}), so there is "
+                                      "no range to scale it to 8 bits by: save it as an 8- or 16-bit image")
+            return Image.fromarray(np.floor(x * 255.0 + 0.5).astype(np.uint8)).convert("RGB")  # uint8 2-D: L
+        if img.mode == "I" or img.mode.startswith("I;16"):
+            v = np.asarray(img).astype(np.int64)
+            low, high = int(v.min(initial=0)), int(v.max(initial=0))
+            if low < 0 or high > SIXTEEN_BIT:
+                raise ImageRangeError(f"an image of mode {img.mode} with values {low} to {high}, outside the 16-bit "
+                                      f"range 0..{SIXTEEN_BIT} it is scaled by: save it as an 8- or 16-bit image")
+            return Image.fromarray(((v + 128) // 257).astype(np.uint8)).convert("RGB")
+        return img.convert("RGB")
 
 
 def image_tensor(img: Image.Image, image_size: int, *, flipped: bool = False) -> torch.Tensor:
@@ -335,13 +507,18 @@ class MultiLabelImages(torch.utils.data.Dataset):
         return len(self.split)
 
     def _open(self, path: Path) -> Image.Image:
+        where = f" of dataset {self.dataset}" if self.dataset else ""
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
+            return read_rgb(path)
+        except ImageRangeError as err:
+            raise DataError(f"image {path}{where} is {err}, or pass --skip-bad-images") from None
         except (OSError, ValueError) as err:
-            where = f" of dataset {self.dataset}" if self.dataset else ""
             raise DataError(f"cannot read image {path}{where} ({err}); check the image folder, "
                             f"re-run the dataset's formatting step, or pass --skip-bad-images") from None
+
+    def image_stats(self) -> np.ndarray:
+        """(N, 2) size and modification time of the files the pixels are read from (fingerprint.py)."""
+        return self.split.stats(self.root)
 
     def __getitem__(self, key) -> dict[str, torch.Tensor] | None:
         """``key`` is a row index, or a (row, flip) pair from FlipSampler (train only).
@@ -410,7 +587,8 @@ def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: b
     if not root.is_dir():
         raise DataError(f"image folder {root} of dataset {dataset} not found: check --data-root "
                         f"({formatting_hint(dataset)})")
-    missing = [str(p) for p in split.images if not (root / str(p)).is_file()]
+    stats = split.stats(root)  # one stat per image, kept for the input fingerprint
+    missing = [str(split.images[i]) for i in np.flatnonzero(stats[:, 0] == fingerprint.MISSING)]
     if not missing:
         return []
     what = f"{len(missing)} of {len(split)} {phase} images of dataset {dataset} are missing under {root} " \

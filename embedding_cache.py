@@ -18,6 +18,7 @@ import torch
 
 import datasets
 import distributed
+import fingerprint
 from clip_loading import weights_identity
 from files import save_json, save_npy
 from pseudo_labeler import PseudoLabeler
@@ -25,8 +26,11 @@ from pseudo_labeler import PseudoLabeler
 
 def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, clip_pretrained: str | None,
                         image_size: int, clip_size: int, precision: str = 'float32',
-                        preprocess: str = 'original') -> dict:
+                        preprocess: str = 'original', image_stats=None) -> dict:
     """Everything a cached embedding depends on. A change of any entry selects another cache file.
+
+    image_stats: (N, 2) size and modification time of the images whose pixels are embedded (the
+    image set's image_stats(), fingerprint.py), so pictures rewritten since are embedded again.
 
     precision: 'float32', or 'bf16' for a cache built under CUDA autocast (--amp). A JSON model
     config is identified by its content too, so editing it in place invalidates the cache.
@@ -40,7 +44,8 @@ def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, cl
             'images_sha256': hashlib.sha256('\n'.join(map(str, images)).encode()).hexdigest(),
             'num_images': len(images), 'clip_model': str(clip_model), 'clip_config_sha256': config_sha,
             'weights': weights_identity(clip_pretrained), 'image_size': int(image_size),
-            'clip_size': int(clip_size), 'precision': precision, 'preprocess': preprocess}
+            'clip_size': int(clip_size), 'precision': precision, 'preprocess': preprocess,
+            'image_stats_sha256': None if image_stats is None else fingerprint.digest(image_stats)}
 
 
 def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str | os.PathLike, *,

@@ -52,8 +52,10 @@ def _bare(model):
 
 
 def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, train_true: torch.Tensor,
-                    pl_source, device, check_every: int = 50, *, scheduler=None, ema=None):
-    """One pass over the training split. Returns (preds (N, K) in row order, mean loss, pl stats).
+                    pl_source, device, check_every: int = 50, *, scheduler=None, ema=None, kept_rows=None):
+    """One pass over the training split. Returns (preds (N, K) in row order, mean loss, pl stats);
+    with kept_rows (sorted (M,) row indices, datasets.metric_rows) the predictions of those rows only
+    (M, K), so that a split of millions of images never has its N x K predictions held.
 
     method: the methods.Method of the run (its `observed` rows are the observed labels of a batch);
     train_true: N x K clean labels on the device (for the methods that read them, and for the
@@ -72,6 +74,11 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     """
     model.train()
     num_rows, num_classes = method.observed.shape
+    slot = None  # row -> its row in preds_all; the rows not kept all go to one extra row, dropped at the end
+    if kept_rows is not None:
+        slot = torch.full((num_rows,), len(kept_rows), dtype=torch.long, device=device)
+        slot[torch.as_tensor(kept_rows, device=device)] = torch.arange(len(kept_rows), device=device)
+        num_rows = len(kept_rows) + 1
     preds_all = torch.full((num_rows, num_classes), float('nan'), device=device)  # NaN: skipped image
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -132,7 +139,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
             scheduler.step()
         if ema is not None:
             ema.update(_bare(model))
-        preds_all[index] = preds.detach()
+        preds_all[index if slot is None else slot[index]] = preds.detach()
         loss = loss.detach()
         loss_sum += loss
         step_on_device.fill_(step)  # a kernel argument, not a host-to-device copy
@@ -143,6 +150,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
                                     f'(method {cfg.loss}, lr {cfg.lr}): lower --lr or check the data')
             bar.set_postfix(loss=f'{loss.item():.4f}')
     bar.close()
+    preds_all = preds_all if slot is None else preds_all[:-1]
     return preds_all.cpu().numpy(), (loss_sum / max(len(loader), 1)).item(), pl_counts.cpu().numpy()
 
 

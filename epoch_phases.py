@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import heads_run
+import label_tables
 import methods
 import records
 from checkpoints import RunFolder
@@ -54,7 +55,8 @@ def train_phase(cfg: Config, epoch: int, learner: Learner, data: Data, pl_source
     if cfg.linear_init:  # LinearInit: a frozen trunk for the first --linear-init epochs
         learner.model.set_trunk_frozen(epoch <= cfg.linear_init)
     out = train_one_epoch(epoch, cfg, learner.train_model, learner.optimizer, data.loaders['train'], learner.method,
-                          train_true, pl_source, device, scheduler=learner.scheduler, ema=learner.ema)
+                          train_true, pl_source, device, scheduler=learner.scheduler, ema=learner.ema,
+                          kept_rows=data.metric_rows)
     learner.method.end_epoch(epoch, lambda: predict_train(cfg, learner, data, device,
                                                           f'epoch {epoch} {cfg.loss} update'))
     return out
@@ -77,7 +79,8 @@ def evaluate_phases(cfg: Config, epoch: int, learner: Learner, data: Data, devic
         if phase == 'val' and ema is not None:
             ema_preds = predict(cfg, ema.module, data.loaders[phase], len(data.sets[phase]), data.num_classes,
                                 device, f'epoch {epoch} {phase} (EMA)')
-            if heads_run.ema_wins(phase_preds[phase], ema_preds, data.splits[phase].labels_true, epoch):
+            if heads_run.ema_wins(phase_preds[phase], ema_preds, data.splits[phase].labels_true, epoch,
+                                  data.splits[phase].counted()):
                 evaluated, phase_preds[phase] = ema.module, ema_preds
         times[phase] = time.perf_counter() - t0
     return phase_preds, evaluated
@@ -89,13 +92,18 @@ def log_epoch(cfg: Config, epoch: int, learner: Learner, data: Data, pl_source, 
     logger = learner.logger
     for phase in ('train', 'val', 'test'):
         split = data.splits[phase]
-        observed = learner.method.observed.cpu().numpy() if phase == 'train' else split.labels_obs
+        labels = split.labels_true, (learner.method.observed_labels() if phase == 'train' else split.labels_obs)
+        rows = data.metric_rows if phase == 'train' else None  # the train metrics' rows (train_metric_rows)
+        if rows is not None:
+            labels = label_tables.take_rows_of(labels, rows)
+        counted = split.counted(slice(None) if rows is None else rows)  # the entries metrics count, or None
         seen = ~np.isnan(phase_preds[phase][:, 0])
         if not seen.all():
             log.info(f'{phase}: skipped {int((~seen).sum())} unreadable images (--skip-bad-images); '
                      'metrics cover the rest')
-        s = logger.log_phase(epoch, phase, phase_preds[phase][seen], split.labels_true[seen], observed[seen],
-                             train_loss if phase == 'train' else None)
+        s = logger.log_phase(epoch, phase, label_tables.take_rows(phase_preds[phase], seen),
+                             *label_tables.take_rows_of(labels, seen), train_loss if phase == 'train' else None,
+                             mask=None if counted is None else counted[seen])
         extra = ''
         if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
             precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)
@@ -117,7 +125,8 @@ def save_epoch(cfg: Config, epoch: int, argv: list[str], learner: Learner, data:
     records.save_epoch(run_dir, epoch, cfg, argv, learner.model, learner.optimizer, logger, learner.method,
                        data.sampler, classnames, phase_preds, data.splits, evaluated=evaluated,
                        extra=heads_run.training_state(learner.ema, learner.scheduler)
-                       | {'pseudo_labels': pl_source.state_dict() if pl_source is not None else {}})
+                       | {'pseudo_labels': pl_source.state_dict() if pl_source is not None else {},
+                          'inputs': data.inputs})
     save_json(run_dir / 'config.json', dataclasses.asdict(cfg) | {'record': record})
     folder.committed()
     if tensorboard is not None:

@@ -52,7 +52,7 @@ class HeadConfigError(VLPLError, ValueError):
 # ----------------------------------------------------------------------------------- recipes
 
 # Per-dataset values where the originals publish them (only SGRE varies per dataset).
-# SGRE README commands: voc2007 `--lamda 0.1 --ema-decay 0.9983`, mscoco `--lamda 0.4`,
+# SGRE README commands: voc2007 `--lamda 0.1 --ema-decay 0.9983` (this project's 'voc2007'), mscoco `--lamda 0.4`,
 # nuswide `--lamda 0.05` (ema-decay default 0.9997, lib/util.py get_args). This project's
 # 'pascal' is VOC 2012, for which SGRE publishes no command: its VOC 2007 values are used.
 # 'cub' and 'demo' have none: the parser defaults (lamda 1.0, ema-decay 0.9997).
@@ -60,6 +60,7 @@ class HeadConfigError(VLPLError, ValueError):
 DATASET_DEFAULTS = {
     'coco': dict(sgre_lamda=0.4, sgre_ema_decay=0.9997, q2l_ema_decay=0.9997),
     'pascal': dict(sgre_lamda=0.1, sgre_ema_decay=0.9983, q2l_ema_decay=0.9997),
+    'voc2007': dict(sgre_lamda=0.1, sgre_ema_decay=0.9983, q2l_ema_decay=0.9997),
     'nuswide': dict(sgre_lamda=0.05, sgre_ema_decay=0.9997, q2l_ema_decay=0.9997),
     'cub': dict(sgre_lamda=1.0, sgre_ema_decay=0.9997, q2l_ema_decay=0.9997),
     'demo': dict(sgre_lamda=1.0, sgre_ema_decay=0.9997, q2l_ema_decay=0.9997),

@@ -17,6 +17,7 @@ from config import Config, UserError, one_line
 from distributed import log
 from heads import HeadConfigError, Query2LabelHead, dataset_defaults
 from recipe import OPTIMIZERS, SCHEDULES, ModelEMA, build_optimizer, build_schedule
+from label_tables import take_rows
 from metrics import compute_metrics
 
 
@@ -209,12 +210,14 @@ def load_training_state(resume: dict, ema: ModelEMA | None, scheduler) -> None:
         scheduler.load_state_dict(resume['scheduler'])
 
 
-def ema_wins(model_preds: np.ndarray, ema_preds: np.ndarray, labels_true: np.ndarray, epoch: int) -> bool:
+def ema_wins(model_preds: np.ndarray, ema_preds: np.ndarray, labels_true: np.ndarray, epoch: int,
+             mask: np.ndarray | None = None) -> bool:
     """Query2Label's rule (main_mlc.py): validate the model and its average, keep the average when
-    its val mAP is strictly higher. Logs both."""
+    its val mAP is strictly higher. Logs both. mask: the entries mAP counts (None: all)."""
     seen = ~np.isnan(model_preds[:, 0])
-    m = compute_metrics(model_preds[seen], labels_true[seen])['map']
-    e = compute_metrics(ema_preds[seen], labels_true[seen])['map']
+    labels_true, counted = take_rows(labels_true, seen), None if mask is None else mask[seen]
+    m = compute_metrics(take_rows(model_preds, seen), labels_true, counted)['map']
+    e = compute_metrics(take_rows(ema_preds, seen), labels_true, counted)['map']
     wins = e > m
     log.info(f'epoch {epoch} val mAP: model {m:.2f}, EMA {e:.2f} -> evaluating the {"EMA" if wins else "model"}')
     return bool(wins)

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from label_tables import Annotations
 from files import atomic_write, save_json
 from metrics import METRIC_KEYS, compute_metrics
 
@@ -23,6 +24,7 @@ LABEL_KINDS = ('clean', 'observed')
 # Per-phase scalars besides the metrics: average loss, mean number of classes with p > 0.5
 # per image, and the original's 'preds_k_hat' (mean over images of sum_k p_k).
 SCALARS = ('loss', 'mean_pos', 'preds_k_hat')
+ROW_BLOCK = 4096  # rows of predictions summarised at a time
 
 
 def _series_name(kind: str, key: str) -> str:
@@ -93,12 +95,14 @@ class TrainLogger:
             raise ValueError(f'epoch {epoch} outside 1..{self.num_epochs}')
         return int(epoch) - 1
 
-    def log_phase(self, epoch: int, phase: str, preds, labels_true, labels_obs, loss: float | None) -> dict:
+    def log_phase(self, epoch: int, phase: str, preds, labels_true, labels_obs, loss: float | None,
+                  mask=None) -> dict:
         """Record one finished phase; returns its summary.
 
         preds: (N, K) predictions in [0, 1]; labels_true: (N, K) clean 0/1 labels; labels_obs:
         (N, K) observed labels in {-1, 0, 1} (or soft negatives); loss: average loss of the
-        phase, or None if not computed (stored as missing). Logging a phase again for the
+        phase, or None if not computed (stored as missing); mask: (N, K) bool, the entries the
+        metrics count (None: all; `metrics.compute_metrics`). Logging a phase again for the
         same epoch replaces the earlier record (e.g. after resuming mid-epoch).
 
         Summary: {'epoch', 'phase', 'loss', 'mean_pos', 'preds_k_hat', 'clean': {metric: value},
@@ -107,17 +111,20 @@ class TrainLogger:
         """
         row = self._check_epoch_phase(epoch, phase)
         preds, labels_true, labels_obs = self._checked_arrays(phase, preds, labels_true, labels_obs)
-        metrics = {'clean': compute_metrics(preds, labels_true),
-                   'observed': compute_metrics(preds, labels_obs == 1)}
-        self._store_phase(phase, row, preds, metrics, loss)
+        clean = compute_metrics(preds, labels_true, mask)
+        # Annotations count their annotated entries on both sides; the same table is evaluated once.
+        observed = clean if labels_obs is labels_true else compute_metrics(
+            preds, labels_obs if isinstance(labels_obs, Annotations) else labels_obs == 1, mask)
+        self._store_phase(phase, row, preds, {'clean': clean, 'observed': observed}, loss)
         self._logged[phase][row] = True
         return self.summary(epoch, phase)
 
     def _checked_arrays(self, phase: str, preds, labels_true, labels_obs) -> tuple:
         """The three inputs of log_phase as arrays, each (N, K) with the N of preds (ValueError if not)."""
         preds = np.asarray(preds)
-        labels_true = np.asarray(labels_true)
-        labels_obs = np.asarray(labels_obs)
+        # An Annotations table (partial annotations) stays as it is: it is read in blocks.
+        labels_true, labels_obs = (x if isinstance(x, Annotations) else np.asarray(x)
+                                   for x in (labels_true, labels_obs))
         expected = (preds.shape[0], self.num_classes) if preds.ndim == 2 else None
         for name, array in (('preds', preds), ('labels_true', labels_true), ('labels_obs', labels_obs)):
             if array.ndim != 2 or array.shape != expected:
@@ -129,8 +136,13 @@ class TrainLogger:
         """One phase's loss, prediction statistics and metrics into row `row` of its series."""
         values = self._values[phase]
         values['loss'][row] = np.nan if loss is None else float(loss)
-        values['mean_pos'][row] = float(np.mean(np.sum(preds > 0.5, axis=1)))
-        values['preds_k_hat'][row] = float(np.mean(np.sum(preds, axis=1)))
+        # In blocks of rows (each row's sum is unchanged by the blocks): no N x K temporary.
+        positives = np.concatenate([np.sum(preds[r:r + ROW_BLOCK] > 0.5, axis=1)
+                                    for r in range(0, len(preds), ROW_BLOCK)] or [np.zeros(0, np.int64)])
+        sums = np.concatenate([np.sum(preds[r:r + ROW_BLOCK], axis=1) for r in range(0, len(preds), ROW_BLOCK)]
+                              or [np.zeros(0, preds.dtype)])
+        values['mean_pos'][row] = float(np.mean(positives))
+        values['preds_k_hat'][row] = float(np.mean(sums))
         for kind in LABEL_KINDS:
             for key, value in metrics[kind].items():
                 values[_series_name(kind, key)][row] = value

@@ -28,7 +28,9 @@ import class_text_features
 import clip_loading
 import datasets
 import distributed
+import fingerprint
 import heads_run
+import label_tables
 import methods
 import methods_partial  # registers -l ASL and -l CSL
 import methods_ccd  # registers CCD
@@ -47,7 +49,7 @@ from epoch_phases import Learner, evaluate_phases, log_epoch, save_epoch, train_
 from files import save_json
 from instrumentation import TrainLogger
 from metrics import compute_metrics
-from run_data import Data, build_loaders, load_data, make_loader, prepare_data
+from run_data import Data, build_loaders, check_same_inputs, load_data, make_loader, prepare_data
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -66,6 +68,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
+def backbone_name(text: str) -> str:
+    """argparse type of -m: a BACKBONES row or timm:NAME (models.backbone)."""
+    try:
+        models.backbone(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         description='VLPL: single-positive multi-label training with CLIP pseudo-labels. Default folders '
@@ -78,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='training method: ' + '; '.join(f'{name}: {methods.HELP[name]}' for name in methods.METHODS))
     p.add_argument('-g', '--gpu', default=None,
                    help='GPU index, exported as CUDA_VISIBLE_DEVICES (default: leave it as it is)')
-    p.add_argument('-m', '--model', default=None, choices=sorted(models.BACKBONES),
-                   help='trainable backbone (default: resnet50; small_cnn for the demo)')
+    p.add_argument('-m', '--model', default=None, type=backbone_name, metavar='BACKBONE',
+                   help=f'trainable backbone: {", ".join(sorted(models.BACKBONES))}, or timm:NAME for any timm '
+                        'model (pretrained tag or --backbone-weights; docs/backbones.md) (default: resnet50; '
+                        'small_cnn for the demo)')
     p.add_argument('-t', '--temp', type=POSITIVE, default=0.01, help='softmax temperature of the CLIP scores')
     p.add_argument('-th', '--threshold', type=number(low=0, high=1, low_open=True, high_open=True), default=0.3,
                    help='positive pseudo-label threshold, in (0, 1)')
@@ -186,7 +199,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         dataset=a.dataset, loss=a.loss, model=a.model, temp=a.temp, threshold=a.threshold, partial=a.partial,
         partial_everywhere=a.partial_everywhere, seed=a.seed, data_root=a.data_root, results_dir=a.results_dir,
         run_name=a.run_name, cache_dir=a.cache_dir, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        image_size=a.image_size, num_workers=a.num_workers, device=a.device, clip_model=a.clip_model,
+        image_size=a.image_size or models.backbone(a.model or DATASETS[a.dataset].model).image_size,
+        num_workers=a.num_workers, device=a.device, clip_model=a.clip_model,
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
         channels_last=a.channels_last, skip_bad_images=a.skip_bad_images, alpha=a.alpha, beta_pos=a.beta_pos,
@@ -205,9 +219,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
     method = methods.METHODS[cfg.loss]
-    backbone = models.BACKBONES[cfg.model]
+    backbone = models.backbone(cfg.model)
     pseudo_label_options.check(cfg, parser.error,
-                               needs_pseudo_labels=method.needs_pseudo_labels and method.pseudo_label_builder is None,
+                               needs_pseudo_labels=method.uses_pseudo_labels(cfg) and method.pseudo_label_builder is None,
                                has_cam=backbone.cam and models.HEADS[cfg.head].reads == 'pooled')
     if method.uses_warmup and cfg.warmup_epoch >= cfg.epochs:
         parser.error(f'--warmup-epoch {cfg.warmup_epoch} leaves no epoch of {cfg.loss} after the warmup '
@@ -255,16 +269,18 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
     method_class = methods.METHODS[cfg.loss]
     data = build_loaders(cfg, splits, root, method_class, device)
+    if resume is not None:
+        check_same_inputs(cfg, resume, data, root)
     clip_model, tokenizer = load_frozen_clip(cfg, method_class, device)
     pl_source = pseudo_label_source(cfg, method_class, clip_model, tokenizer, data, device)
     learner = build_model_and_optimiser(cfg, clip_model, tokenizer, data, resume, init_state, device)
     if pl_source is not None:
         learner.method.use_pseudo_labels(pl_source)
-    train_true = torch.as_tensor(splits['train'].labels_true, device=device)
-    classnames = class_text_features.read_classnames(cfg.dataset)
+    train_true = label_tables.on_device(splits['train'].labels_true, device, copy=False)  # rows per batch
+    classnames = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
     start_epoch = restore(learner, resume, pl_source, data.sampler)
     add_ema(cfg, learner, resume, run_dir)
-    record, tensorboard = start_records(cfg, device, method_class, folder, pl_source)
+    record, tensorboard = start_records(cfg, device, method_class, folder, pl_source, data)
     wrap_for_training(cfg, learner, device)
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -283,7 +299,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
 def load_frozen_clip(cfg: Config, method_class, device) -> tuple:
     """(CLIP model, tokenizer) when the run needs CLIP (VLPL's pseudo-labels, -m clip_vision, a head's
     label embeddings), else (None, None)."""
-    if ((method_class.needs_pseudo_labels and method_class.pseudo_label_builder is None)
+    if ((method_class.uses_pseudo_labels(cfg) and method_class.pseudo_label_builder is None)
             or cfg.model == 'clip_vision' or heads_run.needs_clip(cfg)):
         return clip_loading.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device)
     return None, None
@@ -292,7 +308,10 @@ def load_frozen_clip(cfg: Config, method_class, device) -> tuple:
 def pseudo_label_source(cfg: Config, method_class, clip_model, tokenizer, data: Data, device):
     """The pseudo-labels of the training phase (None for a method without them): the method's own
     (AEVLP), else VLPL's frozen-CLIP labels; their quality on train is logged."""
-    if not method_class.needs_pseudo_labels:
+    if not method_class.uses_pseudo_labels(cfg):
+        if method_class.needs_pseudo_labels:
+            log.info(f'--observed full: no unknown entry for a pseudo-label to fill, so -l {cfg.loss} trains on '
+                     'the labels alone, without CLIP')
         return None
     own_labels = method_class.pseudo_label_builder
     if own_labels is not None:
@@ -321,7 +340,7 @@ def build_model_and_optimiser(cfg: Config, clip_model, tokenizer, data: Data, re
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
                                     weights_path=cfg.backbone_weights if fresh else None,
                                     clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
                                     **heads_run.head_options(cfg, label_embeddings)).to(device)
     if init_state is not None:
         try:
@@ -360,9 +379,9 @@ def add_ema(cfg: Config, learner: Learner, resume: Optional[dict], run_dir: Path
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
 
 
-def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_source) -> tuple:
+def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_source, data: Data) -> tuple:
     """(config.json's record, TensorBoard writer or None); the primary process creates the run folder."""
-    record = records.run_record(cfg, device, method_class)
+    record = records.run_record(cfg, device, method_class) | {'inputs': fingerprint.summary(data.inputs)}
     tensorboard = records.open_tensorboard(cfg, folder.path) if is_primary() else None
     if is_primary():
         folder.create()
@@ -404,7 +423,7 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
         clip_model, _ = clip_loading.load_clip(cfg.clip_model, None, device=device)
     label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
     model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,
+                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
                                     **heads_run.head_options(cfg, label_embeddings))
     model.load_state_dict(ckpt['model'])
     model.to(device)
@@ -412,7 +431,7 @@ def evaluate(cfg: Config, ckpt: dict) -> float:
     test_set = packs.image_sets(cfg, {'test': splits['test']}, root)[0]['test']  # --data-format pil or packed
     loader = make_loader(test_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
     preds = predict(cfg, model, loader, len(test_set), num_classes, device, 'test')
-    m = compute_metrics(preds, splits['test'].labels_true)
+    m = compute_metrics(preds, splits['test'].labels_true, splits['test'].counted())
     log.info(f'Test mAP of {cfg.dataset} epoch {ckpt["epoch"]}: {m["map"]:.2f}')
     return m['map']
 

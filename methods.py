@@ -22,8 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+import label_tables
 import losses
+from label_tables import Annotations
 from config import Config
+from datasets import FULL_OBSERVED
 
 
 class Method:
@@ -33,12 +36,17 @@ class Method:
     needs_pseudo_labels: batch['pseudo_labels'] from the frozen CLIP; uses_warmup: --warmup-epoch
     counts epochs before the method's own rule starts; clean_train_labels: train on the clean
     labels instead of the observed ones (the full-label baselines bce, bce_ls); schedule_uses_epochs:
-    the total number of epochs enters the method, so a finished run cannot be resumed for more.
+    the total number of epochs enters the method, so a finished run cannot be resumed for more;
+    full_labels_refusal: why the method cannot train with every label observed (--observed full), or
+    None when it can: its rules for unknown entries then have nothing to act on and it trains on its
+    observed part (EM, EM_APL, EM_PL: the BCE of the labels; docs/partial-labels.md).
     """
     needs_pseudo_labels = False
     uses_warmup = False
     clean_train_labels = False
     schedule_uses_epochs = False  # True: the total number of epochs enters the method (no resume with more)
+    edits_observed = False  # True: the method rewrites its observed matrix (EM_APL, LL-Cp)
+    full_labels_refusal: str | None = None
     # False: the method reads no training label at all (-l CCD): datasets.load_splits(unlabelled=True) reads
     # no observed-label file, trains on the whole official train split and validates on the test split.
     reads_train_labels = True
@@ -46,6 +54,12 @@ class Method:
     # (run_data.Data), device) -> (pseudo_labeler.PseudoLabelSource, quality dict or None). None: VLPL's
     # frozen-CLIP labels (pseudo_label_policy.build_pseudo_labels).
     pseudo_label_builder = None
+
+    @classmethod
+    def uses_pseudo_labels(cls, cfg: Config) -> bool:
+        """Whether a run of this method computes pseudo-labels: when it needs them, unless every label
+        is observed (--observed full), since pseudo-labels only fill unknown entries and there are none."""
+        return cls.needs_pseudo_labels and cfg.observed != FULL_OBSERVED
 
     @classmethod
     def training_images(cls, cfg: Config, images):
@@ -59,8 +73,12 @@ class Method:
         self.hparams = dict(alpha=cfg.alpha, beta=cfg.beta, beta_pos=cfg.beta_pos, beta_neg=cfg.beta_neg,
                             positive=2, negative=4, unknown=4, warmup_epoch=cfg.warmup_epoch, ls_coef=0.1,
                             expected_num_pos=cfg.data.expected_num_pos, num_classes=self.num_classes)
-        # N x K, a copy: a method that edits it in place (LL-Cp) must not edit the split's labels.
-        self.observed = torch.tensor(train_observed, device=device)
+        # N x K, a copy: a method that edits it in place (LL-Cp) must not edit the split's labels. Partial
+        # annotations (a label_tables.Annotations table) stay on the host, read per batch, unless the
+        # method edits them (edits_observed: then a dense float32 copy, for small data).
+        if self.edits_observed and isinstance(train_observed, Annotations):
+            train_observed = np.asarray(train_observed, dtype=np.float32)
+        self.observed = label_tables.on_device(train_observed, device, copy=True)
 
     def param_groups(self, lr: float) -> list[dict]:
         """Extra optimiser parameter groups the method trains (none for a plain loss)."""
@@ -102,17 +120,31 @@ class Method:
         outputs of the current model on the train split (eval mode, row order, NaN rows for
         skipped images)."""
 
+    def observed_labels(self):
+        """The N x K observed labels now, for the train phase's metrics: a numpy array, or the split's
+        Annotations table when the method reads it unchanged."""
+        return self.observed.cpu().numpy() if torch.is_tensor(self.observed) else self.observed.labels
+
     def state_dict(self) -> dict:
-        return {'observed': self.observed.cpu()}
+        # An annotation table read unchanged is data, not state: it is not copied into every checkpoint.
+        return {'observed': self.observed.cpu()} if torch.is_tensor(self.observed) else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.observed = state['observed'].to(self.observed.device)
+        if 'observed' in state:
+            self.observed = state['observed'].to(self.observed.device)
 
 
 class PseudoLabelMethod(Method):
-    """EM_PL and EM_PL_ASL: the frozen CLIP's pseudo-labels enter the loss after the warm-up."""
+    """EM_PL and EM_PL_ASL: the frozen CLIP's pseudo-labels enter the loss after the warm-up. With
+    every label observed (--observed full) no pseudo-label is made: they only ever fill unknown
+    entries (o = 0), so the loss is the same whatever they are, and an all-zero matrix stands in."""
     needs_pseudo_labels = True
     uses_warmup = True
+
+    def loss(self, logits, preds, batch, *, epoch, step):
+        if batch['pseudo_labels'] is None:  # --observed full: no unknown entry to fill
+            batch = batch | {'pseudo_labels': torch.zeros_like(batch['observed'])}
+        return super().loss(logits, preds, batch, epoch=epoch, step=step)
 
 
 class CleanLabelMethod(Method):
@@ -126,6 +158,7 @@ class AsymmetricPseudoLabelling(Method):
     observed matrix (losses.apl_update), which the next epochs train on."""
     uses_warmup = True
     schedule_uses_epochs = True  # n_c = U_c / (epochs - warm-up)
+    edits_observed = True
 
     def __init__(self, cfg: Config, train_observed: np.ndarray, device):
         super().__init__(cfg, train_observed, device)

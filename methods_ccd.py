@@ -83,7 +83,8 @@ def build_labels(cfg: Config, data, device):
         key = embedding_cache.embedding_cache_key(
             dataset=cfg.dataset, image_root=root, images=split.images, clip_model=cfg.clip_model,
             clip_pretrained=cfg.clip_pretrained, image_size=cfg.ccd_infer_size, clip_size=encoder.clip_size,
-            precision=precision, preprocess='ccd-any-size' if encoder.any_size else 'ccd-resized')
+            precision=precision, preprocess='ccd-any-size' if encoder.any_size else 'ccd-resized',
+            image_stats=loader.dataset.image_stats())
         return key, embedding_cache.cached_rows(encoder.images, loader, key, cfg.cache_dir, device=device,
                                                 width=text.shape[1], desc=f'CCD: CLIP on {len(split)} images (cached)')
 
@@ -295,6 +296,9 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
                       ('warmup_epoch', 'CCD has no warm-up')):
         if getattr(a, flag):
             error(f'--{flag.replace("_", "-")} does not apply to -l CCD: {why}')
+    if DATASETS[a.dataset].annotated:
+        error(f'-l CCD does not apply to -d {a.dataset}: its labels are partial annotations, and CCD is evaluated '
+              'on dense true labels')
     if a.clip_mode == 'online':
         error('--clip-mode online does not apply to -l CCD: its table covers the whole train split (cached)')
     if a.data_format == 'packed':

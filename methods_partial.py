@@ -28,10 +28,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+import losses
 import losses_partial as lp
 import methods
 from class_text_features import read_classnames
+from label_tables import Annotations
 from config import NON_NEGATIVE, Config, UserError, number
+from datasets import FULL_OBSERVED
 from distributed import is_primary, log
 from files import atomic_write
 
@@ -68,8 +71,23 @@ def defaults(loss: str, observed_tag: str | None) -> dict:
 
 def flag_problem(cfg: Config) -> str | None:
     """A one-line complaint about the partial-label flags of cfg, or None when they are fine."""
-    if cfg.observed is not None and methods.METHODS[cfg.loss].clean_train_labels:
+    method = methods.METHODS[cfg.loss]
+    if cfg.observed == FULL_OBSERVED and method.full_labels_refusal:
+        return (f'--observed full: -l {cfg.loss} needs unknown labels: it {method.full_labels_refusal}; train '
+                'fully labelled data with -l bce, ASL or CSL (docs/partial-labels.md)')
+    if cfg.observed not in (None, FULL_OBSERVED) and method.clean_train_labels:
         return f'--observed does nothing with -l {cfg.loss}: it trains on every clean label; drop one of them'
+    if cfg.data.annotated:  # real partial annotations (annotations.py): they are the observed labels
+        if cfg.observed is not None:
+            return (f'--observed does not apply to -d {cfg.dataset}: its observed labels are its own partial '
+                    'annotations (docs/openimages.md)')
+        if methods.METHODS[cfg.loss].clean_train_labels or cfg.loss in losses.NEEDS_TRUE_LABELS:
+            return (f'-l {cfg.loss} needs clean labels, which -d {cfg.dataset} does not have (its annotations are '
+                    'partial): use -l an (unannotated as negative), iu (ignored), ASL or CSL')
+    if (cfg.data.expected_num_pos is None and cfg.loss in losses.LOSSES
+            and 'expected_num_pos' in losses.loss_hparams(cfg.loss)):
+        return (f'-l {cfg.loss} needs the expected number of positives per image, which is not known for '
+                f'-d {cfg.dataset}')
     fields = ASL_FIELDS if cfg.loss == 'ASL' else CSL_FIELDS if cfg.loss == 'CSL' else ()
     for name in FLAG:
         value = getattr(cfg, name)
@@ -105,7 +123,8 @@ class _PartialLabelMethod(methods.Method):
 
     def __init__(self, cfg: Config, train_observed: np.ndarray, device):
         super().__init__(cfg, train_observed, device)
-        if not np.isin(train_observed, (-1, 0, 1)).all():
+        # An Annotations table holds only -1, 0 and 1 (each block is checked as it is read).
+        if not isinstance(train_observed, Annotations) and not np.isin(train_observed, (-1, 0, 1)).all():
             raise UserError(f'-l {cfg.loss} needs observed labels in {{-1, 0, 1}}; the train file holds other values')
         self.settings = {name: _setting(cfg, name) for name in (ASL_FIELDS if cfg.loss == 'ASL' else CSL_FIELDS)}
 
@@ -143,7 +162,8 @@ class ClassAwareSelectiveLoss(_PartialLabelMethod):
         if path is None:
             return self.online_prior
         if self.file_prior is None:
-            self.file_prior = load_prior_file(path, self.cfg.dataset, self.num_classes).to(self.device)
+            self.file_prior = load_prior_file(path, self.cfg.dataset, self.num_classes,
+                                              self.cfg.data_root).to(self.device)
         return self.file_prior
 
     def loss(self, logits, preds, batch, *, epoch, step):
@@ -160,7 +180,7 @@ class ClassAwareSelectiveLoss(_PartialLabelMethod):
         if prior is None:  # every image of the epoch was skipped
             return
         self.online_prior = prior.clone()
-        names = read_classnames(self.cfg.dataset)
+        names = read_classnames(self.cfg.dataset, data_root=self.cfg.data_root)
         if is_primary():
             text = lp.prior_csv_text(names, prior)
             atomic_write(Path(self.cfg.run_dir) / PRIOR_CSV, lambda handle: handle.write(text.encode('utf-8')))
@@ -189,14 +209,14 @@ class ClassAwareSelectiveLoss(_PartialLabelMethod):
         self.file_prior = state['file_prior'].to(self.device) if 'file_prior' in state else None
 
 
-def load_prior_file(path: str, dataset: str, num_classes: int) -> torch.Tensor:
+def load_prior_file(path: str, dataset: str, num_classes: int, data_root: str | None = None) -> torch.Tensor:
     """The (K,) prior of a CSV in CSL's format (Classes,avg_pred, model output order); UserError
     (one line) for a missing or malformed file or rows in another class order."""
     try:
         names, prior = lp.read_prior_csv(path, num_classes)
     except lp.PriorFileError as err:
         raise UserError(f'--prior-file: {err}') from None
-    expected = read_classnames(dataset)
+    expected = read_classnames(dataset, data_root=data_root)
     if names != expected:
         if sorted(names) == sorted(expected):
             raise UserError(f'--prior-file {path}: its rows are not in the class order of {dataset} '
@@ -214,7 +234,8 @@ def add_arguments(parser) -> None:
     g.add_argument('--observed', default=None, metavar='TAG',
                    help='train on formatted_train_labels_obs_<TAG>.npy, e.g. rps0.5 or fpc1000, made by '
                         'preproc/generate_observed_labels.py --scheme rps|fpc (the demo makes its own); '
-                        'default: the single-positive file')
+                        '"full": every true label observed (1 positive, -1 negative; no file), refused for '
+                        'the methods that need unknown labels; default: the single-positive file')
     g.add_argument('--gamma-pos', type=NON_NEGATIVE, default=None,
                    help='focusing of positives (default: ASL 1, CSL 0)')
     g.add_argument('--gamma-neg', type=NON_NEGATIVE, default=None,

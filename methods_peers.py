@@ -61,6 +61,8 @@ class LabelEstimator(nn.Module):
 @methods.register('role', "ROLE (Cole et al.): a per-image label estimator trained jointly, with its own "
                           "Adam group at --role-lr-mult x lr")
 class Role(methods.Method):
+    full_labels_refusal = ('estimates the unobserved labels with its learnable label table and takes single '
+                           'positives only (its original asserts it)')
 
     def __init__(self, cfg: Config, train_observed: np.ndarray, device):
         super().__init__(cfg, train_observed, device)
@@ -99,6 +101,8 @@ class LargeLoss(methods.Method):
     2022). With --boostlu, BridgeGapExplanationPAMC's copy of these losses: its LL-Cp flips the entries
     with u >= tau (k of them) where LargeLossMatters flips u > tau (k - 1)."""
     scheme = ''
+    full_labels_refusal = ('rejects or corrects the largest losses among the unobserved entries; with every '
+                           'label observed its threshold falls to 0 and it would reject or flip observed labels')
 
     def loss(self, logits, preds, batch, *, epoch, step):
         # LL-Cp writes into self.observed, a copy of the split's labels (methods.Method.__init__).
@@ -127,6 +131,7 @@ class LargeLossCorrectionTemporary(LargeLoss):
                            'observed labels (--llcp-as-released: as LL-Ct, as the released code runs)')
 class LargeLossCorrectionPermanent(LargeLoss):
     scheme = 'LL-Cp'
+    edits_observed = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,6 +142,8 @@ class LargeLossCorrectionPermanent(LargeLoss):
                         'unknowns, on per-epoch schedules (--gr-beta, --gr-alpha, --gr-q)')
 class GeneralizedRobust(methods.Method):
     schedule_uses_epochs = True  # its schedules run over --epochs
+    full_labels_refusal = ('has no term for an annotated negative (its negatives are the unknown entries): with '
+                           'every label observed it would train on the positives alone')
 
     def loss(self, logits, preds, batch, *, epoch, step):
         s = lp.gr_schedule(epoch=epoch, num_epochs=self.cfg.epochs, beta=self.cfg.gr_beta, alpha=self.cfg.gr_alpha,
@@ -157,6 +164,8 @@ class Aevlp(methods.Method):
     --gr-q). The pseudo-labels are not state: the original recomputes them at every step."""
     needs_pseudo_labels = True
     schedule_uses_epochs = True  # GR's schedules run over --epochs
+    full_labels_refusal = ('scores CLIP views of every image at every step to fill the unknown entries, where '
+                           'its GR-Loss acts too; with every label observed there are none')
 
     @staticmethod
     def pseudo_label_builder(cfg: Config, data, device):
@@ -324,11 +333,15 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
         error(f'--linear-init: the original of -l {a.loss} offers no LinearInit; it applies to '
               f'{", ".join(LINEAR_INIT_METHODS)}')
 
-    row_key = 'pascal' if a.dataset == 'demo' else a.dataset
+    row_key = 'pascal' if a.dataset == 'demo' else DATASETS[a.dataset].published_as or a.dataset
+    published = row_key in lp.PEER_DEFAULTS['boostlu']
+    if (key or a.boostlu) and not published:  # e.g. OpenImages: none of these papers gives its settings
+        error(f'-l {a.loss}{" --boostlu" if a.boostlu else ""}: its original publishes no settings for '
+              f'-d {a.dataset}; use it on {", ".join(sorted(lp.PEER_DEFAULTS["boostlu"]))} or the demo')
     paper = {}
     if key in ('role', 'LL', 'GR', 'AEVLP'):
         paper = lp.peer_hparams(key, row_key)
-    boost = lp.peer_hparams('boostlu', row_key)
+    boost = lp.peer_hparams('boostlu', row_key) if published else {}
     if a.dataset != 'demo' and (key or a.boostlu):
         # Each paper's training settings (PEER_DEFAULTS sources); BoostLU's when it is on.
         settings = boost if a.boostlu else paper
@@ -371,11 +384,11 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
     if a.linear_init < 0 or a.linear_init >= epochs:
         error(f'--linear-init must be in [0, --epochs {epochs}), got {a.linear_init}')
     if a.boostlu:
-        from models import BACKBONES  # models imports losses_peers; not needed otherwise
+        from models import BACKBONES, backbone  # models imports losses_peers; not needed otherwise
         model = a.model or DATASETS[a.dataset].model
-        if not BACKBONES[model].cam:
+        if not backbone(model).cam:
             error(f'--boostlu needs a class activation map: -m {model} does not average-pool its feature map; '
                   f'use one of {", ".join(n for n, b in BACKBONES.items() if b.cam)}')
         if a.run_name is None:
-            a.run_name = f'{a.dataset}_{a.loss}+boostlu_{model}_s{a.seed}'
+            a.run_name = f'{a.dataset}_{a.loss}+boostlu_{model.replace(":", "-")}_s{a.seed}'
     return kw

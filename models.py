@@ -5,9 +5,11 @@ A classifier is trunk + head, as timm splits forward_features / forward_head:
   which) and knows how it pools that map to one vector per image (B x C);
 - a head comes from the `HEADS` table: 'linear' (Linear(C, K) on the pooled vector, the default),
   'q2l' and 'sgre' (transformer heads reading the whole map; heads.py, docs/heads.md).
-Backbones are rows of `BACKBONES`; `build_classifier` builds any pair. The trunks follow the
-original's networks (github.com/mvrl/VLPL, models.py: ResNet-50 with fc removed, the trainable CLIP
-image tower, timm ConvNeXt-XL with head.fc replaced; see docs/original-vlpl.md section 6).
+Backbones are rows of `BACKBONES`, and `timm:NAME` is a row made for any timm model (`backbone`);
+`build_classifier` builds any pair. The trunks follow the original's networks (github.com/mvrl/VLPL,
+models.py: ResNet-50 with fc removed, the trainable CLIP image tower, timm ConvNeXt-XL with head.fc
+replaced; see docs/original-vlpl.md section 6) and the seed systems' (ResNet-101, TResNet-M/L, Swin-L
+through timm; docs/backbones.md).
 
 The frozen CLIP pseudo-labeller is not here: see pseudo_labeler.py.
 Loading errors that a user can fix raise `ModelLoadError` with a one-line message that names the
@@ -16,6 +18,8 @@ command-line flag to use.
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -85,7 +89,7 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-def _resnet50_trunk(pretrained: bool, weights_path: str | None, clip_model) -> tuple[nn.Module, int]:
+def _resnet50_trunk(pretrained: bool, weights_path: str | None, clip_model, image_size=None) -> tuple[nn.Module, int]:
     import torchvision
 
     if weights_path is not None:
@@ -116,22 +120,34 @@ def _resnet50_trunk(pretrained: bool, weights_path: str | None, clip_model) -> t
     return net, 2048
 
 
-def _timm_trunk(timm_name: str, pretrained: bool, weights_path: str | None, clip_model) -> tuple[nn.Module, int]:
+def _timm_trunk(timm_name: str, pretrained: bool, weights_path: str | None, clip_model,
+                image_size: int | None = None) -> tuple[nn.Module, int]:
+    """The timm model itself is the trunk, so a timm (or torchvision ResNet) state dict maps onto the
+    classifier's `trunk.*` keys unchanged. A model whose input size is fixed (timm's pretrained cfg
+    `fixed_input_size`: ViT, Swin) is built for image_size (None: its own), as Query2Label builds Swin
+    with img_size (lib/models/swin_transformer.py build_swin_transformer)."""
     import timm
 
     # num_classes=0 drops the classifier (head.fc = Identity) and keeps timm's pooling and
     # head norm, so Linear(F, K) on top equals the original's replaced head.fc.
     kwargs: dict = dict(num_classes=0)
+    pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)
+    if image_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs['img_size'] = image_size
     if weights_path is not None:
         if not Path(weights_path).is_file():
             raise ModelLoadError(f'backbone weights file {weights_path} not found (--backbone-weights)')
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights_path)))
         try:
-            net = timm.create_model(timm_name, **kwargs)
+            with _TimmLoadReport() as report:
+                net = timm.create_model(timm_name, **kwargs)
         except Exception as exc:
             raise ModelLoadError(
                 f'could not load {weights_path} into timm {timm_name!r} ({one_line(exc, with_type=True)}); '
                 f'check --backbone-weights') from exc
+        if report.problems:  # timm loads a file non-strictly once the classifier is dropped
+            raise ModelLoadError(f'{weights_path} does not fit timm {timm_name!r} ({report.problems[0]}); '
+                                 'check --backbone-weights')
     elif pretrained:
         try:
             net = timm.create_model(timm_name, pretrained=True, **kwargs)
@@ -144,7 +160,35 @@ def _timm_trunk(timm_name: str, pretrained: bool, weights_path: str | None, clip
     return net, int(getattr(net, 'head_hidden_size', None) or net.num_features)
 
 
-def _clip_vision_trunk(pretrained: bool, weights_path: str | None, clip_model) -> tuple[nn.Module, int]:
+class _TimmLoadReport(logging.Handler):
+    """Collects what timm's weight loader says about keys while it is open (timm.models._builder
+    load_pretrained: with num_classes=0 it loads non-strictly and only logs the keys a file lacks or
+    has in excess, which for a trunk means the file is for another model)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.problems: list[str] = []
+        self.logger = logging.getLogger('timm.models._builder')
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(('Missing keys', 'Unexpected keys')):
+            self.problems.append(message.split(')')[0][:200] + ')')
+
+    def __enter__(self):
+        self.saved = self.logger.level, self.logger.propagate
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # reported as our one-line error instead
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+
+
+def _clip_vision_trunk(pretrained: bool, weights_path: str | None, clip_model, image_size=None) -> tuple[nn.Module, int]:
     if clip_model is None:
         raise ValueError('clip_vision needs clip_model (the CLIP model from load_clip)')
     # `pretrained` has no say here: the weights are those of clip_model (random if it was loaded
@@ -157,7 +201,7 @@ def _clip_vision_trunk(pretrained: bool, weights_path: str | None, clip_model) -
     return ClipVisionTrunk(visual, clip_image_size(clip_model)), clip_embed_dim(clip_model)
 
 
-def _small_cnn_trunk(pretrained: bool, weights_path: str | None, clip_model) -> tuple[nn.Module, int]:
+def _small_cnn_trunk(pretrained: bool, weights_path: str | None, clip_model, image_size=None) -> tuple[nn.Module, int]:
     # Random init whatever `pretrained` says: there are no published weights for it.
     if weights_path is not None:
         raise ModelLoadError('small_cnn has no pretrained weights: drop --backbone-weights')
@@ -192,6 +236,50 @@ def _timm_pool(net: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return net.forward_head(features)
 
 
+def _timm_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's forward_features as a B x C x h x w map: channels-last outputs (Swin: B x h x w x C) are
+    permuted; token outputs (ViT: B x (P + h w) x C) lose their P prefix tokens (class, registers)
+    and are laid out on the patch grid."""
+    out = net.forward_features(x)
+    if out.ndim == 4:
+        return out.permute(0, 3, 1, 2) if getattr(net, 'output_fmt', 'NCHW') == 'NHWC' else out
+    if out.ndim != 3:
+        raise ModelLoadError(f'timm {type(net).__name__}: forward_features gives a {out.ndim}-D tensor, neither a '
+                             'feature map nor tokens; choose another -m')
+    tokens = out[:, getattr(net, 'num_prefix_tokens', 0):]
+    h, w = _token_grid(net, x.shape[-2:])
+    if h * w != tokens.shape[1]:
+        raise ModelLoadError(f'timm {type(net).__name__}: {tokens.shape[1]} patch tokens do not fill its {h} x {w} '
+                             'grid; choose another -m or --image-size')
+    return tokens.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
+
+
+def _token_grid(net: nn.Module, size) -> tuple[int, int]:
+    """(h, w) of the patch grid of an input of `size` (H, W): timm's PatchEmbed's, else the last
+    stage's reduction."""
+    patch_embed = getattr(net, 'patch_embed', None)
+    if hasattr(patch_embed, 'dynamic_feat_size'):
+        return tuple(int(v) for v in patch_embed.dynamic_feat_size(tuple(size)))
+    reduction = net.feature_info[-1]['reduction']
+    return int(size[0]) // reduction, int(size[1]) // reduction
+
+
+def _timm_pooled(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's own pooling (forward_head: average, class token, attention pool, head norm, ...) as a
+    B x C x 1 x 1 map, so that the linear head gets exactly what timm's classifier would."""
+    return net.forward_head(net.forward_features(x))[:, :, None, None]
+
+
+def _timm_map_shape(net: nn.Module, image_size: int) -> tuple[int, int, int]:
+    side = -(-image_size // net.feature_info[-1]['reduction'])  # stride-r stages round up
+    return int(net.num_features), side, side
+
+
+def _nhwc_pool(net: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """forward_head of a channels-last timm model (Swin) applied to the B x C x h x w map."""
+    return net.forward_head(features.permute(0, 2, 3, 1))
+
+
 def _embedding_as_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The CLIP tower gives one embedding per image: a 1 x 1 map."""
     return net(x)[:, :, None, None]
@@ -220,8 +308,10 @@ def _sequential_pool(net: nn.Sequential, features: torch.Tensor) -> torch.Tensor
     return net[-1](net[-2](features))
 
 
-def _halvings(times: int, *, ceil: bool) -> Callable[[int], int]:
+def _halvings(times: int, *, ceil: bool, first: int = 1) -> Callable[[int], int]:
+    """Side of the map after a stride-`first` stem (floor) and `times` stride-2 stages."""
     def side(size: int) -> int:
+        size //= first
         for _ in range(times):
             size = -(-size // 2) if ceil else size // 2
         return size
@@ -232,12 +322,14 @@ def _halvings(times: int, *, ceil: bool) -> Callable[[int], int]:
 class BackboneSpec:
     """One backbone.
 
-    make_trunk(pretrained, weights_path, clip_model) -> (trunk, C); features(trunk, images) ->
+    make_trunk(pretrained, weights_path, clip_model, image_size) -> (trunk, C); features(trunk, images) ->
     B x C x h x w with h = w = grid(S); pool(trunk, features) -> B x C; cam: whether a linear head
     applied at every position of the map gives the class activation map of the pooled logits
     (true where pool is a plain average). map_features / map_shape(trunk, S) -> (C, h, w): the
     map given to heads that read the map, where `features` is no real grid (clip_vision: the
-    ViT's patch tokens instead of the 1 x 1 embedding); None = `features`.
+    ViT's patch tokens instead of the 1 x 1 embedding); None = `features`. image_size: the input
+    side its published weights are made for, the run's default when --image-size is not given
+    (None: the dataset's).
     """
     make_trunk: Callable[..., tuple[nn.Module, int]]
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -247,6 +339,7 @@ class BackboneSpec:
     description: str
     map_features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     map_shape: Callable[[nn.Module, int], tuple[int, int, int]] | None = None
+    image_size: int | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -268,7 +361,51 @@ BACKBONES: dict[str, BackboneSpec] = {
     'small_cnn': BackboneSpec(
         _small_cnn_trunk, _sequential_features, _sequential_pool, _halvings(4, ceil=True), True,
         'random-init CNN, 4 stride-2 conv-BN-ReLU blocks (32-64-128-256), for the offline demo; map 256 x S/16 x S/16'),
+    # The seed systems' backbones (docs/backbones.md): Query2Label's and SGRE's ResNet-101 (torchvision's
+    # ImageNet weights), CSL's TResNet-M (ImageNet-21K), Query2Label's TResNet-L (448 px) and Swin-L (384 px,
+    # ImageNet-22K). Their maps are what those originals give their heads; pooled by timm's average.
+    'resnet101': BackboneSpec(
+        partial(_timm_trunk, 'resnet101.tv_in1k'), _timm_features, _timm_pool, _halvings(5, ceil=True), True,
+        "timm 'resnet101.tv_in1k' (torchvision's IMAGENET1K_V1 weights, torchvision's keys); map 2048 x S/32 x S/32"),
+    'tresnet_m': BackboneSpec(
+        partial(_timm_trunk, 'tresnet_m.miil_in21k'), _timm_features, _timm_pool, _halvings(3, ceil=True, first=4),
+        True, "timm 'tresnet_m.miil_in21k' (ImageNet-21K, CSL's pretraining); map 2048 x S/32 x S/32"),
+    'tresnet_l': BackboneSpec(
+        partial(_timm_trunk, 'tresnet_l.miil_in1k_448'), _timm_features, _timm_pool, _halvings(3, ceil=True, first=4),
+        True, "timm 'tresnet_l.miil_in1k_448' (Query2Label's tresnet_l_448); map 2432 x S/32 x S/32"),
+    'swin_large': BackboneSpec(
+        partial(_timm_trunk, 'swin_large_patch4_window12_384.ms_in22k'), _timm_map, _nhwc_pool,
+        _halvings(3, ceil=True, first=4), True,
+        "timm 'swin_large_patch4_window12_384.ms_in22k' (Query2Label's swin_L_384_22k), built for the input size "
+        "(default 384); map 1536 x S/32 x S/32 after the final norm", image_size=384),
 }
+
+TIMM_PREFIX = 'timm:'
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_row(timm_name: str) -> BackboneSpec:
+    return BackboneSpec(
+        partial(_timm_trunk, timm_name), _timm_pooled, _flatten, lambda size: 1, False,
+        f"timm {timm_name!r}: pooled by timm's own head (a 1 x 1 map); heads that read the map get its "
+        "forward_features as C x h x w", map_features=_timm_map, map_shape=_timm_map_shape)
+
+
+def backbone(name: str) -> BackboneSpec:
+    """The BACKBONES row of `name`, or for 'timm:NAME' (NAME a timm model, optionally with its
+    pretrained tag, e.g. 'timm:resnet18.a1_in1k') a row built for that model. ValueError otherwise."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        timm_name = name[len(TIMM_PREFIX):]
+        if timm.is_model(timm_name):
+            return _timm_row(timm_name)
+        raise ValueError(f'unknown backbone {name!r}: {timm_name!r} is not a timm model name '
+                         '(timm.list_models() lists them)')
+    raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(sorted(BACKBONES))} or timm:NAME '
+                     '(any timm model, e.g. timm:resnet18)')
 
 
 # --------------------------------------------------------------------------- heads
@@ -394,26 +531,27 @@ class Classifier(nn.Module):
 
 def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
                      weights_path: str | os.PathLike | None = None, clip_model: nn.Module | None = None,
-                     head: str = 'linear', cam_boost: float | None = None, **head_options) -> Classifier:
-    """Classifier for backbone `name` (a key of BACKBONES) and head `head` (a key of HEADS):
-    forward(images B x 3 x S x S) -> logits B x K.
+                     head: str = 'linear', cam_boost: float | None = None, image_size: int | None = None,
+                     **head_options) -> Classifier:
+    """Classifier for backbone `name` (a key of BACKBONES or timm:NAME, see `backbone`) and head
+    `head` (a key of HEADS): forward(images B x 3 x S x S) -> logits B x K.
 
     pretrained: download the backbone's published weights (ignored by small_cnn, which is always
     random, and by clip_vision, whose weights are clip_model's). weights_path: a local weights file
-    instead of the download (torchvision state dict for resnet50, any file timm reads for
-    convnext). clip_model: the model from clip_loading.load_clip, required by clip_vision (its image
+    instead of the download (torchvision state dict for resnet50, any file timm reads for the timm
+    backbones). clip_model: the model from clip_loading.load_clip, required by clip_vision (its image
     tower is deep-copied and trained; the copy does not share parameters with clip_model).
+    image_size: the input side S, for backbones built for one input size (Swin, ViT; None: theirs).
     """
-    if name not in BACKBONES:
-        raise ValueError(f'unknown backbone {name!r}; choose one of {sorted(BACKBONES)}')
+    spec = backbone(name)
     if head not in HEADS:
         raise ValueError(f'unknown head {head!r}; choose one of {sorted(HEADS)}')
     if num_classes < 1:
         raise ValueError(f'num_classes must be positive, got {num_classes}')
     if weights_path is not None and not pretrained:
         raise ModelLoadError('--backbone-weights and --no-pretrained contradict each other: give one')
-    spec = BACKBONES[name]
-    trunk, feature_dim = spec.make_trunk(pretrained, None if weights_path is None else str(weights_path), clip_model)
+    trunk, feature_dim = spec.make_trunk(pretrained, None if weights_path is None else str(weights_path), clip_model,
+                                         image_size)
     return Classifier(trunk, spec, feature_dim, num_classes, head, cam_boost=cam_boost, **head_options)
 
 

@@ -7,19 +7,29 @@ size S is two files in ``<data_root>/<dataset>/packed/``:
   ``P.npy``   N x S x S x 3 uint8 (numpy format, read memory-mapped): row i is
               datasets.resized_pixels of image i, the pixels the PIL pipeline normalises
   ``P.json``  its stamp: format, dataset, split, image_size, num_images, the image list and the
-              sha256 of the list, and the rows whose image could not be read (--skip-bad-images)
+              sha256 of the list, every image's size and modification time when it was packed
+              (fingerprint.image_stats) and their sha256, and the rows whose image could not be read
+              (--skip-bad-images)
 
-Writing (`write_pack`) goes to ``.P.npy.partial`` with a stamp ``.P.json.partial`` that records the
-rows written so far (after a flush); a run that is interrupted continues from there, and the pack
-is renamed into place only when complete. A pack of another size is never mixed in: a pack or a
-partial pack of size S' != S is refused (--overwrite replaces it).
+Writing (`write_pack`) goes to ``.P.npy.partial``, allocated in full on disk before the first row
+(a full disk is one line at the start, never a SIGBUS in the middle), with a stamp
+``.P.json.partial`` that records the rows written so far (after a flush); a run that is
+interrupted, or stopped by a full disk, continues from there, and the pack is renamed into place
+only when complete. Images rewritten after packing are re-packed (only those rows) by the next
+`write_pack`, and refused by a run until then (`open_pack`). A pack of another size is never
+mixed in: a pack or a partial pack of size S' != S is refused (--overwrite replaces it).
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,11 +37,13 @@ import numpy as np
 import torch
 
 import datasets
+import fingerprint
 from config import UserError
 from datasets import DataError, Split
 from files import save_json
 
-FORMAT = 'vlpl-pack-1'
+FORMAT = 'vlpl-pack-2'  # 2: the images' sizes and times (vlpl-pack-1 had none)
+SAME = ('format', 'image_size', 'num_images', 'images_sha256')  # the same pack, maybe of older images
 SPLITS = ('train', 'val', 'test')
 
 
@@ -59,10 +71,10 @@ def pack_command(dataset: str, image_size: int, data_root) -> str:
     return f'`python preproc/pack_images.py -d {dataset} --image-size {image_size}{root}`'
 
 
-def _stamp(dataset: str, split: str, images, image_size: int) -> dict:
+def _stamp(dataset: str, split: str, images, image_size: int, stats) -> dict:
     return {'format': FORMAT, 'dataset': dataset, 'split': split, 'image_size': int(image_size),
             'num_images': len(images), 'images_sha256': images_sha(images), 'bad_rows': [],
-            'images': [str(p) for p in images]}
+            'image_stats_sha256': fingerprint.digest(stats), 'images': [str(p) for p in images]}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -76,22 +88,37 @@ def _read_json(path: Path) -> dict | None:
 # Reading
 
 
-def open_pack(data_root, dataset: str, split: str, images, image_size: int) -> tuple[Path, dict]:
-    """The array file and stamp of the pack of `split`, checked against the split's image list
-    and the run's image size; DataError (one line naming the pack command) otherwise."""
-    array_path, stamp_path = pack_paths(data_root, dataset, split)
+def open_pack(data_root, dataset: str, phase: str, split: Split, image_size: int) -> tuple[Path, dict, np.ndarray]:
+    """The array file, stamp and packed image stats of the pack of `phase`, checked against the split's
+    image list, the images on disk (one rewritten since it was packed is refused; the pack stands for
+    images that are no longer there) and the run's image size; DataError (one line naming the pack
+    command) otherwise."""
+    array_path, stamp_path = pack_paths(data_root, dataset, phase)
     command = pack_command(dataset, image_size, data_root)
     if not array_path.is_file() or not stamp_path.is_file():
         raise DataError(f'{array_path} not found (--data-format packed): run {command}')
     stamp = _read_json(stamp_path)
+    if stamp is not None and stamp.get('format') == 'vlpl-pack-1':
+        raise DataError(f'{array_path} was packed by an older pack_images.py that did not record the images\' sizes '
+                        f'and times, so a picture rewritten since cannot be told: run {command} --overwrite')
     if stamp is None or stamp.get('format') != FORMAT:
         raise DataError(f'{stamp_path} is not a pack stamp: run {command} --overwrite')
     if stamp['image_size'] != image_size:
         raise DataError(f'{array_path} holds {stamp["image_size"]} px images but this run uses --image-size '
                         f'{image_size}: pass --image-size {stamp["image_size"]}, or run {command} --overwrite')
+    images = split.images
     if stamp['num_images'] != len(images) or stamp['images_sha256'] != images_sha(images):
-        raise DataError(f'{array_path} was packed from another image list than the {split} split of {dataset} '
+        raise DataError(f'{array_path} was packed from another image list than the {phase} split of {dataset} '
                         f'(re-formatted data?): run {command} --overwrite')
+    packed = np.asarray(stamp.get('image_stats', []), dtype=np.int64).reshape(-1, 2)
+    if len(packed) != len(images) or fingerprint.digest(packed) != stamp.get('image_stats_sha256'):
+        raise DataError(f'{stamp_path} is damaged (its image sizes and times): run {command} --overwrite')
+    root = datasets.image_root(data_root, dataset)
+    changed = fingerprint.changed_rows(packed, split.stats(root), present_only=True)
+    if len(changed):
+        raise DataError(f'{array_path}: {len(changed)} image{"s" if len(changed) > 1 else ""} changed since '
+                        f'{"they were" if len(changed) > 1 else "it was"} packed (first: {root / str(images[changed[0]])}): '
+                        f'run {command} (it re-packs them)')
     try:
         array = np.load(array_path, mmap_mode='r')
     except (OSError, ValueError) as err:
@@ -99,7 +126,7 @@ def open_pack(data_root, dataset: str, split: str, images, image_size: int) -> t
     if array.dtype != np.uint8 or array.shape != (len(images), image_size, image_size, 3):
         raise DataError(f'{array_path} has {array.dtype} {array.shape}, expected uint8 '
                         f'({len(images)}, {image_size}, {image_size}, 3): run {command} --overwrite')
-    return array_path, stamp
+    return array_path, stamp, packed
 
 
 class PackedImages(torch.utils.data.Dataset):
@@ -110,7 +137,7 @@ class PackedImages(torch.utils.data.Dataset):
 
     def __init__(self, data_root, split: Split, image_size: int, train: bool, *, dataset: str, phase: str,
                  skip_bad: bool = False):
-        self.path, stamp = open_pack(data_root, dataset, phase, split.images, image_size)
+        self.path, stamp, self.packed_stats = open_pack(data_root, dataset, phase, split, image_size)
         self.root = datasets.image_root(data_root, dataset)  # for the embedding cache key and messages
         self.split = split
         self.image_size = image_size
@@ -131,6 +158,11 @@ class PackedImages(torch.utils.data.Dataset):
 
     def __getstate__(self):
         return self.__dict__ | {'_array': None}
+
+    def image_stats(self) -> np.ndarray:
+        """(N, 2) size and modification time of the images when they were packed (fingerprint.py):
+        the pixels this set reads."""
+        return self.packed_stats
 
     def __getitem__(self, key) -> dict:
         if isinstance(key, tuple):
@@ -171,7 +203,7 @@ def image_sets(cfg, splits: dict, root: Path) -> tuple[dict, torch.utils.data.Da
 class _Resized(torch.utils.data.Dataset):
     """(row, S x S x 3 uint8 pixels or None when unreadable and skip_bad) of the rows given."""
 
-    def __init__(self, images: datasets.MultiLabelImages, rows: range, image_size: int, skip_bad: bool):
+    def __init__(self, images: datasets.MultiLabelImages, rows: list[int], image_size: int, skip_bad: bool):
         self.images, self.rows, self.image_size, self.skip_bad = images, rows, image_size, skip_bad
 
     def __len__(self) -> int:
@@ -188,22 +220,153 @@ class _Resized(torch.utils.data.Dataset):
         return row, datasets.resized_pixels(img, self.image_size)
 
 
-
 def _collate(items):
     return items
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(worker_id: int = 0) -> None:
+    """A DataLoader worker_init_fn: the worker ends when the process that started it ends, however it
+    ends. A worker left behind by a SIGKILLed parent otherwise lives on for good (it blocks on a full
+    result pipe that nobody reads), holding its memory and the partial pack mapped from its parent.
+
+    Linux: prctl(PR_SET_PDEATHSIG, SIGKILL), then a check that the parent did not die before that
+    call. Elsewhere: a daemon thread that polls the parent's pid once a second."""
+    parent = os.getppid()
+    if sys.platform.startswith('linux'):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            args = (ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+            if libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), *args) == 0:
+                if os.getppid() != parent or parent == 1:  # orphaned before the call
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass  # no prctl: watch the parent instead
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, name='die-with-parent', daemon=True).start()
+
+
+def _allocated(path: Path) -> int:
+    """Bytes a file holds on disk (its blocks), not its apparent size: a sparse partial pack has
+    the size of the whole pack from its first row on."""
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _bytes(n: int) -> str:
+    return next(f'{n / unit:.1f} {name}' for unit, name in ((1e12, 'TB'), (1e9, 'GB'), (1e6, 'MB'), (1e3, 'kB'), (1, 'B'))
+                if abs(n) >= unit or unit == 1)
+
+
+def _disk_full_hint(array_path: Path, folder: Path) -> str:
+    return (f'free some space on {folder}, or pass --data-root on a larger disk (then the pack goes there), and run '
+            'the same command again')
+
+
+def reserve(fd: int, length: int) -> bool:
+    """Allocate the blocks of bytes [0, length) of the file `fd` on disk; False where the file system
+    cannot (the file stays sparse). Linux: fallocate(2) itself, not glibc's posix_fallocate, which on
+    a file system without it (NFS before 4.2) writes one byte per block instead, for hours on a COCO
+    pack. Elsewhere: the system's posix_fallocate where there is one."""
+    if sys.platform.startswith('linux'):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if libc.fallocate(fd, 0, 0, length) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(code, os.strerror(code))
+    if hasattr(os, 'posix_fallocate'):
+        try:
+            os.posix_fallocate(fd, 0, length)
+            return True
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return False
+            raise
+    return False
+
+
+def _allocate(part_array: Path, array_path: Path, shape: tuple, fresh: bool) -> np.memmap:
+    """The partial pack as a memory map, every block of it allocated on disk first (`reserve`), so
+    that a full disk is this one error now rather than a SIGBUS when a row lands in a hole of a
+    sparse file (where the file system cannot allocate ahead, only the free-space check guards it).
+    `fresh`: create it (header and size); else map the existing partial pack."""
+    folder = part_array.parent
+    try:
+        if fresh:
+            folder.mkdir(parents=True, exist_ok=True)
+            array = np.lib.format.open_memmap(part_array, mode='w+', dtype=np.uint8, shape=shape)
+        else:
+            array = np.load(part_array, mmap_mode='r+')
+        total = part_array.stat().st_size
+        need = total - _allocated(part_array)
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(part_array))
+        if need > 0:
+            fd = os.open(part_array, os.O_RDWR)
+            try:
+                reserve(fd, total)
+            finally:
+                os.close(fd)
+        return array
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if fresh:
+                part_array.unlink(missing_ok=True)
+            need = int(np.prod(shape)) - (0 if fresh else _allocated(part_array))
+            raise UserError(f'{array_path} needs {_bytes(need)} more on disk than {folder} has ('
+                            f'{_bytes(shutil.disk_usage(folder).free)} free): {_disk_full_hint(array_path, folder)}'
+                            ) from None
+        raise UserError(f'cannot write {err.filename or part_array}: {err.strerror or err}') from None
+
+
+def _refresh(array_path: Path, stamp_path: Path, part_array: Path, part_stamp: Path, done: dict, want: dict,
+             stats: np.ndarray) -> list[int] | None:
+    """A complete pack of the same image list and size whose images changed since it was packed goes
+    back to being a partial pack with those rows to redo; returns them (None: not such a pack).
+    Order: the partial stamp first, then the stamp goes, then the array is renamed, so an interrupt at
+    any point leaves a state the next write_pack finishes."""
+    if not all(done.get(k) == want[k] for k in SAME):
+        return None
+    packed = np.asarray(done.get('image_stats', []), dtype=np.int64).reshape(-1, 2)
+    if len(packed) != len(stats):
+        return None
+    redo = fingerprint.changed_rows(packed, stats).tolist()
+    bad = sorted(set(done.get('bad_rows', [])) - set(redo))
+    save_json(part_stamp, want | {'images': [], 'rows_done': want['num_images'], 'redo': redo, 'bad_rows': bad},
+              indent=None)
+    stamp_path.unlink(missing_ok=True)
+    os.replace(array_path, part_array)
+    return redo
+
+
 def write_pack(data_root, dataset: str, phase: str, split: Split, image_size: int, *, num_workers: int = 0,
                chunk: int = 256, overwrite: bool = False, skip_bad: bool = False, progress=None) -> str:
-    """Write (or finish) the pack of one split; returns a one-line report.
+    """Write (or finish, or refresh) the pack of one split; returns a one-line report.
 
     Resumes an interrupted pack of the same image list and size from the rows its partial stamp
-    records; refuses a pack or partial pack of another size unless `overwrite`. Rows are recorded
-    as done only after the array is flushed, in chunks of `chunk` rows.
+    records (from row 0 if its images changed meanwhile); re-packs the rows of a complete pack whose
+    images changed since (fingerprint.image_stats); refuses a pack or partial pack of another size
+    unless `overwrite`. Rows are recorded as done only after the array is flushed, in chunks of
+    `chunk` rows. A full disk, at the start or later, is one UserError; the rows written are kept.
     """
     array_path, stamp_path = pack_paths(data_root, dataset, phase)
     part_array, part_stamp = partial_paths(data_root, dataset, phase)
-    want = _stamp(dataset, phase, split.images, image_size)
+    root = datasets.image_root(data_root, dataset)
+    stats = split.stats(root)  # before any image is read: an image rewritten while packing is seen next time
+    want = _stamp(dataset, phase, split.images, image_size, stats)
     command = pack_command(dataset, image_size, data_root)
     if overwrite:
         for path in (array_path, stamp_path, part_array, part_stamp):
@@ -214,69 +377,92 @@ def write_pack(data_root, dataset: str, phase: str, split: Split, image_size: in
             raise UserError(f'{what} holds {stored["image_size"]} px images, not {image_size}: packs of two '
                             f'sizes are never mixed; pass --image-size {stored["image_size"]}, or add --overwrite '
                             f'to replace it with {image_size} px images')
-    done_stamp = _read_json(stamp_path) if stamp_path.is_file() else None
-    if done_stamp is not None and array_path.is_file():
-        if all(done_stamp.get(k) == want[k] for k in ('format', 'image_size', 'num_images', 'images_sha256')):
-            return f'{phase}: {array_path} is complete ({len(split)} images, {image_size} px)'
-        raise UserError(f'{array_path} was packed from another image list (re-formatted data?): run {command} '
-                        '--overwrite')
     n, shape = len(split), (len(split), image_size, image_size, 3)
-    state = _read_json(part_stamp) if part_stamp.is_file() else None
-    same = state is not None and all(state.get(k) == want[k] for k in ('format', 'image_size', 'num_images',
-                                                                        'images_sha256'))
-    if same and state.get('rows_done') == n and array_path.is_file() and not part_array.exists():
-        return _finish(array_path, stamp_path, part_stamp, want, state.get('bad_rows', []), phase, n, n)
-    resumable = same and part_array.is_file()
-    if resumable:
-        try:
-            array = np.load(part_array, mmap_mode='r+')
-            resumable = array.shape == shape and array.dtype == np.uint8
-        except (OSError, ValueError):
-            resumable = False
-    if resumable:
-        start, bad = int(state['rows_done']), list(state.get('bad_rows', []))
-    else:
-        part_stamp.unlink(missing_ok=True)
-        part_array.parent.mkdir(parents=True, exist_ok=True)
-        need = int(np.prod(shape))
-        free = shutil.disk_usage(part_array.parent).free + (part_array.stat().st_size if part_array.exists() else 0)
-        if need > free:
-            raise UserError(f'{array_path} needs {need / 1e9:.1f} GB but {part_array.parent} has {free / 1e9:.1f} GB '
-                            'free: free some space or pass --data-root on a larger disk')
-        array = np.lib.format.open_memmap(part_array, mode='w+', dtype=np.uint8, shape=shape)
-        start, bad = 0, []
-    source = datasets.MultiLabelImages(datasets.image_root(data_root, dataset), split, image_size, train=False,
-                                       dataset=dataset)
-    loader = torch.utils.data.DataLoader(_Resized(source, range(start, n), image_size, skip_bad), batch_size=chunk,
-                                         num_workers=num_workers, collate_fn=_collate)
-    bar = progress(total=n, initial=start, desc=f'packing {phase}') if progress else None
-    rows_done = start
+    done_stamp = _read_json(stamp_path) if stamp_path.is_file() else None
+    try:
+        if done_stamp is not None and array_path.is_file():
+            if done_stamp.get('image_stats_sha256') == want['image_stats_sha256'] and \
+                    all(done_stamp.get(k) == want[k] for k in SAME):
+                return f'{phase}: {array_path} is complete ({n} images, {image_size} px)'
+            if _refresh(array_path, stamp_path, part_array, part_stamp, done_stamp, want, stats) is None:
+                older = done_stamp.get('format') == 'vlpl-pack-1'
+                raise UserError(f'{array_path} was packed ' + ('by an older pack_images.py that did not record the '
+                                'images\' sizes and times' if older else 'from another image list (re-formatted data?)')
+                                + f': run {command} --overwrite')
+        state = _read_json(part_stamp) if part_stamp.is_file() else None
+        same = state is not None and all(state.get(k) == want[k] for k in SAME)
+        if same and array_path.is_file() and not part_array.exists():  # stopped between a rename and a stamp
+            if state.get('rows_done') == n and not state.get('redo') and \
+                    state.get('image_stats_sha256') == want['image_stats_sha256']:
+                bad = state.get('bad_rows', [])
+                return _finish(array_path, stamp_path, part_stamp, want, stats, bad, phase, n, n)
+            os.replace(array_path, part_array)  # a refresh stopped before its rename
+        resumable = same and part_array.is_file()
+        if resumable:
+            try:
+                probe = np.load(part_array, mmap_mode='r')
+                resumable = probe.shape == shape and probe.dtype == np.uint8
+                del probe
+            except (OSError, ValueError):
+                resumable = False
+        again = ''
+        if resumable and state.get('image_stats_sha256') == want['image_stats_sha256']:
+            start, redo, bad = int(state['rows_done']), list(state.get('redo', [])), list(state.get('bad_rows', []))
+        elif resumable:  # images changed while the pack was interrupted: which rows is not recorded
+            start, redo, bad = 0, [], []
+            again = 'images changed since the interrupted pack started, so every row was packed again, '
+        else:  # a new pack; the blocks of a partial pack it replaces are freed first
+            start, redo, bad = 0, [], []
+            part_stamp.unlink(missing_ok=True)
+            part_array.unlink(missing_ok=True)
+        array = _allocate(part_array, array_path, shape, fresh=not resumable)
+    except OSError as err:
+        raise UserError(f'cannot write {err.filename or stamp_path}: {err.strerror or err}') from None
+    rows = redo + list(range(start, n))
+    source = datasets.MultiLabelImages(root, split, image_size, train=False, dataset=dataset)
+    loader = torch.utils.data.DataLoader(_Resized(source, rows, image_size, skip_bad), batch_size=chunk,
+                                         num_workers=num_workers, collate_fn=_collate,
+                                         worker_init_fn=die_with_parent if num_workers else None)
+    bar = progress(total=n, initial=n - len(rows), desc=f'packing {phase}') if progress else None
+    taken, bad = 0, set(bad)
     try:
         for items in loader:
             for row, pixels in items:
                 if pixels is None:
-                    bad.append(row)
+                    bad.add(row)
                 else:
+                    bad.discard(row)
                     array[row] = pixels
             array.flush()
-            rows_done += len(items)
-            save_json(part_stamp, want | {'images': [], 'rows_done': rows_done, 'bad_rows': bad}, indent=None)
+            taken += len(items)
+            left = redo[taken:]
+            save_json(part_stamp, want | {'images': [], 'rows_done': start + max(0, taken - len(redo)), 'redo': left,
+                                          'bad_rows': sorted(bad)}, indent=None)
             if bar is not None:
                 bar.update(len(items))
+        array.flush()
+        del array
+        os.replace(part_array, array_path)  # complete: only now under its name
+        how = again + (f'{len(redo)} changed image{"s" if len(redo) != 1 else ""} re-packed, ' if redo
+                       else f'resumed at row {start}, ' if start else '')
+        return _finish(array_path, stamp_path, part_stamp, want, stats, sorted(bad), phase, n, start, how)
+    except OSError as err:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        raise UserError(f'cannot write {err.filename or part_array}: {err.strerror or err}; the rows packed so far are '
+                        'kept: ' + (_disk_full_hint(array_path, part_array.parent) if full
+                                    else 'run the same command again to continue')) from None
     finally:
         if bar is not None:
             bar.close()
-    array.flush()
-    del array
-    os.replace(part_array, array_path)  # complete: only now under its name
-    return _finish(array_path, stamp_path, part_stamp, want, bad, phase, n, start)
 
 
-def _finish(array_path: Path, stamp_path: Path, part_stamp: Path, want: dict, bad: list, phase: str, n: int,
-            start: int) -> str:
-    save_json(stamp_path, want | {'bad_rows': bad, 'written': time.strftime('%Y-%m-%dT%H:%M:%S%z')}, indent=1)
+def _finish(array_path: Path, stamp_path: Path, part_stamp: Path, want: dict, stats: np.ndarray, bad: list,
+            phase: str, n: int, start: int, how: str | None = None) -> str:
+    save_json(stamp_path, want | {'bad_rows': bad, 'image_stats': stats.tolist(),
+                                  'written': time.strftime('%Y-%m-%dT%H:%M:%S%z')}, indent=1)
     part_stamp.unlink(missing_ok=True)
-    how = f'resumed at row {start}, ' if start else ''
+    if how is None:
+        how = f'resumed at row {start}, ' if start else ''
     skipped = f', {len(bad)} unreadable images left empty (--skip-bad-images)' if bad else ''
     return (f'{phase}: {array_path} written ({how}{n} images, {want["image_size"]} px, '
             f'{array_path.stat().st_size / 1e9:.2f} GB){skipped}')

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import checkpoints
@@ -70,13 +69,15 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
     """
     cfg = ckpt['config']
     name = cfg.get('model')
-    if name not in models.BACKBONES:
+    try:
+        models.backbone(name)
+    except ValueError:
         raise PredictError(f'the checkpoint names backbone {name!r}, which this code does not know '
-                           f'(known: {", ".join(sorted(models.BACKBONES))})')
+                           f'(known: {", ".join(sorted(models.BACKBONES))}, timm:NAME)') from None
     classnames = ckpt.get('classnames')
     if classnames is None:
         try:
-            classnames = class_text_features.read_classnames(cfg.get('dataset', ''))
+            classnames = class_text_features.read_classnames(cfg.get('dataset', ''), data_root=cfg.get('data_root'))
         except ModelLoadError:
             raise PredictError('the checkpoint holds no class names and its dataset '
                                f'{cfg.get("dataset")!r} has no text_features/<dataset>_classnames.txt') from None
@@ -86,7 +87,8 @@ def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int
     if name == 'clip_vision':
         clip_model, _ = clip_loading.load_clip(cfg['clip_model'], None)
     extra = {'head': cfg['head']} if 'head' in cfg else {}
-    model = models.build_classifier(name, len(classnames), pretrained=False, clip_model=clip_model, **extra)
+    model = models.build_classifier(name, len(classnames), pretrained=False, clip_model=clip_model,
+                                    image_size=int(cfg['image_size']), **extra)
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
@@ -161,8 +163,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            with Image.open(self.files[i]) as img:
-                rgb = img.convert('RGB')
+            rgb = datasets.read_rgb(self.files[i])  # the training pipeline's reading, 16-bit and float images too
         except Exception as e:  # PIL raises many kinds on damaged files; every one means "skip this file"
             return i, None, one_line(e)[:200]
         return i, datasets.image_tensor(rgb, self.image_size), None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import ccd
@@ -61,12 +62,12 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
         dataset=cfg.dataset, image_root=images.root, images=train_split.images,
         clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, image_size=cfg.image_size,
         clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32',
-        preprocess=cfg.clip_preprocess)
+        preprocess=cfg.clip_preprocess, image_stats=images.image_stats())
     emb = cached_embeddings(labeler, train_eval_loader, key, Path(cfg.cache_dir), device=device,
                             amp=cfg.amp).to(device)  # (N, 2, D): unflipped, flipped
-    classnames = read_classnames(cfg.dataset)
+    classnames = read_classnames(cfg.dataset, data_root=cfg.data_root)
     report = {'options': pseudo_label_options(cfg), 'classnames': classnames, 'stages': []}
-    true = train_split.labels_true
+    true = np.asarray(train_split.labels_true)  # an Annotations table: its states, dense (small data)
     if not (cfg.pl_debias or cfg.pl_views == 'cam'):
         plain = labeler.from_embeddings(emb[:, 0]).cpu().numpy()
         report['stages'].append(pl_options.class_quality(plain, true, classnames) | {'when': 'global', 'epoch': 0})

@@ -19,7 +19,8 @@ import losses
 from checkpoints import atomic_save, rng_state
 from config import Config, UserError
 from files import save_json
-from metrics import average_precision_per_class, choose_thresholds
+from label_tables import take_rows
+from metrics import per_class_ap, per_class_thresholds
 
 
 def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, optimizer, logger, method,
@@ -38,11 +39,13 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
         atomic_save(best | {'test_map': logger.best_test_map}, run_dir / 'best.pt')
         per_class, thresholds = {'classnames': classnames, 'epoch': epoch}, None
         for phase in ('val', 'test'):
-            preds, labels = phase_preds[phase], splits[phase].labels_true
-            seen = ~np.isnan(preds[:, 0])  # rows of skipped images are NaN
-            per_class[phase] = (100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)).tolist()
+            seen = ~np.isnan(phase_preds[phase][:, 0])  # rows of skipped images are NaN
+            preds, labels = (take_rows(x, seen) for x in (phase_preds[phase], splits[phase].labels_true))
+            # None: a class that partial annotations cannot evaluate (metrics.average_precision_annotated)
+            aps = 100.0 * per_class_ap(preds, labels, splits[phase].counted(seen))
+            per_class[phase] = [None if np.isnan(ap) else ap for ap in aps.tolist()]
             if phase == 'val':
-                thresholds = choose_thresholds(preds[seen], labels[seen]).tolist()
+                thresholds = per_class_thresholds(preds, labels).tolist()
         save_json(run_dir / 'per_class_ap.json', per_class)
         save_json(run_dir / 'thresholds.json', {'classnames': classnames, 'thresholds': thresholds, 'epoch': epoch,
                                                 'rule': 'score >= threshold; maximises F1 per class on val'})
@@ -72,7 +75,7 @@ def run_record(cfg: Config, device, method_class) -> dict:
         commit = None
     used = set(losses.loss_hparams(cfg.loss)) if cfg.loss in losses.LOSSES else set()
     unused = sorted({'alpha', 'beta', 'beta_pos', 'beta_neg', 'warmup_epoch'} - used)
-    if not method_class.needs_pseudo_labels:
+    if not method_class.uses_pseudo_labels(cfg):
         unused += ['temp', 'threshold', 'partial', 'clip_mode', 'text_features']
         if cfg.model != 'clip_vision':
             unused += ['clip_model', 'clip_pretrained']

@@ -25,6 +25,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,17 +147,18 @@ def per_class_ap(run: Run) -> tuple[dict | None, str]:
     try:
         import class_text_features
         import datasets  # torch is imported only for this fallback
-        from metrics import average_precision_per_class
+        from label_tables import take_rows
+        from metrics import per_class_ap as test_ap
 
         data_root = Path(run.config.get('data_root', 'data'))
         if not data_root.is_absolute() and not data_root.is_dir():
             data_root = REPO_ROOT / data_root
-        splits = datasets.load_splits(data_root, run.config['dataset'])
+        splits = datasets.load_splits(data_root, run.config['dataset'], observed=run.config.get('observed'))
         labels = splits['test'].labels_true
         preds = np.load(preds_path, allow_pickle=False)
         seen = ~np.isnan(preds).any(axis=1)  # rows of images skipped in training are NaN
-        ap = 100.0 * average_precision_per_class(preds[seen], labels[seen] == 1)
-        names = class_text_features.read_classnames(run.config['dataset'])
+        ap = 100.0 * test_ap(preds[seen], take_rows(labels, seen), splits['test'].counted(seen))  # NaN: skipped
+        names = class_text_features.read_classnames(run.config['dataset'], data_root=str(data_root))
     except Exception as e:  # data not on this machine, other labels, ...: the report goes on without it
         return None, f'no per_class_ap.json, and test AP could not be recomputed ({str(e).splitlines()[0][:120]})'
     if len(names) != ap.size:
@@ -431,9 +433,11 @@ def plot_per_class(g: Group, pc: dict, path: Path) -> None:
     plt = _pyplot()
     phase = 'test' if pc['test'] is not None else 'val'
     stack = pc[phase]
-    mean = np.nanmean(stack, axis=0)
     several = stack.shape[0] > 1
-    std = np.nanstd(stack, axis=0, ddof=1) if several else np.zeros_like(mean)
+    with warnings.catch_warnings():  # a class partial annotations cannot evaluate is NaN in every run
+        warnings.simplefilter('ignore', RuntimeWarning)
+        mean = np.nanmean(stack, axis=0)
+        std = np.nanstd(stack, axis=0, ddof=1) if several else np.zeros_like(mean)
     order = np.argsort(-mean, kind='stable')
     title = f'{phase} AP per class at the best epoch (mAP {np.nanmean(mean):.2f})\n{_group_title(g)}'
     if order.size > PER_CLASS_PLOT_MAX:

@@ -11,6 +11,8 @@ import torch
 import class_text_features
 import datasets
 import distributed
+import fingerprint
+import label_tables
 import methods
 import packs
 from checkpoints import ensure_writable
@@ -28,6 +30,10 @@ class Data:
     sampler: datasets.FlipSampler
     loaders: dict
     train_eval_loader: torch.utils.data.DataLoader
+    inputs: dict  # the fingerprint of the data (fingerprint.py), kept in last.pt for --resume
+    # The train rows whose predictions the train phase keeps for its metrics (datasets.metric_rows,
+    # DatasetInfo.train_metric_rows); None: every row.
+    metric_rows: object = None
 
     @property
     def num_classes(self) -> int:
@@ -60,7 +66,7 @@ def ensure_demo_observed(cfg: Config) -> None:
     if path.is_file() and path.stat().st_mtime >= (folder / 'formatted_train_labels.npy').stat().st_mtime:
         return
     if is_primary():
-        log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed))
+        log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed, overwrite=True))
 
 
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
@@ -83,7 +89,7 @@ def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
     """Every input file checked before the expensive work (CLIP, the embedding cache, training)."""
     for phase, split in splits.items():
         if cfg.data_format == 'packed':  # the packs replace the image files
-            packs.open_pack(cfg.data_root, cfg.dataset, phase, split.images, cfg.image_size)
+            packs.open_pack(cfg.data_root, cfg.dataset, phase, split, cfg.image_size)
             continue
         for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images):
             log.warning(f'skipped missing image {root / path} (--skip-bad-images)')
@@ -101,6 +107,12 @@ def load_data(cfg: Config) -> tuple[dict, Path]:
     splits = prepare_data(cfg)
     num_classes = splits['train'].labels_obs.shape[1]
     for phase, split in splits.items():
+        if isinstance(split.labels_true, label_tables.Annotations):  # partial annotations, read in blocks
+            counts = label_tables.summary(split.labels_true)
+            log.info(f'{phase:>5}: {len(split.images):6d} images, {num_classes} classes, {counts["positives"]:.2f} '
+                     f'annotated positives and {counts["negatives"]:.2f} annotated negatives / image; '
+                     f'{counts["evaluable"]} classes with both (the mAP skips the others)')
+            continue
         negatives = ''
         if phase == 'train' and cfg.observed is not None:
             negatives = f'{(split.labels_obs == -1).sum(1).mean():.2f} observed negatives / image ({cfg.observed}), '
@@ -115,6 +127,9 @@ def load_data(cfg: Config) -> tuple[dict, Path]:
 def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -> Data:
     """The image sets (--data-format), the flip sampler and the loaders of every phase."""
     sets, train_eval_set = packs.image_sets(cfg, splits, root)  # --data-format pil or packed
+    inputs = fingerprint.of_run(splits, {phase: sets[phase].image_stats() for phase in splits},
+                                datasets.source_files(cfg.observed, method_class.clean_train_labels,
+                                                      unlabelled=not method_class.reads_train_labels))
     sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP, CCD add their views
     sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0),
                                    draws=getattr(sets['train'], 'num_draws', 0))
@@ -123,4 +138,19 @@ def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -
     for phase in ('val', 'test'):
         loaders[phase] = make_loader(sets[phase], batch_size=cfg.batch_size, cfg=cfg, device=device)
     train_eval_loader = make_loader(train_eval_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
-    return Data(splits, sets, train_eval_set, sampler, loaders, train_eval_loader)
+    return Data(splits, sets, train_eval_set, sampler, loaders, train_eval_loader, inputs,
+                datasets.metric_rows(len(splits['train']), cfg.data.train_metric_rows))
+
+
+def check_same_inputs(cfg: Config, resume: dict, data: Data, root: Path) -> None:
+    """--resume continues on the data the run started with (fingerprint.py), or stops in one line."""
+    if 'inputs' not in resume:
+        log.warning(f'note: {cfg.run_dir}/last.pt records no fingerprint of its data (an older version wrote it), '
+                    'so the data are not checked against those the run started with')
+        return
+    diffs = fingerprint.differences(resume['inputs'], data.inputs, {p: (root, s.images) for p, s in data.splits.items()})
+    if diffs:
+        raise UserError(f'--resume {cfg.run_dir}: the data under --data-root {cfg.data_root} are not those the run '
+                        f'started with: {"; ".join(diffs)}; resuming would train on other pictures or labels: '
+                        'restore them (a copy that keeps modification times, cp -a or rsync -a, is the same data), or '
+                        f'start a new run (--init-from {Path(cfg.run_dir) / "last.pt"} starts it from these weights)')

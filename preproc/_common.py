@@ -12,9 +12,31 @@ import numpy as np
 
 from files import replace_all
 
+CLASSNAMES_DIR = Path(__file__).resolve().parents[1] / "text_features"
+
 
 class PreprocError(Exception):
     """A user-facing, one-line error: names the file and what to do about it."""
+
+
+def check_class_names(dataset: str, names: list[str], source: Path, what_to_do: str) -> None:
+    """Refuse (PreprocError, one line) columns whose class names are not, in order, the lines of
+    text_features/<dataset>_classnames.txt: that file names column k for CLIP's prompts, the
+    pseudo-labels and every report, so a column written in another order, renamed or added would be
+    trained and evaluated as another class. `names`: the names the raw file gives the columns, in
+    the order they are written; `source`: that file."""
+    path = CLASSNAMES_DIR / f"{dataset}_classnames.txt"
+    expected = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if names == expected:
+        return
+    if len(names) != len(expected):
+        extra = [n for n in names if n not in expected][:1] or [n for n in expected if n not in names][:1]
+        raise PreprocError(f"{source} lists {len(names)} classes, but {dataset} has the {len(expected)} of {path} "
+                           f"(e.g. {extra[0]!r} is in one of them only): {what_to_do}")
+    k = next(k for k, (name, known) in enumerate(zip(names, expected)) if name != known)
+    how = "lists the classes in another order" if sorted(names) == sorted(expected) else "names a class differently"
+    raise PreprocError(f"{source} {how}: its class {k} is {names[k]!r}, where line {k + 1} of {path} says "
+                       f"{expected[k]!r}: {what_to_do}")
 
 
 def dataset_parser(prog: str, dataset: str, description: str) -> argparse.ArgumentParser:
@@ -26,6 +48,13 @@ def dataset_parser(prog: str, dataset: str, description: str) -> argparse.Argume
     parser.add_argument("--save-path", default=default,
                         help=f"folder the formatted_*.npy files are written to (default: {default})")
     return parser
+
+
+def add_missing_images_flag(parser: argparse.ArgumentParser, images: str) -> None:
+    """--missing-images drop|error (default drop), for `images` (e.g. 'listed images absent under Flickr/')."""
+    parser.add_argument("--missing-images", choices=("drop", "error"), default="drop",
+                        help=f"{images}: 'drop' leaves them out and reports how many, 'error' refuses to "
+                             "write anything (default: drop)")
 
 
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], list[str]],

@@ -20,12 +20,13 @@ if __package__ in (None, ''):  # run as `python preproc/compute_text_features.py
 
 import class_text_features  # noqa: E402
 import clip_loading  # noqa: E402
-from config import ModelLoadError  # noqa: E402
+from config import DATASETS, DEFAULT_DIRS, ModelLoadError  # noqa: E402
 from preproc._common import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    datasets = sorted(p.name.removesuffix('_classnames.txt') for p in class_text_features.CLASSNAMES_DIR.glob('*_classnames.txt'))
+    committed = {p.name.removesuffix('_classnames.txt') for p in class_text_features.CLASSNAMES_DIR.glob('*_classnames.txt')}
+    datasets = sorted(committed | {name for name, row in DATASETS.items() if row.classnames})  # + names in data/
     parser = argparse.ArgumentParser(prog='compute_text_features', description=__doc__.split('\n\n')[0])
     parser.add_argument('--dataset', required=True, choices=datasets,
                         help='dataset whose class names are encoded (required)')
@@ -42,17 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help='output .npy file (default: text_features/<dataset>_<clip model>_<weights>'
                              '[_t<first 8 hex of sha1(template)>].npy, the suffix only for a template other than {})')
     parser.add_argument('--device', default='cpu', help="torch device for CLIP, e.g. 'cuda' (default: cpu)")
+    parser.add_argument('--data-root', default=DEFAULT_DIRS['data'],
+                        help='folder of the datasets, for a dataset whose class names its format script writes '
+                             'there (openimages; default: data/ beside main_clip.py)')
     return parser
 
 
 def compute_and_save(dataset: str, clip_model: str, clip_pretrained: str | None, template: str = '{}',
-                     output: str | Path | None = None, device: str = 'cpu') -> Path:
+                     output: str | Path | None = None, device: str = 'cpu', data_root: str | None = None) -> Path:
     """Load CLIP, encode the dataset's class names, save (K, D) float32 normalised rows; returns the path."""
     if '{}' not in template:
         raise ValueError(f"--template {template!r} must contain '{{}}' where the class name goes")
     path = Path(output) if output else class_text_features.default_text_features_path(
         dataset, clip_model, clip_pretrained, template)
-    classnames = class_text_features.read_classnames(dataset)
+    classnames = class_text_features.read_classnames(dataset, data_root=data_root)
     clip, tokenizer = clip_loading.load_clip(clip_model, clip_pretrained, device=device)
     features = class_text_features.compute_text_features(clip, tokenizer, classnames, template)
     return class_text_features.save_text_features(path, features)
@@ -63,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> list[str]:
         pretrained = None if args.clip_pretrained.lower() == 'none' else args.clip_pretrained
-        path = compute_and_save(args.dataset, args.clip_model, pretrained, args.template, args.output, args.device)
+        path = compute_and_save(args.dataset, args.clip_model, pretrained, args.template, args.output, args.device,
+                                args.data_root)
         return [f'wrote {path}']
 
     return run_cli(parser, body, argv, errors=(ModelLoadError, ValueError, OSError))

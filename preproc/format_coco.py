@@ -4,7 +4,7 @@ docs/original-vlpl.md section 2 (faithful).
 
 For phase in (train, val), annotations/instances_<phase>2014.json is read. Class index = position
 of the category in the file's `categories` list (both files must list the same categories in the
-same order). Rows are the distinct image ids with at least one annotation, sorted as decimal
+same order, and their names must be, in that order, those of text_features/coco_classnames.txt). Rows are the distinct image ids with at least one annotation, sorted as decimal
 strings ("100" before "25"); label 1 for every category annotated in the image. Image path:
 `<phase>2014/COCO_<phase>2014_<image id zero-padded to 12 digits>.jpg`.
 """
@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as `python preproc/format_coco.py`
 
 import numpy as np
 
-from preproc._common import PreprocError, dataset_parser, require, run_cli, save_formatted
+from preproc._common import PreprocError, check_class_names, dataset_parser, require, run_cli, save_formatted
 
 PHASES = ("train", "val")
 DOWNLOAD = ("download annotations_trainval2014.zip from https://cocodataset.org and extract it into "
@@ -102,6 +102,9 @@ def format_coco(load_path: Path, save_path: Path) -> list[str]:
         data = read_instances(path)
         if categories is None:
             categories = read_categories(path, data)
+            check_class_names("coco", [name for _, name in categories], path,
+                              "the official file lists the 80 COCO categories sorted by id; re-extract "
+                              "annotations_trainval2014.zip")
             class_of = {cat_id: k for k, (cat_id, _) in enumerate(categories)}
         elif read_categories(path, data) != categories:
             raise PreprocError(f"{path}: its categories list differs from the one in "

@@ -3,7 +3,8 @@
 docs/original-vlpl.md section 2 (faithful).
 
 The 312 binary attributes are the labels. Files (paths relative to the extracted archive):
-attributes.txt (`<attr id> <name>`, at the archive root beside CUB_200_2011/),
+attributes.txt (`<attr id> <name>`, at the archive root beside CUB_200_2011/; the names are checked
+against text_features/cub_classnames.txt),
 CUB_200_2011/images.txt (`<image id> <path>`), CUB_200_2011/train_test_split.txt
 (`<image id> <is_train>`) and CUB_200_2011/attributes/image_attribute_labels.txt
 (`<image id> <attr id> <is_present> <certainty> <time>`; a few lines of the real file carry extra
@@ -20,8 +21,8 @@ if __package__ in (None, ""):  # run as `python preproc/format_cub.py`
 
 import numpy as np
 
-from preproc._common import (PreprocError, dataset_parser, parse_int, read_rows, require,
-                             run_cli, save_formatted)
+from preproc._common import (PreprocError, check_class_names, dataset_parser, parse_int, read_rows,
+                             require, run_cli, save_formatted)
 
 DOWNLOAD = ("download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/ "
             "and extract the whole archive into the --load-path folder (attributes.txt sits at its "
@@ -29,16 +30,18 @@ DOWNLOAD = ("download CUB_200_2011.tgz from https://www.vision.caltech.edu/datas
 
 
 def read_attribute_count(path: Path) -> int:
-    """Number of attributes; their ids must run 1, 2, ... in file order (id a is column a-1)."""
-    count = 0
-    for lineno, (attr_id, _name) in read_rows(require(path, DOWNLOAD), 2, 2):
-        count += 1
-        if parse_int(path, lineno, attr_id) != count:
-            raise PreprocError(f"{path}:{lineno}: attribute id {attr_id}, expected {count} "
+    """Number of attributes; their ids must run 1, 2, ... in file order (id a is column a-1), and
+    their names must be, in that order, those of text_features/cub_classnames.txt."""
+    names = []
+    for lineno, (attr_id, name) in read_rows(require(path, DOWNLOAD), 2, 2):
+        names.append(name)
+        if parse_int(path, lineno, attr_id) != len(names):
+            raise PreprocError(f"{path}:{lineno}: attribute id {attr_id}, expected {len(names)} "
                                f"(ids must run 1, 2, ... in order)")
-    if count == 0:
+    if not names:
         raise PreprocError(f"{path} lists no attributes: {DOWNLOAD}")
-    return count
+    check_class_names("cub", names, path, f"CUB's file lists its 312 attributes by id; {DOWNLOAD}")
+    return len(names)
 
 
 def read_images(path: Path) -> dict[int, str]:

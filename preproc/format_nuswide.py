@@ -3,6 +3,7 @@
 The original VLPL ships only pre-formatted files for NUS-WIDE; this script builds them from the
 raw download (load-path relative):
   Concepts81.txt                                   one concept per line; line order = class order
+                                                   (checked against text_features/nuswide_classnames.txt)
   ImageList/TrainImagelist.txt, TestImagelist.txt  one image per line, e.g. `actor\\0001_2124494179.jpg`
   Groundtruth/TrainTestLabels/Labels_<concept>_Train.txt / _Test.txt
                                                    one 0/1 per line, aligned with the image list
@@ -22,8 +23,8 @@ if __package__ in (None, ""):  # run as `python preproc/format_nuswide.py`
 
 import numpy as np
 
-from preproc._common import (PreprocError, dataset_parser, parse_int, read_rows, require,
-                             run_cli, save_formatted)
+from preproc._common import (PreprocError, add_missing_images_flag, check_class_names, dataset_parser, parse_int,
+                             read_rows, require, run_cli, save_formatted)
 
 PHASES = (("Train", "train"), ("Test", "val"))  # (NUS-WIDE list name, our phase)
 DOWNLOAD = ("download the NUS-WIDE image lists, ground truth and Concepts81.txt and extract them "
@@ -36,6 +37,7 @@ def read_concepts(path: Path) -> list[str]:
     concepts = [fields[0] for _, fields in read_rows(require(path, DOWNLOAD), 1, 1)]
     if not concepts or len(set(concepts)) != len(concepts):
         raise PreprocError(f"{path} is empty or repeats a concept: {DOWNLOAD}")
+    check_class_names("nuswide", concepts, path, f"NUS-WIDE's file lists the 81 concepts alphabetically; {DOWNLOAD}")
     return concepts
 
 
@@ -117,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                              "was run on, where every image has a label; 'keep' writes them with "
                              "an all-zero label row (they never get an observed positive) "
                              "(default: drop)")
-    parser.add_argument("--missing-images", choices=("drop", "error"), default="drop",
-                        help="listed images absent under Flickr/: 'drop' leaves them out and "
-                             "reports how many, 'error' refuses to write anything (default: drop)")
+    add_missing_images_flag(parser, "listed images absent under Flickr/")
 
     def body(args):
         return format_nuswide(Path(args.load_path), Path(args.save_path),

@@ -136,6 +136,31 @@ def _summary(dataset: str, phase: str, observed: np.ndarray, folder: Path, name:
             f"written to {folder / name}")
 
 
+def _save_new(folder: Path, outputs: dict[str, np.ndarray], overwrite: bool) -> dict[str, str]:
+    """Write outputs {file name: array} into folder; returns {file name: 'written' or 'unchanged'}.
+
+    A file that already holds exactly that array is left as it is. One that holds other labels is
+    replaced only with `overwrite`: runs may have trained on it, and a run resumed on a file that
+    changed under it stops (fingerprint.py), so replacing it is a decision, not a side effect."""
+    status = {}
+    for name, array in outputs.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            old = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            old = None  # unreadable: other labels as far as anyone can tell
+        if old is not None and old.shape == array.shape and np.array_equal(old, array):  # values: runs read float32
+            status[name] = "unchanged"
+        elif not overwrite:
+            raise PreprocError(f"{path} exists and holds other observed labels (other settings or seed, or other "
+                               "labels): pass --overwrite to replace it (runs that used it can then no longer be "
+                               "resumed), or choose another --data-root")
+    save_arrays(folder, {name: a for name, a in outputs.items() if name not in status})
+    return {name: status.get(name, "written") for name in outputs}
+
+
 def _run_single(args, folder, num_classes):
     num_pos = 1 if args.num_pos is None else args.num_pos
     num_neg = 0 if args.num_neg is None else args.num_neg
@@ -148,9 +173,13 @@ def _run_single(args, folder, num_classes):
         observed = generate_observed(labels, num_pos, num_neg, args.seed)
         name = f"formatted_{phase}_labels_obs.npy"
         outputs[name] = _as_written(observed, labels)
-        report.append(_summary(args.dataset, phase, observed, folder, name))
-    save_arrays(folder, outputs)
-    return report
+        report.append((name, _summary(args.dataset, phase, observed, folder, name)))
+    status = _save_new(folder, outputs, args.overwrite)
+    return [_with_status(line, status[name]) for name, line in report]
+
+
+def _with_status(line: str, status: str) -> str:
+    return line if status == "written" else line.replace(" written to ", " already in ") + " (unchanged)"
 
 def _run_partial(args, folder, num_classes):
     if args.scheme == "rps":
@@ -161,20 +190,22 @@ def _run_partial(args, folder, num_classes):
         param = CSL_PER_CLASS if args.per_class is None else args.per_class
         if param < 0:
             raise PreprocError(f"--per-class must be >= 0, got {param}")
-    return [write_partial(args.data_root, args.dataset, args.scheme, param, args.seed)]
+    return [write_partial(args.data_root, args.dataset, args.scheme, param, args.seed, overwrite=args.overwrite)]
 
 
-def write_partial(data_root: str | Path, dataset: str, scheme: str, param: float, seed: int = 1200) -> str:
+def write_partial(data_root: str | Path, dataset: str, scheme: str, param: float, seed: int = 1200, *,
+                  overwrite: bool = False) -> str:
     """Simulate scheme (rps / fpc) with param on <data_root>/<dataset>/formatted_train_labels.npy and
     write formatted_train_labels_obs_<partial_tag>.npy next to it; returns the one-line summary.
-    main_clip.py calls it for `-d demo --observed TAG` when the demo lacks the file."""
+    A file of other labels is replaced only with `overwrite` (_save_new). main_clip.py calls it for
+    `-d demo --observed TAG` when the demo lacks the file or was regenerated since."""
     folder = Path(data_root) / dataset
     labels = _load_labels(dataset, folder, "train", DATASETS[dataset].num_classes)
     simulate = simulate_rps if scheme == "rps" else simulate_fpc
     observed = simulate(labels, param, seed)
     name = observed_file_name(partial_tag(scheme, param))
-    save_arrays(folder, {name: _as_written(observed, labels)})
-    return _summary(dataset, "train", observed, folder, name)
+    status = _save_new(folder, {name: _as_written(observed, labels)}, overwrite)
+    return _with_status(_summary(dataset, "train", observed, folder, name), status[name])
 
 
 def _load_labels(dataset: str, folder: Path, phase: str, num_classes: int) -> np.ndarray:
@@ -185,7 +216,7 @@ def _load_labels(dataset: str, folder: Path, phase: str, num_classes: int) -> np
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="generate_observed_labels.py",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS),
+    parser.add_argument("--dataset", required=True, choices=sorted(n for n, d in DATASETS.items() if not d.annotated),
                         help="dataset folder under --data-root (required; no default)")
     parser.add_argument("--scheme", choices=SCHEMES, default="single",
                         help="single: --num-pos positives and --num-neg negatives per image, train and "
@@ -207,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                              "seeds its simulation (default: 1200)")
     parser.add_argument("--data-root", default="data",
                         help="folder holding one sub-folder per dataset (default: data)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace observed-label files that hold other labels (default: refuse; a file that "
+                             "already holds exactly these labels is left as it is)")
 
     def body(args):
         scheme_flags = {"single": ("--num-pos", "--num-neg"), "rps": ("--drop-prob",), "fpc": ("--per-class",)}

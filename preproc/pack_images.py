@@ -7,9 +7,12 @@ For each split of main_clip.py (train and val: the rows of the official train sp
 datasets.load_splits cuts; test: the official val split) every image is decoded and resized once,
 exactly as the training pipeline resizes it (RGB, Resize((S, S)), bilinear, antialias), and stored
 as one uint8 N x S x S x 3 array in <data-root>/<dataset>/packed/<split>.npy, with its index
-<split>.json (the image list, its sha256, the size). A pack is written under a temporary name and
-renamed when complete; an interrupted run continues where it stopped when run again; a pack of
-another size is refused (--overwrite replaces it). Disk: N x S x S x 3 bytes per split.
+<split>.json (the image list, its sha256, the size, each image's size and modification time). A
+pack is allocated on disk in full first (a full disk is one line at the start), written under a
+temporary name and renamed when complete; an interrupted run, or one stopped by a full disk,
+continues where it stopped when run again; images rewritten since a pack was made are re-packed
+(only those rows); a pack of another size is refused (--overwrite replaces it). The decoding
+workers end with the script, however it ends. Disk: N x S x S x 3 bytes per split.
 """
 from __future__ import annotations
 

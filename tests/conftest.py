@@ -42,6 +42,24 @@ def tiny_clip(tmp_path_factory) -> dict:
     return {'config': str(config), 'checkpoint': str(checkpoint), 'folder': folder}
 
 
+@pytest.fixture
+def timm_calls(monkeypatch) -> list:
+    """timm.create_model replaced by a recorder: the list of (name, kwargs) of every call; each call
+    returns a stand-in trunk (Flatten with num_features 2048), so no network or real model is needed."""
+    import timm
+
+    calls = []
+
+    def fake_create_model(name, **kwargs):
+        calls.append((name, kwargs))
+        net = torch.nn.Flatten(1)
+        net.num_features = 2048
+        return net
+
+    monkeypatch.setattr(timm, 'create_model', fake_create_model)
+    return calls
+
+
 def write_pascal_like(root: Path, num_train: int, num_val: int, seed: int = 0, size: int = 24) -> Path:
     """A pascal-shaped formatted dataset (K = 20) of small coloured images, class-dependent colours."""
     from preproc.generate_observed_labels import generate_observed

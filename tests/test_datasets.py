@@ -14,10 +14,12 @@ from datasets import DATASETS, DataError, MultiLabelImages, Split, image_root, l
 def test_dataset_table():
     assert {name: (spec.num_classes, spec.image_dir) for name, spec in DATASETS.items()} == {
         "pascal": (20, "VOCdevkit/VOC2012/JPEGImages"),
+        "voc2007": (20, "VOCdevkit/VOC2007/JPEGImages"),
         "coco": (80, "."),
         "nuswide": (81, "Flickr"),
         "cub": (312, "CUB_200_2011/images"),
         "demo": (30, "images"),
+        "openimages": (None, "."),  # as many classes as the user's trainable list (format_openimages.py)
     }
     assert datasets.IMAGENET_MEAN == (0.485, 0.456, 0.406)
     assert datasets.IMAGENET_STD == (0.229, 0.224, 0.225)
@@ -149,6 +151,43 @@ def test_load_splits_refuses_inconsistent_files(tmp_path, name, bad, message):
     with pytest.raises(DataError, match=message) as err:
         load_splits(tmp_path, "pascal")
     assert name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_full_observed_labels_and_ignore_masks(tmp_path):
+    """--observed full: every label observed (1 / -1) from the train labels, no file read; the
+    ignore masks (formatted_*_ignore.npy, SGRE's ignore.npy) follow each split's rows, and an
+    ignored training entry stays unknown (0)."""
+    folder = tmp_path / "voc2007"
+    arrays = _write_formatted(folder, 20, obs=False)
+    splits = load_splits(tmp_path, "voc2007", observed="full")
+    labels = arrays["formatted_train_labels.npy"]
+    train_rows, val_rows = [0, 1, 2, 4, 5, 6, 8, 9], [3, 7]
+    np.testing.assert_array_equal(splits["train"].labels_obs, 2 * labels[train_rows] - 1)
+    assert splits["train"].labels_obs.dtype == np.float32
+    assert all(split.ignore is None and split.counted() is None for split in splits.values())
+
+    test_ignore = np.zeros((3, 20), dtype=bool)
+    test_ignore[1, 5] = test_ignore[2, 0] = True
+    np.save(folder / "formatted_val_ignore.npy", test_ignore)
+    train_ignore = np.zeros((10, 20), dtype=np.int64)  # 0/1 as SGRE writes it is read too
+    train_ignore[4, 7] = train_ignore[3, 2] = 1
+    np.save(folder / "formatted_train_ignore.npy", train_ignore)
+    splits = load_splits(tmp_path, "voc2007", observed="full")
+    np.testing.assert_array_equal(splits["test"].ignore, test_ignore)
+    np.testing.assert_array_equal(splits["test"].counted(), ~test_ignore)
+    np.testing.assert_array_equal(splits["test"].counted(np.array([True, False, True])), ~test_ignore[[0, 2]])
+    np.testing.assert_array_equal(splits["train"].ignore, train_ignore[train_rows] == 1)
+    np.testing.assert_array_equal(splits["val"].ignore, train_ignore[val_rows] == 1)
+    expected = 2 * labels[train_rows] - 1
+    expected[train_rows.index(4), 7] = 0
+    np.testing.assert_array_equal(splits["train"].labels_obs, expected)
+
+    np.save(folder / "formatted_val_ignore.npy", np.zeros((3, 19), dtype=bool))
+    with pytest.raises(DataError, match=r"formatted_val_ignore\.npy has shape \(3, 19\)"):
+        load_splits(tmp_path, "voc2007", observed="full")
+    np.save(folder / "formatted_val_ignore.npy", np.full((3, 20), 2))
+    with pytest.raises(DataError, match=r"formatted_val_ignore\.npy holds values other than"):
+        load_splits(tmp_path, "voc2007", observed="full")
 
 
 def test_load_splits_too_few_rows(tmp_path):

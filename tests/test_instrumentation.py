@@ -179,3 +179,15 @@ def test_log_scalar_state_round_trip_and_old_states():
     assert restored.state_dict()['extra'] == {'train': {}, 'val': {}, 'test': {}}
     with pytest.raises(ValueError, match='log_phase series'):
         logger.log_scalar(1, 'train', 'map_clean', 1.0)
+
+
+def test_prediction_summaries_in_row_blocks_are_the_whole_array_ones():
+    """log_phase sums predictions in blocks of rows (instrumentation.ROW_BLOCK) so that no N x K temporary
+    is made; each row's sum, hence every number, is the whole-array one."""
+    rng = np.random.default_rng(0)
+    for shape in ((instrumentation.ROW_BLOCK * 2 + 5, 7), (3, 81)):
+        preds = rng.random(shape).astype(np.float32)
+        labels = (rng.random(shape) < 0.3).astype(np.float32)
+        summary = TrainLogger(1, shape[1]).log_phase(1, 'train', preds, labels, labels, 0.5)
+        assert summary['mean_pos'] == float(np.mean(np.sum(preds > 0.5, axis=1)))
+        assert summary['preds_k_hat'] == float(np.mean(np.sum(preds, axis=1)))

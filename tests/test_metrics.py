@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from metrics import METRIC_KEYS, compute_metrics, compute_metrics_loop
+from metrics import METRIC_KEYS, average_precision_per_class, compute_metrics, compute_metrics_loop
 
 
 def assert_same(got, expected):
@@ -29,6 +29,34 @@ def test_many_ties_against_sklearn_and_loop(seed):
     preds = np.round(rng.random((200, 20)), 1)   # 11 distinct values: ties everywhere
     labels = (rng.random((200, 20)) < 0.3).astype(np.int64)
     assert_same(compute_metrics(preds, labels), compute_metrics_loop(preds, labels))
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_masked_ap_equals_dropping_each_columns_rows(seed):
+    """A mask leaves entries out of their class's AP exactly as SGRE's VOCmAP drops the ignored rows of
+    each class (lib/metrics.py _voc_mAP: target[ignore != 1]); here against scikit-learn on the kept
+    rows, ties included. Masked entries may score anything, even above every positive."""
+    rng = np.random.default_rng(seed)
+    preds = np.round(rng.random((150, 9)), 1)
+    labels = (rng.random((150, 9)) < 0.3)
+    mask = rng.random((150, 9)) < 0.8
+    preds[~mask] = 1.0  # left out: must not count as false positives
+    mask[:, 3] &= ~labels[:, 3]  # class 3: every positive left out -> AP 0
+    expected = [average_precision_score(labels[mask[:, c], c], preds[mask[:, c], c]) if labels[mask[:, c], c].any()
+                else 0.0 for c in range(9)]
+    np.testing.assert_allclose(average_precision_per_class(preds, labels, mask), expected, rtol=1e-12)
+    assert compute_metrics(preds, labels, mask)['map'] == pytest.approx(100 * np.mean(expected), rel=1e-12)
+    # the per-image metrics do not change; without a mask nothing does
+    unmasked = compute_metrics(preds, labels)
+    assert {k: v for k, v in compute_metrics(preds, labels, mask).items() if k != 'map'} == \
+        {k: v for k, v in unmasked.items() if k != 'map'}
+    assert_same(unmasked, compute_metrics_loop(preds, labels))
+    np.testing.assert_array_equal(average_precision_per_class(preds, labels, np.ones_like(mask)),
+                                  average_precision_per_class(preds, labels))
+    with pytest.raises(ValueError, match='mask must be a bool array of shape'):
+        compute_metrics(preds, labels, mask[:, :8])
+    with pytest.raises(ValueError, match='mask must be a bool array'):
+        compute_metrics(preds, labels, mask.astype(int))
 
 
 def test_hand_made_small_k():

@@ -157,7 +157,7 @@ def test_torchscript_checkpoint_goes_to_the_openai_loader(tiny_clip, tmp_path, m
 
 def test_backbone_table():
     assert set(models.BACKBONES) == {'resnet50', 'clip_vision', 'convnext_xlarge_22k', 'convnext_xlarge_1k',
-                                     'small_cnn'}
+                                     'small_cnn', 'resnet101', 'tresnet_m', 'tresnet_l', 'swin_large'}
     with pytest.raises(ValueError, match='unknown backbone'):
         models.build_classifier('vgg', 3)
 
@@ -201,23 +201,12 @@ def test_convnext_output_shapes_on_meta_device(name):
     assert model.head.in_features == 2048
 
 
-def test_convnext_rows_ask_timm_for_the_reference_models(monkeypatch, tmp_path):
-    import timm
-
-    calls = []
-
-    def fake_create_model(name, **kwargs):
-        calls.append((name, kwargs))
-        net = torch.nn.Flatten(1)
-        net.num_features = 2048
-        return net
-
-    monkeypatch.setattr(timm, 'create_model', fake_create_model)
+def test_convnext_rows_ask_timm_for_the_reference_models(timm_calls, tmp_path):
     weights = tmp_path / 'convnext.safetensors'
     weights.write_bytes(b'x')
     models.build_classifier('convnext_xlarge_22k', 4)
     models.build_classifier('convnext_xlarge_1k', 4, weights_path=weights)
-    assert calls == [
+    assert timm_calls == [
         ('convnext_xlarge.fb_in22k', {'pretrained': True, 'num_classes': 0}),
         ('convnext_xlarge.fb_in22k_ft_in1k',
          {'pretrained': True, 'num_classes': 0, 'pretrained_cfg_overlay': {'file': str(weights)}}),

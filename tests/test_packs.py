@@ -100,7 +100,7 @@ def test_sizes_are_never_mixed(data, capsys):
     with pytest.raises(UserError, match='holds 32 px images, not 40'):
         packs.write_pack(data, 'pascal', 'val', split, 40)
     with pytest.raises(DataError, match='holds 32 px images but this run uses --image-size 40'):
-        packs.open_pack(data, 'pascal', 'val', split.images, 40)
+        packs.open_pack(data, 'pascal', 'val', split, 40)
     # the command line: one line, exit status 2; --overwrite replaces the pack
     assert pack_images.main(['-d', 'pascal', '--data-root', str(data), '--image-size', '40', '--splits', 'val',
                              '--num-workers', '0']) == 2

@@ -134,10 +134,113 @@ def test_format_pascal_bad_input(voc_root, tmp_path, capsys):
     assert snapshot(tmp_path / "out") == good
 
 
+# ---------------------------------------------------------------- VOC 2007 (SGRE's rule)
+
+# list -> [(image id, [(class, difficult), ...])], in list order (not sorted: the order is kept)
+VOC2007 = {
+    "trainval": [
+        ("000012", [("car", 0)]),
+        ("000005", [("chair", 0), ("chair", 1), ("diningtable", 1), ("Pottedplant", 0)]),  # table: only difficult
+        ("000007", [("dog", 1), ("dog", 1)]),  # every object difficult: an all-zero row, kept
+        ("000009", [("horse", 0), ("person", None)]),  # no <difficult> tag: not difficult
+    ],
+    "test": [
+        ("000001", [("dog", 0), ("person", 1)]),  # person only difficult: 0 and ignored
+        ("000004", [("car", 1), ("car", 0), ("sofa", 1), ("tvmonitor", 0)]),
+        ("000002", [("train", 1)]),  # only difficult: all-zero row, train ignored
+    ],
+}
+
+
+def voc_xml(image_id, objects):
+    parts = [f"<annotation>\n  <folder>VOC2007</folder>\n  <filename>{image_id}.jpg</filename>\n"
+             "  <size><width>500</width><height>375</height><depth>3</depth></size>\n"]
+    for name, difficult in objects:
+        tag = "" if difficult is None else f"<difficult>{difficult}</difficult>"
+        parts.append(f"  <object>\n    <name>{name}</name>\n    <pose>Left</pose>\n    <truncated>0</truncated>\n"
+                     f"    {tag}\n    <bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox>\n"
+                     "  </object>\n")
+    return "".join(parts) + "</annotation>\n"
+
+
+@pytest.fixture
+def voc2007_root(tmp_path):
+    voc = tmp_path / "raw" / "VOCdevkit" / "VOC2007"
+    for folder in ("Annotations", "ImageSets/Main"):
+        (voc / folder).mkdir(parents=True)
+    for list_name, images in VOC2007.items():
+        (voc / "ImageSets" / "Main" / f"{list_name}.txt").write_text("".join(f"{i}\n" for i, _ in images))
+        for image_id, objects in images:
+            (voc / "Annotations" / f"{image_id}.xml").write_text(voc_xml(image_id, objects))
+    return tmp_path / "raw"
+
+
+def test_format_voc2007_follows_sgre(voc2007_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_format(format_pascal, voc2007_root, out, "--year", "2007")
+    report = capsys.readouterr().out.splitlines()
+    assert "4 images" in report[0] and "1 without a positive label kept" in report[0]
+    assert "2 image-class pairs with only difficult objects negative" in report[0]  # diningtable, dog
+    assert "3 image-class pairs with only difficult objects ignored in evaluation" in report[1]
+    c = {name: k for k, name in enumerate(VOC_CLASSES)}
+    images, labels = load(out, "train")
+    assert images.tolist() == ["000012.jpg", "000005.jpg", "000007.jpg", "000009.jpg"]
+    np.testing.assert_array_equal(labels, rows(20, [c["car"]], [c["chair"], c["pottedplant"]], [],
+                                               [c["horse"], c["person"]]))
+    assert labels.dtype == np.float64
+    images, labels = load(out, "val")
+    assert images.tolist() == ["000001.jpg", "000004.jpg", "000002.jpg"]
+    np.testing.assert_array_equal(labels, rows(20, [c["dog"]], [c["car"], c["tvmonitor"]], []))
+    ignore = np.load(out / "formatted_val_ignore.npy", allow_pickle=False)
+    assert ignore.dtype == np.bool_
+    np.testing.assert_array_equal(ignore, rows(20, [c["person"]], [c["sofa"]], [c["train"]]) == 1)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "formatted_train_images.npy", "formatted_train_labels.npy", "formatted_val_ignore.npy",
+        "formatted_val_images.npy", "formatted_val_labels.npy"]
+
+
+def test_format_pascal_2012_output_unchanged_by_year_flag(voc_root, tmp_path):
+    run_format(format_pascal, voc_root, tmp_path / "default")
+    run_format(format_pascal, voc_root, tmp_path / "2012", "--year", "2012")
+    assert snapshot(tmp_path / "default") == snapshot(tmp_path / "2012")
+
+
+def test_format_voc2007_bad_input(voc2007_root, tmp_path, capsys):
+    argv = ["--load-path", str(voc2007_root), "--save-path", str(tmp_path / "out"), "--year", "2007"]
+    voc = voc2007_root / "VOCdevkit" / "VOC2007"
+    xml = voc / "Annotations" / "000004.xml"
+    good = xml.read_text()
+    xml.write_text(good.replace("<name>sofa</name>", "<name>couch</name>"))
+    assert_cli_error(capsys, format_pascal.main, argv, str(xml), "object 3", "'couch'")
+    xml.write_text(good.replace("<difficult>0</difficult>", "<difficult>maybe</difficult>"))
+    assert_cli_error(capsys, format_pascal.main, argv, str(xml), "<difficult>maybe</difficult>")
+    xml.write_text(good[:40])
+    assert_cli_error(capsys, format_pascal.main, argv, str(xml), "not a readable VOC annotation")
+    xml.unlink()
+    assert_cli_error(capsys, format_pascal.main, argv, f"{xml} not found", "VOCtest_06-Nov-2007.tar")
+    xml.write_text(good)
+    test_list = voc / "ImageSets" / "Main" / "test.txt"
+    test_list.write_text("000001\n000004\n000002\n000005\n")
+    assert_cli_error(capsys, format_pascal.main, argv, "in both trainval.txt and test.txt", "000005.jpg")
+    test_list.write_text("000001\n000004\n000001\n")
+    assert_cli_error(capsys, format_pascal.main, argv, str(test_list), "image 000001 twice")
+    assert not (tmp_path / "out").exists()
+    assert_cli_error(capsys, format_pascal.main, ["--year", "2007", "--load-path", str(tmp_path / "none")],
+                     "VOCdevkit/VOC2007 not found", "VOCtrainval_06-Nov-2007.tar")
+
+
 # ---------------------------------------------------------------- COCO
 
-COCO_CATEGORIES = [{"id": 5, "name": "airplane"}, {"id": 1, "name": "person"},
-                   {"id": 90, "name": "toothbrush"}]  # class index = position: 5->0, 1->1, 90->2
+def classnames(dataset):
+    return (REPO / "text_features" / f"{dataset}_classnames.txt").read_text(encoding="utf-8").splitlines()
+
+
+# The official categories list: the 80 COCO categories sorted by id (ids 1..90 with gaps), named as
+# text_features/coco_classnames.txt. Class index = position: id 1 (person) -> 0, 5 (airplane) -> 4,
+# 90 (toothbrush) -> 79.
+COCO_IDS = [*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
+            *range(84, 91)]
+COCO_CATEGORIES = [{"id": i, "name": n} for i, n in zip(COCO_IDS, classnames("coco"), strict=True)]
 
 
 def coco_json(image_ids, annotations, categories=COCO_CATEGORIES):
@@ -167,11 +270,11 @@ def test_format_coco(coco_root, tmp_path, capsys):
     assert images.tolist() == ["train2014/COCO_train2014_000000000100.jpg",
                                "train2014/COCO_train2014_000000000025.jpg",
                                "train2014/COCO_train2014_000000000009.jpg"]
-    np.testing.assert_array_equal(labels, rows(3, [1, 2], [1], [0]))
+    np.testing.assert_array_equal(labels, rows(80, [0, 79], [0], [4]))
     images, labels = load(out, "val")
     assert images.tolist() == ["val2014/COCO_val2014_000000001000.jpg",
                                "val2014/COCO_val2014_000000000003.jpg"]
-    np.testing.assert_array_equal(labels, rows(3, [0], [2]))
+    np.testing.assert_array_equal(labels, rows(80, [4], [79]))
 
 
 def test_format_coco_bad_input(coco_root, tmp_path, capsys):
@@ -179,8 +282,8 @@ def test_format_coco_bad_input(coco_root, tmp_path, capsys):
     val = coco_root / "annotations" / "instances_val2014.json"
     val.write_text(json.dumps(coco_json([3], [(3, 90)], COCO_CATEGORIES[::-1])))
     assert_cli_error(capsys, format_coco.main, argv, str(val), "categories list differs")
-    val.write_text(json.dumps(coco_json([3], [(3, 2)])))
-    assert_cli_error(capsys, format_coco.main, argv, str(val), "annotations[0]", "category_id 2")
+    val.write_text(json.dumps(coco_json([3], [(3, 12)])))  # 12: no COCO category has it
+    assert_cli_error(capsys, format_coco.main, argv, str(val), "annotations[0]", "category_id 12")
     val.write_text(json.dumps(coco_json([3], [(4, 90)])))
     assert_cli_error(capsys, format_coco.main, argv, "refers to image 4")
     val.write_text('{"categories": [],\n "annotations": [,]}')
@@ -190,9 +293,32 @@ def test_format_coco_bad_input(coco_root, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda cats: [cats[1], cats[0]] + cats[2:], "lists the classes in another order: its class 0 is 'bicycle'"),
+    (lambda cats: cats[:2] + [{"id": 3, "name": "automobile"}] + cats[3:], "names a class differently: its class 2 "
+                                                                             "is 'automobile'"),
+    (lambda cats: cats + [{"id": 91, "name": "hair brush"}], "lists 81 classes, but coco has the 80"),
+    (lambda cats: cats[:-1], "lists 79 classes, but coco has the 80"),
+], ids=["order", "renamed", "81st", "missing"])
+def test_format_coco_checks_every_column_name(coco_root, tmp_path, capsys, change, message):
+    """Issue 29: the class of column k is named by line k+1 of text_features/coco_classnames.txt, which
+    CLIP's prompts read; a categories list in another order, with a renamed or an extra category, was
+    formatted silently (CLIP then prompted for the wrong class). Both files carry the same list, so only
+    the check of the names can refuse it; nothing is written."""
+    for phase in ("train", "val"):
+        path = coco_root / "annotations" / f"instances_{phase}2014.json"
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(data | {"categories": change(data["categories"])}))
+    err = assert_cli_error(capsys, format_coco.main, ["--load-path", str(coco_root), "--save-path",
+                                                      str(tmp_path / "out")],
+                           "instances_train2014.json", message, "coco_classnames.txt")
+    assert "annotations_trainval2014.zip" in err
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- CUB
 
-CUB_IMAGES = [  # id, path, is_train, is_present of the 4 attributes
+CUB_IMAGES = [  # id, path, is_train, is_present of the first 4 attributes (the other 308 are 0)
     (1, "001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg", 1, [1, 0, 0, 1]),
     (2, "001.Black_footed_Albatross/Black_Footed_Albatross_0009_34.jpg", 0, [0, 0, 0, 0]),
     (3, "002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg", 1, [0, 1, 1, 0]),
@@ -206,12 +332,10 @@ def cub_root(tmp_path):
     root = tmp_path / "raw"
     cub = root / "CUB_200_2011"
     (cub / "attributes").mkdir(parents=True)
-    (root / "attributes.txt").write_text(
-        "1 has_bill_shape::curved_(up_or_down)\n2 has_bill_shape::dagger\n"
-        "3 has_wing_color::blue\n4 has_wing_color::brown\n")
+    (root / "attributes.txt").write_text("".join(f"{a} {name}\n" for a, name in enumerate(classnames("cub"), 1)))
     (cub / "images.txt").write_text("".join(f"{i} {p}\n" for i, p, _, _ in CUB_IMAGES))
     (cub / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, t, _ in CUB_IMAGES))
-    lines = [f"{i} {a + 1} {v} 3 {2.5 + a}" for i, _, _, vs in CUB_IMAGES for a, v in enumerate(vs)]
+    lines = [f"{i} {a + 1} {v} 3 {2.5 + a}" for i, _, _, vs in CUB_IMAGES for a, v in enumerate(vs + [0] * 308)]
     lines[6] += " 0"  # the real file has a few lines with extra fields
     (cub / "attributes" / "image_attribute_labels.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -224,11 +348,11 @@ def test_format_cub(cub_root, tmp_path):
     assert images.tolist() == ["001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg",
                                "002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg",
                                "002.Laysan_Albatross/Laysan_Albatross_0001_545.jpg"]
-    np.testing.assert_array_equal(labels, [[1, 0, 0, 1], [0, 1, 1, 0], [0, 0, 1, 0]])
+    np.testing.assert_array_equal(labels, np.pad([[1, 0, 0, 1], [0, 1, 1, 0], [0, 0, 1, 0]], ((0, 0), (0, 308))))
     images, labels = load(out, "val")
     assert images.tolist() == ["001.Black_footed_Albatross/Black_Footed_Albatross_0009_34.jpg",
                                "200.Common_Yellowthroat/Common_Yellowthroat_0003_190521.jpg"]
-    np.testing.assert_array_equal(labels, [[0, 0, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(labels, np.pad([[0, 0, 0, 0], [1, 1, 1, 1]], ((0, 0), (0, 308))))
 
 
 def test_format_cub_bad_input(cub_root, tmp_path, capsys):
@@ -237,15 +361,24 @@ def test_format_cub_bad_input(cub_root, tmp_path, capsys):
     good_labels = labels_file.read_text()
     lines = good_labels.splitlines()
     labels_file.write_text("\n".join(lines[:-1]) + "\n")
-    assert_cli_error(capsys, format_cub.main, argv, "no label for image 5 attribute 4")
+    assert_cli_error(capsys, format_cub.main, argv, "no label for image 5 attribute 312")
     labels_file.write_text("\n".join(lines[:3] + ["1 4 yes 3 1.0"] + lines[4:]) + "\n")
     assert_cli_error(capsys, format_cub.main, argv, f"{labels_file}:4", "expected integers")
     labels_file.write_text("\n".join(lines + ["5 4 1 3 9.0"]) + "\n")
-    assert_cli_error(capsys, format_cub.main, argv, f"{labels_file}:21", "labelled twice")
+    assert_cli_error(capsys, format_cub.main, argv, f"{labels_file}:1561", "labelled twice")
     labels_file.write_text(good_labels)
     split_file = cub_root / "CUB_200_2011" / "train_test_split.txt"
     split_file.write_text("1 1\n2 0\n3 1\n4 0\n")
     assert_cli_error(capsys, format_cub.main, argv, str(split_file), "covers 4 images", "lists 5")
+    # the names of attributes.txt are those of text_features/cub_classnames.txt, in order (issue 29)
+    names = cub_root / "attributes.txt"
+    good_names = names.read_text()
+    names.write_text(good_names.replace("has_bill_shape::dagger", "has_bill_shape::sword"))
+    assert_cli_error(capsys, format_cub.main, argv, str(names), "its class 1 is 'has_bill_shape::sword'",
+                     "cub_classnames.txt")
+    names.write_text(good_names + "313 has_tail::none\n")
+    assert_cli_error(capsys, format_cub.main, argv, str(names), "lists 313 classes")
+    names.write_text(good_names)
     # attributes.txt belongs at the archive root, beside CUB_200_2011/
     (cub_root / "attributes.txt").rename(cub_root / "CUB_200_2011" / "attributes.txt")
     assert_cli_error(capsys, format_cub.main, argv, f"{cub_root / 'attributes.txt'} not found",
@@ -255,8 +388,9 @@ def test_format_cub_bad_input(cub_root, tmp_path, capsys):
 
 # ---------------------------------------------------------------- NUS-WIDE
 
-NUS_CONCEPTS = ["animal", "sky", "water"]
-NUS = {  # list name -> (list line, on disk, labels of the 3 concepts)
+NUS_CONCEPTS = classnames("nuswide")  # Concepts81.txt: the 81 concepts, alphabetically
+NUS_USED = [NUS_CONCEPTS.index(c) for c in ("animal", "sky", "water")]  # the other 78 are 0 everywhere
+NUS = {  # list name -> (list line, on disk, labels of animal, sky, water)
     "Train": [("actor\\0001_2124494179.jpg", True, [1, 0, 1]),
               ("actor\\0002_174174086.jpg", True, [0, 0, 0]),
               ("beach\\0003_1.jpg", False, [0, 1, 0]),
@@ -264,6 +398,13 @@ NUS = {  # list name -> (list line, on disk, labels of the 3 concepts)
     "Test": [("sunset\\0001_9.jpg", True, [0, 1, 0]),
              ("sunset\\0002_8.jpg", True, [0, 0, 0])],
 }
+
+
+def nus_columns(used):
+    """(N, 81) labels with the given columns of animal, sky and water and 0 elsewhere."""
+    matrix = np.zeros((len(used), 81))
+    matrix[:, NUS_USED] = used
+    return matrix
 
 
 @pytest.fixture
@@ -276,9 +417,10 @@ def nus_root(tmp_path):
     for name, entries in NUS.items():
         (root / "ImageList" / f"{name}Imagelist.txt").write_bytes(
             "".join(line + "\r\n" for line, _, _ in entries).encode())
-        for k, concept in enumerate(NUS_CONCEPTS):
+        for concept in NUS_CONCEPTS:
+            k = NUS_USED.index(NUS_CONCEPTS.index(concept)) if concept in ("animal", "sky", "water") else None
             (root / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_{name}.txt").write_bytes(
-                "".join(f"{labels[k]}\r\n" for _, _, labels in entries).encode())
+                "".join(f"{0 if k is None else labels[k]}\r\n" for _, _, labels in entries).encode())
         for line, on_disk, _ in entries:
             if on_disk:
                 path = root / "Flickr" / line.replace("\\", "/")
@@ -295,10 +437,10 @@ def test_format_nuswide_default_drops_missing_and_unlabelled(nus_root, tmp_path,
     assert "2 listed, 0 missing" in report[1] and "1 with no label (left out)" in report[1]
     images, labels = load(out, "train")
     assert images.tolist() == ["actor/0001_2124494179.jpg", "beach/0004_2.jpg"]
-    np.testing.assert_array_equal(labels, [[1, 0, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(labels, nus_columns([[1, 0, 1], [0, 0, 1]]))
     images, labels = load(out, "val")
     assert images.tolist() == ["sunset/0001_9.jpg"]
-    np.testing.assert_array_equal(labels, [[0, 1, 0]])
+    np.testing.assert_array_equal(labels, nus_columns([[0, 1, 0]]))
 
 
 def test_format_nuswide_keep_unlabelled(nus_root, tmp_path, capsys):
@@ -307,16 +449,24 @@ def test_format_nuswide_keep_unlabelled(nus_root, tmp_path, capsys):
     assert "1 with no label (kept)" in capsys.readouterr().out
     images, labels = load(out, "train")
     assert images.tolist() == ["actor/0001_2124494179.jpg", "actor/0002_174174086.jpg", "beach/0004_2.jpg"]
-    np.testing.assert_array_equal(labels, [[1, 0, 1], [0, 0, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(labels, nus_columns([[1, 0, 1], [0, 0, 0], [0, 0, 1]]))
     images, labels = load(out, "val")
     assert images.tolist() == ["sunset/0001_9.jpg", "sunset/0002_8.jpg"]
-    np.testing.assert_array_equal(labels, [[0, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(labels, nus_columns([[0, 1, 0], [0, 0, 0]]))
 
 
 def test_format_nuswide_bad_input(nus_root, tmp_path, capsys):
     argv = ["--load-path", str(nus_root), "--save-path", str(tmp_path / "out")]
     assert_cli_error(capsys, format_nuswide.main, argv + ["--missing-images", "error"],
                      "1 images of", "TrainImagelist.txt", "beach/0003_1.jpg", "--missing-images drop")
+    concepts = nus_root / "Concepts81.txt"
+    good = concepts.read_bytes()
+    concepts.write_bytes(good.replace(b"animal\r\nbeach", b"beach\r\nanimal"))  # issue 29: order checked
+    assert_cli_error(capsys, format_nuswide.main, argv, str(concepts), "another order: its class 1 is 'beach'",
+                     "nuswide_classnames.txt")
+    concepts.write_bytes(good.replace(b"zebra\r\n", b"zebra\r\nzoo\r\n"))
+    assert_cli_error(capsys, format_nuswide.main, argv, str(concepts), "lists 82 classes", "'zoo'")
+    concepts.write_bytes(good)
     sky = nus_root / "Groundtruth" / "TrainTestLabels" / "Labels_sky_Test.txt"
     sky.write_text("1\n2\n")
     assert_cli_error(capsys, format_nuswide.main, argv, f"{sky}:2", "not one of [0, 1]")
@@ -406,7 +556,7 @@ def test_generate_observed_labels_cli(tmp_path, capsys):
         # a fresh RandomState(1200) per phase
         np.testing.assert_array_equal(observed, observed_by_loop(labels, 1, 0, 1200))
 
-    assert generate_observed_labels.main(argv + ["--num-pos", "-1", "--num-neg", "2", "--seed", "5"]) == 0
+    assert generate_observed_labels.main(argv + ["--num-pos", "-1", "--num-neg", "2", "--seed", "5", "--overwrite"]) == 0
     observed = np.load(folder / "formatted_val_labels_obs.npy", allow_pickle=False)
     np.testing.assert_array_equal(observed, observed_by_loop(val, -1, 2, 5))
 
