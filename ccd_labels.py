@@ -40,12 +40,18 @@ class CcdEncoder:
     A view with a side under 32 px is padded to 32 px (pad_to_grid).
     """
 
-    def __init__(self, visual, clip_size: int, view_side: int):
-        self.visual = visual.eval()
-        self.clip_size = clip_size
-        self.any_size = ccd.is_modified_resnet(visual)
-        self.view_side = view_side if self.any_size else clip_size
-        self.dtype = next(visual.parameters()).dtype
+    def __init__(self, visual, clip_size: int, view_side: int, *, any_size: bool, dtype: torch.dtype):
+        self._visual = visual  # the tower, or a function that loads it (the first embedding that is not cached)
+        self.clip_size, self.any_size, self.dtype = clip_size, any_size, dtype
+        self.view_side = view_side if any_size else clip_size
+
+    @property
+    def visual(self):
+        if callable(self._visual) and not isinstance(self._visual, torch.nn.Module):
+            self._visual = self._visual()
+            if ccd.is_modified_resnet(self._visual) != self.any_size:
+                raise UserError('the CLIP image tower is not of the kind its open_clip config says (ModifiedResNet or not)')
+        return self._visual.eval()
 
     @torch.no_grad()
     def images(self, images: torch.Tensor) -> torch.Tensor:

@@ -57,12 +57,16 @@ def _register_clip_config(model_name: str) -> str:
     return config_path.stem
 
 
-def configured_image_size(model_name: str) -> int | None:
-    """The square input side in a CLIP model's open_clip config (--clip-model), None if it has none."""
+def configured_vision(model_name: str) -> dict:
+    """The image tower's part of a CLIP model's open_clip config (--clip-model), {} if it has none."""
     import open_clip
 
-    config = open_clip.get_model_config(_register_clip_config(str(model_name))) or {}
-    size = config.get('vision_cfg', {}).get('image_size')
+    return (open_clip.get_model_config(_register_clip_config(str(model_name))) or {}).get('vision_cfg', {})
+
+
+def configured_image_size(model_name: str) -> int | None:
+    """The square input side in a CLIP model's open_clip config (--clip-model), None if it has none."""
+    size = configured_vision(model_name).get('image_size')
     if isinstance(size, (list, tuple)):
         size = size[0] if len(set(size)) == 1 else None
     return size if isinstance(size, int) else None

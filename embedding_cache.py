@@ -37,15 +37,21 @@ def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, cl
     preprocess: how the pipeline tensor becomes CLIP's input (--clip-preprocess). The embeddings of
     CCD's local views add the digest of their boxes (cached_view_embeddings).
     """
-    config = Path(str(clip_model))
-    config_sha = (hashlib.sha256(config.read_bytes()).hexdigest()
-                  if str(clip_model).endswith('.json') and config.is_file() else None)
+    config_sha = config_digest(clip_model)
     return {'format': 1, 'dataset': dataset, 'image_root': str(Path(image_root).resolve()),
             'images_sha256': hashlib.sha256('\n'.join(map(str, images)).encode()).hexdigest(),
             'num_images': len(images), 'clip_model': str(clip_model), 'clip_config_sha256': config_sha,
             'weights': weights_identity(clip_pretrained), 'image_size': int(image_size),
             'clip_size': int(clip_size), 'precision': precision, 'preprocess': preprocess,
             'image_stats_sha256': None if image_stats is None else fingerprint.digest(image_stats)}
+
+
+def config_digest(clip_model: str) -> str | None:
+    """sha256 of a JSON model config given as --clip-model (so that editing it in place invalidates what was
+    cached with it); None for an open_clip name."""
+    config = Path(str(clip_model))
+    return (hashlib.sha256(config.read_bytes()).hexdigest()
+            if str(clip_model).endswith('.json') and config.is_file() else None)
 
 
 def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str | os.PathLike, *,
@@ -166,3 +172,21 @@ def cached_view_embeddings(embed_views, loader, rows: torch.Tensor, views: torch
         _write_cached(path, key, out)
     distributed.barrier()
     return torch.from_numpy(out)
+
+
+def cached_array(key: dict, cache_dir: str | os.PathLike, compute) -> torch.Tensor:
+    """A small float32 array kept under cache_dir with its key (key['dataset'] names the file): read back
+    when the key matches, else compute() (a tensor) written there first (CCD's class text features, so
+    that a rerun needs no CLIP)."""
+    path = _cache_path(key, cache_dir)
+    key_path = path.with_suffix('.json')
+    try:
+        if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+    except (OSError, ValueError, EOFError):
+        pass  # unreadable or truncated: computed again
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    array = np.ascontiguousarray(compute().float().cpu().numpy())
+    if distributed.is_primary():
+        _write_cached(path, key, array)
+    return torch.from_numpy(array)

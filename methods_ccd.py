@@ -62,18 +62,22 @@ TRUNK_MODULES = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'l
 def build_labels(cfg: Config, data, device):
     """-l CCD's pseudo-label source (methods.Method.pseudo_label_builder): (ccd_labels.CcdTable, None).
 
-    Loads the frozen CLIP (--clip-model / --clip-pretrained, in --ccd-precision), makes CCD's class text
-    features, embeds the train split at --ccd-infer-size (cached), builds the global table, and scores the
-    test split the same way for the zero-shot baseline (cached too: a second run spends no CLIP time)."""
+    Makes CCD's class text features with the frozen CLIP (--clip-model / --clip-pretrained, in
+    --ccd-precision), embeds the train split at --ccd-infer-size, builds the global table, and scores the
+    test split the same way for the zero-shot baseline. The text features and every embedding are cached
+    under --cache-dir, and the CLIP is loaded only when one is missing: a second run spends no CLIP time."""
     from run_data import make_loader  # the run's loader settings (workers, pinning)
 
     precision = clip_precision(cfg, device)
-    clip_model, tokenizer = clip_loading.load_clip(cfg.clip_model, cfg.clip_pretrained, device=device,
-                                                   precision=precision)
-    clip_loading.sequence_first(clip_model)  # the text transformer as OpenAI's clip/model.py runs it
-    classnames = class_text_features.read_classnames(cfg.dataset)
-    text = ccd_labels.ccd_text_features(clip_model, tokenizer, classnames)
-    encoder = ccd_labels.CcdEncoder(clip_model.visual, clip_loading.clip_image_size(clip_model), cfg.ccd_view_size)
+    clip = FrozenClip(cfg, precision, device)
+    classnames = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
+    text_key = {'format': 1, 'dataset': cfg.dataset, 'kind': 'ccd-text-features', 'clip_model': str(cfg.clip_model),
+                'clip_config_sha256': embedding_cache.config_digest(cfg.clip_model),
+                'weights': clip_loading.weights_identity(cfg.clip_pretrained), 'precision': precision,
+                'classnames': classnames, 'templates': [ccd_labels.TEMPLATE]}
+    text = embedding_cache.cached_array(text_key, cfg.cache_dir, lambda: ccd_labels.ccd_text_features(
+        clip.model, clip.tokenizer, classnames)).to(device)
+    encoder = clip.encoder()
     splits, root = data.splits, data.sets['train'].root
 
     def images(split, size, train=False):
@@ -110,6 +114,44 @@ def build_labels(cfg: Config, data, device):
         f'{int(table.flags.sum())} of {len(table.flags)} train images confident (entropy <= 2); '
         f'CLIP zero-shot test mAP (the baseline): {table.zero_shot_map:.2f}')
     return table, None
+
+
+class FrozenClip:
+    """The frozen CLIP of -l CCD, loaded on first use (a rerun whose text features and embeddings are all
+    cached never loads it), with its text transformer run as OpenAI's clip/model.py runs it."""
+
+    def __init__(self, cfg: Config, precision: str, device):
+        self.cfg, self.precision, self.device = cfg, precision, device
+        self._model = self._tokenizer = None
+
+    def _load(self) -> None:
+        if self._model is None:
+            self._model, self._tokenizer = clip_loading.load_clip(self.cfg.clip_model, self.cfg.clip_pretrained,
+                                                                  device=self.device, precision=self.precision)
+            clip_loading.sequence_first(self._model)
+
+    @property
+    def model(self):
+        self._load()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        self._load()
+        return self._tokenizer
+
+    def encoder(self) -> ccd_labels.CcdEncoder:
+        """The image tower as CCD runs it; its kind and input side from the open_clip config, the tower
+        itself loaded when first needed (from the model when the config does not tell)."""
+        vision = clip_loading.configured_vision(self.cfg.clip_model)
+        size = clip_loading.configured_image_size(self.cfg.clip_model)
+        dtype = {'fp16': torch.float16, 'fp32': torch.float32}[self.precision]
+        if size is None or 'layers' not in vision:  # e.g. an hf-hub model: ask the loaded one
+            visual = self.model.visual
+            return ccd_labels.CcdEncoder(visual, clip_loading.clip_image_size(visual), self.cfg.ccd_view_size,
+                                         any_size=ccd.is_modified_resnet(visual), dtype=dtype)
+        return ccd_labels.CcdEncoder(lambda: self.model.visual, size, self.cfg.ccd_view_size,
+                                     any_size=isinstance(vision['layers'], (list, tuple)), dtype=dtype)
 
 
 def clip_precision(cfg: Config, device) -> str:

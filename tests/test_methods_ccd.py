@@ -281,3 +281,18 @@ def test_defaults_are_the_released_script():
     assert (demo.batch_size, demo.lr, demo.image_size, demo.ccd_infer_size, demo.ccd_offset) == (32, 1e-3, 64, 64, 8)
     zero, _ = main_clip.parse_args(['-d', 'pascal', '-l', 'CCD', '--ccd-coeff', '0'])
     assert zero.boostlu_alpha == 1.0  # train.py:343: alpha stays 1 unless coeff > 0
+
+
+def test_a_second_run_spends_no_clip_time(ccd_data, tmp_path, tiny_rn_clip, monkeypatch, capsys):
+    """The text features, the global and test embeddings and the views' embeddings are cached: a second run
+    with the same seed never loads the CLIP, and ends with the same lines."""
+    import clip_loading
+
+    assert main_clip.main(ccd_args(ccd_data, tmp_path, tiny_rn_clip, name='first')) == 0
+    first = capsys.readouterr().out.splitlines()
+
+    def no_clip(*args, **kwargs):
+        raise AssertionError('the CLIP was loaded')
+    monkeypatch.setattr(clip_loading, 'load_clip', no_clip)
+    assert main_clip.main(ccd_args(ccd_data, tmp_path, tiny_rn_clip, name='second')) == 0
+    assert capsys.readouterr().out.splitlines()[-7:] == first[-7:]
