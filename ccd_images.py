@@ -31,13 +31,21 @@ JITTER = 0.5  # datasets.py: transforms.ColorJitter(brightness=0.5, contrast=0.5
 JITTER_DRAWS = 8  # four for the order of the adjustments, four for their factors
 
 
+# TorchvisionNormalize of each byte value, per channel: (v / 255 - mean) / std in float64, then float32
+# (3 x 256); a lookup gives its result exactly, several times faster than the arithmetic on every pixel.
+_BYTES = ((np.arange(256)[None, :] / 255.0 - _MEAN[:, None]) / _STD[:, None]).astype(np.float32)
+
+
+def normalise(pixels: np.ndarray, flipped: bool = False) -> torch.Tensor:
+    """H x W x 3 uint8 pixels -> 3 x H x W float32 in CCD's normalisation, mirrored left-right if flipped."""
+    if flipped:
+        pixels = pixels[:, ::-1]
+    return torch.from_numpy(np.stack([_BYTES[c][pixels[..., c]] for c in range(3)]))
+
+
 def ccd_tensor(img: Image.Image, size: int, flipped: bool = False) -> torch.Tensor:
     """3 x size x size float32: CCD's Resize((size, size)) and TorchvisionNormalize (float64, then float32)."""
-    pixels = np.asarray(TF.resize(img, [size, size]))
-    x = ((pixels / 255.0 - _MEAN) / _STD).astype(np.float32)
-    if flipped:
-        x = x[:, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return normalise(np.asarray(TF.resize(img, [size, size])), flipped)
 
 
 def colour_jitter(img: Image.Image, draws) -> Image.Image:
@@ -84,8 +92,4 @@ class CcdTrainViews(CcdImages):
         if key[3] is None:  # an epoch without the consistency term (FlipSampler.skip_draws)
             return {}
         resized = TF.resize(img, [self.image_size, self.image_size])
-        jittered = np.asarray(colour_jitter(resized, key[3]))
-        x = ((jittered / 255.0 - _MEAN) / _STD).astype(np.float32)
-        if key[2][0]:
-            x = x[:, ::-1]
-        return {'ex_image': torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))}
+        return {'ex_image': normalise(np.asarray(colour_jitter(resized, key[3])), key[2][0])}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 import losses
 import main_clip
-from conftest import tiny_run_args, write_pascal_like
+from conftest import kill_during_epoch_after, tiny_run_args, write_pascal_like
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,13 +100,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(flags, tmp_path, tiny
     straight = subprocess.run(cmd + ['--run-name', 'full'], cwd=REPO, env=env, check=True, capture_output=True,
                               text=True)
 
-    proc = subprocess.Popen(cmd + ['--run-name', 'killed'], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # kill during epoch 2, after epoch 1's checkpoint
-        if line.startswith('checkpoint: ') and line.rstrip().endswith('(epoch 1)'):
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_during_epoch_after(cmd + ['--run-name', 'killed'], 1, cwd=REPO, env=env)
     killed = tmp_path / 'results' / 'killed'
     assert torch.load(killed / 'last.pt', weights_only=True)['epoch'] == 1
     resumed = subprocess.run([sys.executable, str(REPO / 'main_clip.py'), '--resume', str(killed),

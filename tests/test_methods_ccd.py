@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import ccd
 import ccd_images
 import datasets
 import main_clip
-from conftest import write_pascal_like
+from conftest import kill_during_epoch_after, write_pascal_like
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,13 +213,8 @@ def test_resume_after_sigkill_mid_epoch_gives_the_same_closing_lines(ccd_data, t
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
     straight = subprocess.run(cmd + ccd_args(ccd_data, tmp_path, tiny_rn_clip, epochs=5, name='full'), cwd=REPO,
                               env=env, check=True, capture_output=True, text=True)
-    proc = subprocess.Popen(cmd + ccd_args(ccd_data, tmp_path, tiny_rn_clip, epochs=5, name='killed'), cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # kill during epoch 4, after epoch 3's checkpoint
-        if line.startswith('checkpoint: ') and line.rstrip().endswith('(epoch 3)'):
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_during_epoch_after(cmd + ccd_args(ccd_data, tmp_path, tiny_rn_clip, epochs=5, name='killed'), 3, cwd=REPO,
+                            env=env)
     killed = tmp_path / 'results' / 'killed'
     saved = torch.load(killed / 'last.pt', weights_only=True)
     assert saved['epoch'] == 3 and saved['method']['table']['refreshes'] == 1
