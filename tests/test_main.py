@@ -21,14 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 CLI_LOSSES = sorted(main_clip.build_parser()._option_string_actions['--loss'].choices)
 PEER_METHODS = {'role', 'LL-R', 'LL-Ct', 'LL-Cp', 'GR', 'AEVLP'}  # methods_peers.py; tests/test_methods_peers.py
+SYSTEMS = {'CCD'}  # methods_ccd.py, its own prompts and settings: tests/test_methods_ccd.py
 
 
 def test_every_loss_of_the_library_is_on_the_command_line():
-    assert set(CLI_LOSSES) == set(losses.LOSSES) | PEER_METHODS | {'ASL', 'CSL'}  # + methods_partial's
+    assert set(CLI_LOSSES) == set(losses.LOSSES) | PEER_METHODS | SYSTEMS | {'ASL', 'CSL'}  # + methods_partial's
     assert {'bce', 'iun', 'an', 'EM', 'EM_APL', 'EM_PL', 'EM_PL_ASL'} <= set(CLI_LOSSES)
 
 
-@pytest.mark.parametrize('loss', sorted(set(CLI_LOSSES) - PEER_METHODS))
+@pytest.mark.parametrize('loss', sorted(set(CLI_LOSSES) - PEER_METHODS - SYSTEMS))
 def test_two_epochs_with_each_loss(loss, tiny_pascal, tmp_path, tiny_clip, tiny_text_features, capsys):
     args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features) + ['-l', loss]
     if loss == 'EM_APL':
