@@ -1,30 +1,48 @@
 """Checkpoints: atomic saving, the random states that make a resumed run exact, safe loading,
-and the settings a resumed run may not change.
+the one way back from a checkpoint to its classifier, and the settings a resumed run may not change.
 
 A checkpoint (last.pt) holds: model, optimizer, epoch, config (dict), argv (the command line),
 logger (TrainLogger state), method (the method object's state, methods.Method.state_dict), rng
 (torch, CUDA, numpy, python and the training sampler's generator) and classnames. best.pt holds
-model, epoch, config, argv, classnames and test_map. Everything is plain tensors and Python types,
-so both load with torch.load(weights_only=True): a file that is not ours is refused, never executed.
+model, epoch, config, argv, classnames and test_map. Both hold what rebuilding the classifier needs
+beyond the config: SGRE's label embeddings and, for clip_vision, the CLIP architecture (`clip_config`,
+the open_clip config as trained), so a checkpoint needs no other file. Everything is plain tensors and
+Python types, so both load with torch.load(weights_only=True): a file that is not ours is refused,
+never executed.
+
+`rebuild_classifier` is the one way from a checkpoint back to its classifier (--evaluate, predict.py);
+`check_fits` compares a checkpoint's classifier with a run's (--init-from), from the same reading of
+the stored configuration (`stored_settings`, `architecture`).
 """
 from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
+import json
 import os
 import pickle
 import random
 import shutil
 import socket
+import tempfile
+import warnings
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from config import DATASETS, RESUMABLE_CHANGES, Config, UserError, one_line
-from distributed import is_primary
+import class_text_features
+import clip_loading
+import heads_run
+import models
+from config import DATASETS, RESUMABLE_CHANGES, Config, ModelLoadError, UserError, one_line
+from distributed import is_primary, log
 from files import save_npy, save_torch
+
+MAX_IMAGE_SIZE = 4096  # a stored input side beyond this is an edited or damaged checkpoint
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -61,22 +79,190 @@ def set_rng_state(state: dict, sampler) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """weights_only loading: a file that is not one of our checkpoints is refused, not executed."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / 'config.json').is_file() or (path / 'best.pt').is_file():
+            raise UserError(f'{path} is a run folder; pass {path / "best.pt"} (or last.pt)')
+        raise UserError(f'{path} is a folder, not a checkpoint; pass RUN/best.pt of a run folder')
     if not path.is_file():
         raise UserError(f'{path}: no such checkpoint')
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a text file would "hold Python objects"
+        with open(path, 'rb') as handle:
+            zip_start = handle.read(4) == b'PK\x03\x04'
+        raise UserError(f'{path}: ' + ('not a readable VLPL checkpoint, truncated or damaged (its zip archive is cut '
+                                       'short); use another checkpoint (last.pt or best.pt of the run)' if zip_start
+                                       else 'not a checkpoint (not a PyTorch zip archive); pass best.pt or last.pt '
+                                       'of a run folder'))
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch's note on an unusual pickle protocol says nothing to a user
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
         # torch's message goes on to suggest weights_only=False, which would run the file's code:
         # not an option for a file that is not ours.
         raise UserError(f'{path}: not a VLPL checkpoint: it holds Python objects that a checkpoint written by '
                         'main_clip.py never holds, so it was not loaded (no code in it ran)') from None
     except Exception as e:  # a damaged archive fails in many ways inside torch (zip, unpickler, storage)
-        reason = one_line(e)[:120] if zipfile.is_zipfile(path) else 'not a PyTorch zip archive'
+        reason = one_line(e)[:120]
         raise UserError(f'{path}: not a readable VLPL checkpoint, truncated or damaged ({reason}); '
                         'use another checkpoint (last.pt or best.pt of the run)') from None
     if not isinstance(ckpt, dict) or not {'model', 'config', 'epoch'} <= set(ckpt):
         raise UserError(f'{path}: not a VLPL checkpoint (missing model/config/epoch)')
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# The one way back from a checkpoint
+
+
+def stored_settings(ckpt: dict) -> SimpleNamespace:
+    """The run settings a checkpoint stores (its `config`), with Config's defaults for settings added to
+    Config after it was written (None for those without a default), as attributes (what
+    heads_run.head_options reads)."""
+    defaults = {f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(Config)}
+    return SimpleNamespace(**(defaults | dict(ckpt.get('config') or {})))
+
+
+def architecture(settings, num_classes: int | None, clip: dict | None = None) -> dict:
+    """What decides whether weights fit a classifier: classes, backbone, head and the head's sizes, and
+    for clip_vision the CLIP architecture (`clip`, an open_clip config). `settings`: a Config or
+    stored_settings."""
+    arch = {'classes': num_classes, 'backbone': settings.model, 'head': settings.head}
+    arch |= {name: getattr(settings, name) for name in heads_run.HEAD_SIZES.get(settings.head, ())}
+    if settings.model == 'clip_vision' and clip is not None:
+        arch['clip'] = {k: v for k, v in clip.items() if k != 'quick_gelu'}  # no weights of its own
+    return arch
+
+
+def describe(settings, arch: dict, shown=()) -> str:
+    """'demo, 30 classes, small_cnn/linear', plus the head sizes named in `shown` (those that differ)."""
+    def known(value):
+        return '?' if value is None else value
+    text = (f'{known(settings.dataset)}, {known(arch["classes"])} classes, '
+            f'{known(arch["backbone"])}/{known(arch["head"])}')
+    extra = [f'--{k.replace("_", "-")} {arch.get(k)}' for k in shown if k not in ('classes', 'backbone', 'head', 'clip')]
+    if 'clip' in shown:
+        extra.append(f'CLIP {settings.clip_model}')
+    return text + (f' ({", ".join(extra)})' if extra else '')
+
+
+def clip_entries(cfg: Config, model) -> dict:
+    """clip_vision: the checkpoint entry `clip_config` ({'name', 'config'}: the open_clip config of the
+    trained tower, QuickGELU as it was built, e.g. forced by an 'openai' tag), so that rebuilding needs
+    neither the --clip-model file nor the tag. {} for other backbones."""
+    if cfg.model != 'clip_vision':
+        return {}
+    config = clip_loading.clip_config(cfg.clip_model)
+    config['quick_gelu'] = any(type(m).__name__ == 'QuickGELU' for m in model.trunk.modules())
+    return {'clip_config': {'name': Path(str(cfg.clip_model)).stem, 'config': config}}
+
+
+def _stored_clip(ckpt: dict, settings, where: str) -> dict:
+    """The CLIP architecture of a clip_vision checkpoint: stored, or (a checkpoint written before it was
+    stored) read from its --clip-model now, QuickGELU as its pretrained tag forced it."""
+    if isinstance(ckpt.get('clip_config'), dict):
+        return ckpt['clip_config']['config']
+    try:
+        config = clip_loading.clip_config(settings.clip_model)
+    except ModelLoadError as e:
+        raise UserError(f'{where}: this clip_vision checkpoint predates stored CLIP configs and its CLIP config is '
+                        f'not at hand ({one_line(e)}); put the --clip-model file back where it was') from None
+    import open_clip
+
+    tag = str(settings.clip_pretrained or '')
+    try:
+        forced = bool(open_clip.get_pretrained_cfg(settings.clip_model, tag).get('quick_gelu', False))
+    except Exception:  # a local file or an unknown name: the config says it
+        forced = False
+    return config | ({'quick_gelu': True} if forced else {})
+
+
+def _clip_architecture_model(config: dict):
+    """A randomly initialised open_clip model of `config` (the checkpoint then fills every weight),
+    registered under a name of its own so that no built-in config of open_clip is replaced."""
+    text = json.dumps(config, sort_keys=True)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f'vlpl-checkpoint-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json'
+        path.write_text(text)
+        return clip_loading.load_clip(str(path), None)[0]
+
+
+@dataclasses.dataclass
+class Rebuilt:
+    model: torch.nn.Module        # in eval mode, on the CPU
+    classnames: list[str]
+    image_size: int
+    settings: SimpleNamespace     # stored_settings(ckpt)
+
+
+def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
+    """The classifier a checkpoint holds, from what it stores alone (backbone, head and every head size,
+    input size, class names, SGRE's label embeddings, the CLIP architecture of clip_vision): no dataset,
+    no download, no other file. The one way back from a checkpoint (--evaluate, predict.py).
+
+    Checkpoints written before class names were stored take text_features/<dataset>_classnames.txt.
+    `where` names the checkpoint in messages. Raises UserError (one line) when the checkpoint does not
+    describe a classifier of this code, its input size is implausible, or its weights do not fit.
+    """
+    s = stored_settings(ckpt)
+    try:
+        models.backbone(str(s.model))
+    except ValueError:
+        raise UserError(f'{where}: the checkpoint names backbone {s.model!r}, which this code does not know '
+                        f'(known: {", ".join(sorted(models.BACKBONES))}, timm:NAME)') from None
+    if s.head not in models.HEADS:
+        raise UserError(f'{where}: the checkpoint names head {s.head!r}, which this code does not know '
+                        f'(known: {", ".join(sorted(models.HEADS))})')
+    size = s.image_size
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise UserError(f'{where}: its image_size {size!r} is no input size (1 to {MAX_IMAGE_SIZE}): the file was '
+                        'edited or damaged; use the run\'s own best.pt or last.pt')
+    classnames = ckpt.get('classnames')
+    if classnames is None:
+        try:
+            classnames = class_text_features.read_classnames(s.dataset or '', data_root=s.data_root)
+        except ModelLoadError:
+            raise UserError(f'{where}: the checkpoint holds no class names and its dataset '
+                            f'{getattr(s, "dataset", None)!r} has no text_features/<dataset>_classnames.txt') from None
+        log.warning(f'note: checkpoint without class names; using those of dataset {s.dataset!r}')
+    classnames = [str(c) for c in classnames]
+    clip_model = _clip_architecture_model(_stored_clip(ckpt, s, where)) if s.model == 'clip_vision' else None
+    embeddings = heads_run.label_embeddings(s, None, None, len(classnames), ckpt)
+    with torch.random.fork_rng(devices=[]):  # rebuilding draws nothing from the caller's generator
+        model = models.build_classifier(s.model, len(classnames), pretrained=False, clip_model=clip_model,
+                                        head=s.head, cam_boost=s.boostlu_alpha if s.boostlu else None,
+                                        image_size=size, **heads_run.head_options(s, embeddings))
+    problem = models.state_dict_mismatch(model.state_dict(), ckpt['model'])
+    if problem:
+        arch = architecture(s, len(classnames))
+        raise UserError(f'{where}: its weights do not fit the classifier it describes ({describe(s, arch)}): '
+                        f'{problem}')
+    model.load_state_dict(ckpt['model'])
+    return Rebuilt(model.eval(), classnames, size, s)
+
+
+def check_fits(ckpt: dict, cfg: Config, classnames: list[str], where: str) -> None:
+    """--init-from: the checkpoint's classifier (classes, backbone, head and its sizes, CLIP architecture)
+    is the one this run builds, checked before any expensive work; else one line naming both, e.g.
+    'checkpoint: demo, 30 classes, small_cnn/linear; this run: pascal, 20 classes, small_cnn/q2l'."""
+    s = stored_settings(ckpt)
+    stored_names = ckpt.get('classnames')
+    both_clip = cfg.model == s.model == 'clip_vision'
+    theirs = architecture(s, None if stored_names is None else len(stored_names),
+                          _stored_clip(ckpt, s, where) if both_clip else None)
+    mine = architecture(cfg, len(classnames), clip_loading.clip_config(cfg.clip_model) if both_clip else None)
+    # (a checkpoint without class names: its weights' shapes tell, when they are loaded)
+    differ = [k for k in mine if theirs.get(k) != mine[k] and not (k == 'classes' and theirs[k] is None)]
+    if differ:
+        if theirs['head'] != mine['head']:  # the sizes of two different heads say nothing more
+            differ = [k for k in differ if k in ('classes', 'backbone', 'head', 'clip')]
+        raise UserError(f'{where}: its model does not fit this run (checkpoint: {describe(s, theirs, differ)}; '
+                        f'this run: {describe(cfg, mine, differ)}); start from a checkpoint of the same classes, '
+                        'backbone and head')
+    if stored_names is not None and [str(c) for c in stored_names] != [str(c) for c in classnames]:
+        raise UserError(f'{where}: its {len(classnames)} classes are not this run\'s (checkpoint: {s.dataset}, '
+                        f'{", ".join(map(str, stored_names[:2]))}, ...; this run: {cfg.dataset}, '
+                        f'{", ".join(classnames[:2])}, ...); start from a checkpoint of the same classes')
 
 
 def config_differences(old: dict, new: Config, *, more_epochs_ok: bool = False) -> list[str]:
@@ -104,12 +290,16 @@ class RunFolder:
 
     - Locked for the whole run (a POSIX lock on results_dir/.<name>.lock, which the kernel releases
       when the process ends, however it ends; POSIX locks also hold across the nodes of a shared
-      NFS file system): a second run of the same name refuses in one line naming the holder.
+      NFS file system): a second run of the same name refuses in one line naming the holder. The
+      lock file goes when the run leaves no folder (it never started, or failed before its first
+      checkpoint).
     - Created only when the run starts writing (`create`), so a failed start leaves nothing behind;
       a run that fails before its first checkpoint removes the folder it created.
-    - `overwrite`: an existing run folder is moved aside when the new run starts writing and deleted
-      once the new run's first checkpoint exists (`committed`); if the new run fails before that,
-      the old folder is put back.
+    - `overwrite`: an existing run folder is moved aside (.<name>.replaced) when the new run starts
+      writing and deleted once the new run's first checkpoint exists (`committed`); if the new run
+      fails before that, the old folder is put back. A run killed before that (SIGKILL, power loss)
+      cannot put it back itself: the next start of the same name does (`_recover`), before anything
+      else, so the finished run is never lost to a later --overwrite.
     """
 
     def __init__(self, path: Path, *, resuming: bool, overwrite: bool = False):
@@ -119,39 +309,80 @@ class RunFolder:
         self.aside: Path | None = None
         self._lock = None
 
+    @property
+    def replaced(self) -> Path:
+        """Where --overwrite keeps the replaced run until the new run's first checkpoint."""
+        return self.path.with_name(f'.{self.path.name}.replaced')
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f'.{self.path.name}.lock')
+
     def __enter__(self) -> 'RunFolder':
-        if not self.resuming and (self.path / 'last.pt').exists() and not self.overwrite:
-            raise UserError(f'{self.path} already holds a run: continue it with --resume {self.path}, '
-                            'replace it with --overwrite, or choose another --run-name')
         ensure_writable(self.path.parent, '--results-dir')
-        if is_primary():  # one lock per run, held by the process that writes its files
-            self._acquire()
+        try:
+            if is_primary():  # one lock per run, held by the process that writes its files
+                self._acquire()
+                self._recover()
+            # (another rank may look before rank 0 has put a replaced run back: it counts as a run)
+            holds_run = (self.path / 'last.pt').exists() or (self.replaced / 'last.pt').exists()
+            if not self.resuming and holds_run and not self.overwrite:
+                raise UserError(f'{self.path} already holds a run: continue it with --resume {self.path}, '
+                                'replace it with --overwrite, or choose another --run-name')
+        except BaseException:
+            self._release()
+            raise
         return self
 
     def _acquire(self) -> None:
-        lock_path = self.path.parent / f'.{self.path.name}.lock'
-        handle = open(lock_path, 'a+')
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or 'unknown'
+        for _ in range(3):
+            handle = open(self.lock_path, 'a+')
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or 'unknown'
+                handle.close()
+                raise UserError(f'{self.path} is in use by another run ({holder}); wait for it to end or choose '
+                                'another --run-name') from None
+            try:  # a run that ended meanwhile may have removed the file we locked: lock the new one
+                same = os.fstat(handle.fileno()).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             handle.close()
-            raise UserError(f'{self.path} is in use by another run ({holder}); wait for it to end or choose '
-                            'another --run-name') from None
+        else:
+            raise UserError(f'{self.lock_path}: could not be locked (removed and created again by other runs); '
+                            'start the run again')
         handle.seek(0)
         handle.truncate()
         handle.write(f'host {socket.gethostname()}, pid {os.getpid()}\n')
         handle.flush()
         self._lock = handle
 
+    def _recover(self) -> None:
+        """Settle what an --overwrite run killed before its first checkpoint left (under the lock)."""
+        if not self.replaced.exists():
+            return
+        if (self.path / 'last.pt').exists():  # the new run checkpointed and was stopped before `committed`
+            shutil.rmtree(self.replaced)
+            log.warning(f'note: removed {self.replaced}, the run that --overwrite replaced: {self.path} has '
+                        'since written its first checkpoint')
+            return
+        if self.path.exists():  # the replacing run's folder, without a checkpoint: nothing to keep
+            shutil.rmtree(self.path)
+        self.replaced.rename(self.path)
+        log.warning(f'note: restored {self.path} from {self.replaced}: an --overwrite run of it was stopped '
+                    'before its first checkpoint')
+
     def create(self) -> Path:
         """Make the folder (moving an old run aside under --overwrite); idempotent."""
         if self.overwrite and not self.resuming and self.path.exists() and self.aside is None:
-            self.aside = self.path.with_name(f'.{self.path.name}.replaced')
-            if self.aside.exists():
-                shutil.rmtree(self.aside)
-            self.path.rename(self.aside)
+            if self.replaced.exists():  # _recover settled it under the lock: never delete a run here
+                raise UserError(f'{self.replaced} holds an earlier run: move it away, then start again')
+            self.path.rename(self.replaced)
+            self.aside = self.replaced
         if not self.path.exists():
             self.path.mkdir(parents=True)
             self.created = True
@@ -169,8 +400,14 @@ class RunFolder:
                 shutil.rmtree(self.path, ignore_errors=True)
             if self.aside is not None:
                 self.aside.rename(self.path)
+        self._release()
+
+    def _release(self) -> None:
         if self._lock is not None:
+            if not self.path.exists():  # no run here: no lock file either (removed while still held)
+                self.lock_path.unlink(missing_ok=True)
             self._lock.close()  # releases the lock
+            self._lock = None
 
 
 def ensure_writable(folder: Path, flag: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -57,16 +58,17 @@ def _register_clip_config(model_name: str) -> str:
     return config_path.stem
 
 
-def configured_vision(model_name: str) -> dict:
-    """The image tower's part of a CLIP model's open_clip config (--clip-model), {} if it has none."""
+def clip_config(model_name: str) -> dict:
+    """The open_clip config (a dict) of a CLIP model name or JSON config file (--clip-model); {} if none."""
     import open_clip
 
-    return (open_clip.get_model_config(_register_clip_config(str(model_name))) or {}).get('vision_cfg', {})
+    return open_clip.get_model_config(_register_clip_config(str(model_name))) or {}
 
 
 def configured_image_size(model_name: str) -> int | None:
     """The square input side in a CLIP model's open_clip config (--clip-model), None if it has none."""
-    size = configured_vision(model_name).get('image_size')
+    config = clip_config(model_name)
+    size = config.get('vision_cfg', {}).get('image_size')
     if isinstance(size, (list, tuple)):
         size = size[0] if len(set(size)) == 1 else None
     return size if isinstance(size, int) else None
@@ -111,11 +113,19 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
         if not path.is_file():
             raise ModelLoadError(f'CLIP checkpoint {path} not found (--clip-pretrained)')
         try:
-            if _is_torchscript(path):
-                model = open_clip.load_openai_model(str(path), precision=precision, device=device)
-            else:
-                _warn_if_quickgelu_needed(name)
-                model = open_clip.create_model(name, pretrained=str(path), device=device, precision=precision)
+            with warnings.catch_warnings():  # torch's note on an unusual pickle protocol says nothing to a user
+                warnings.filterwarnings('ignore', message='Detected pickle protocol')
+                if _is_torchscript(path):
+                    model = open_clip.load_openai_model(str(path), precision=precision, device=device)
+                else:
+                    _warn_if_quickgelu_needed(name)
+                    model = open_clip.create_model(name, pretrained=str(path), device=device, precision=precision)
+        except pickle.UnpicklingError:
+            # torch's message goes on to advise weights_only=False, which would run the file's code
+            raise ModelLoadError(f'CLIP checkpoint {path} cannot be read safely: it is no PyTorch archive, or it '
+                                 'holds Python objects or pickle instructions that torch\'s safe loader refuses, so it '
+                                 'was not loaded (no code in it ran); pass a state-dict file to --clip-pretrained') \
+                from None
         except Exception as exc:
             raise ModelLoadError(f'could not load CLIP checkpoint {path} into {name!r} ({one_line(exc, with_type=True)}); '
                                  f'check --clip-model and --clip-pretrained') from exc

@@ -83,6 +83,9 @@ class DatasetInfo:
     epochs: int = 10
     clip_model: str = 'ViT-L-14-336'
     clip_pretrained: str = 'openai'  # may hold '{data_root}'
+    # (Config field, value) of the transformer heads' sizes where the papers' would not fit the dataset
+    # (the demo's CPU-sized heads); a flag given on the command line wins (heads_run.head_sizes)
+    head_sizes: tuple = ()
     # The dataset whose published per-dataset values (the peer methods', AEVLP's VOC prompt names) this
     # one takes where no original publishes its own (voc2007: pascal's); None: its own.
     published_as: Optional[str] = None
@@ -118,7 +121,10 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
     DatasetInfo('demo', 30, 'images', lr=1e-3, batch_size=32, alpha=0.1, beta_pos=0.7,
                 expected_num_pos=3.4, apl_beta=0.2, apl_warmup=3, apl_batch_size=32,
                 image_size=64, model='small_cnn', epochs=10, clip_model='vlpl-demo-tiny',
-                clip_pretrained='{data_root}/demo/clip/vlpl-demo-tiny.pt'),
+                clip_pretrained='{data_root}/demo/clip/vlpl-demo-tiny.pt',
+                # the sizes of the heads' demo measurements (docs/heads.md): the papers' (hidden 2048, ffn
+                # 8192; att 1024, ffn 2048) take minutes per step on a CPU
+                head_sizes=(('q2l_hidden', 256), ('q2l_ffn', 1024), ('sgre_att_dim', 256), ('sgre_ffn', 1024))),
     # OpenImages V6 with its human-verified partial annotations (preproc/format_openimages.py,
     # docs/openimages.md): the classes are the user's oidv6-classes-trainable.txt (9,605 in V6), named in
     # the classnames.txt that the format script writes beside the labels. lr 2e-4 and batch 64 are the
@@ -300,6 +306,10 @@ class Config:
     ccd_view_size: int = 640
     ccd_box: str = 'released'
     ccd_precision: str = 'auto'
+    # The original's settings applied (--recipe NAME, paper_recipes.py) and the flags of the command
+    # line that changed them ('--flag value' strings): provenance, not settings of their own.
+    recipe: Optional[str] = None
+    recipe_overrides: tuple = ()
 
     @property
     def data(self) -> DatasetInfo:
@@ -309,7 +319,7 @@ class Config:
 # Settings a resumed run may change without changing its results.
 RESUMABLE_CHANGES = frozenset({'num_workers', 'device', 'results_dir', 'cache_dir', 'data_root', 'clip_mode',
                                'run_dir', 'skip_bad_images', 'text_features_dir', 'tensorboard',
-                               'dist_backend', 'dist_timeout', 'sync_bn', 'data_format'})
+                               'dist_backend', 'dist_timeout', 'sync_bn', 'data_format', 'recipe_overrides'})
 
 
 def build_config(*, dataset: str, loss: str, model: str | None = None, temp: float = 0.01,

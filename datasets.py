@@ -24,7 +24,7 @@ from torchvision.transforms import functional as TF
 
 import fingerprint
 import label_tables
-from config import DATASETS, DatasetInfo, VLPLError  # DATASETS: each dataset's facts in one row
+from config import DATASETS, DEFAULT_DIRS, DatasetInfo, VLPLError  # DATASETS: each dataset's facts in one row
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,14 +103,22 @@ def metric_rows(num_rows: int, limit: int | None, seed: int = SPLIT_SEED) -> np.
     return np.sort(np.random.RandomState(seed).permutation(num_rows)[:limit])
 
 
-DEMO_HINT = "run `python main_clip.py -d demo` (it creates the demo data)"
+def _data_root_flag(data_root: str | Path | None) -> str:
+    """' --data-root X' for a hint's command, '' for the default data folder (or when not known)."""
+    if data_root is None or Path(data_root).resolve() == Path(DEFAULT_DIRS["data"]).resolve():
+        return ""
+    return f" --data-root {data_root}"
 
 
-def observed_labels_hint(dataset: str) -> str:
-    """What to run when formatted_*_labels_obs.npy is missing."""
+def demo_hint(data_root: str | Path | None = None) -> str:
+    return f"run `python main_clip.py -d demo{_data_root_flag(data_root)}` (it creates the demo data)"
+
+
+def observed_labels_hint(dataset: str, data_root: str | Path | None = None) -> str:
+    """What to run when formatted_*_labels_obs.npy is missing (with --data-root where it is not the default)."""
     if dataset == "demo":
-        return DEMO_HINT
-    return f"run `python preproc/generate_observed_labels.py --dataset {dataset}`"
+        return demo_hint(data_root)
+    return f"run `python preproc/generate_observed_labels.py --dataset {dataset}{_data_root_flag(data_root)}`"
 
 
 # Partial annotations (docs/partial-labels.md): formatted_train_labels_obs_<TAG>.npy, TAG rps<P> or
@@ -160,7 +168,7 @@ def observed_tag_hint(dataset: str, tag: str, data_root: str | Path = "data") ->
     scheme, param = parsed
     canonical = canonical_observed_tag(scheme, param)
     flag = f"--drop-prob {param!r}" if scheme == "rps" else f"--per-class {param}"
-    root = "" if str(data_root) == "data" else f" --data-root {data_root}"
+    root = _data_root_flag(data_root)
     command = (f"run `python preproc/generate_observed_labels.py --dataset {dataset}{root} --scheme {scheme} "
                f"{flag}`")
     return command if canonical == tag else f"{command}, then pass --observed {canonical}"
@@ -185,11 +193,12 @@ def source_files(observed: str | None = None, clean_train_labels: bool = False,
             "test": test}
 
 
-def formatting_hint(dataset: str) -> str:
-    """What to run when formatted_*_{images,labels}.npy are missing."""
+def formatting_hint(dataset: str, data_root: str | Path | None = None) -> str:
+    """What to run when formatted_*_{images,labels}.npy are missing (writing them under data_root)."""
     if dataset == "demo":
-        return DEMO_HINT
-    return f"see data/{dataset}/README.md and run `python preproc/format_{dataset}.py`"
+        return demo_hint(data_root)
+    save = f" --save-path {Path(data_root) / dataset}" if _data_root_flag(data_root) else ""
+    return f"see data/{dataset}/README.md and run `python preproc/format_{dataset}.py{save}`"
 
 
 def load_array(path: Path, how_to_create: str) -> np.ndarray:
@@ -221,13 +230,13 @@ def load_ignore(folder: Path, dataset: str, phase: str, num_rows: int, num_class
     path = folder / f"formatted_{phase}_ignore.npy"
     if not path.is_file():
         return None
-    mask = check_labels(path, load_array(path, formatting_hint(dataset)), num_classes, (0, 1), num_rows)
+    mask = check_labels(path, load_array(path, formatting_hint(dataset, folder.parent)), num_classes, (0, 1), num_rows)
     return mask.astype(bool)  # bool, or 0/1 as SGRE's ignore.npy
 
 
 def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int, with_observed: bool,
                 observed_tag: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    hint = formatting_hint(dataset)
+    hint = formatting_hint(dataset, folder.parent)
     images_path = folder / f"formatted_{phase}_images.npy"
     images = load_array(images_path, hint)
     if images.ndim != 1 or images.dtype.kind != "U":
@@ -237,10 +246,14 @@ def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int, with_o
     observed = None
     if with_observed:
         obs_path = folder / observed_file_name(observed_tag, phase)
-        hint = (observed_labels_hint(dataset) if observed_tag is None
+        hint = (observed_labels_hint(dataset, folder.parent) if observed_tag is None
                 else observed_tag_hint(dataset, observed_tag, folder.parent))
         observed = check_labels(obs_path, load_array(obs_path, hint),
                                 num_classes, (-1, 0, 1), len(images)).astype(np.float32)
+        if not (observed == 1).any():  # e.g. --observed rps1.0: every annotation dropped; nothing to learn from
+            raise DataError(f"{obs_path} holds no observed positive at all: nothing to train on; "
+                            + ("choose a tag that keeps some (rps<P> with P < 1, fpc<N> with N >= 1)"
+                               if observed_tag is not None else f"{hint} again"))
     return images, labels.astype(np.float32), observed
 
 
@@ -275,7 +288,7 @@ def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool
     spec = _spec(dataset)
     folder = Path(data_root) / dataset
     if not folder.is_dir():
-        raise DataError(f"{folder} not found: {formatting_hint(dataset)}")
+        raise DataError(f"{folder} not found: {formatting_hint(dataset, data_root)}")
     if spec.annotated:
         return _load_annotated_splits(folder, dataset, spec.num_classes, spec.max_val_images)
     full = observed == FULL_OBSERVED
@@ -292,7 +305,7 @@ def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool
     train_idx, val_idx = split_indices(len(images))
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
-                        f"to cut a train and a val split: {formatting_hint(dataset)}")
+                        f"to cut a train and a val split: {formatting_hint(dataset, data_root)}")
     if full:
         train_observed = full_observed(labels, ignore)
     elif observed is not None and train_observed is not None:
@@ -315,7 +328,7 @@ def _load_annotated_splits(folder: Path, dataset: str, num_classes: int | None,
     """load_splits of a dataset of real partial annotations: formatted_{train,val}_labels.npy are
     int8 annotation states (annotations.py), memory-mapped and read lazily; the train/val cut is a
     row selection of the train table, and each split's observed labels are its annotations."""
-    hint = formatting_hint(dataset)
+    hint = formatting_hint(dataset, folder.parent)
     tables = {}
     for phase in ("train", "val"):
         images_path = folder / f"formatted_{phase}_images.npy"
@@ -414,24 +427,33 @@ def to_model_input(images: torch.Tensor, flipped: torch.Tensor | None, device) -
     B x S x S x 3 batch (--data-format packed) is moved without blocking and made there exactly as
     image_tensor makes it: rows with ``flipped`` mirrored left-right (TF.hflip, exact on uint8),
     ToTensor (3 x S x S, float32, divided by 255) and Normalize (minus the mean, divided by the
-    std, in float32), so the result is bit-identical to the PIL pipeline's tensor. On the CPU the
-    same float32 operations are applied once to the 256 values of a byte (``_byte_table``) and
-    every pixel is looked up: one pass over memory instead of five, the same bits.
+    std, in float32), so the result is bit-identical to the PIL pipeline's tensor. Those float32
+    operations are applied once, on the CPU, to the 256 values of a byte (``_byte_table``) and every
+    pixel is looked up: one pass over memory instead of five, and the same bits on every device (CUDA
+    divides a tensor by a Python number as a product with its reciprocal, which rounds differently
+    from the CPU's division: computed there, the batch differed from the PIL pipeline's, measured on
+    an H200).
     """
     if images.dtype != torch.uint8:
         return images.to(device, non_blocking=True)
     if torch.device(device).type == 'cpu':
         return _lookup_on_cpu(images, flipped)
-    return _normalise_on_device(images.to(device, non_blocking=True),
-                                None if flipped is None else flipped.to(device, non_blocking=True))
+    return _lookup_on_device(images.to(device, non_blocking=True),
+                             None if flipped is None else flipped.to(device, non_blocking=True))
 
 
-def _normalise_on_device(x: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
-    """to_model_input of a uint8 batch with tensor operations: hflip, ToTensor, Normalize."""
+_DEVICE_TABLES: dict = {}
+
+
+def _lookup_on_device(x: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
+    """to_model_input of a uint8 B x S x S x 3 batch with tensor operations on its device: hflip, then
+    each byte looked up in the CPU-computed _byte_table (channel c's values at [256 c, 256 c + 256))."""
     if flipped is not None:
         x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(2), x)
-    x = x.permute(0, 3, 1, 2).contiguous().float().div(255)  # TF.to_tensor
-    return _normalise(x)
+    if x.device not in _DEVICE_TABLES:
+        _DEVICE_TABLES[x.device] = torch.from_numpy(_byte_table()).reshape(-1).to(x.device)
+    offsets = torch.arange(0, 3 * 256, 256, device=x.device).view(1, 3, 1, 1)
+    return _DEVICE_TABLES[x.device][x.permute(0, 3, 1, 2).long() + offsets]  # B x 3 x S x S float32
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -558,9 +580,12 @@ class MultiLabelImages(torch.utils.data.Dataset):
         return {}
 
 
-def collate_skipping(items: list) -> dict:
+def collate_skipping(items: list | dict) -> dict:
     """default_collate of the items MultiLabelImages could read; the rows it gave up on are listed
-    under "skipped" (a list of row indices), and a batch of skipped items only has that key."""
+    under "skipped" (a list of row indices), and a batch of skipped items only has that key. A dict
+    is a batch its dataset already collated (packs.PackedImages.__getitems__): returned as it is."""
+    if isinstance(items, dict):
+        return items
     kept = [item for item in items if "skipped" not in item]
     batch = torch.utils.data.default_collate(kept) if kept else {}
     batch["skipped"] = [item["skipped"] for item in items if "skipped" in item]
@@ -578,7 +603,8 @@ def report_skipped(dataset: "MultiLabelImages", rows: list[int]) -> None:
             log.warning(f"skipped unreadable image {dataset.root / str(dataset.split.images[row])} (--skip-bad-images)")
 
 
-def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: bool) -> list[str]:
+def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: bool,
+                 data_root: str | Path | None = None) -> list[str]:
     """The image files of a split that do not exist, found before any expensive work.
 
     Missing files stop the run unless skip_bad; even then a split that is mostly missing (more than
@@ -586,7 +612,7 @@ def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: b
     """
     if not root.is_dir():
         raise DataError(f"image folder {root} of dataset {dataset} not found: check --data-root "
-                        f"({formatting_hint(dataset)})")
+                        f"({formatting_hint(dataset, data_root)})")
     stats = split.stats(root)  # one stat per image, kept for the input fingerprint
     missing = [str(split.images[i]) for i in np.flatnonzero(stats[:, 0] == fingerprint.MISSING)]
     if not missing:

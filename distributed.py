@@ -85,13 +85,14 @@ class _CurrentStream(logging.Handler):
 
 def setup_logging() -> None:
     """Information to stdout and warnings to stderr, as plain messages; off the primary process
-    only errors are shown. Idempotent."""
+    only errors are shown, prefixed with the rank. The primary process prints exactly what one
+    process prints (the closing lines that scripts grep included). Idempotent."""
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.INFO if is_primary() else logging.ERROR)
     log.addHandler(_CurrentStream('stdout', logging.DEBUG, below=logging.WARNING))
     log.addHandler(_CurrentStream('stderr', logging.WARNING))
-    if _process.world_size > 1:  # several processes: say which one speaks
+    if not is_primary():  # several processes: say which other one speaks
         for handler in log.handlers:
             handler.setFormatter(logging.Formatter(f'[rank {_process.rank}] %(message)s'))
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import class_text_features
-from config import Config, UserError, one_line
+from config import DATASETS, Config, UserError, one_line
 from distributed import log
 from heads import HeadConfigError, Query2LabelHead, dataset_defaults
 from recipe import OPTIMIZERS, SCHEDULES, ModelEMA, build_optimizer, build_schedule
@@ -29,21 +29,21 @@ def add_arguments(g) -> None:
     g.add_argument('--head', default='linear', choices=['linear', 'q2l', 'sgre'],
                    help='classifier head on the backbone: linear (the original), q2l (Query2Label) or sgre (SGRE); '
                         'q2l and sgre read the whole feature map')
-    g.add_argument('--q2l-hidden', type=int, default=d['q2l_hidden'].default, help='Query2Label hidden size')
-    g.add_argument('--q2l-enc-layers', type=int, default=d['q2l_enc_layers'].default, help='Query2Label encoder layers')
-    g.add_argument('--q2l-dec-layers', type=int, default=d['q2l_dec_layers'].default, help='Query2Label decoder layers')
-    g.add_argument('--q2l-heads', type=int, default=d['q2l_heads'].default, help='Query2Label attention heads')
-    g.add_argument('--q2l-ffn', type=int, default=d['q2l_ffn'].default, help='Query2Label feed-forward width')
+    g.add_argument('--q2l-hidden', type=int, default=None, help=_sized('Query2Label hidden size', 'q2l_hidden'))
+    g.add_argument('--q2l-enc-layers', type=int, default=None, help=_sized('Query2Label encoder layers', 'q2l_enc_layers'))
+    g.add_argument('--q2l-dec-layers', type=int, default=None, help=_sized('Query2Label decoder layers', 'q2l_dec_layers'))
+    g.add_argument('--q2l-heads', type=int, default=None, help=_sized('Query2Label attention heads', 'q2l_heads'))
+    g.add_argument('--q2l-ffn', type=int, default=None, help=_sized('Query2Label feed-forward width', 'q2l_ffn'))
     g.add_argument('--q2l-dropout', type=float, default=d['q2l_dropout'].default, help='Query2Label dropout')
     g.add_argument('--q2l-pre-norm', action='store_true', help='Query2Label pre-norm layers (needs --q2l-dec-self-attn)')
     g.add_argument('--q2l-dec-self-attn', action='store_true',
                    help='keep the self-attention of the Query2Label decoder layers (the original removes it)')
-    g.add_argument('--sgre-layers', type=int, default=d['sgre_layers'].default, help='SGRE encoder layers')
-    g.add_argument('--sgre-heads', type=int, default=d['sgre_heads'].default, help='SGRE attention heads')
-    g.add_argument('--sgre-ffn', type=int, default=d['sgre_ffn'].default, help='SGRE encoder feed-forward width')
+    g.add_argument('--sgre-layers', type=int, default=None, help=_sized('SGRE encoder layers', 'sgre_layers'))
+    g.add_argument('--sgre-heads', type=int, default=None, help=_sized('SGRE attention heads', 'sgre_heads'))
+    g.add_argument('--sgre-ffn', type=int, default=None, help=_sized('SGRE encoder feed-forward width', 'sgre_ffn'))
     g.add_argument('--sgre-dropout', type=float, default=d['sgre_dropout'].default, help='SGRE encoder dropout')
-    g.add_argument('--sgre-att-dim', type=int, default=d['sgre_att_dim'].default,
-                   help='size of SGRE\'s low-rank bilinear label-to-pixel attention')
+    g.add_argument('--sgre-att-dim', type=int, default=None,
+                   help=_sized('size of SGRE\'s low-rank bilinear label-to-pixel attention', 'sgre_att_dim'))
     g.add_argument('--sgre-tau', type=float, default=d['sgre_tau'].default, help='SGRE attention temperature')
     g.add_argument('--sgre-no-pos', action='store_true', help='SGRE without the sine position encoding')
     g.add_argument('--sgre-chunk', type=int, default=None,
@@ -62,17 +62,38 @@ def add_arguments(g) -> None:
                         'evaluates the model and the average and keeps the better on val, as Query2Label '
                         '(0 = off; the originals use 0.9997, SGRE on VOC 0.9983)')
     g.add_argument('--optimizer', default=d['optimizer'].default, choices=OPTIMIZERS,
-                   help='adam (the original VLPL) or adamw (the transformer heads\' recipe)')
+                   help='adam (the original VLPL), adamw (the transformer heads\' recipe) or sgd (momentum 0.9, '
+                        'LargeLossMatters\' choice for VOC)')
     g.add_argument('--weight-decay', type=float, default=d['weight_decay'].default,
-                   help='weight decay (default 0; Query2Label 1e-2, SGRE 1e-4 with adamw)')
+                   help='weight decay (default 0; Query2Label 1e-2, SGRE 1e-4 with adamw; LargeLossMatters 1e-3 with sgd)')
     g.add_argument('--schedule', default=d['schedule'].default, choices=SCHEDULES,
                    help='learning-rate schedule: none (constant) or onecycle (OneCycleLR to --lr, '
                         'pct_start 0.2, stepped every batch)')
 
 
+def _sized(text: str, name: str) -> str:
+    """Help of a head-size flag: the paper's default and the datasets' own (DatasetInfo.head_sizes)."""
+    own = [f'{row.name} {dict(row.head_sizes)[name]}' for row in DATASETS.values() if name in dict(row.head_sizes)]
+    return f'{text} (default: {Config.__dataclass_fields__[name].default}, the paper\'s' + \
+        ''.join(f'; {o}' for o in own) + ')'
+
+
+def head_sizes(a: argparse.Namespace) -> None:
+    """Fill the head sizes left unset: for the head in use the dataset's (the demo's small heads, as its
+    row gives the backbone), else the paper's (Config's defaults, which the other heads keep, so that
+    a run's settings name no size it does not use)."""
+    own = dict(DATASETS[a.dataset].head_sizes) if a.dataset in DATASETS else {}
+    for head, names in HEAD_SIZES.items():
+        for name in names:
+            if getattr(a, name) is None:
+                default = Config.__dataclass_fields__[name].default
+                setattr(a, name, own.get(name, default) if head == a.head else default)
+
+
 def config_options(a: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """The Config fields of the 'Transformer heads' flags, checked (parser.error on a bad value),
-    with lamda's per-dataset default."""
+    with lamda's per-dataset default and the dataset's head sizes."""
+    head_sizes(a)
     if a.head != 'sgre':
         for flag, value in (('--lamda', a.lamda), ('--label-embeddings', a.label_embeddings)):
             if value is not None:
@@ -116,6 +137,16 @@ def config_options(a: argparse.Namespace, parser: argparse.ArgumentParser) -> di
 
 
 # ------------------------------------------------------------------------------------- heads
+
+# The Config fields that shape each head's weights (its state_dict): a checkpoint's head fits a run's
+# when these are equal (checkpoints.architecture).
+HEAD_SIZES = {
+    'linear': (),
+    'q2l': ('q2l_hidden', 'q2l_enc_layers', 'q2l_dec_layers', 'q2l_heads', 'q2l_ffn', 'q2l_pre_norm',
+            'q2l_dec_self_attn'),
+    'sgre': ('sgre_layers', 'sgre_heads', 'sgre_ffn', 'sgre_att_dim'),
+}
+
 
 def _q2l_kwargs(c) -> dict:
     get = c.get if isinstance(c, dict) else lambda k: getattr(c, k)

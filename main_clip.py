@@ -37,10 +37,11 @@ import methods_ccd  # registers CCD
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
 import packs
+import paper_recipes
 import pseudo_label_options
 import pseudo_label_policy
 import records
-from checkpoints import RunFolder, config_differences, load_checkpoint, set_rng_state
+from checkpoints import RunFolder, config_differences, load_checkpoint, rebuild_classifier, set_rng_state
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
                     build_config, number, one_line)
 from distributed import is_primary, log
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--partial-everywhere', action='store_true',
                    help='apply -p to every dataset and backbone')
     p.add_argument('-s', '--pytorch_seed', '--seed', dest='seed', type=number(int), default=0, help='torch seed')
+    p.add_argument('--recipe', default=None, metavar='NAME',
+                   help='start from the original\'s own settings for -l and -d (recipes/<METHOD>.toml, e.g. '
+                        '"original"; docs/sweeps.md); flags given here win and are recorded as overrides')
     p.add_argument('--data-root', default=DEFAULT_DIRS['data'], help='folder holding <dataset>/formatted_*.npy')
     p.add_argument('--results-dir', default=DEFAULT_DIRS['results'], help='each run writes a folder here')
     p.add_argument('--run-name', default=None,
@@ -187,6 +191,15 @@ EXCLUSIVE = [('evaluate', 'resume', 'evaluate a checkpoint or continue a run, no
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     parser = build_parser()
     a = parser.parse_args(argv)
+    recipe = {}
+    if a.recipe:  # the recipe's flags first, so that the command line's win
+        try:
+            recipe_argv = paper_recipes.as_flags(paper_recipes.find(a.recipe, a.loss, a.dataset,
+                                                                    paper_recipes.long_flags(parser)))
+        except VLPLError as e:
+            parser.error(one_line(e))
+        a = parser.parse_args(recipe_argv + list(sys.argv[1:] if argv is None else argv))
+        recipe = dict(recipe=a.recipe, recipe_overrides=paper_recipes.overrides(parser, recipe_argv, a))
     if a.gpu is not None:
         os.environ['CUDA_VISIBLE_DEVICES'] = str(a.gpu)
     for first, second, why in EXCLUSIVE:
@@ -210,7 +223,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         likelihood_topk=a.likelihood_topk, prior_threshold=a.prior_threshold, prior_file=a.prior_file,
         dist_backend=a.dist_backend, dist_timeout=a.dist_timeout, sync_bn=not a.no_sync_bn,
         data_format=a.data_format, compile=a.compile,
-        **peer, **heads_run.config_options(a, parser), **pseudo_label_options.settings(a))
+        **peer, **heads_run.config_options(a, parser), **pseudo_label_options.settings(a), **recipe)
     problem = methods_partial.flag_problem(cfg)
     if problem:
         parser.error(problem)
@@ -265,15 +278,14 @@ def run(cfg: Config, argv: list[str], resume: Optional[dict], overwrite: bool = 
 def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: RunFolder) -> dict:
     run_dir = folder.path
     seed_everything(cfg.seed)
-    splits, root = load_data(cfg)
-    init_state = load_checkpoint(Path(cfg.init_from))['model'] if cfg.init_from and resume is None else None
+    splits, root, init, trunk = load_data(cfg, resume)
     method_class = methods.METHODS[cfg.loss]
     data = build_loaders(cfg, splits, root, method_class, device)
     if resume is not None:
         check_same_inputs(cfg, resume, data, root)
     clip_model, tokenizer = load_frozen_clip(cfg, method_class, device)
     pl_source = pseudo_label_source(cfg, method_class, clip_model, tokenizer, data, device)
-    learner = build_model_and_optimiser(cfg, clip_model, tokenizer, data, resume, init_state, device)
+    learner = build_model_and_optimiser(cfg, clip_model, tokenizer, data, resume, init, trunk, device)
     if pl_source is not None:
         learner.method.use_pseudo_labels(pl_source)
     train_true = label_tables.on_device(splits['train'].labels_true, device, copy=False)  # rows per batch
@@ -329,25 +341,25 @@ def pseudo_label_source(cfg: Config, method_class, clip_model, tokenizer, data: 
 
 
 def build_model_and_optimiser(cfg: Config, clip_model, tokenizer, data: Data, resume: Optional[dict],
-                              init_state: Optional[dict], device) -> Learner:
-    """The classifier (fresh, or --init-from's weights), the method object, the optimiser, the schedule, the logger."""
+                              init: Optional[dict], trunk: Optional[models.Trunk], device) -> Learner:
+    """The classifier (fresh, on the trunk load_data built, or --init-from's weights), the method object, the
+    optimiser, the schedule, the logger."""
     num_classes = data.num_classes
     label_embeddings = heads_run.label_embeddings(cfg, clip_model, tokenizer, num_classes, resume)
     # Reseed so that the head's initialisation does not depend on what ran before (CLIP loading and
     # every DataLoader iterator draw from the global generator).
     torch.manual_seed(cfg.seed)
-    fresh = resume is None and init_state is None  # else the weights come from a checkpoint
+    fresh = resume is None and init is None  # else the weights come from a checkpoint
     model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
-                                    weights_path=cfg.backbone_weights if fresh else None,
+                                    weights_path=cfg.backbone_weights if fresh else None, trunk=trunk,
                                     clip_model=clip_model, head=cfg.head,
                                     cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
                                     **heads_run.head_options(cfg, label_embeddings)).to(device)
-    if init_state is not None:
-        try:
-            model.load_state_dict(init_state)
-        except RuntimeError as e:
-            raise UserError(f'--init-from {cfg.init_from}: its model does not fit -m {cfg.model} with '
-                            f'{num_classes} classes ({one_line(e)[:120]})') from None
+    if init is not None:
+        problem = models.state_dict_mismatch(model.state_dict(), init['model'])
+        if problem:
+            raise UserError(f'--init-from {cfg.init_from}: its model does not fit this run: {problem}')
+        model.load_state_dict(init['model'])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = methods.build_method(cfg, data.splits['train'].labels_obs, device)
@@ -413,20 +425,17 @@ def closing_lines(logger: TrainLogger, run_dir: Path, method) -> dict:
                 run_dir=str(run_dir))
 
 
-def evaluate(cfg: Config, ckpt: dict) -> float:
-    """Test mAP of a saved model (no CLIP weights needed: the classifier carries its own)."""
+def evaluate(cfg: Config, ckpt: dict, where: str = '--evaluate') -> float:
+    """Test mAP of a saved model, rebuilt from the checkpoint alone (checkpoints.rebuild_classifier: no
+    CLIP weights, no CLIP config file; the demo's tiny CLIP is not trained for it)."""
     device = select_device(cfg.device)
-    splits = prepare_data(cfg)
+    rebuilt = rebuild_classifier(ckpt, where)
+    splits = prepare_data(cfg, clip=False)
     num_classes = splits['test'].labels_true.shape[1]
-    clip_model = None
-    if cfg.model == 'clip_vision':
-        clip_model, _ = clip_loading.load_clip(cfg.clip_model, None, device=device)
-    label_embeddings = heads_run.label_embeddings(cfg, None, None, num_classes, ckpt)
-    model = models.build_classifier(cfg.model, num_classes, pretrained=False, clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
-                                    **heads_run.head_options(cfg, label_embeddings))
-    model.load_state_dict(ckpt['model'])
-    model.to(device)
+    if num_classes != len(rebuilt.classnames):
+        raise UserError(f'{where}: its model has {len(rebuilt.classnames)} classes, the test split of '
+                        f'{cfg.dataset} under {cfg.data_root} {num_classes}')
+    model = rebuilt.model.to(device)
     root = datasets.image_root(cfg.data_root, cfg.dataset)
     test_set = packs.image_sets(cfg, {'test': splits['test']}, root)[0]['test']  # --data-format pil or packed
     loader = make_loader(test_set, batch_size=cfg.batch_size, cfg=cfg, device=device)
@@ -485,11 +494,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.evaluate:
             ckpt = load_checkpoint(Path(args.evaluate))
             cfg = config_from_checkpoint(ckpt, strip_flag(argv, '--evaluate'), Path(args.evaluate), None)
-            evaluate(cfg, ckpt)
+            evaluate(cfg, ckpt, f'--evaluate {args.evaluate}')
             return 0
         resume = None
         if args.resume:
             last = Path(args.resume) / 'last.pt'
+            if (Path(args.resume) / 'config.json').is_file() and not last.exists():
+                raise UserError(f'--resume {args.resume}: the run stopped before its first checkpoint, so there is '
+                                'nothing to continue; run the same command without --resume')
             resume = load_checkpoint(last)
             cfg = config_from_checkpoint(resume, strip_flag(argv, '--resume'), last, args.resume)
             if resume['epoch'] >= cfg.epochs:

@@ -143,7 +143,7 @@ class FrozenClip:
     def encoder(self) -> ccd_labels.CcdEncoder:
         """The image tower as CCD runs it; its kind and input side from the open_clip config, the tower
         itself loaded when first needed (from the model when the config does not tell)."""
-        vision = clip_loading.configured_vision(self.cfg.clip_model)
+        vision = clip_loading.clip_config(self.cfg.clip_model).get('vision_cfg', {})
         size = clip_loading.configured_image_size(self.cfg.clip_model)
         dtype = {'fp16': torch.float16, 'fp32': torch.float32}[self.precision]
         if size is None or 'layers' not in vision:  # e.g. an hf-hub model: ask the loaded one

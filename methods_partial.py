@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+import datasets
 import losses
 import losses_partial as lp
 import methods
@@ -77,6 +78,12 @@ def flag_problem(cfg: Config) -> str | None:
                 'fully labelled data with -l bce, ASL or CSL (docs/partial-labels.md)')
     if cfg.observed not in (None, FULL_OBSERVED) and method.clean_train_labels:
         return f'--observed does nothing with -l {cfg.loss}: it trains on every clean label; drop one of them'
+    if cfg.observed is not None and cfg.observed != datasets.FULL_OBSERVED:  # checked before anything is written
+        parsed = datasets.parse_observed_tag(cfg.observed)
+        if parsed is None or (parsed[0] == 'rps' and parsed[1] > 1) or (parsed[0] == 'fpc' and parsed[1] < 1):
+            return (f'--observed {cfg.observed}: a tag is rps<P> (each annotation dropped with probability P, '
+                    '0 <= P <= 1), fpc<N> (N >= 1 positives and N negatives kept per class) or full, e.g. rps0.5 '
+                    'or fpc1000')
     if cfg.data.annotated:  # real partial annotations (annotations.py): they are the observed labels
         if cfg.observed is not None:
             return (f'--observed does not apply to -d {cfg.dataset}: its observed labels are its own partial '

@@ -89,6 +89,11 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+# The published weights that `pretrained` loads (the originals' torchvision resnet50(pretrained=True)
+# is IMAGENET1K_V1; IMAGENET1K_V2 moves VOC mAP by about a point, snucml/LargeLossMatters issue 3).
+RESNET50_WEIGHTS = 'IMAGENET1K_V1'
+
+
 def _resnet50_trunk(pretrained: bool, weights_path: str | None, clip_model, image_size=None) -> tuple[nn.Module, int]:
     import torchvision
 
@@ -97,22 +102,17 @@ def _resnet50_trunk(pretrained: bool, weights_path: str | None, clip_model, imag
         state = _read_state_dict(weights_path)
         # A trunk saved without its ImageNet fc is fine: fc is replaced anyway.
         state = {k: v for k, v in state.items() if not k.startswith('fc.')}
-        try:
-            missing, unexpected = net.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shape mismatches
-            raise ModelLoadError(f'{weights_path} does not fit torchvision ResNet-50 ({one_line(exc, with_type=True)}); '
-                                 f'check --backbone-weights') from exc
-        missing = [k for k in missing if not k.startswith('fc.')]
-        if missing or unexpected:
-            raise ModelLoadError(
-                f'{weights_path} is not a torchvision ResNet-50 state dict (missing keys {missing[:3]}, '
-                f'unexpected keys {unexpected[:3]}); check --backbone-weights')
+        problem = state_dict_mismatch({k: v for k, v in net.state_dict().items() if not k.startswith('fc.')}, state)
+        if problem:
+            raise ModelLoadError(f'--backbone-weights {weights_path} is not a torchvision ResNet-50 state dict: '
+                                 f'{problem}')
+        net.load_state_dict(state, strict=False)
     elif pretrained:
         try:
-            net = torchvision.models.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+            net = torchvision.models.resnet50(weights=getattr(torchvision.models.ResNet50_Weights, RESNET50_WEIGHTS))
         except Exception as exc:  # no network, proxy, corrupt cache: all end the same way for the user
             raise ModelLoadError(
-                f'downloading the ImageNet weights of resnet50 (torchvision IMAGENET1K_V1) failed '
+                f'downloading the ImageNet weights of resnet50 (torchvision {RESNET50_WEIGHTS}) failed '
                 f'({one_line(exc, with_type=True)}); pass {BACKBONE_FLAGS}') from exc
     else:
         net = torchvision.models.resnet50(weights=None)
@@ -189,13 +189,13 @@ class _TimmLoadReport(logging.Handler):
 
 
 def _clip_vision_trunk(pretrained: bool, weights_path: str | None, clip_model, image_size=None) -> tuple[nn.Module, int]:
-    if clip_model is None:
-        raise ValueError('clip_vision needs clip_model (the CLIP model from load_clip)')
     # `pretrained` has no say here: the weights are those of clip_model (random if it was loaded
     # with pretrained=None), e.g. before a checkpoint of a trained classifier is loaded.
     if weights_path is not None:
         raise ModelLoadError('clip_vision takes its weights from the CLIP model: use --clip-pretrained, '
                              'not --backbone-weights')
+    if clip_model is None:
+        raise ValueError('clip_vision needs clip_model (the CLIP model from load_clip)')
     visual = copy.deepcopy(clip_model.visual)
     visual.requires_grad_(True)
     return ClipVisionTrunk(visual, clip_image_size(clip_model)), clip_embed_dim(clip_model)
@@ -319,6 +319,15 @@ def _halvings(times: int, *, ceil: bool, first: int = 1) -> Callable[[int], int]
 
 
 @dataclass(frozen=True)
+class Trunk:
+    """A trunk built ahead of its classifier (`build_trunk`): the module, its feature width, and the
+    state of torch's generator right after it was built, from which `build_classifier` draws the head."""
+    module: nn.Module
+    dim: int
+    rng_after: torch.Tensor
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """One backbone.
 
@@ -406,6 +415,22 @@ def backbone(name: str) -> BackboneSpec:
                          '(timm.list_models() lists them)')
     raise ValueError(f'unknown backbone {name!r}; choose one of {", ".join(sorted(BACKBONES))} or timm:NAME '
                      '(any timm model, e.g. timm:resnet18)')
+
+
+def timm_name(name: str) -> str | None:
+    """The timm model (with its pretrained tag) behind backbone `name`, None for the others."""
+    trunk = backbone(name).make_trunk
+    return trunk.args[0] if isinstance(trunk, partial) and trunk.func is _timm_trunk else None
+
+
+def pretrained_weights(name: str) -> str | None:
+    """The published weights `pretrained` loads for backbone `name` ('torchvision
+    ResNet50_Weights.IMAGENET1K_V1', 'timm <model.tag>'), None where there are none (small_cnn;
+    clip_vision takes the CLIP's). Recorded in every run's provenance; recipes' facts check it."""
+    if name == 'resnet50':
+        return f'torchvision ResNet50_Weights.{RESNET50_WEIGHTS}'
+    timm_model = timm_name(name)
+    return f'timm {timm_model}' if timm_model else None
 
 
 # --------------------------------------------------------------------------- heads
@@ -529,10 +554,26 @@ class Classifier(nn.Module):
         return self
 
 
+def build_trunk(name: str, *, seed: int, pretrained: bool = True,
+                weights_path: str | os.PathLike | None = None, image_size: int | None = None) -> Trunk:
+    """The trunk of backbone `name` alone, built (weights downloaded or read from `weights_path`, and
+    checked) as build_classifier would build it right after torch.manual_seed(seed), without touching
+    the global generator. A run builds it before the expensive CLIP work, so that a wrong weights file
+    or a failed download stops the run at once; build_classifier(trunk=...) then gives the same model
+    as building both in one go. Not for clip_vision, whose trunk is the CLIP model's tower."""
+    if weights_path is not None and not pretrained:
+        raise ModelLoadError('--backbone-weights and --no-pretrained contradict each other: give one')
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module, dim = backbone(name).make_trunk(pretrained, None if weights_path is None else str(weights_path),
+                                                None, image_size)
+        return Trunk(module, dim, torch.get_rng_state())
+
+
 def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
                      weights_path: str | os.PathLike | None = None, clip_model: nn.Module | None = None,
                      head: str = 'linear', cam_boost: float | None = None, image_size: int | None = None,
-                     **head_options) -> Classifier:
+                     trunk: Trunk | None = None, **head_options) -> Classifier:
     """Classifier for backbone `name` (a key of BACKBONES or timm:NAME, see `backbone`) and head
     `head` (a key of HEADS): forward(images B x 3 x S x S) -> logits B x K.
 
@@ -542,6 +583,8 @@ def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
     backbones). clip_model: the model from clip_loading.load_clip, required by clip_vision (its image
     tower is deep-copied and trained; the copy does not share parameters with clip_model).
     image_size: the input side S, for backbones built for one input size (Swin, ViT; None: theirs).
+    trunk: a trunk of this backbone from build_trunk (pretrained, weights_path and image_size are then its
+    own); the head is drawn from the generator state that followed it.
     """
     spec = backbone(name)
     if head not in HEADS:
@@ -550,9 +593,31 @@ def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
         raise ValueError(f'num_classes must be positive, got {num_classes}')
     if weights_path is not None and not pretrained:
         raise ModelLoadError('--backbone-weights and --no-pretrained contradict each other: give one')
-    trunk, feature_dim = spec.make_trunk(pretrained, None if weights_path is None else str(weights_path), clip_model,
-                                         image_size)
-    return Classifier(trunk, spec, feature_dim, num_classes, head, cam_boost=cam_boost, **head_options)
+    if trunk is not None:
+        torch.set_rng_state(trunk.rng_after)
+        module, feature_dim = trunk.module, trunk.dim
+    else:
+        module, feature_dim = spec.make_trunk(pretrained, None if weights_path is None else str(weights_path),
+                                              clip_model, image_size)
+    return Classifier(module, spec, feature_dim, num_classes, head, cam_boost=cam_boost, **head_options)
+
+
+def state_dict_mismatch(expected: dict, given: dict) -> str | None:
+    """Why `given` does not load into a model whose state_dict() is `expected` (strictly), naming the first
+    key that differs and the shapes; None when it loads."""
+    for key, value in expected.items():
+        if key not in given:
+            return f'{key} is missing from the file ({len(given)} entries, {len(expected)} expected)'
+        theirs = given[key]
+        if not isinstance(theirs, torch.Tensor):
+            return f'{key} is a {type(theirs).__name__}, not a tensor'
+        if tuple(theirs.shape) != tuple(value.shape):
+            return (f'{key} is {" x ".join(map(str, theirs.shape)) or "a scalar"} in the file, '
+                    f'{" x ".join(map(str, value.shape)) or "a scalar"} in the model')
+    extra = [key for key in given if key not in expected]
+    if extra:
+        return f'{extra[0]} is in the file but not in the model ({len(extra)} such entries)'
+    return None
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -563,6 +628,9 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise ModelLoadError(f'could not read {path} as a PyTorch state dict ({one_line(exc, with_type=True)}); '
                              f'check --backbone-weights') from exc
+    if isinstance(state, dict) and {'model', 'config', 'epoch'} <= set(state):
+        raise ModelLoadError(f'--backbone-weights {path} is a checkpoint of this project (a whole classifier), '
+                             f'not backbone weights: start from it with --init-from {path}')
     for key in ('state_dict', 'model'):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

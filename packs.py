@@ -136,7 +136,7 @@ class PackedImages(torch.utils.data.Dataset):
     opened in each worker process on first use (it is not pickled)."""
 
     def __init__(self, data_root, split: Split, image_size: int, train: bool, *, dataset: str, phase: str,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, pin_memory: bool = False):
         self.path, stamp, self.packed_stats = open_pack(data_root, dataset, phase, split, image_size)
         self.root = datasets.image_root(data_root, dataset)  # for the embedding cache key and messages
         self.split = split
@@ -145,6 +145,7 @@ class PackedImages(torch.utils.data.Dataset):
         self.dataset = dataset
         self.phase = phase
         self.skip_bad = skip_bad
+        self.pin_memory = pin_memory  # batches read in the main process for a CUDA device
         self.bad_rows = frozenset(stamp.get('bad_rows', []))
         if self.bad_rows and not skip_bad:
             first = self.root / str(split.images[min(self.bad_rows)])
@@ -164,31 +165,77 @@ class PackedImages(torch.utils.data.Dataset):
         the pixels this set reads."""
         return self.packed_stats
 
-    def __getitem__(self, key) -> dict:
+    def _row_and_flip(self, key) -> tuple[int, bool]:
         if isinstance(key, tuple):
-            i, flipped = int(key[0]), bool(key[1]) and self.train
-        else:
-            i, flipped = int(key), self.train and bool(torch.rand(1) < 0.5)
-        if i in self.bad_rows:
-            return {'skipped': i}
+            return int(key[0]), bool(key[1]) and self.train
+        return int(key), self.train and bool(torch.rand(1) < 0.5)
+
+    def _rows(self):
         if self._array is None:
             self._array = np.load(self.path, mmap_mode='r')
+        return self._array
+
+    def __getitem__(self, key) -> dict:
+        i, flipped = self._row_and_flip(key)
+        if i in self.bad_rows:
+            return {'skipped': i}
         return {
-            'image': torch.from_numpy(np.array(self._array[i])),
+            'image': torch.from_numpy(np.array(self._rows()[i])),
             'label_obs': torch.from_numpy(self.split.labels_obs[i].copy()),
             'label_true': torch.from_numpy(self.split.labels_true[i].copy()),
             'index': torch.tensor(i, dtype=torch.int64),
             'flipped': torch.tensor(flipped),
         }
 
+    def __getitems__(self, keys: list) -> dict:
+        """The whole batch of `keys` at once, already collated (datasets.collate_skipping passes it
+        through): what collate_skipping makes of the items of __getitem__, the same tensors, but
+        each row is copied once from the memory map into the batch, with no per-item tensors and no
+        second copy to stack them. In a DataLoader worker the batch is allocated in shared memory,
+        where the worker's result travels to the main process anyway (torch would otherwise copy it
+        there); in the main process, in page-locked memory with pin_memory (the DataLoader's pin
+        thread then has nothing to copy). Flips are drawn in key order, as __getitem__ draws them
+        item by item."""
+        drawn = [self._row_and_flip(key) for key in keys]
+        kept = [(i, flipped) for i, flipped in drawn if i not in self.bad_rows]
+        batch = {'skipped': [i for i, _ in drawn if i in self.bad_rows]}
+        if not kept:
+            return batch
+        array = self._rows()
+        rows = np.array([i for i, _ in kept], dtype=np.int64)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        image = batch_buffer((len(rows),) + array.shape[1:], shared=in_worker,
+                             pin=self.pin_memory and not in_worker)
+        out = image.numpy()
+        for k, i in enumerate(rows):  # one memcpy per row from the page cache
+            out[k] = array[i]
+        return {'image': image,
+                'label_obs': torch.from_numpy(self.split.labels_obs[rows]),
+                'label_true': torch.from_numpy(self.split.labels_true[rows]),
+                'index': torch.from_numpy(rows),
+                'flipped': torch.tensor([flipped for _, flipped in kept], dtype=torch.bool)} | batch
+
+
+def batch_buffer(shape: tuple, *, shared: bool, pin: bool = False, dtype=torch.uint8) -> torch.Tensor:
+    """An uninitialised tensor of `shape`: in shared memory (`shared`: where a DataLoader worker's
+    batch travels to the main process, as torch's default_collate allocates it), in page-locked
+    memory (`pin`: a CUDA copy from it can overlap compute), or in ordinary memory."""
+    if shared:
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size())
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
 
 def image_sets(cfg, splits: dict, root: Path) -> tuple[dict, torch.utils.data.Dataset]:
     """The datasets of a run for cfg.data_format: {phase: set} and the unflipped train set (for the
     embedding cache and the EM_APL update; None when `splits` has no train split)."""
     if cfg.data_format == 'packed':
+        # page-locked batches when the run is on CUDA (main_clip.select_device's rule for 'auto')
+        pin = cfg.device == 'cuda' or (cfg.device == 'auto' and torch.cuda.is_available())
+
         def make(phase, train):
             return PackedImages(cfg.data_root, splits[phase], cfg.image_size, train=train, dataset=cfg.dataset,
-                                phase=phase, skip_bad=cfg.skip_bad_images)
+                                phase=phase, skip_bad=cfg.skip_bad_images, pin_memory=pin)
     else:
         def make(phase, train):
             return datasets.MultiLabelImages(root, splits[phase], cfg.image_size, train=train, dataset=cfg.dataset,

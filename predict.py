@@ -26,12 +26,8 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
-import class_text_features
-import clip_loading
 import datasets
-import models
-from config import ModelLoadError, VLPLError, one_line
-from distributed import log
+from config import VLPLError, one_line
 from files import atomic_write
 
 
@@ -49,7 +45,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = checkpoints.load_checkpoint(path)
     except VLPLError as e:
-        raise PredictError(f'{e}; pass best.pt or last.pt of a run folder') from None
+        raise PredictError(str(e) if 'pass ' in str(e) or 'use ' in str(e) else
+                           f'{e}; pass best.pt or last.pt of a run folder') from None
     if not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('config'), dict) \
             or 'model' not in ckpt['config']:
         raise PredictError(f'{path}: not a VLPL checkpoint (it lacks the model weights or the run configuration); '
@@ -57,44 +54,15 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def rebuild_from_checkpoint(ckpt: dict) -> tuple[torch.nn.Module, list[str], int]:
-    """(model in eval mode on the CPU, class names (K), input size S) from a training checkpoint.
-
-    Needs ckpt['model'] (state dict), ckpt['config'] (the run's Config as a dict: 'model', 'image_size',
-    'clip_model' for clip_vision, 'head' when present) and ckpt['classnames']. Checkpoints written
-    before the class names were stored fall back to text_features/<dataset>_classnames.txt.
-    No weights are downloaded: clip_vision builds the CLIP architecture with random weights
-    (clip_loading.load_clip(name, None)) and the checkpoint then fills every parameter.
-    Raises PredictError when the checkpoint does not describe a model of this code base.
-    """
-    cfg = ckpt['config']
-    name = cfg.get('model')
+def rebuild_from_checkpoint(ckpt: dict, where: str = 'checkpoint') -> tuple[torch.nn.Module, list[str], int]:
+    """(model in eval mode on the CPU, class names (K), input size S) from a training checkpoint, through
+    the one way back from a checkpoint (checkpoints.rebuild_classifier: every head size, the CLIP
+    architecture and SGRE's label embeddings as stored; no dataset, no download)."""
     try:
-        models.backbone(name)
-    except ValueError:
-        raise PredictError(f'the checkpoint names backbone {name!r}, which this code does not know '
-                           f'(known: {", ".join(sorted(models.BACKBONES))}, timm:NAME)') from None
-    classnames = ckpt.get('classnames')
-    if classnames is None:
-        try:
-            classnames = class_text_features.read_classnames(cfg.get('dataset', ''), data_root=cfg.get('data_root'))
-        except ModelLoadError:
-            raise PredictError('the checkpoint holds no class names and its dataset '
-                               f'{cfg.get("dataset")!r} has no text_features/<dataset>_classnames.txt') from None
-        log.warning(f'note: checkpoint without class names; using those of dataset {cfg["dataset"]!r}')
-    classnames = [str(c) for c in classnames]
-    clip_model = None
-    if name == 'clip_vision':
-        clip_model, _ = clip_loading.load_clip(cfg['clip_model'], None)
-    extra = {'head': cfg['head']} if 'head' in cfg else {}
-    model = models.build_classifier(name, len(classnames), pretrained=False, clip_model=clip_model,
-                                    image_size=int(cfg['image_size']), **extra)
-    try:
-        model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        raise PredictError(f'the checkpoint weights do not fit backbone {name!r} with {len(classnames)} classes '
-                           f'({one_line(e)[:200]})') from None
-    return model.eval(), classnames, int(cfg['image_size'])
+        rebuilt = checkpoints.rebuild_classifier(ckpt, where)
+    except VLPLError as e:
+        raise PredictError(str(e)) from None
+    return rebuilt.model, rebuilt.classnames, rebuilt.image_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +227,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
+def check_output(output: Path) -> None:
+    """--output can be written: not a folder, no folder above it that is a file (checked before predicting)."""
+    if output.is_dir():
+        raise PredictError(f'--output {output} is a folder; name a file such as {output / "labels.csv"}')
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PredictError(f'--output {output}: its parent {parent} is a file, not a folder; '
+                                   'choose another --output')
+            break
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description='Label images with a trained VLPL classifier: per image the classes whose score reaches '
@@ -267,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('checkpoint', help='best.pt or last.pt of a run folder')
     p.add_argument('paths', nargs='+', metavar='PATH', help='image files and/or folders (searched recursively)')
     p.add_argument('--output', default=None, metavar='FILE',
-                   help='FILE.csv or FILE.json (format from the suffix); default: CSV on standard output')
+                   help='FILE.csv or FILE.json (format from the suffix, any case; an existing file is replaced, '
+                        'and the closing line says so); default: CSV on standard output')
     thresholds = p.add_mutually_exclusive_group()
     thresholds.add_argument('--threshold', type=float, default=0.5,
                             help='one threshold for every class: a class is predicted when its score >= it')
@@ -287,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         output = Path(args.output) if args.output else None
-        if output is not None and output.suffix not in ('.csv', '.json'):
+        fmt = output.suffix.lower() if output is not None else '.csv'
+        if fmt not in ('.csv', '.json'):
             raise PredictError(f'--output {output}: the name must end in .csv or .json')
+        if output is not None:
+            check_output(output)
         if not 0.0 <= args.threshold <= 1.0:
             raise PredictError(f'--threshold must be in [0, 1], got {args.threshold}')
         for flag in ('top_k', 'num_workers'):
@@ -302,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         files = list_files(args.paths)
         if not files:
             raise PredictError(f'no files under {" ".join(args.paths)}')
-        model, classnames, image_size = rebuild_from_checkpoint(load_checkpoint(Path(args.checkpoint)))
+        model, classnames, image_size = rebuild_from_checkpoint(load_checkpoint(Path(args.checkpoint)),
+                                                                args.checkpoint)
         if args.thresholds:
             thresholds = load_thresholds(Path(args.thresholds), classnames)
         else:
@@ -314,19 +299,21 @@ def main(argv: list[str] | None = None) -> int:
         if not kept:
             raise PredictError(f'none of the {len(files)} files is a readable image')
         rows = label_rows([files[i] for i in kept], scores, classnames, thresholds, args.top_k)
-        if output is not None and output.suffix == '.json':
+        if fmt == '.json':
             text = to_json(rows, [(str(files[i]), r) for i, r in skipped], args.checkpoint, thresholds, classnames)
         else:
             text = to_csv(rows, min(args.top_k, len(classnames)))
+        replaced = ''
         if output is None:
             sys.stdout.write(text)
         else:
+            replaced = ' (replaced the file that was there)' if output.exists() else ''
             try:
                 atomic_write(output, lambda handle: handle.write(text.encode('utf-8')))
             except OSError as e:
                 raise PredictError(f'--output {output}: cannot write ({e.strerror or e})') from None
-        print(f'{len(kept)} images labelled{f" -> {output}" if output else ""}; {len(skipped)} files skipped',
-              file=sys.stderr)
+        print(f'{len(kept)} images labelled{f" -> {output}{replaced}" if output else ""}; {len(skipped)} files '
+              'skipped', file=sys.stderr)
         return 0
     except VLPLError as e:
         print(f'error: {one_line(e)}', file=sys.stderr)

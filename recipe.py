@@ -92,18 +92,22 @@ class ModelEMA:
 
 # ---------------------------------------------------------------------------- optimiser, schedule
 
-OPTIMIZERS = ('adam', 'adamw')
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('none', 'onecycle')
 
 
 def build_optimizer(param_groups, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """'adam': torch.optim.Adam (the project's default); 'adamw': AdamW with the originals' betas
-    (0.9, 0.999) and eps 1e-8 (query2labels main_mlc.py, SGRE lib/util.py get_optimizer).
+    (0.9, 0.999) and eps 1e-8 (query2labels main_mlc.py, SGRE lib/util.py get_optimizer); 'sgd':
+    SGD with momentum 0.9 and coupled weight decay, as LargeLossMatters train.py (--optimizer sgd,
+    its authors' choice for VOC, issue 4 of that repository).
     `param_groups`: parameters or a list of group dicts (a group's own 'lr' wins over `lr`)."""
     if name == 'adam':
         return torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)
     if name == 'adamw':
         return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    if name == 'sgd':
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     raise HeadConfigError(f'--optimizer {name}: choose one of {", ".join(OPTIMIZERS)}')
 
 

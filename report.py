@@ -8,13 +8,20 @@ when present) and writes into --out:
 
     report.md          the tables below, with the plots embedded
     runs.csv           one row per run: dataset, method (loss), backbone, head, seed, best epoch,
-                       val and test mAP of the best epoch (the values of log.json, full precision)
+                       val and test mAP of the best epoch (the values of log.json, full precision),
+                       status (complete, or incomplete (e/E epochs): stopped or still running, or no
+                       finite mAP) and whether the run is in its group's mean (and why not)
     groups.csv         runs that differ only by seed: n, seeds, mean and sample std (n - 1) of the mAPs
+                       of the complete runs, one per seed (--include-incomplete: the incomplete too);
+                       the runs left out, named
     per_class_ap.csv   run, class, val and test AP (%) of the best epoch, when available
     curves_<group>.png per-epoch mAP (train/val/test), loss, and the pseudo-label precision/recall
                        when logged; one thin line per seed, the mean thick
     map_by_group.png   val and test mAP of every group, mean ± std
     per_class_ap_<group>.png  test AP per class of the best epoch, sorted
+
+Files of an earlier report in the same --out that this one does not write (plots of groups that are
+gone) are removed (REPORT_FILES), so the folder describes these runs only.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import RESUMABLE_CHANGES
+from config import RESUMABLE_CHANGES, VLPLError
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -43,6 +50,10 @@ REPO_ROOT = Path(__file__).resolve().parent
 IGNORED_SETTINGS = RESUMABLE_CHANGES | frozenset({'seed', 'channels_last', 'argv', 'init_from'})
 TABLE_COLUMNS = ('dataset', 'method', 'backbone', 'head')
 PER_CLASS_PLOT_MAX = 60  # more classes: the plot shows the lowest and highest PER_CLASS_PLOT_MAX / 2
+# What a report writes into --out (glob patterns): an earlier report's files that this one does not
+# write again are removed.
+REPORT_FILES = ('report.md', 'runs.csv', 'groups.csv', 'per_class_ap.csv', 'map_by_group.png', 'curves_*.png',
+                'per_class_ap_*.png')
 
 
 class ReportError(Exception):
@@ -61,6 +72,7 @@ class Run:
     log: dict
     per_class: dict | None = None     # {'classnames': [...], 'val': [...] or None, 'test': [...]} in %
     per_class_note: str = ''          # why per_class is missing, or where it came from
+    left_out: str = ''                # why the run is not in its group's means ('' = it is; select_runs)
 
     @property
     def row(self) -> dict:
@@ -69,7 +81,20 @@ class Run:
         return {'dataset': c.get('dataset'), 'method': c.get('loss'), 'backbone': c.get('model'),
                 'head': c.get('head', 'linear'), 'seed': c.get('seed'), 'best_epoch': self.log.get('best_epoch'),
                 'val_map': self.log.get('best_val_map'), 'test_map': self.log.get('best_test_map'),
-                'run': self.name}
+                'run': self.name, 'status': self.status}
+
+    @property
+    def status(self) -> str:
+        """'complete' (records.status_of: the one definition of a finished run, which sweep.py uses to
+        skip it); 'incomplete (e/E epochs)' for a run stopped or still running; 'no finite mAP'."""
+        import records  # torch comes with it: imported when a report reads its first run
+
+        s = records.status_of(self.config, self.log, str(self.folder))
+        if s.finished:
+            return 'complete'
+        if s.state == 'no finite mAP' or not all(_finite(self.log.get(k)) for k in ('best_val_map', 'best_test_map')):
+            return 'no finite mAP'
+        return f'incomplete ({s.epochs_done}/{s.epochs} epochs)'
 
     def series(self, phase: str, name: str) -> np.ndarray:
         """(epochs,) float array of log.json values[phase][name] or extra[phase][name]; NaN where not
@@ -81,19 +106,28 @@ class Run:
         return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def find_run_folders(paths: list[str]) -> list[Path]:
-    """Each path is a run folder (it holds config.json) or a folder of run folders."""
-    folders = []
+    """Each path is a run folder (it holds config.json) or a folder of run folders; hidden folders inside
+    (.NAME.replaced: a run that --overwrite is replacing) are not runs of their own. A folder named twice
+    (or through another path) counts once."""
+    folders, seen = [], set()
     for p in map(Path, paths):
         if not p.is_dir():
             raise ReportError(f'{p}: no such folder (pass run folders such as results/<run> or results/)')
         if (p / 'config.json').is_file():
-            folders.append(p)
-            continue
-        inside = sorted(q.parent for q in p.glob('*/config.json'))
+            inside = [p]
+        else:
+            inside = sorted(q.parent for q in p.glob('*/config.json') if not q.parent.name.startswith('.'))
         if not inside:
             raise ReportError(f'{p}: neither a run folder (no config.json) nor a folder of run folders')
-        folders += inside
+        for folder in inside:
+            if folder.resolve() not in seen:
+                seen.add(folder.resolve())
+                folders.append(folder)
     return folders
 
 
@@ -181,9 +215,49 @@ class Group:
     def identity(self) -> dict:
         return {k: self.runs[0].row[k] for k in TABLE_COLUMNS}
 
+    @property
+    def counted(self) -> list[Run]:
+        """The runs of the group's means (select_runs)."""
+        return [r for r in self.runs if not r.left_out]
+
 
 def _settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in IGNORED_SETTINGS and not isinstance(v, dict)}
+
+
+def select_runs(groups: list['Group'], include_incomplete: bool = False) -> None:
+    """Mark the runs left out of their group's means (Run.left_out): no finite mAP; incomplete (stopped
+    or still running: its best epoch is that of fewer epochs) unless include_incomplete; and a seed
+    already counted in the group (a copy or a resumed copy of a run is not an independent sample:
+    the first complete run of each seed is kept)."""
+    for g in groups:
+        kept: dict = {}
+        for run in g.runs:
+            status = run.status
+            if status == 'no finite mAP':
+                run.left_out = status
+            elif status != 'complete' and not include_incomplete:
+                run.left_out = status.split(' ')[0]
+            elif run.row['seed'] in kept:
+                run.left_out = f'repeats seed {run.row["seed"]} of {kept[run.row["seed"]].name}'
+            else:
+                run.left_out = ''
+                kept[run.row['seed']] = run
+
+
+def left_out_line(runs: list[Run], include_incomplete: bool) -> str:
+    """One line on the runs left out of the group means ('' when none is)."""
+    out = [r for r in runs if r.left_out]
+    if not out:
+        return ''
+    kinds: dict = {}
+    for r in out:
+        kind = 'repeated seed' if r.left_out.startswith('repeats') else r.left_out
+        kinds[kind] = kinds.get(kind, 0) + 1
+    flag = '' if include_incomplete or 'incomplete' not in kinds else '; --include-incomplete counts the incomplete'
+    return (f'Left out of the group means: {len(out)} run{"s" if len(out) > 1 else ""} ('
+            + ', '.join(f'{n} {kind}' for kind, n in kinds.items()) + f'): '
+            + ', '.join(r.name for r in out) + flag + '.')
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -239,12 +313,14 @@ def _fmt_mean_std(mean, std) -> str:
 
 
 def group_summary(g: Group) -> dict:
-    val = mean_std([r.row['val_map'] for r in g.runs])
-    test = mean_std([r.row['test_map'] for r in g.runs])
-    return {**g.identity, 'settings': g.settings, 'n': len(g.runs),
-            'seeds': ' '.join(str(r.row['seed']) for r in g.runs),
-            'best_epochs': ' '.join(str(r.row['best_epoch']) for r in g.runs),
-            'val_map_mean': val[0], 'val_map_std': val[1], 'test_map_mean': test[0], 'test_map_std': test[1]}
+    runs = g.counted
+    val = mean_std([r.row['val_map'] for r in runs])
+    test = mean_std([r.row['test_map'] for r in runs])
+    return {**g.identity, 'settings': g.settings, 'n': len(runs),
+            'seeds': ' '.join(str(r.row['seed']) for r in runs),
+            'best_epochs': ' '.join(str(r.row['best_epoch']) for r in runs),
+            'val_map_mean': val[0], 'val_map_std': val[1], 'test_map_mean': test[0], 'test_map_std': test[1],
+            'left_out': '; '.join(f'{r.name} ({r.left_out})' for r in g.runs if r.left_out)}
 
 
 def _csv(header: list[str], rows: list[list]) -> str:
@@ -264,29 +340,34 @@ def _markdown_table(header: list[str], rows: list[list[str]], align: str) -> str
 
 def runs_table(runs: list[Run]) -> tuple[str, str]:
     """(Markdown, CSV) of one row per run."""
-    keys = ['dataset', 'method', 'backbone', 'head', 'seed', 'best_epoch', 'val_map', 'test_map', 'run']
-    md = _markdown_table(['dataset', 'method', 'backbone', 'head', 'seed', 'best epoch', 'val mAP', 'test mAP', 'run'],
+    keys = ['dataset', 'method', 'backbone', 'head', 'seed', 'best_epoch', 'val_map', 'test_map', 'run', 'status']
+    md = _markdown_table(['dataset', 'method', 'backbone', 'head', 'seed', 'best epoch', 'val mAP', 'test mAP', 'run',
+                          'status'],
                          [[r.row['dataset'], r.row['method'], r.row['backbone'], r.row['head'], r.row['seed'],
-                           r.row['best_epoch'], _fmt(r.row['val_map']), _fmt(r.row['test_map']), r.name]
-                          for r in runs], 'lllllrrrl')
-    return md, _csv(keys + ['folder'], [[r.row[k] for k in keys] + [str(r.folder)] for r in runs])
+                           r.row['best_epoch'], _fmt(r.row['val_map']), _fmt(r.row['test_map']), r.name,
+                           r.row['status'] + (f'; not in the mean ({r.left_out})' if r.left_out
+                                              and not r.left_out.startswith(('incomplete', 'no finite')) else '')]
+                          for r in runs], 'lllllrrrll')
+    return md, _csv(keys + ['in_group_mean', 'left_out', 'folder'],
+                    [[r.row[k] for k in keys] + [not r.left_out, r.left_out, str(r.folder)] for r in runs])
 
 
 def groups_table(groups: list[Group]) -> tuple[str, str]:
     """(Markdown, CSV) of one row per group of seeds."""
     rows = [group_summary(g) for g in groups]
     md = _markdown_table(['dataset', 'method', 'backbone', 'head', 'settings', 'n', 'seeds', 'best epochs',
-                          'val mAP', 'test mAP'],
+                          'val mAP', 'test mAP', 'left out'],
                          [[s['dataset'], s['method'], s['backbone'], s['head'], s['settings'] or '—', s['n'],
                            s['seeds'], s['best_epochs'], _fmt_mean_std(s['val_map_mean'], s['val_map_std']),
-                           _fmt_mean_std(s['test_map_mean'], s['test_map_std'])] for s in rows], 'llllllllrr')
+                           _fmt_mean_std(s['test_map_mean'], s['test_map_std']), s['left_out'] or '—']
+                          for s in rows], 'llllllllrrl')
     keys = list(rows[0]) if rows else []
     return md, _csv(keys, [[s[k] for k in keys] for s in rows])
 
 
 def group_per_class(g: Group) -> dict | None:
     """Per-class AP of a group: class names and (n_runs x K) val/test arrays (NaN rows where missing)."""
-    have = [r.per_class for r in g.runs if r.per_class is not None]
+    have = [r.per_class for r in g.counted if r.per_class is not None]
     if not have:
         return None
     names = have[0]['classnames']
@@ -350,13 +431,14 @@ def plot_curves(g: Group, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
-    has_pl = any(not np.isnan(r.series('train', n)).all() for r in g.runs for n in ('pl_precision', 'pl_recall'))
+    runs = g.counted or g.runs  # the runs of the group's means; all of them when none is
+    has_pl = any(not np.isnan(r.series('train', n)).all() for r in runs for n in ('pl_precision', 'pl_recall'))
     panels = 3 if has_pl else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), constrained_layout=True)
     ax = axes[0]
     for phase in ('train', 'val', 'test'):
-        _plot_series(ax, g.runs, phase, 'map_clean', f'{phase} mAP', PHASE_COLORS[phase])
-    for r in g.runs:
+        _plot_series(ax, runs, phase, 'map_clean', f'{phase} mAP', PHASE_COLORS[phase])
+    for r in runs:
         best = r.log.get('best_epoch')
         if best:
             val = r.series('val', 'map_clean')
@@ -368,21 +450,21 @@ def plot_curves(g: Group, path: Path) -> None:
     ax.set(title='mAP on clean labels (%)', xlabel='epoch', ylabel='mAP (%)')
     ax.legend(loc='lower right', fontsize=9)
     ax = axes[1]
-    drawn = [_plot_series(ax, g.runs, phase, 'loss', f'{phase} loss', PHASE_COLORS[phase]) for phase in PHASE_COLORS]
+    drawn = [_plot_series(ax, runs, phase, 'loss', f'{phase} loss', PHASE_COLORS[phase]) for phase in PHASE_COLORS]
     ax.set(title='loss' + (' (negative for the EM losses: entropy term)' if str(g.identity['method']).startswith('EM')
                            else ''), xlabel='epoch', ylabel='loss')
     if any(drawn):
         ax.legend(fontsize=9)
     if has_pl:
         ax = axes[2]
-        _plot_series(ax, g.runs, 'train', 'pl_precision', 'precision', '#9467bd')
-        _plot_series(ax, g.runs, 'train', 'pl_recall', 'recall', '#8c564b')
+        _plot_series(ax, runs, 'train', 'pl_precision', 'precision', '#9467bd')
+        _plot_series(ax, runs, 'train', 'pl_recall', 'recall', '#8c564b')
         ax.set(title='pseudo-labels on unknown entries (train)', xlabel='epoch', ylim=(0, 1.02))
         ax.legend(fontsize=9)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    seeds = ', '.join(str(r.row['seed']) for r in g.runs)
-    fig.suptitle(f'{_group_title(g)}  (seed{"s" if len(g.runs) > 1 else ""} {seeds})', fontsize=13)
+    seeds = ', '.join(str(r.row['seed']) for r in runs)
+    fig.suptitle(f'{_group_title(g)}  (seed{"s" if len(runs) > 1 else ""} {seeds})', fontsize=13)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -400,7 +482,7 @@ def plot_map_by_group(groups: list[Group], path: Path) -> None:
     crosses; the axis is zoomed to the values so that close results stay apart."""
     plt = _pyplot()
     rows = [group_summary(g) for g in groups]
-    labels = [f'{_group_title(g)}  (n={len(g.runs)})' for g in groups]
+    labels = [f'{_group_title(g)}  (n={len(g.counted)})' for g in groups]
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.8 * len(groups)), constrained_layout=True)
     values = []
     for offset, phase in ((-0.15, 'val'), (0.15, 'test')):
@@ -408,7 +490,7 @@ def plot_map_by_group(groups: list[Group], path: Path) -> None:
             mean, std = s[f'{phase}_map_mean'], s[f'{phase}_map_std']
             if mean is None:
                 continue
-            seeds = [r.row[f'{phase}_map'] for r in g.runs if r.row[f'{phase}_map'] is not None]
+            seeds = [r.row[f'{phase}_map'] for r in g.counted if r.row[f'{phase}_map'] is not None]
             values += seeds
             ax.plot(seeds, [y + offset] * len(seeds), 'x', color=PHASE_COLORS[phase], alpha=0.6, markersize=6)
             ax.errorbar(mean, y + offset, xerr=std or 0.0, fmt='o', color=PHASE_COLORS[phase], capsize=4,
@@ -472,10 +554,13 @@ def plot_per_class(g: Group, pc: dict, path: Path) -> None:
 # The report
 
 
-def write_report(runs: list[Run], out: Path) -> list[Path]:
-    """Write tables, CSVs and PNGs into `out`; returns the files written."""
+def write_report(runs: list[Run], out: Path, include_incomplete: bool = False) -> list[Path]:
+    """Write tables, CSVs and PNGs into `out`; returns the files written. Files of an earlier report there
+    that this one does not write are removed (REPORT_FILES)."""
     out.mkdir(parents=True, exist_ok=True)
+    earlier = {path for pattern in REPORT_FILES for path in out.glob(pattern)}
     groups = group_runs(runs)
+    select_runs(groups, include_incomplete)
     written = []
 
     def write(name: str, text: str) -> None:
@@ -491,7 +576,10 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
           '## Runs\n', runs_md,
           '## Groups of seeds\n',
           'Runs whose configurations differ only by seed (and folders, device, workers). '
-          'Values: mean ± sample standard deviation (n − 1 in the denominator); one run shows its value alone.\n',
+          'Values: mean ± sample standard deviation (n − 1 in the denominator); one run shows its value alone. '
+          + ('Incomplete runs are counted (--include-incomplete); ' if include_incomplete else
+             'Only complete runs are counted; ') + 'one run per seed.\n',
+          (left_out_line(runs, include_incomplete) + '\n') if left_out_line(runs, include_incomplete) else '',
           groups_md]
 
     plot_map_by_group(groups, out / 'map_by_group.png')
@@ -509,10 +597,10 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
         pc = group_per_class(g)
         md.append(f'### {_group_title(g)}\n')
         if pc is None:
-            notes = sorted({r.per_class_note for r in g.runs if r.per_class is None})
+            notes = sorted({r.per_class_note for r in g.counted if r.per_class is None})
             md.append(f'Not available: {"; ".join(notes) or "class names differ between seeds"}.\n')
             continue
-        sources = sorted({r.per_class_note for r in g.runs if r.per_class is not None})
+        sources = sorted({r.per_class_note for r in g.counted if r.per_class is not None})
         md.append(f'Source: {", ".join(sources)}; AP in percent, mean ± sample std over seeds.\n')
         name = f'per_class_ap_{g.name}.png'
         plot_per_class(g, pc, out / name)
@@ -529,6 +617,223 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
     if per_class_rows:
         write('per_class_ap.csv', _csv(['run', 'class', 'val_ap', 'test_ap'], per_class_rows))
     write('report.md', '\n'.join(md))
+    for path in earlier - set(written):  # e.g. the plots of a group that is not in this report
+        path.unlink(missing_ok=True)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper table of a sweep (--paper SWEEP_DIR)
+
+
+PAPER_TOLERANCE = 1.0  # mAP points: a larger difference from the published number is marked
+
+
+@dataclass
+class PaperCell:
+    """One (method[:recipe], dataset) cell of a sweep: its planned seeds, the finished runs' test mAP,
+    the published number, and the provenance of its runs."""
+    cell: str
+    method: str
+    recipe: str | None
+    dataset: str
+    planned: list = field(default_factory=list)    # seeds
+    results: dict = field(default_factory=dict)    # seed -> test mAP of the best val epoch (finished runs)
+    why_missing: dict = field(default_factory=dict)  # seed -> why the run does not count
+    provenance: dict = field(default_factory=dict)  # seed -> config.json record.provenance
+    published: object = None                        # paper_recipes.Entry or None
+    title: str = ''
+    not_applied: dict = field(default_factory=dict)
+
+    @property
+    def missing(self) -> list:
+        return [s for s in self.planned if s not in self.results]
+
+    @property
+    def mean_std(self) -> tuple:
+        return mean_std([self.results[s] for s in sorted(self.results)])
+
+    @property
+    def difference(self) -> float | None:
+        mean = self.mean_std[0]
+        return None if mean is None or self.published is None else mean - float(self.published.value)
+
+
+def paper_cells(sweep_dir: Path) -> list[PaperCell]:
+    """The cells of a sweep from its sweep.json (written by sweep.py), each run counted only when
+    finished (records.run_status, the definition sweep.py uses)."""
+    import paper_recipes
+    import records
+    from sweep import SWEEP_FILE
+
+    plan_path = sweep_dir / SWEEP_FILE
+    if not plan_path.is_file():
+        raise ReportError(f'{sweep_dir}: no {SWEEP_FILE}; --paper reads the folder of a sweep (python sweep.py GRID)')
+    plan = _read_json(plan_path)
+    cells: dict[tuple, PaperCell] = {}
+    for run in plan.get('runs', []):
+        key = (run['cell'], run['dataset'])
+        if key not in cells:
+            recipe = run.get('recipe')
+            cells[key] = PaperCell(run['cell'], run['method'], recipe, run['dataset'])
+            try:
+                r = paper_recipes.find(recipe or 'original', run['method'], run['dataset'])
+                cells[key].published, cells[key].title, cells[key].not_applied = r.published, r.title, r.not_applied
+            except VLPLError:  # no recipe for this cell: no published number to compare with
+                pass
+        cell = cells[key]
+        seed = run['seed']
+        cell.planned.append(seed)
+        folder = sweep_dir / run['name']
+        status = records.run_status(folder)
+        if not status.finished:
+            cell.why_missing[seed] = status.state + (f' ({status.epochs_done}/{status.epochs} epochs)'
+                                                     if status.state == 'interrupted' else '')
+            continue
+        log = _read_json(folder / 'log.json')
+        config = _read_json(folder / 'config.json')
+        cell.results[seed] = log.get('best_test_map')
+        record = config.get('record', {})  # provenance, and the data's fingerprint (fingerprint.summary)
+        cell.provenance[seed] = record.get('provenance', {}) | ({'inputs': record['inputs']} if 'inputs' in record else {})
+    return list(cells.values())
+
+
+def _flatten(value, prefix: str = '') -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f'{prefix}.{k}' if prefix else str(k)))
+        return out
+    return {prefix: json.dumps(value, sort_keys=True) if isinstance(value, (list, tuple)) else value}
+
+
+def provenance_differences(cell: PaperCell) -> list[tuple[str, dict]]:
+    """(key, {seed: value}) for every provenance entry that is not the same in all finished runs of the cell."""
+    flat = {seed: _flatten(p) for seed, p in cell.provenance.items()}
+    keys = sorted({k for f in flat.values() for k in f})
+    out = []
+    for key in keys:
+        values = {seed: f.get(key) for seed, f in flat.items()}
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
+            out.append((key, values))
+    return out
+
+
+def _cell_text(cell: PaperCell) -> str:
+    mean, std = cell.mean_std
+    if mean is None:
+        return 'no finished run'
+    text = _fmt_mean_std(mean, std) + f' (n={len(cell.results)})'
+    if cell.missing:
+        text += ', missing seed' + ('s ' if len(cell.missing) > 1 else ' ') + ' '.join(map(str, cell.missing))
+    return text
+
+
+def paper_table(cells: list[PaperCell], tolerance: float) -> tuple[str, str]:
+    """(Markdown, CSV) of the sweep's table: per row a method (and recipe), per dataset ours as mean ±
+    sample std over the finished seeds, the published number and the difference, marked (!) beyond
+    `tolerance` mAP points."""
+    datasets = list(dict.fromkeys(c.dataset for c in cells))
+    rows = list(dict.fromkeys(c.cell for c in cells))
+    by_key = {(c.cell, c.dataset): c for c in cells}
+    header = ['method'] + [f'{d} {what}' for d in datasets for what in ('ours', 'paper', 'diff')]
+    md_rows = []
+    for row in rows:
+        line = [row]
+        for d in datasets:
+            c = by_key.get((row, d))
+            if c is None:
+                line += ['—', '—', '—']
+                continue
+            diff = c.difference
+            line += [_cell_text(c), _fmt(None if c.published is None else float(c.published.value)),
+                     'n/a' if diff is None else f'{diff:+.2f}' + (' (!)' if abs(diff) > tolerance else '')]
+        md_rows.append(line)
+    md = _markdown_table(header, md_rows, 'l' + 'rrr' * len(datasets))
+    csv_rows = []
+    for c in cells:
+        mean, std = c.mean_std
+        diff = c.difference
+        csv_rows.append([c.cell, c.method, c.recipe or '', c.dataset, len(c.planned), len(c.results),
+                         ' '.join(map(str, sorted(c.results))), ' '.join(map(str, c.missing)), mean, std,
+                         None if c.published is None else float(c.published.value),
+                         None if diff is None else diff, None if diff is None else int(abs(diff) > tolerance),
+                         '' if c.published is None else c.published.source])
+    csv_text = _csv(['cell', 'method', 'recipe', 'dataset', 'seeds_planned', 'seeds_finished', 'seeds', 'missing_seeds',
+                     'test_map_mean', 'test_map_std', 'published', 'difference', 'beyond_tolerance',
+                     'published_source'], csv_rows)
+    return md, csv_text
+
+
+def plot_paper(cells: list[PaperCell], path: Path, tolerance: float) -> None:
+    """One panel per dataset: ours (mean, sample std as error bar, seeds as crosses) beside the
+    published number (black diamond); a row whose difference exceeds the tolerance in red."""
+    plt = _pyplot()
+    datasets = list(dict.fromkeys(c.dataset for c in cells))
+    rows = list(dict.fromkeys(c.cell for c in cells))
+    by_key = {(c.cell, c.dataset): c for c in cells}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(6.5, 4.6 * len(datasets)), 1.6 + 0.55 * len(rows)),
+                             constrained_layout=True, squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for y, row in enumerate(rows):
+            c = by_key.get((row, d))
+            if c is None:
+                continue
+            mean, std = c.mean_std
+            diff = c.difference
+            color = '#d62728' if diff is not None and abs(diff) > tolerance else PHASE_COLORS['test']
+            if mean is not None:
+                ax.errorbar(mean, y, xerr=std or 0.0, fmt='o', color=color, capsize=4, markersize=7,
+                            label='ours (mean ± std)' if y == 0 else None)
+                ax.plot(list(c.results.values()), [y] * len(c.results), 'x', color=color, alpha=0.6)
+            if c.published is not None:
+                ax.plot([float(c.published.value)], [y], 'D', color='black', markersize=6,
+                        label='published' if y == 0 else None)
+        ax.set_yticks(range(len(rows)), rows if ax is axes[0][0] else [''] * len(rows))
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set(title=d, xlabel='test mAP (%)')
+    axes[0][0].legend(loc='upper left', bbox_to_anchor=(0.0, -0.22), ncol=2, fontsize=8)
+    fig.suptitle(f'test mAP beside the published numbers\n(red: more than {tolerance:g} points apart)', fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_paper(sweep_dir: Path, out: Path, tolerance: float = PAPER_TOLERANCE) -> list[Path]:
+    """paper.md, paper.csv and paper.png of a sweep folder into `out`."""
+    cells = paper_cells(sweep_dir)
+    if not cells:
+        raise ReportError(f'{sweep_dir}: its sweep.json plans no run')
+    out.mkdir(parents=True, exist_ok=True)
+    md_table, csv_text = paper_table(cells, tolerance)
+    finished = sum(len(c.results) for c in cells)
+    planned = sum(len(c.planned) for c in cells)
+    md = [f'# {sweep_dir.name}: {finished} of {planned} runs finished', '',
+          'Test mAP (%) at the best val epoch, mean ± sample standard deviation over the finished seeds (n); '
+          'missing seeds are named. "paper": the published number of the original (recipes/*.toml, with its '
+          f'source in paper.csv); "diff": ours minus paper, (!) beyond {tolerance:g} points.', '', md_table,
+          '![table](paper.png)', '']
+    missing = [(c, s) for c in cells for s in c.missing]
+    if missing:
+        md += ['## Runs that do not count', '']
+        md += [f'- {c.cell} on {c.dataset}, seed {s}: {c.why_missing.get(s, "not finished")}' for c, s in missing]
+        md.append('')
+    md += ['## Provenance that differs between the runs of a cell', '']
+    lines = [f'- {c.cell} on {c.dataset}: `{key}`: ' + '; '.join(f'seed {s}: {v}' for s, v in sorted(values.items()))
+             for c in cells for key, values in provenance_differences(c)]
+    md += lines or ['None: within every cell the runs share code commit and tree state, libraries, device, weights '
+                    'and their sha256, input size, split seed, label files, recipe and overrides.']
+    md.append('')
+    notes = {(c.cell, key): entry for c in cells for key, entry in c.not_applied.items()}
+    if notes:
+        md += ["## What the originals did that these runs do not (the recipes' not_applied)", '']
+        md += [f'- {cell}: {key} = {entry.value} ({entry.source}): {entry.why}' for (cell, key), entry in notes.items()]
+        md.append('')
+    written = []
+    for name, text in (('paper.md', '\n'.join(md)), ('paper.csv', csv_text)):
+        (out / name).write_text(text)
+        written.append(out / name)
+    plot_paper(cells, out / 'paper.png', tolerance)
+    written.append(out / 'paper.png')
     return written
 
 
@@ -537,15 +842,29 @@ def build_parser() -> argparse.ArgumentParser:
         description='Compare training runs: tables (Markdown, CSV) of best-epoch mAP, seeds grouped as '
                     'mean ± sample std, per-class AP and PNG plots.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('runs', nargs='+', metavar='RUN_DIR',
+    p.add_argument('runs', nargs='*', metavar='RUN_DIR',
                    help='run folders (holding config.json and log.json), or folders of run folders')
     p.add_argument('--out', default='report', help='folder for report.md, the CSV files and the plots')
+    p.add_argument('--paper', default=None, metavar='SWEEP_DIR',
+                   help='the table of a sweep (sweep.py) beside the published numbers: paper.md, paper.csv, paper.png')
+    p.add_argument('--tolerance', type=float, default=PAPER_TOLERANCE,
+                   help='--paper: mark a difference from the published number larger than this (mAP points)')
+    p.add_argument('--include-incomplete', action='store_true',
+                   help='count runs that stopped (or are still running) before their last epoch in the group '
+                        'means (default: listed, marked incomplete, left out of the means)')
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.runs and args.paper is None:
+        parser.error('give RUN_DIR folders, or --paper SWEEP_DIR')
     try:
+        if args.paper is not None:
+            written = write_paper(Path(args.paper), Path(args.out), args.tolerance)
+            print(f'{Path(args.paper)} -> {written[0]} ({len(written)} files)')
+            return 0
         runs = []
         for folder in find_run_folders(args.runs):
             try:
@@ -558,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in runs:  # the same run name under two results folders: tell them apart
             if names.count(r.name) > 1:
                 r.name = f'{r.folder.parent.name}/{r.name}'
-        written = write_report(runs, Path(args.out))
+        written = write_report(runs, Path(args.out), args.include_incomplete)
     except ReportError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -566,6 +885,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: cannot write to {args.out} ({e.strerror or e}); choose another --out', file=sys.stderr)
         return 2
     print(f'{len(runs)} runs -> {Path(args.out) / "report.md"} ({len(written)} files)')
+    if left_out_line(runs, args.include_incomplete):
+        print(left_out_line(runs, args.include_incomplete))
     return 0
 
 

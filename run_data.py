@@ -1,5 +1,6 @@
 """The data of a run: the formatted splits (the demo generated on first use), every input file
-checked before the expensive work, the image sets of --data-format and their loaders (`Data`).
+checked before the expensive work (an --init-from checkpoint compared with the run, the backbone's
+weights loaded), the image sets of --data-format and their loaders (`Data`).
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import class_text_features
 import datasets
 import distributed
 import fingerprint
+import heads_run
 import label_tables
 import methods
+import models
 import packs
-from checkpoints import ensure_writable
+from checkpoints import check_fits, ensure_writable, load_checkpoint
 from config import Config, UserError
 from distributed import is_primary, log
 
@@ -40,12 +43,20 @@ class Data:
         return self.splits['train'].labels_obs.shape[1]
 
 
-def prepare_data(cfg: Config) -> dict:
-    """The formatted splits (docs/original-vlpl.md section 4); the demo is generated on first use."""
+def needs_clip(cfg: Config) -> bool:
+    """Whether the run uses a CLIP model: pseudo-labels (VLPL's or a method's own), the clip_vision
+    backbone, or SGRE's default label embeddings."""
+    return (methods.METHODS[cfg.loss].needs_pseudo_labels or cfg.model == 'clip_vision'
+            or heads_run.needs_clip(cfg))
+
+
+def prepare_data(cfg: Config, *, clip: bool = True) -> dict:
+    """The formatted splits (docs/original-vlpl.md section 4); the demo is generated on first use, its
+    tiny CLIP only when `clip` (a run that uses CLIP; not --evaluate, whose checkpoint holds its model)."""
     if cfg.dataset == 'demo':
         from preproc import make_demo
         with distributed.primary_first('generating the demo data'):
-            make_demo.ensure_demo(cfg.data_root, progress=is_primary())
+            make_demo.ensure_demo(cfg.data_root, progress=is_primary(), with_clip=clip)
             if cfg.observed is not None:
                 ensure_demo_observed(cfg)
     method = methods.METHODS[cfg.loss]
@@ -72,7 +83,13 @@ def ensure_demo_observed(cfg: Config) -> None:
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
     """Batches in row order (or the sampler's), pinned for CUDA, workers kept across epochs.
     Several processes: a training loader yields this rank's share of each global batch
-    (distributed.GlobalBatchShares); an evaluation loader this rank's block of rows."""
+    (distributed.GlobalBatchShares); an evaluation loader this rank's block of rows.
+
+    Each loader draws its workers' base seed from a generator of its own: from the global one, each
+    new iterator would take a number from the stream that the heads' dropout reads, and with
+    persistent workers an uninterrupted run makes its iterators in epoch 1 only, a resumed run again
+    in its first epoch, so a resumed q2l / sgre run would drift. (The workers draw nothing: the flips
+    come from the sampler.)"""
     workers = cfg.num_workers
     batches = dict(batch_size=batch_size, sampler=sampler)
     if distributed.world_size() > 1:
@@ -82,29 +99,45 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
     return torch.utils.data.DataLoader(
         dataset, **batches, shuffle=False, num_workers=workers,
         collate_fn=datasets.collate_skipping, pin_memory=device.type == 'cuda',
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def check_inputs(cfg: Config, splits: dict, root: Path) -> None:
-    """Every input file checked before the expensive work (CLIP, the embedding cache, training)."""
+def check_inputs(cfg: Config, splits: dict, root: Path, resume: dict | None) -> tuple:
+    """Every input file checked before the expensive work (CLIP, the embedding cache, training); returns
+    the --init-from checkpoint (checked to fit this run: checkpoints.check_fits) and the trunk built with
+    --backbone-weights or the published weights (models.build_trunk; None where a checkpoint or CLIP
+    gives the weights)."""
     for phase, split in splits.items():
         if cfg.data_format == 'packed':  # the packs replace the image files
             packs.open_pack(cfg.data_root, cfg.dataset, phase, split, cfg.image_size)
             continue
-        for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images):
+        for path in datasets.check_images(root, split, phase, cfg.dataset, cfg.skip_bad_images, cfg.data_root):
             log.warning(f'skipped missing image {root / path} (--skip-bad-images)')
-    for flag, path in (('--backbone-weights', cfg.backbone_weights), ('--text-features', cfg.text_features),
-                       ('--init-from', cfg.init_from)):
+    for flag, path in (('--backbone-weights', cfg.backbone_weights), ('--text-features', cfg.text_features)):
         if path is not None and not Path(path).is_file():
             raise UserError(f'{flag} {path}: no such file')
     if cfg.text_features:
         class_text_features.load_text_features(cfg.text_features, splits['train'].labels_obs.shape[1])
     ensure_writable(Path(cfg.cache_dir), '--cache-dir')
+    init = trunk = None
+    if cfg.init_from and resume is None:
+        where = f'--init-from {cfg.init_from}'
+        try:
+            init = load_checkpoint(Path(cfg.init_from))
+        except UserError as e:
+            raise UserError(f'{where}: {e}') from None
+        check_fits(init, cfg, class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root), where)
+    elif resume is None and cfg.model != 'clip_vision':  # clip_vision's weights are the CLIP model's
+        trunk = models.build_trunk(cfg.model, seed=cfg.seed, pretrained=cfg.pretrained,
+                                   weights_path=cfg.backbone_weights, image_size=cfg.image_size)
+    return init, trunk
 
 
-def load_data(cfg: Config) -> tuple[dict, Path]:
-    """The formatted splits, described in one line each, and every input file checked; (splits, image root)."""
-    splits = prepare_data(cfg)
+def load_data(cfg: Config, resume: dict | None = None) -> tuple:
+    """The formatted splits, described in one line each, and every input file checked; (splits, image root,
+    --init-from checkpoint or None, prebuilt trunk or None: check_inputs)."""
+    splits = prepare_data(cfg, clip=needs_clip(cfg))
     num_classes = splits['train'].labels_obs.shape[1]
     for phase, split in splits.items():
         if isinstance(split.labels_true, label_tables.Annotations):  # partial annotations, read in blocks
@@ -120,8 +153,7 @@ def load_data(cfg: Config) -> tuple[dict, Path]:
                  f'{split.labels_obs.clip(min=0).sum(1).mean():.2f} observed positives / image, {negatives}'
                  f'{split.labels_true.sum(1).mean():.2f} true positives / image')
     root = datasets.image_root(cfg.data_root, cfg.dataset)
-    check_inputs(cfg, splits, root)
-    return splits, root
+    return (splits, root) + check_inputs(cfg, splits, root, resume)
 
 
 def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -> Data:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,9 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == '__main__':  # no progress bars in the output (tqdm reads this when first imported)
+    os.environ.setdefault('TQDM_DISABLE', '1')
 
 import aevlp  # noqa: E402
 import clip_loading  # noqa: E402
+from bench.common import load_line, machine_lines  # noqa: E402
 
 
 def _sync(device):
@@ -44,7 +48,7 @@ def step_time(scorer, views, flips, index, steps: int, warmup: int, device) -> f
     return statistics.median(times)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--clip-model', default='vlpl-demo-tiny')
     p.add_argument('--batch', type=int, default=32)
@@ -63,6 +67,7 @@ def main(argv=None) -> None:
     observed[torch.arange(a.batch), torch.arange(a.batch) % a.classes] = 1
     index = torch.arange(a.batch, device=device)
     hp = dict(grid_size=a.grid, temp=0.01, eta=0.0, top_k=3, threshold=0.5, negative_ratio=0.2)
+    print('\n'.join(machine_lines(device)))
     print(f'{a.clip_model} at {size} px, {a.batch} images x {1 + a.grid ** 2} views, K = {a.classes}, '
           f'{device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else torch.get_num_threads()} '
           f'{"" if device.type == "cuda" else "threads"})')
@@ -73,9 +78,12 @@ def main(argv=None) -> None:
         text = aevlp.text_matrix(torch.randn(a.classes, width, device=device).to(dtype), None, None)
         scorer = aevlp.CropScorer(model.visual.eval(), text, observed, hp)
         seconds[precision] = step_time(scorer, views, flips, index, a.steps, a.warmup, device)
-        print(f'{precision}: {1000 * seconds[precision]:.1f} ms per step')
-    print(f'fp16 / fp32 time: {seconds["fp16"] / seconds["fp32"]:.2f}')
+        print(f'{precision}: {1000 * seconds[precision]:.4g} ms per step')
+    fp16, fp32 = 1000 * seconds['fp16'], 1000 * seconds['fp32']
+    print(f'fp16 / fp32 time: {fp16:.4g} / {fp32:.4g} = {fp16 / fp32:.2f}')
+    print(load_line('end'))
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

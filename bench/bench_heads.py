@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == '__main__':  # no progress bars in the output (tqdm reads this when first imported)
+    os.environ.setdefault('TQDM_DISABLE', '1')
 
+from bench.common import load_line, machine_lines  # noqa: E402
 from heads import Query2LabelHead, SGREHead  # noqa: E402
+
+
+HEAD_NAMES = ('linear', 'q2l', 'sgre', 'sgre-fused', 'sgre-chunk8')
 
 
 class LinearOnPooled(nn.Module):
@@ -65,19 +72,31 @@ def main(argv=None) -> int:
     p.add_argument('--warmup', type=int, default=1, help='untimed runs first (default: 1)')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     p.add_argument('--only', default='', help='comma-separated subset of the head names')
+    p.add_argument('--q2l-hidden', type=int, default=2048, help='Query2Label hidden width (default: 2048, the '
+                   'original)')
+    p.add_argument('--feedforward', type=int, default=None,
+                   help='feed-forward width of both transformer heads (default: each original\'s, 8192 and 2048)')
+    p.add_argument('--att-dim', type=int, default=1024, help='SGRE attention size (default: 1024, the original)')
     args = p.parse_args(argv)
+    unknown = sorted(set(filter(None, args.only.split(','))) - set(HEAD_NAMES))
+    if unknown:
+        p.error(f'--only: unknown {unknown}; choose among {", ".join(HEAD_NAMES)}')
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.channels, args.grid, args.grid, device=device)
     emb = torch.randn(args.classes, 512)
+    ff = {} if args.feedforward is None else {'dim_feedforward': args.feedforward}
+    sgre = dict(att_dim=args.att_dim, **ff)
     builders = {
         'linear': lambda: LinearOnPooled(args.channels, args.classes),
-        'q2l': lambda: Query2LabelHead(args.channels, args.classes),
-        'sgre': lambda: SGREHead(args.channels, args.classes, emb),
-        'sgre-fused': lambda: SGREHead(args.channels, args.classes, emb, fused_score=True),
-        'sgre-chunk8': lambda: SGREHead(args.channels, args.classes, emb, chunk_classes=8),
+        'q2l': lambda: Query2LabelHead(args.channels, args.classes, hidden_dim=args.q2l_hidden, **ff),
+        'sgre': lambda: SGREHead(args.channels, args.classes, emb, **sgre),
+        'sgre-fused': lambda: SGREHead(args.channels, args.classes, emb, fused_score=True, **sgre),
+        'sgre-chunk8': lambda: SGREHead(args.channels, args.classes, emb, chunk_classes=8, **sgre),
     }
+    assert tuple(builders) == HEAD_NAMES
     names = [n for n in builders if not args.only or n in args.only.split(',')]
+    print('\n'.join(machine_lines(device)))
     print(f'input {tuple(x.shape)} on {device}{" bf16 autocast" if args.amp else ""}, K={args.classes}')
     for name in names:
         head = builders[name]().to(device).train()
@@ -86,8 +105,9 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         t = time_head(head, x, args.steps, args.warmup, args.amp)
         mem = f'  peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB' if device.type == 'cuda' else ''
-        print(f'{name:12s} {params / 1e6:8.2f} M params  forward+backward {t * 1e3:9.1f} ms{mem}')
+        print(f'{name:12s} {params / 1e6:8.2f} M params  forward+backward {t * 1e3:9.4g} ms{mem}')
         del head
+    print(load_line('end'))
     return 0
 
 

@@ -5,6 +5,7 @@ Both run in the same process on the same random input (COCO test size by default
 script checks that they agree and prints both times and the speed-up.
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import load_line, machine_lines, spread  # noqa: E402
 from metrics import METRIC_KEYS, compute_metrics, compute_metrics_loop  # noqa: E402
 
 
@@ -26,6 +28,9 @@ def main(argv=None) -> int:
                         help='timed runs of the vectorised version; the median is reported (default: 5)')
     parser.add_argument('--seed', type=int, default=0, help='numpy seed of the random input (default: 0)')
     args = parser.parse_args(argv)
+    if min(args.num_images, args.num_classes, args.repeats) < 1:
+        parser.error('--num-images, --num-classes and --repeats must be >= 1')
+    header = machine_lines()
 
     rng = np.random.default_rng(args.seed)
     shape = (args.num_images, args.num_classes)
@@ -37,17 +42,21 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         fast = compute_metrics(preds, labels)
         fast_times.append(time.perf_counter() - start)
+    import sklearn.metrics  # noqa: F401  (imported by the loop's first call: not part of its time)
     start = time.perf_counter()
     slow = compute_metrics_loop(preds, labels)
     slow_time = time.perf_counter() - start
 
     worst = max(abs(fast[key] - slow[key]) for key in METRIC_KEYS)
-    fast_time = float(np.median(fast_times))
+    fast_time = statistics.median(fast_times)
+    print('\n'.join(header))
     print(f'input: {args.num_images} x {args.num_classes}, seed {args.seed}')
-    print(f'vectorised compute_metrics: {fast_time:.4f} s (median of {args.repeats})')
-    print(f'per-image loop reference:   {slow_time:.3f} s')
-    print(f'speed-up: {slow_time / fast_time:.1f}x')
+    print(f'vectorised compute_metrics: {fast_time:.4g} s (median of {args.repeats}; min / median / max '
+          f'{spread(fast_times)})')
+    print(f'per-image loop reference:   {slow_time:.4g} s')
+    print(f'speed-up: {slow_time:.4g} / {fast_time:.4g} = {slow_time / fast_time:.2f}x')
     print(f'largest difference between the two: {worst:.2e} ({"agree" if worst < 1e-9 else "DISAGREE"})')
+    print(load_line('end'))
     return 0 if worst < 1e-9 else 1
 
 

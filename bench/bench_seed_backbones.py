@@ -23,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-import losses_partial
-import models
+import losses_partial  # noqa: E402
+import models  # noqa: E402
+from bench.common import load_line, machine_lines  # noqa: E402
 
 SIZES = {'resnet101': 448, 'tresnet_m': 224, 'tresnet_l': 448, 'swin_large': 384}
 NUM_CLASSES = 20
@@ -38,6 +39,10 @@ def one_config(name: str, head: str, size: int, args, device) -> dict:
     options = {}
     if head == 'sgre':  # SGRE's label embeddings: a K x 768 matrix (its BERT embeddings' width)
         options = dict(label_embeddings=np.random.RandomState(0).randn(NUM_CLASSES, 768).astype(np.float32))
+    if args.head_width:  # smaller transformer heads (tests/test_bench.py runs the bench tiny)
+        width = {'q2l': dict(hidden_dim=args.head_width, dim_feedforward=2 * args.head_width),
+                 'sgre': dict(att_dim=args.head_width, dim_feedforward=2 * args.head_width)}
+        options |= width.get(head, {})
     model = models.build_classifier(name, NUM_CLASSES, pretrained=False, head=head, image_size=size,
                                     **options).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
@@ -82,9 +87,13 @@ def main(argv=None) -> int:
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--head-width', type=int, default=None,
+                   help='Query2Label hidden size and SGRE attention size, feed-forward twice that (default: the '
+                        'originals\')')
     args = p.parse_args(argv)
     device = torch.device(args.device)
     import timm
+    print('\n'.join(machine_lines(device)))
     print(f'torch {torch.__version__}, timm {timm.__version__}, device '
           f'{torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}, batch {args.batch_size}, '
           f'median of {args.steps} steps after {args.warmup}')
@@ -94,8 +103,9 @@ def main(argv=None) -> int:
         size = args.image_size or SIZES.get(name, 224)
         for head in args.heads.split(','):
             r = one_config(name, head, size, args, device)
-            print(f'| {name} | {head} | {size} | {r["map"]} | {r["params"]:.1f} | {r["ms"]:.1f} | '
-                  f'{r["images_per_s"]:.0f} | {r["peak_gib"]:.1f} |', flush=True)
+            print(f'| {name} | {head} | {size} | {r["map"]} | {r["params"]:.1f} | {r["ms"]:.4g} | '
+                  f'{r["images_per_s"]:.4g} | {r["peak_gib"]:.1f} |', flush=True)
+    print(load_line('end'))
     return 0
 
 

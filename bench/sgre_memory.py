@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import machine_lines  # noqa: E402
 from heads import LowRankBilinearAttention  # noqa: E402
 
 
@@ -79,8 +80,17 @@ def main(argv=None) -> int:
     p.add_argument('--att-dim', type=int, default=1024, help='attention size (default: 1024, the original)')
     p.add_argument('--chunk-classes', type=int, default=8, help='classes per block in the chunked mode (default: 8)')
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    try:
+        return _report(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _report(args) -> int:
     in_use = _bytes_in_use_fn()
+    print(machine_lines()[0])  # memory, not time: the load does not matter
     copy = args.classes * args.tokens * args.att_dim * 4
     print(f'one copy (1 x {args.classes} x {args.tokens} x {args.att_dim} float32) = {copy / 1e6:.1f} MB per image')
     for mode in ('plain', 'fused', 'chunked'):

@@ -210,7 +210,7 @@ def write_partial(data_root: str | Path, dataset: str, scheme: str, param: float
 
 def _load_labels(dataset: str, folder: Path, phase: str, num_classes: int) -> np.ndarray:
     path = folder / f"formatted_{phase}_labels.npy"
-    return check_labels(path, load_array(path, formatting_hint(dataset)), num_classes, (0, 1))
+    return check_labels(path, load_array(path, formatting_hint(dataset, folder.parent)), num_classes, (0, 1))
 
 
 def main(argv: list[str] | None = None) -> int:

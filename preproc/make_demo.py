@@ -209,7 +209,7 @@ def ensure_demo(data_root: str | Path = "data", *, seed: int = 0, progress: bool
                 num_test: int = DEFAULT_SIZES["num_test"],
                 num_clip_pairs: int = DEFAULT_SIZES["num_clip_pairs"],
                 clip_epochs: int = DEFAULT_SIZES["clip_epochs"],
-                report: Callable[[str], None] | None = print) -> Path:
+                report: Callable[[str], None] | None = print, with_clip: bool = True) -> Path:
     """Create what is missing, stale or damaged in ``<data_root>/demo/``; return the CLIP checkpoint.
 
     Two independent artefacts, each with a json stamp of what produced it (generator version,
@@ -218,7 +218,8 @@ def ensure_demo(data_root: str | Path = "data", *, seed: int = 0, progress: bool
     ``clip/vlpl-demo-tiny.json``, which also holds the model config). An artefact is rebuilt when
     ``data_problem`` / ``clip_problem`` find a reason, or with ``force``; ``report`` (if given)
     gets one line saying what is built and why. Otherwise nothing is written. Each file appears
-    atomically (temporary name + os.replace).
+    atomically (temporary name + os.replace). ``with_clip=False``: the dataset only (a run that uses
+    no CLIP, or --evaluate, whose checkpoint holds its model); the CLIP is left as it is.
     """
     for name, value in (("num_train", num_train), ("num_test", num_test),
                         ("num_clip_pairs", num_clip_pairs), ("clip_epochs", clip_epochs)):
@@ -237,6 +238,8 @@ def ensure_demo(data_root: str | Path = "data", *, seed: int = 0, progress: bool
         _write_data(demo_dir, int(seed), sizes, data_stamp, progress)
 
     checkpoint = demo_dir / "clip" / f"{DEMO_CLIP_CONFIG}.pt"
+    if not with_clip:
+        return checkpoint
     clip_stamp = dict(version=GENERATOR_VERSION, seed=int(seed),
                       num_clip_pairs=int(num_clip_pairs), clip_epochs=int(clip_epochs),
                       model_config=json.loads(CLIP_CONFIG_PATH.read_text()),

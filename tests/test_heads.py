@@ -135,7 +135,7 @@ def test_user_errors_are_one_line():
     with pytest.raises(HeadConfigError, match=r'expected \(5, E\)'):
         SGREHead(16, 5, torch.zeros(4, 12), num_heads=4, dim_feedforward=8, att_dim=8)
     with pytest.raises(HeadConfigError, match='--optimizer'):
-        build_optimizer([nn.Parameter(torch.zeros(1))], 'sgd', 1e-3)
+        build_optimizer([nn.Parameter(torch.zeros(1))], 'rmsprop', 1e-3)
     for err in (HeadConfigError('x'),):
         assert '\n' not in str(err)
 

@@ -53,9 +53,39 @@ def test_packed_tensors_are_bit_identical_to_pil_for_both_flips(data):
         assert made.dtype == reference.dtype and made.shape == reference.shape and made.is_contiguous()
         assert torch.equal(made, reference)  # bit for bit, flipped and unflipped rows
         # the tensor operations used on a GPU, here on the CPU
-        assert torch.equal(datasets._normalise_on_device(batch['image'], batch['flipped']), reference)
+        assert torch.equal(datasets._lookup_on_device(batch['image'], batch['flipped']), reference)
     # a float batch (the PIL pipeline) is only moved
     assert datasets.to_model_input(reference, None, 'cpu') is reference
+
+
+def test_batch_reading_equals_the_items_collated_in_workers_and_with_skipped_rows(data):
+    """PackedImages.__getitems__ (the whole batch read at once, in shared memory inside a worker) gives
+    what collate_skipping makes of the items, for (row, flip) keys, plain keys (flips drawn in the same
+    order) and a batch with a row left out of the pack (--skip-bad-images), with 0 and 1 workers."""
+    split = splits_of(data)['train']
+    bad = datasets.image_root(data, 'pascal') / str(split.images[3])
+    bad.write_bytes(b'not an image')
+    packs.write_pack(data, 'pascal', 'train', split, SIZE, skip_bad=True)
+    packed = packs.PackedImages(data, split, SIZE, train=True, dataset='pascal', phase='train', skip_bad=True)
+    keys = [(i, i % 3 == 0) for i in range(len(split))][::-1]
+    expected = [datasets.collate_skipping([packed[k] for k in keys[lo:lo + 4]]) for lo in range(0, len(keys), 4)]
+    assert any(e['skipped'] == [3] for e in expected)
+    for workers in (0, 1):
+        loader = torch.utils.data.DataLoader(packed, batch_size=4, sampler=keys, num_workers=workers,
+                                             collate_fn=datasets.collate_skipping)
+        got = list(loader)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.keys() == e.keys() and g['skipped'] == e['skipped']
+            for name in ('image', 'label_obs', 'label_true', 'index', 'flipped'):
+                assert g[name].dtype == e[name].dtype and torch.equal(g[name], e[name]), name
+    all_bad = packed.__getitems__([(3, True)])
+    assert all_bad == {'skipped': [3]}
+    torch.manual_seed(5)
+    plain = datasets.collate_skipping([packed[i] for i in range(6)])
+    torch.manual_seed(5)
+    batch = packed.__getitems__(list(range(6)))
+    assert torch.equal(batch['flipped'], plain['flipped']) and torch.equal(batch['image'], plain['image'])
 
 
 def test_pack_resumes_after_an_interrupt(data, monkeypatch):

@@ -64,8 +64,7 @@ def test_load_splits_reads_the_tag_file(rps_pascal):
     ('rps0.4', '--scheme rps --drop-prob 0.4`'),
     ('fpc7', '--scheme fpc --per-class 7`'),
     ('rps.5', '--drop-prob 0.5`, then pass --observed rps0.5'),
-    ('foo', 'tags are rps<P>'),
-])
+])  # a tag that is neither is refused by the parser (tests/test_hostile_runs.py)
 def test_a_tag_without_file_names_the_command(rps_pascal, tmp_path, capsys, tag, wanted):
     assert main_clip.main(run_args(rps_pascal, tmp_path, '-l', 'CSL', '--observed', tag)) == 2
     err = one_line_error(capsys)

@@ -146,7 +146,7 @@ def test_bad_checkpoints_one_line_exit_2(checkpoint, folder, tmp_path, capsys):
     torch.save({**ckpt, 'classnames': CLASSNAMES[:2]}, wrong_k)
     cases = {tmp_path / 'missing.pt': 'no such checkpoint', damaged: 'truncated or damaged',
              foreign: 'not a VLPL checkpoint', executable: 'no code in it ran',
-             text: 'truncated or damaged', wrong_k: 'do not fit backbone'}
+             text: 'not a checkpoint (not a PyTorch zip archive)', wrong_k: 'head.weight is 3 x 256 in the file, 2 x 256'}
     for path, message in cases.items():
         rc, out, err = run([path, folder], capsys)
         assert rc == 2 and out == ''

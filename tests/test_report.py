@@ -25,8 +25,10 @@ CONFIG = {'dataset': 'demo', 'loss': 'EM_PL', 'model': 'small_cnn', 'temp': 0.01
           'run_dir': ''}
 
 
-def make_run(results: Path, seed: int, *, per_class: bool = True, pl: bool = True, **changes) -> Path:
-    """A run folder as main_clip.run writes it, from noisy predictions that improve with the epoch."""
+def make_run(results: Path, seed: int, *, per_class: bool = True, pl: bool = True, stopped_after: int | None = None,
+             **changes) -> Path:
+    """A run folder as main_clip.run writes it, from noisy predictions that improve with the epoch;
+    stopped_after: the folder of a run killed (or still running) after that epoch."""
     cfg = {**CONFIG, 'seed': seed, **changes}
     folder = results / f'{cfg["dataset"]}_{cfg["loss"]}_{cfg["model"]}_s{seed}'
     cfg['run_dir'] = str(folder)
@@ -37,7 +39,7 @@ def make_run(results: Path, seed: int, *, per_class: bool = True, pl: bool = Tru
     labels = {p: (rng.rand(n, num_classes) < 0.4).astype(np.float32) for p, n in (('train', 30), ('val', 12), ('test', 16))}
     logger = TrainLogger(cfg['epochs'], num_classes)
     preds_at_best = {}
-    for epoch in range(1, cfg['epochs'] + 1):
+    for epoch in range(1, (stopped_after or cfg['epochs']) + 1):
         for phase, y in labels.items():
             preds = np.clip(0.5 * rng.rand(*y.shape) + 0.12 * epoch * y, 0, 1)
             logger.log_phase(epoch, phase, preds, y, y, -0.3 / epoch if phase == 'train' else None)
@@ -162,3 +164,56 @@ def test_per_class_recomputed_from_test_preds(tiny_pascal, tmp_path, capsys):
     assert [float(r['test_ap']) for r in rows] == pytest.approx(expected.tolist())
     assert all(r['val_ap'] == '' for r in rows)
     assert 'recomputed from test_preds_best.npy' in (out / 'report.md').read_text()
+
+
+def test_incomplete_diverged_repeated_and_twice_given_runs_stay_out_of_the_means(tmp_path, capsys):
+    """Issue 29 item 5: a run stopped in epoch 2 of 4 (or still running) is marked and left out of its
+    group's mean (it was averaged in as if finished), as is a run without a finite mAP; a folder named
+    twice counts once; a copy of a seed is named and not counted again; --include-incomplete counts
+    the incomplete ones."""
+    import shutil
+
+    results = tmp_path / 'results'
+    done = make_run(results, 0)
+    cut = make_run(results, 1, stopped_after=2)
+    nan = make_run(results, 2)
+    log = json.loads((nan / 'log.json').read_text())
+    (nan / 'log.json').write_text(json.dumps(log | {'best_val_map': None, 'best_test_map': None}))
+    shutil.copytree(done, results / 'copy_of_s0')
+    finished = json.loads((done / 'log.json').read_text())
+    out = tmp_path / 'report'
+    assert report.main([str(results), str(done), str(results / '..' / 'results' / done.name), '--out', str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert 'Left out of the group means: 3 runs (1 repeated seed, 1 incomplete, 1 no finite mAP)' in stdout
+
+    runs = read_csv(out / 'runs.csv')
+    assert [r['run'] for r in runs] == ['copy_of_s0', done.name, cut.name, nan.name]  # each folder once
+    status = {r['run']: (r['status'], r['in_group_mean'], r['left_out']) for r in runs}
+    assert status[cut.name] == ('incomplete (2/4 epochs)', 'False', 'incomplete')
+    assert status[nan.name] == ('no finite mAP', 'False', 'no finite mAP')
+    assert status['copy_of_s0'] == ('complete', 'True', '')
+    assert status[done.name] == ('complete', 'False', 'repeats seed 0 of copy_of_s0')
+    group, = read_csv(out / 'groups.csv')
+    assert (group['n'], group['seeds']) == ('1', '0')
+    assert float(group['test_map_mean']) == finished['best_test_map'] and group['test_map_std'] == ''
+    md = (out / 'report.md').read_text()
+    assert 'incomplete (2/4 epochs)' in md and '--include-incomplete counts the incomplete' in md
+
+    assert report.main([str(results), '--out', str(out), '--include-incomplete']) == 0
+    group, = read_csv(out / 'groups.csv')
+    cut_log = json.loads((cut / 'log.json').read_text())
+    assert (group['n'], group['seeds']) == ('2', '0 1')
+    assert float(group['test_map_mean']) == pytest.approx((finished['best_test_map'] + cut_log['best_test_map']) / 2)
+
+
+def test_a_report_removes_the_plots_of_an_earlier_report_in_the_same_folder(results, tmp_path, capsys):
+    """Issue 29 item 5: plots of a group that is no longer reported do not stay beside the new report."""
+    out = tmp_path / 'report'
+    (out / 'notes.txt').parent.mkdir()
+    (out / 'notes.txt').write_text('mine')
+    assert report.main([str(results), '--out', str(out)]) == 0
+    assert (out / 'curves_demo_an_small_cnn.png').exists()
+    assert report.main([str(results / 'demo_EM_PL_small_cnn_s0'), '--out', str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        'curves_demo_EM_PL_small_cnn.png', 'groups.csv', 'map_by_group.png', 'notes.txt', 'per_class_ap.csv',
+        'per_class_ap_demo_EM_PL_small_cnn.png', 'report.md', 'runs.csv']

@@ -1,0 +1,483 @@
+"""sweep.py: a grid of tiny runs (the tests' tiny pascal-shaped data and tiny CLIP) expands to stably
+named runs; the debug executor runs them in process; a sweep killed in the middle of a run, run
+again, finishes without repeating a finished run and gives the same table as an uninterrupted
+sweep; a folder of another configuration is refused; the SLURM submission is the sbatch script
+submitit writes (a fake sbatch catches it); a preempted task is checkpointed and requeued the way
+submitit does it and resumes from its last.pt. Also the provenance records and report.py --paper."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import records
+import report
+import sweep
+from config import REPO_ROOT
+
+METHODS = ('an', 'EM', 'EM_PL')
+
+
+def write_grid(path: Path, results: Path, data_root, tiny_clip, text_features, *, methods=METHODS, seeds=(0, 1),
+               epochs: int = 2, extra: str = '') -> Path:
+    """A grid of tiny CPU runs: the pascal recipes of the originals, overridden to the tiny data."""
+    path.write_text(f'''
+methods = {json.dumps(list(methods))}
+datasets = ["pascal"]
+seeds = {json.dumps(list(seeds))}
+recipe = "original"
+results-dir = "{results}"
+[overrides]
+data-root = "{data_root}"
+cache-dir = "{results.parent / 'cache'}"
+model = "small_cnn"
+no-pretrained = true
+image-size = 32
+epochs = {epochs}
+batch-size = 8
+lr = 1e-3
+num-workers = 0
+device = "cpu"
+clip-model = "{tiny_clip['config']}"
+clip-pretrained = "{tiny_clip['checkpoint']}"
+text-features = "{text_features}"
+{extra}''')
+    return path
+
+
+@pytest.fixture
+def grid(tmp_path, tiny_pascal, tiny_clip, tiny_text_features):
+    return write_grid(tmp_path / 'table.toml', tmp_path / 'runs', tiny_pascal, tiny_clip, tiny_text_features)
+
+
+def logs_of(results: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(results.glob('*/log.json'))}
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL of the sweep process: nothing in the sweep or the run catches it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+
+
+def test_grid_expands_to_stable_names(grid):
+    g = sweep.read_grid(grid)
+    specs = sweep.expand(g)
+    assert [s.name for s in specs] == [f'pascal_{m}_original_s{s}' for m in METHODS for s in (0, 1)]
+    first = specs[0]
+    assert first.argv[:8] == ('-d', 'pascal', '-l', 'an', '-s', '0', '--recipe', 'original')
+    assert first.argv[-4:] == ('--results-dir', str(g.results_dir), '--run-name', 'pascal_an_original_s0')
+    assert '--no-pretrained' in first.argv and first.cell == 'an'
+    assert sweep.expand(sweep.read_grid(grid)) == specs  # the same names and arguments every time
+
+
+def test_recipe_variants_and_per_method_overrides(tmp_path):
+    path = tmp_path / 'g.toml'
+    path.write_text('methods = ["LL-R", "LL-R:boostlu"]\ndatasets = ["coco"]\nseeds = [2]\nrecipe = "original"\n'
+                    '[overrides]\nepochs = 1\n[overrides."LL-R"]\nlr = 0.5\n[overrides.coco]\nbatch-size = 4\n')
+    specs = sweep.expand(sweep.read_grid(path, str(tmp_path / 'r')))
+    assert [s.name for s in specs] == ['coco_LL-R_original_s2', 'coco_LL-R_boostlu_s2']
+    assert [s.cell for s in specs] == ['LL-R', 'LL-R:boostlu']
+    assert '--recipe boostlu' in ' '.join(specs[1].argv)
+    assert ' --epochs 1 --batch-size 4 --lr 0.5 ' in ' '.join(specs[1].argv)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('methods = ["an"]\ndatasets = ["pascal"]\n', 'seeds must be a non-empty list'),
+    ('methods = ["nope"]\ndatasets = ["pascal"]\nseeds = [0]\n', "unknown method 'nope'"),
+    ('methods = ["an"]\ndatasets = ["voc"]\nseeds = [0]\n', "unknown dataset 'voc'"),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\nepochs = 3\n', "unknown keys ['epochs']"),
+    ('methods = ["an", "an"]\ndatasets = ["pascal"]\nseeds = [0]\n', 'names some runs twice'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\n"--lr" = 1\n', 'without dashes'),
+    ('methods = [an]\n', 'not a readable TOML grid'),
+])
+def test_a_bad_grid_is_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / 'g.toml'
+    path.write_text(text)
+    assert sweep.main([str(path), '--dry-run']) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and str(path) in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Running, killing, running again
+
+
+def test_debug_sweep_killed_mid_run_then_rerun_equals_an_uninterrupted_sweep(grid, tmp_path, monkeypatch, capsys):
+    # Uninterrupted: the same grid into another folder.
+    straight = write_grid(tmp_path / 'straight.toml', tmp_path / 'straight', *_grid_inputs(grid))
+    assert sweep.main([str(straight), '--executor', 'debug']) == 0
+    assert 'summary: 0 done, 0 resumed, 6 started, 0 failed' in capsys.readouterr().out
+
+    # Killed during epoch 2 of the third run (after its epoch-1 checkpoint).
+    save = records.save_epoch
+    calls = []
+
+    def save_then_die(run_dir, epoch, *args, **kwargs):
+        save(run_dir, epoch, *args, **kwargs)
+        calls.append((Path(run_dir).name, epoch))
+        if len(calls) == 5:
+            raise Killed
+    monkeypatch.setattr(records, 'save_epoch', save_then_die)
+    with pytest.raises(Killed):
+        sweep.main([str(grid), '--executor', 'debug'])
+    monkeypatch.setattr(records, 'save_epoch', save)
+    results = tmp_path / 'runs'
+    assert calls[-1] == ('pascal_EM_original_s0', 1)
+    assert records.run_status(results / 'pascal_an_original_s1').finished
+    assert records.run_status(results / 'pascal_EM_original_s0').state == 'interrupted'
+    finished_before = {name: (results / name / 'log.json').stat().st_mtime_ns
+                       for name in ('pascal_an_original_s0', 'pascal_an_original_s1')}
+    capsys.readouterr()
+
+    # The same command again: the finished runs are skipped, the interrupted one resumes.
+    assert sweep.main([str(grid), '--executor', 'debug']) == 0
+    out = capsys.readouterr().out
+    assert 'summary: 2 done, 1 resumed, 3 started, 0 failed' in out
+    assert 'start pascal_an_original' not in out
+    for name, mtime in finished_before.items():  # not repeated
+        assert (results / name / 'log.json').stat().st_mtime_ns == mtime
+    assert logs_of(results) == logs_of(tmp_path / 'straight')
+
+    # The same table as the uninterrupted sweep; a third call does nothing.
+    assert report.main(['--paper', str(results), '--out', str(tmp_path / 'p1')]) == 0
+    assert report.main(['--paper', str(tmp_path / 'straight'), '--out', str(tmp_path / 'p2')]) == 0
+    assert (tmp_path / 'p1' / 'paper.csv').read_text() == (tmp_path / 'p2' / 'paper.csv').read_text()
+    capsys.readouterr()
+    assert sweep.main([str(grid), '--executor', 'debug']) == 0
+    assert 'summary: 6 done, 0 resumed, 0 started, 0 failed' in capsys.readouterr().out
+
+
+def _grid_inputs(grid: Path):
+    """(data root, tiny CLIP dict, text features) of a grid written by write_grid."""
+    import tomllib
+
+    o = tomllib.loads(grid.read_text())['overrides']
+    return Path(o['data-root']), {'config': o['clip-model'], 'checkpoint': o['clip-pretrained']}, o['text-features']
+
+
+def test_another_config_is_refused_and_a_failure_named(grid, tmp_path, capsys):
+    g = write_grid(tmp_path / 'small.toml', tmp_path / 'runs', *_grid_inputs(grid), methods=('an',), seeds=(0,),
+                   epochs=1)
+    assert sweep.main([str(g), '--executor', 'debug']) == 0
+    capsys.readouterr()
+    changed = write_grid(tmp_path / 'changed.toml', tmp_path / 'runs', *_grid_inputs(grid), methods=('an', 'EM'),
+                         seeds=(0,), epochs=1, extra='[overrides.an]\nalpha = 0.5\nlr = 0.01\n')
+    (tmp_path / 'runs' / 'pascal_EM_original_s0').mkdir()
+    (tmp_path / 'runs' / 'pascal_EM_original_s0' / 'config.json').write_text('{"epochs": 1, "loss": "EM"')  # damaged
+    rc = sweep.main([str(changed), '--executor', 'debug'])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert 'refused pascal_an_original_s0: ' in out and 'holds another config (lr: 0.001 -> 0.01; alpha: 0.2 -> 0.5)' in out
+    assert 'summary: 0 done, 0 resumed, 1 started, 1 failed (1 refused)' in out  # EM starts over a folder without an epoch
+    assert records.run_status(tmp_path / 'runs' / 'pascal_EM_original_s0').finished
+
+
+def test_a_failing_run_gives_its_last_error_line(grid, tmp_path, capsys):
+    g = write_grid(tmp_path / 'g.toml', tmp_path / 'runs', *_grid_inputs(grid), methods=('an', 'EM'), seeds=(0,),
+                   epochs=1, extra=f'[overrides.an]\ndata-root = "{tmp_path / "nowhere"}"\n')
+    assert sweep.main([str(g), '--executor', 'debug']) == 1
+    out = capsys.readouterr().out
+    assert 'summary: 0 done, 0 resumed, 1 started, 1 failed' in out
+    failed = [line for line in out.splitlines() if line.startswith('  failed pascal_an_original_s0: error: ')]
+    assert len(failed) == 1 and 'nowhere' in failed[0], out
+
+
+def test_dry_run_prints_plan_and_cost_from_measured_epochs(grid, tmp_path, capsys):
+    g = write_grid(tmp_path / 'g.toml', tmp_path / 'runs', *_grid_inputs(grid), methods=('an',), seeds=(0, 1),
+                   epochs=1)
+    assert sweep.main([str(g), '--dry-run']) == 0
+    out = capsys.readouterr().out
+    assert 'start   pascal_an_original_s0' in out and 'cost unknown' in out
+    assert 'python main_clip.py -d pascal -l an -s 0 --recipe original' in out
+    assert not (tmp_path / 'runs').exists()  # a dry run writes nothing
+    assert sweep.main([str(g), '--executor', 'debug']) == 0
+    g2 = write_grid(tmp_path / 'g.toml', tmp_path / 'runs', *_grid_inputs(grid), methods=('an',), seeds=(0, 1, 2),
+                    epochs=1)
+    capsys.readouterr()
+    assert sweep.main([str(g2), '--dry-run']) == 0
+    out = capsys.readouterr().out
+    assert 'done    pascal_an_original_s0' in out and 'start   pascal_an_original_s2' in out
+    assert 'measured: 2 epochs of this sweep' in out and '2 finished, 0 to resume, 1 to start' in out
+
+
+def test_cost_from_bench_figures(tmp_path):
+    folder = tmp_path / 'data' / 'coco'
+    folder.mkdir(parents=True)
+    np.save(folder / 'formatted_train_images.npy', np.array(['a'] * 100))
+    np.save(folder / 'formatted_val_images.npy', np.array(['b'] * 30))
+    cfg, _ = sweep._parse(['-d', 'coco', '-l', 'an', '--data-root', str(tmp_path / 'data'), '--device', 'cpu'])
+    figures = [{'device': 'cpu', 'model': 'resnet50', 'image_size': 448, 'train_s_per_image': 2.0,
+                'eval_s_per_image': 0.5, 'command': 'python bench/bench_speed.py'}]
+    seconds, where = sweep.epoch_seconds(cfg, tmp_path / 'runs', figures)
+    assert seconds == 80 * 2.0 + (20 + 30) * 0.5 and 'bench/bench_speed.py' in where
+    assert sweep.load_figures()[0]['model'] == 'resnet50'  # bench/figures.json is readable
+
+
+def test_local_executor_runs_one_group_of_gpus_per_run_at_once(tmp_path, monkeypatch):
+    """Four visible GPUs, two per run: two runs at a time, each a torchrun group on its own pair
+    (a stand-in for python records what it was given and how long it ran)."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/bin/sh\necho "GPUS=$CUDA_VISIBLE_DEVICES START=$(date +%s.%N) ARGS=$*"\nsleep 1\n'
+                    'echo "END=$(date +%s.%N)"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sweep, 'visible_gpus', lambda: ['0', '1', '2', '3'])
+    specs = [sweep.RunSpec(f'r{i}', 'an', None, 'pascal', i, ('-d', 'pascal', '-s', str(i)), str(tmp_path / f'r{i}'))
+             for i in range(3)]
+    outcomes = sweep.execute_local([(s, sweep.Action('start')) for s in specs], tmp_path, gpus_per_run=2,
+                                   python=str(fake), say=lambda line: None)
+    assert [o.kind for o in outcomes] == ['started'] * 3
+    logs = {s.name: (tmp_path / 'logs' / f'{s.name}.log').read_text() for s in specs}
+    assert 'GPUS=0,1 ' in logs['r0'] and 'GPUS=2,3 ' in logs['r1'] and 'GPUS=0,1 ' in logs['r2']
+    assert '-m torch.distributed.run --standalone --nproc_per_node=2 ' + str(REPO_ROOT / 'main_clip.py') in logs['r0']
+    times = {n: (float(log.split('START=')[1].split()[0]), float(log.split('END=')[1].split()[0])) for n, log in logs.items()}
+    assert times['r1'][0] < times['r0'][1]       # r0 and r1 ran together
+    assert times['r2'][0] >= times['r0'][1] - 0.05 or times['r2'][0] >= times['r1'][1] - 0.05  # r2 waited for a pair
+
+
+@pytest.mark.slow
+def test_local_sweep_sigkill_then_rerun(grid, tmp_path):
+    """The local executor as a user runs it: sweep.py in its own process, SIGKILL in the middle of
+    the third run, the same command again; the table equals an uninterrupted sweep's."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    straight = write_grid(tmp_path / 'straight.toml', tmp_path / 'straight', *_grid_inputs(grid))
+    done = subprocess.run([sys.executable, 'sweep.py', str(straight)], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = tmp_path / 'runs'
+    victim = results / 'pascal_EM_original_s0'
+    process = subprocess.Popen([sys.executable, 'sweep.py', str(grid)], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (victim / 'last.pt').exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(2)  # the orphaned run gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and exits
+    assert records.run_status(victim).state == 'interrupted'
+    finished = {n: (results / n / 'log.json').stat().st_mtime_ns for n in ('pascal_an_original_s0', 'pascal_an_original_s1')}
+    again = subprocess.run([sys.executable, 'sweep.py', str(grid)], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert 'summary: 2 done, 1 resumed, 3 started, 0 failed' in again.stdout
+    assert {n: (results / n / 'log.json').stat().st_mtime_ns for n in finished} == finished
+    assert logs_of(results) == logs_of(tmp_path / 'straight')
+    for out, folder in (('p1', results), ('p2', tmp_path / 'straight')):
+        assert subprocess.run([sys.executable, 'report.py', '--paper', str(folder), '--out', str(tmp_path / out)],
+                              cwd=REPO_ROOT, capture_output=True).returncode == 0
+    assert (tmp_path / 'p1' / 'paper.csv').read_text() == (tmp_path / 'p2' / 'paper.csv').read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# SLURM through submitit (no cluster here: a fake sbatch catches the script submitit writes)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'sbatch').write_text('#!/bin/sh\ncp "$1" "$SBATCH_CAPTURE"\necho "Submitted batch job 4242"\n')
+    (bin_dir / 'srun').write_text('#!/bin/sh\nexit 0\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+    monkeypatch.setenv('SBATCH_CAPTURE', str(tmp_path / 'submitted.sh'))
+    return tmp_path / 'submitted.sh'
+
+
+def test_slurm_submission_is_one_requeueable_job_array(grid, tmp_path, fake_slurm, capsys):
+    rc = sweep.main([str(grid), '--executor', 'slurm', '--partition', 'gpu', '--time', '720', '--gpus-per-node', '2',
+                     '--cpus-per-task', '16', '--mem-gb', '64', '--array-parallelism', '3', '--account', 'lab',
+                     '--slurm-setup', 'source .venv/bin/activate'])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert 'submitted job array 4242: 6 tasks' in out and 'summary: 0 done, 0 resumed, 0 started, 0 failed, 6 submitted' in out
+    script = fake_slurm.read_text()
+    for line in ('#SBATCH --array=0-5%3', '#SBATCH --partition=gpu', '#SBATCH --time=720', '#SBATCH --gpus-per-node=2',
+                 '#SBATCH --ntasks-per-node=2', '#SBATCH --cpus-per-task=16', '#SBATCH --mem=64GB',
+                 '#SBATCH --account=lab', '#SBATCH --requeue', '#SBATCH --signal=USR2@90', '#SBATCH --job-name=table',
+                 'source .venv/bin/activate', f'export PYTHONPATH={REPO_ROOT}' + '${PYTHONPATH:+:$PYTHONPATH}',
+                 'export SUBMITIT_EXECUTOR=slurm'):
+        assert line in script.splitlines(), line
+    assert ' -m submitit.core._submit ' in script and script.splitlines()[-1].startswith('srun ')
+    # each array task is the pickled call SweepTask()(spec) of one run, in grid order
+    folder = tmp_path / 'runs' / 'slurm'
+    from submitit.core.utils import DelayedSubmission
+
+    delayed = [DelayedSubmission.load(folder / f'4242_{i}_submitted.pkl') for i in range(6)]
+    assert all(type(d.function).__module__ == 'sweep' and type(d.function).__name__ == 'SweepTask' for d in delayed)
+    assert [d.args[0].name for d in delayed] == [s.name for s in sweep.expand(sweep.read_grid(grid))]
+    assert json.loads((tmp_path / 'runs' / 'sweep.json').read_text())['runs'][5]['name'] == 'pascal_EM_PL_original_s1'
+
+
+def test_preempted_task_is_checkpointed_requeued_and_resumes(grid, tmp_path, monkeypatch):
+    """submitit's own preemption path (SignalHandler.checkpoint_and_try_requeue, as bound to SIGUSR2
+    in the job): it calls the task's checkpoint, pickles the DelayedSubmission it returns, requeues
+    the job; the requeued task resumes the run from its last.pt, to the numbers of a straight run."""
+    import submitit
+    from submitit.core.job_environment import SignalHandler
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    from conftest import interrupt_after
+
+    spec = [s for s in sweep.expand(sweep.read_grid(grid)) if s.name == 'pascal_EM_PL_original_s0'][0]
+    straight_spec = sweep.expand(sweep.read_grid(grid, str(tmp_path / 'straight')))[4]
+    assert sweep.SweepTask()(straight_spec)['outcome'] == 'started'
+
+    task = sweep.SweepTask()
+    undo = interrupt_after(monkeypatch, 1)  # the job dies after epoch 1's checkpoint
+    assert task(spec)['outcome'] == 'failed'
+    undo()
+    assert records.run_status(spec.run_dir).state == 'interrupted'
+
+    for name, value in dict(SUBMITIT_EXECUTOR='slurm', SLURM_JOB_ID='4243', SLURM_ARRAY_JOB_ID='4242',
+                            SLURM_ARRAY_TASK_ID='4', SLURM_PROCID='0', SLURM_NTASKS='1', SLURM_LOCALID='0',
+                            SLURM_NODEID='0', SLURM_JOB_NUM_NODES='1').items():
+        monkeypatch.setenv(name, value)
+    env = submitit.JobEnvironment()
+    requeued, exited = [], []
+    monkeypatch.setattr(type(env), '_requeue', lambda self, countdown: requeued.append((self.job_id, countdown)))
+    paths = JobPaths(tmp_path / 'slurm', job_id=env.job_id, task_id=0)
+    paths.folder.mkdir(parents=True)
+    delayed = DelayedSubmission(task, spec)
+    delayed.set_timeout(720, 3)
+    handler = SignalHandler(env, paths, delayed)
+    monkeypatch.setattr(handler, '_exit', lambda: exited.append(True))
+    handler.checkpoint_and_try_requeue(signal.SIGUSR2, None)
+    assert requeued == [('4242_4', 3)] and exited == [True]  # preempted, not timed out: the countdown is kept
+
+    again = DelayedSubmission.load(paths.submitted_pickle)  # what the requeued job runs
+    assert again.args == (spec,)
+    assert again.result() == {'run': spec.name, 'outcome': 'resumed', 'error': ''}
+    assert json.loads(Path(spec.run_dir, 'log.json').read_text()) == \
+        json.loads(Path(straight_spec.run_dir, 'log.json').read_text())
+    assert DelayedSubmission.load(paths.submitted_pickle).result()['outcome'] == 'done'  # once more: nothing to do
+
+
+# ----------------------------------------------------------------------------------------------
+# Provenance and run status
+
+
+def test_sha256_cache_hashes_once_and_notices_a_change(tmp_path, monkeypatch):
+    import hashlib
+
+    f = tmp_path / 'weights.bin'
+    f.write_bytes(b'a' * 1000)
+    cache = tmp_path / 'cache'
+    assert records.sha256_file(f, cache) == hashlib.sha256(b'a' * 1000).hexdigest()
+    opened = []
+    real_open = open
+    monkeypatch.setattr('builtins.open', lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
+    assert records.sha256_file(f, cache) == hashlib.sha256(b'a' * 1000).hexdigest()
+    assert str(f.resolve()) not in opened  # the cache answered
+    monkeypatch.undo()
+    f.write_bytes(b'b' * 1001)
+    assert records.sha256_file(f, cache) == hashlib.sha256(b'b' * 1001).hexdigest()
+
+
+def test_provenance_of_a_run(grid, tmp_path):
+    g = write_grid(tmp_path / 'g.toml', tmp_path / 'runs', *_grid_inputs(grid), methods=('EM_PL',), seeds=(0,), epochs=1)
+    assert sweep.main([str(g), '--executor', 'debug']) == 0
+    p = json.loads((tmp_path / 'runs' / 'pascal_EM_PL_original_s0' / 'config.json').read_text())['record']['provenance']
+    data_root, clip, text_features = _grid_inputs(grid)
+    labels = data_root / 'pascal' / 'formatted_train_labels.npy'
+    assert p['data_files']['formatted_train_labels.npy'] == records.sha256_file(labels)
+    assert set(p['data_files']) == {'formatted_train_images.npy', 'formatted_train_labels.npy',
+                                    'formatted_val_images.npy', 'formatted_val_labels.npy', 'formatted_train_labels_obs.npy'}
+    assert p['clip_weights']['sha256'] == records.sha256_file(clip['checkpoint'])
+    assert p['input_files']['text_features']['sha256'] == records.sha256_file(text_features)
+    assert p['backbone_weights']['name'].startswith('random initialisation')
+    assert (p['image_size'], p['split_seed'], p['numpy_seed'], p['recipe']) == (32, 1200, 1200, 'original')
+    assert '--image-size 32' in p['recipe_overrides'] and p['git_dirty'] in (True, False)
+    assert set(p['versions']) >= {'torch', 'torchvision', 'timm', 'open_clip'} and p['device_name']
+    assert json.loads((tmp_path / 'cache' / records.SHA256_CACHE).read_text())  # hashes cached for the next run
+
+
+def test_pretrained_weights_are_named_and_hashed_from_the_torch_cache(tmp_path, monkeypatch):
+    import torch
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    assert records.published_weights_file('backbone', 'resnet50') is None
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / 'hub' / 'checkpoints' / Path(url).name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b'weights')
+    assert records.published_weights_file('backbone', 'resnet50') == str(cached)
+
+
+def test_run_status(tmp_path):
+    folder = tmp_path / 'run'
+    assert records.run_status(folder).state == 'missing'
+    folder.mkdir()
+    (folder / 'config.json').write_text(json.dumps({'epochs': 2}))
+    assert records.run_status(folder).state == 'empty'
+    log = {'num_epochs': 2, 'logged': {p: [True, False] for p in ('train', 'val', 'test')}, 'best_epoch': 1,
+           'best_val_map': 50.0, 'best_test_map': 40.0}
+    (folder / 'log.json').write_text(json.dumps(log))
+    assert records.run_status(folder) == records.RunStatus('interrupted', 1, 2, f'{folder}: 1 of 2 epochs logged')
+    log['logged'] = {p: [True, True] for p in ('train', 'val', 'test')}
+    (folder / 'log.json').write_text(json.dumps(log | {'best_test_map': None}))
+    assert records.run_status(folder).state == 'no finite mAP'
+    (folder / 'log.json').write_text(json.dumps(log))
+    assert records.run_status(folder).finished
+    assert records.status_of(json.loads((folder / 'config.json').read_text()), log).finished  # report.py's Run holds both
+    (folder / 'config.json').write_text(json.dumps({'epochs': 3}))  # resumed for more epochs, not yet done
+    assert records.run_status(folder).state == 'interrupted'
+
+
+# ----------------------------------------------------------------------------------------------
+# report.py --paper
+
+
+def _fake_run(folder: Path, seed: int, test_map: float, provenance: dict):
+    folder.mkdir(parents=True)
+    (folder / 'config.json').write_text(json.dumps({'epochs': 1, 'seed': seed, 'record': {'provenance': provenance}}))
+    (folder / 'log.json').write_text(json.dumps({'num_epochs': 1, 'logged': {p: [True] for p in ('train', 'val', 'test')},
+                                                 'best_epoch': 1, 'best_val_map': 1.0, 'best_test_map': test_map}))
+
+
+def test_paper_table_marks_differences_missing_seeds_and_provenance(tmp_path):
+    sweep_dir = tmp_path / 'table'
+    runs = []
+    values = {('EM_PL', 'pascal'): [89.0, 89.4, None], ('LL-R:boostlu', 'coco'): [70.0, 71.0, 72.0]}
+    for (cell, dataset), maps in values.items():
+        method, _, recipe = cell.partition(':')
+        for seed, value in enumerate(maps):
+            name = f'{dataset}_{method}_{recipe or "original"}_s{seed}'
+            runs.append({'name': name, 'cell': cell, 'method': method, 'recipe': recipe or 'original',
+                         'dataset': dataset, 'seed': seed, 'argv': []})
+            if value is not None:
+                _fake_run(sweep_dir / name, seed, value, {'git_commit': 'abc', 'data_files': {'l.npy': 'x' if seed else 'y'}})
+    (sweep_dir / 'sweep.json').write_text(json.dumps({'runs': runs}))
+    (sweep_dir / 'coco_LL-R_boostlu_s2' / 'log.json').write_text(json.dumps(
+        {'num_epochs': 1, 'logged': {p: [False] for p in ('train', 'val', 'test')}}))  # not finished: not counted
+    assert report.main(['--paper', str(sweep_dir), '--out', str(tmp_path / 'out'), '--tolerance', '1.0']) == 0
+    md = (tmp_path / 'out' / 'paper.md').read_text()
+    assert '| EM_PL | 89.20 ± 0.28 (n=2), missing seed 2 | 89.10 | +0.10 | — | — | — |' in md
+    assert '| LL-R:boostlu | — | — | — | 70.50 ± 0.71 (n=2), missing seed 2 | 72.89 | -2.39 (!) |' in md
+    assert 'coco, seed 2: interrupted (0/1 epochs)' in md
+    assert '- EM_PL on pascal: `data_files.l.npy`: seed 0: y; seed 1: x' in md
+    rows = {r.split(',')[0] + r.split(',')[3]: r for r in (tmp_path / 'out' / 'paper.csv').read_text().splitlines()[1:]}
+    assert rows['LL-R:boostlucoco'].startswith('LL-R:boostlu,LL-R,boostlu,coco,3,2,0 1,2,70.5,0.7071')
+    assert ',72.89,-2.39' in rows['LL-R:boostlucoco'] and ',1,"youngwk/BridgeGapExplanationPAMC@' in rows['LL-R:boostlucoco']
+    assert (tmp_path / 'out' / 'paper.png').stat().st_size > 10_000
+    assert report.main(['--paper', str(sweep_dir), '--out', str(tmp_path / 'out2'), '--tolerance', '3']) == 0
+    assert '-2.39 |' in (tmp_path / 'out2' / 'paper.md').read_text()  # within 3 points: not marked
+
+
+def test_paper_without_a_sweep_is_one_line(tmp_path, capsys):
+    assert report.main(['--paper', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'no sweep.json' in err and len(err.splitlines()) == 1
