@@ -265,7 +265,7 @@ def port_table(tmp_path: Path, *extra: str):
 
     cfg, _ = main_clip.parse_args(port_args(tmp_path, *extra))
     device = torch.device('cpu')
-    splits, root = run_data.load_data(cfg)
+    splits, root = run_data.load_data(cfg)[:2]
     data = run_data.build_loaders(cfg, splits, root, methods.METHODS['CCD'], device)
     table, _ = methods_ccd.build_labels(cfg, data, device)
     return cfg, table
