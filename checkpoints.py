@@ -127,7 +127,8 @@ def architecture(settings, num_classes: int | None, clip: dict | None = None) ->
     """What decides whether weights fit a classifier: classes, backbone, head and the head's sizes, and
     for clip_vision the CLIP architecture (`clip`, an open_clip config). `settings`: a Config or
     stored_settings."""
-    arch = {'classes': num_classes, 'backbone': settings.model, 'head': settings.head}
+    arch = {'classes': num_classes, 'backbone': settings.model, 'head': settings.head,
+            'input_norm': settings.input_norm}
     arch |= {name: getattr(settings, name) for name in heads_run.HEAD_SIZES.get(settings.head, ())}
     if settings.model == 'clip_vision' and clip is not None:
         arch['clip'] = {k: v for k, v in clip.items() if k != 'quick_gelu'}  # no weights of its own
@@ -231,7 +232,7 @@ def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
     with torch.random.fork_rng(devices=[]):  # rebuilding draws nothing from the caller's generator
         model = models.build_classifier(s.model, len(classnames), pretrained=False, clip_model=clip_model,
                                         head=s.head, cam_boost=s.boostlu_alpha if s.boostlu else None,
-                                        image_size=size, **heads_run.head_options(s, embeddings))
+                                        image_size=size, input_norm=s.input_norm, **heads_run.head_options(s, embeddings))
     problem = models.state_dict_mismatch(model.state_dict(), ckpt['model'])
     if problem:
         arch = architecture(s, len(classnames))

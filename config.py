@@ -186,6 +186,7 @@ class Config:
     warmup_epoch: int
     run_dir: str
     head: str = 'linear'
+    input_norm: str = 'imagenet'  # what the backbone's weights expect (models.INPUT_NORMS, --input-norm)
     text_features_dir: str = DEFAULT_DIRS['text_features']
     init_from: Optional[str] = None
     tensorboard: bool = False

@@ -15,6 +15,10 @@ Every head maps a trunk's feature map (B x C x h x w) to logits (B x K), for any
   concatenation with the tokens is classified per token and max-pooled. Training adds the
   auxiliary loss with weight `lamda` (`sgre_total_loss`).
 
+- `BottleneckHead`: CSL's OpenImages head (github.com/Alibaba-MIIL/PartialLabelingCSL,
+  src/models/tresnet/tresnet.py `bottleneck_head`): two linear maps on the pooled vector, so that its
+  published checkpoints load as they are.
+
 Differences from the released code, on purpose:
 - The sine position encoding is computed for the actual grid (both originals precompute it for
   img_size/32 and fail on any other size); it is not a buffer, so it is neither saved nor averaged
@@ -28,7 +32,8 @@ Differences from the released code, on purpose:
 
 Also here: `ModelEMA` (the weight EMA of both originals), `build_optimizer` / `build_schedule`
 (AdamW + per-step OneCycleLR, the recipe both heads were published with), the recipes and the
-per-dataset defaults (`RECIPES`, `DATASET_DEFAULTS`), and state-dict key maps from the originals.
+per-dataset defaults (`RECIPES`, `DATASET_DEFAULTS`). The heads keep the originals' parameter names, so that
+their published checkpoints map key for key (seed_checkpoints.py, preproc/import_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -150,6 +155,21 @@ class ElementWiseLinear(nn.Module):
 
     def forward(self, f: Tensor) -> Tensor:  # f: B x K x D -> B x K
         return (f * self.weight).sum(2) + self.bias
+
+
+class BottleneckHead(nn.Module):
+    """CSL's `bottleneck_head` (PartialLabelingCSL src/models/tresnet/tresnet.py; its TResNet builds it
+    with bottleneck_features=512 when --dataset_type OpenImages sets do_bottleneck_head): pooled
+    features (B x C) -> logits (B x K) = FC(embedding_generator(x)), Linear(C, 512) then Linear(512, K)
+    with no nonlinearity between them, under the original's module names (embedding_generator.0, FC)."""
+
+    def __init__(self, in_features: int, num_classes: int, bottleneck_features: int = 512):
+        super().__init__()
+        self.embedding_generator = nn.Sequential(nn.Linear(in_features, bottleneck_features))
+        self.FC = nn.Linear(bottleneck_features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.FC(self.embedding_generator(x))
 
 
 class EncoderLayer(nn.Module):
@@ -509,21 +529,3 @@ def sgre_total_loss(loss_fn: Callable[[Tensor], Tensor], output: SGREOutput, lam
     """SGRE's training loss (models/mlic.py MLIC.forward): loss(logits) + lamda * loss(aux_logits),
     `loss_fn` mapping logits (B x K) to a scalar (the original: ASL against the labels)."""
     return loss_fn(output.logits) + lamda * loss_fn(output.aux_logits)
-
-
-# ------------------------------------------------------------------------- original key maps
-
-def q2l_state_dict_from_original(state: dict) -> dict:
-    """A Query2Label (Qeruy2Label) state_dict -> this head's: the head keys have the same names;
-    drop the backbone (`backbone.0.*`) and the position buffer (`backbone.1.pe`)."""
-    return {k.removeprefix('module.'): v for k, v in state.items()
-            if not k.removeprefix('module.').startswith('backbone.')}
-
-
-def sgre_state_dict_from_original(state: dict) -> dict:
-    """An SGRE (MLIC) state_dict -> this head's: same names; drop `backbone.*` and the position
-    buffer `position_embedding.pe` (and `criterion.*`, which holds nothing)."""
-    drop = ('backbone.', 'position_embedding.', 'criterion.')
-    return {k.removeprefix('module.'): v for k, v in state.items()
-            if not k.removeprefix('module.').startswith(drop)}
-

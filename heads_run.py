@@ -26,9 +26,10 @@ from metrics import compute_metrics
 def add_arguments(g) -> None:
     """The 'Transformer heads' flags (an argparse group); every default is Config's."""
     d = Config.__dataclass_fields__
-    g.add_argument('--head', default='linear', choices=['linear', 'q2l', 'sgre'],
-                   help='classifier head on the backbone: linear (the original), q2l (Query2Label) or sgre (SGRE); '
-                        'q2l and sgre read the whole feature map')
+    g.add_argument('--head', default='linear', choices=['linear', 'bottleneck', 'q2l', 'sgre'],
+                   help='classifier head on the backbone: linear (the original), bottleneck (CSL\'s OpenImages head, '
+                        'Linear(C, 512) then Linear(512, K)), q2l (Query2Label) or sgre (SGRE); q2l and sgre read the '
+                        'whole feature map')
     g.add_argument('--q2l-hidden', type=int, default=None, help=_sized('Query2Label hidden size', 'q2l_hidden'))
     g.add_argument('--q2l-enc-layers', type=int, default=None, help=_sized('Query2Label encoder layers', 'q2l_enc_layers'))
     g.add_argument('--q2l-dec-layers', type=int, default=None, help=_sized('Query2Label decoder layers', 'q2l_dec_layers'))
@@ -142,6 +143,7 @@ def config_options(a: argparse.Namespace, parser: argparse.ArgumentParser) -> di
 # when these are equal (checkpoints.architecture).
 HEAD_SIZES = {
     'linear': (),
+    'bottleneck': (),
     'q2l': ('q2l_hidden', 'q2l_enc_layers', 'q2l_dec_layers', 'q2l_heads', 'q2l_ffn', 'q2l_pre_norm',
             'q2l_dec_self_attn'),
     'sgre': ('sgre_layers', 'sgre_heads', 'sgre_ffn', 'sgre_att_dim'),

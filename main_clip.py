@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=COUNT, default=None, help='default: per dataset (8; EM_APL: its paper)')
     p.add_argument('--lr', type=POSITIVE, default=None, help='Adam learning rate (default: per dataset)')
     p.add_argument('--image-size', type=COUNT, default=None, help='input size (default 448; demo 64)')
+    p.add_argument('--input-norm', default=None, choices=models.INPUT_NORMS,
+                   help="the input normalisation the backbone's weights expect: imagenet (ImageNet mean and std, "
+                        "the pipeline's) or none ([0, 1] pixels, as MIIL's TResNets were trained; "
+                        'docs/seed-checkpoints.md) (default: the backbone\'s: none for tresnet_m, tresnet_l and timm '
+                        'models whose pretrained config says so, else imagenet)')
     p.add_argument('--num-workers', type=number(int, low=0), default=min(8, os.cpu_count() or 1),
                    help='DataLoader worker processes')
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='auto = cuda if available')
@@ -213,6 +218,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         partial_everywhere=a.partial_everywhere, seed=a.seed, data_root=a.data_root, results_dir=a.results_dir,
         run_name=a.run_name, cache_dir=a.cache_dir, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         image_size=a.image_size or models.backbone(a.model or DATASETS[a.dataset].model).image_size,
+        input_norm=a.input_norm or models.backbone(a.model or DATASETS[a.dataset].model).input_norm,
         num_workers=a.num_workers, device=a.device, clip_model=a.clip_model,
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
@@ -235,7 +241,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     backbone = models.backbone(cfg.model)
     pseudo_label_options.check(cfg, parser.error,
                                needs_pseudo_labels=method.uses_pseudo_labels(cfg) and method.pseudo_label_builder is None,
-                               has_cam=backbone.cam and models.HEADS[cfg.head].reads == 'pooled')
+                               has_cam=backbone.cam and models.HEADS[cfg.head].cam)
     if method.uses_warmup and cfg.warmup_epoch >= cfg.epochs:
         parser.error(f'--warmup-epoch {cfg.warmup_epoch} leaves no epoch of {cfg.loss} after the warmup '
                      f'(--epochs {cfg.epochs})')
@@ -354,7 +360,7 @@ def build_model_and_optimiser(cfg: Config, clip_model, tokenizer, data: Data, re
                                     weights_path=cfg.backbone_weights if fresh else None, trunk=trunk,
                                     clip_model=clip_model, head=cfg.head,
                                     cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
-                                    **heads_run.head_options(cfg, label_embeddings)).to(device)
+                                    input_norm=cfg.input_norm, **heads_run.head_options(cfg, label_embeddings)).to(device)
     if init is not None:
         problem = models.state_dict_mismatch(model.state_dict(), init['model'])
         if problem:
@@ -435,6 +441,11 @@ def evaluate(cfg: Config, ckpt: dict, where: str = '--evaluate') -> float:
     if num_classes != len(rebuilt.classnames):
         raise UserError(f'{where}: its model has {len(rebuilt.classnames)} classes, the test split of '
                         f'{cfg.dataset} under {cfg.data_root} {num_classes}')
+    names = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
+    if 'classnames' in ckpt and rebuilt.classnames != names:  # e.g. an imported checkpoint in another class order
+        k = next(i for i, (a, b) in enumerate(zip(rebuilt.classnames, names)) if a != b)
+        raise UserError(f'{where}: its class {k} is {rebuilt.classnames[k]!r}, class {k} of {cfg.dataset} is '
+                        f'{names[k]!r}: its classes are not this dataset\'s (docs/seed-checkpoints.md for an imported one)')
     model = rebuilt.model.to(device)
     root = datasets.image_root(cfg.data_root, cfg.dataset)
     test_set = packs.image_sets(cfg, {'test': splits['test']}, root)[0]['test']  # --data-format pil or packed

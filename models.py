@@ -32,7 +32,8 @@ from torch import nn
 
 from clip_loading import clip_embed_dim, clip_image_size, resize_for_clip
 from config import ModelLoadError, UserError, one_line
-from heads import Query2LabelHead, SGREHead
+from datasets import IMAGENET_MEAN, IMAGENET_STD
+from heads import BottleneckHead, Query2LabelHead, SGREHead
 from losses_peers import boostlu_logits
 
 BACKBONE_FLAGS = '--backbone-weights PATH (a local weights file) or --no-pretrained (random initialisation)'
@@ -338,7 +339,8 @@ class BackboneSpec:
     map given to heads that read the map, where `features` is no real grid (clip_vision: the
     ViT's patch tokens instead of the 1 x 1 embedding); None = `features`. image_size: the input
     side its published weights are made for, the run's default when --image-size is not given
-    (None: the dataset's).
+    (None: the dataset's). input_norm: the input normalisation its published weights were trained with
+    (INPUT_NORMS), the run's default when --input-norm is not given.
     """
     make_trunk: Callable[..., tuple[nn.Module, int]]
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -349,6 +351,7 @@ class BackboneSpec:
     map_features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     map_shape: Callable[[nn.Module, int], tuple[int, int, int]] | None = None
     image_size: int | None = None
+    input_norm: str = 'imagenet'
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -378,10 +381,12 @@ BACKBONES: dict[str, BackboneSpec] = {
         "timm 'resnet101.tv_in1k' (torchvision's IMAGENET1K_V1 weights, torchvision's keys); map 2048 x S/32 x S/32"),
     'tresnet_m': BackboneSpec(
         partial(_timm_trunk, 'tresnet_m.miil_in21k'), _timm_features, _timm_pool, _halvings(3, ceil=True, first=4),
-        True, "timm 'tresnet_m.miil_in21k' (ImageNet-21K, CSL's pretraining); map 2048 x S/32 x S/32"),
+        True, "timm 'tresnet_m.miil_in21k' (ImageNet-21K, CSL's pretraining; [0, 1] pixels); map 2048 x S/32 x S/32",
+        input_norm='none'),
     'tresnet_l': BackboneSpec(
         partial(_timm_trunk, 'tresnet_l.miil_in1k_448'), _timm_features, _timm_pool, _halvings(3, ceil=True, first=4),
-        True, "timm 'tresnet_l.miil_in1k_448' (Query2Label's tresnet_l_448); map 2432 x S/32 x S/32"),
+        True, "timm 'tresnet_l.miil_in1k_448' (Query2Label's tresnet_l_448; [0, 1] pixels); map 2432 x S/32 x S/32",
+        input_norm='none'),
     'swin_large': BackboneSpec(
         partial(_timm_trunk, 'swin_large_patch4_window12_384.ms_in22k'), _timm_map, _nhwc_pool,
         _halvings(3, ceil=True, first=4), True,
@@ -391,13 +396,30 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 TIMM_PREFIX = 'timm:'
 
+# The input normalisation a backbone's weights were trained with (--input-norm): 'imagenet', the
+# pipeline's ImageNet mean and std (torchvision's and VLPL's models); 'none', ToTensor's [0, 1] pixels
+# without normalisation (MIIL's TResNets: CSL's src/helper_functions/get_data.py has no Normalize;
+# Query2Label's and SGRE's --orid_norm).
+INPUT_NORMS = ('imagenet', 'none')
+
+
+def _timm_input_norm(timm_name: str) -> str:
+    """'none' for a timm model whose pretrained config normalises with mean 0 and std 1 (MIIL's TResNets),
+    else 'imagenet'."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    plain = cfg is not None and tuple(cfg.mean) == (0.0, 0.0, 0.0) and tuple(cfg.std) == (1.0, 1.0, 1.0)
+    return 'none' if plain else 'imagenet'
+
 
 @functools.lru_cache(maxsize=None)
 def _timm_row(timm_name: str) -> BackboneSpec:
     return BackboneSpec(
         partial(_timm_trunk, timm_name), _timm_pooled, _flatten, lambda size: 1, False,
         f"timm {timm_name!r}: pooled by timm's own head (a 1 x 1 map); heads that read the map get its "
-        "forward_features as C x h x w", map_features=_timm_map, map_shape=_timm_map_shape)
+        "forward_features as C x h x w", map_features=_timm_map, map_shape=_timm_map_shape,
+        input_norm=_timm_input_norm(timm_name))
 
 
 def backbone(name: str) -> BackboneSpec:
@@ -440,15 +462,20 @@ class HeadSpec:
     """One head: make(C, K, **options) -> module; reads 'pooled' (B x C) or the whole 'map'
     (B x C x h x w); returns logits B x K. aux: the module also takes return_aux=True and then
     returns an object with .logits and .aux_logits (B x K each), the latter trained with weight
-    --lamda (Classifier.forward_with_aux, engine.train_one_epoch)."""
+    --lamda (Classifier.forward_with_aux, engine.train_one_epoch). cam: the head is one Linear(C, K),
+    so applied at every position of the map it gives the class activation map
+    (Classifier.class_activation_maps: --boostlu, --pl-views cam)."""
     make: Callable[..., nn.Module]
     reads: str
     description: str
     aux: bool = False
+    cam: bool = False
 
 
 HEADS: dict[str, HeadSpec] = {
-    'linear': HeadSpec(nn.Linear, 'pooled', 'Linear(C, K) on the pooled features (the original head)'),
+    'linear': HeadSpec(nn.Linear, 'pooled', 'Linear(C, K) on the pooled features (the original head)', cam=True),
+    'bottleneck': HeadSpec(BottleneckHead, 'pooled', "CSL's OpenImages head: Linear(C, 512) then Linear(512, K) "
+                           'on the pooled features (github.com/Alibaba-MIIL/PartialLabelingCSL)'),
     'q2l': HeadSpec(Query2LabelHead, 'map', 'Query2Label: transformer encoder + class-query decoder '
                     '(github.com/SlongLiu/query2labels)'),
     'sgre': HeadSpec(SGREHead, 'map', 'SGRE: label-to-pixel attention and semantic-guided enhancement '
@@ -463,11 +490,22 @@ class Classifier(nn.Module):
 
     The trunk and head are submodules `trunk` and `head`, so state dicts keep the keys of the
     original layout (trunk.*, head.weight, head.bias for the linear head).
+
+    input_norm: the normalisation the weights expect (INPUT_NORMS). The pipeline always gives
+    ImageNet-normalised tensors (datasets.image_tensor); 'none' turns them back into ToTensor's
+    [0, 1] pixels, x * std + mean per channel, before the trunk (not saved in the state dict).
     """
 
     def __init__(self, trunk: nn.Module, spec: BackboneSpec, feature_dim: int, num_classes: int,
-                 head: str = 'linear', cam_boost: float | None = None, **head_options):
+                 head: str = 'linear', cam_boost: float | None = None, input_norm: str = 'imagenet',
+                 **head_options):
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f'unknown input normalisation {input_norm!r}; choose one of {INPUT_NORMS}')
+        self.input_norm = input_norm
+        if input_norm == 'none':
+            self.register_buffer('_pixel_scale', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer('_pixel_shift', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.trunk = trunk
         row = HEADS[head]
         self._features, self._map_shape = spec.features, None
@@ -482,13 +520,15 @@ class Classifier(nn.Module):
         # BoostLU (--boostlu): logits = mean over positions of the CAM with its positive values times
         # cam_boost, in training and inference (youngwk/BridgeGapExplanationPAMC, models.py
         # ImageClassifier.forward). None: the plain head.
-        if cam_boost is not None and (not spec.cam or not isinstance(self.head, nn.Linear)):
+        if cam_boost is not None and (not spec.cam or not row.cam):
             raise ValueError('BoostLU needs an average-pooled trunk (BackboneSpec.cam) and the linear head')
         self.cam_boost = cam_boost
         self.trunk_frozen = False
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x S x S -> B x C x h x w."""
+        if self.input_norm == 'none':
+            images = images * self._pixel_scale.to(images.dtype) + self._pixel_shift.to(images.dtype)
         return self._features(self.trunk, images)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -573,7 +613,7 @@ def build_trunk(name: str, *, seed: int, pretrained: bool = True,
 def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
                      weights_path: str | os.PathLike | None = None, clip_model: nn.Module | None = None,
                      head: str = 'linear', cam_boost: float | None = None, image_size: int | None = None,
-                     trunk: Trunk | None = None, **head_options) -> Classifier:
+                     input_norm: str = 'imagenet', trunk: Trunk | None = None, **head_options) -> Classifier:
     """Classifier for backbone `name` (a key of BACKBONES or timm:NAME, see `backbone`) and head
     `head` (a key of HEADS): forward(images B x 3 x S x S) -> logits B x K.
 
@@ -583,6 +623,7 @@ def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
     backbones). clip_model: the model from clip_loading.load_clip, required by clip_vision (its image
     tower is deep-copied and trained; the copy does not share parameters with clip_model).
     image_size: the input side S, for backbones built for one input size (Swin, ViT; None: theirs).
+    input_norm: the input normalisation the weights expect (Classifier; INPUT_NORMS).
     trunk: a trunk of this backbone from build_trunk (pretrained, weights_path and image_size are then its
     own); the head is drawn from the generator state that followed it.
     """
@@ -599,7 +640,8 @@ def build_classifier(name: str, num_classes: int, *, pretrained: bool = True,
     else:
         module, feature_dim = spec.make_trunk(pretrained, None if weights_path is None else str(weights_path),
                                               clip_model, image_size)
-    return Classifier(module, spec, feature_dim, num_classes, head, cam_boost=cam_boost, **head_options)
+    return Classifier(module, spec, feature_dim, num_classes, head, cam_boost=cam_boost, input_norm=input_norm,
+                      **head_options)
 
 
 def state_dict_mismatch(expected: dict, given: dict) -> str | None:

@@ -39,8 +39,7 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
     (predict.py --thresholds). evaluated: the weights that gave the val/test predictions, saved in
     best.pt (default: model; with --ema-decay maybe its average); extra: more last.pt entries (EMA,
     schedule)."""
-    common = dict(model=model.state_dict(), epoch=epoch, config=dataclasses.asdict(cfg), argv=list(argv),
-                  classnames=classnames) | heads_run.checkpoint_entries(model) | clip_entries(cfg, model)
+    common = model_entries(cfg, argv, model, epoch, classnames)
     if logger.best_epoch == epoch:
         atomic_save(phase_preds['test'], run_dir / 'test_preds_best.npy')
         best = common if evaluated is None or evaluated is model else common | {'model': evaluated.state_dict()}
@@ -62,6 +61,15 @@ def save_epoch(run_dir: Path, epoch: int, cfg: Config, argv: list[str], model, o
                 run_dir / 'last.pt')
     logger.save_json(run_dir / 'log.json')
     logger.save_summary_csv(run_dir / 'summary.csv')
+
+
+def model_entries(cfg: Config, argv: list[str], model, epoch: int, classnames: list[str]) -> dict:
+    """The entries of every checkpoint that describe its classifier (best.pt, last.pt, and a published
+    checkpoint imported by preproc/import_checkpoint.py): weights, epoch, the settings and the command
+    line they parse from, class names, the head's tensors outside its state dict and clip_vision's CLIP
+    architecture."""
+    return dict(model=model.state_dict(), epoch=epoch, config=dataclasses.asdict(cfg), argv=list(argv),
+                classnames=list(classnames)) | heads_run.checkpoint_entries(model) | clip_entries(cfg, model)
 
 
 def run_record(cfg: Config, device, method_class) -> dict:

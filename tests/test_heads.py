@@ -279,10 +279,7 @@ def test_q2l_state_dict_keys_are_the_originals():
             'transformer.decoder.layers.1.norm3.bias'} <= keys
     assert not any('decoder.layers.0.self_attn' in k or 'norm1' in k and 'decoder' in k for k in keys)
     assert not any('input_proj' in k for k in keys)      # Identity when C == hidden
-    original = {f'backbone.0.body.{k}': torch.zeros(1) for k in ('conv1.weight',)}
-    original.update({'backbone.1.pe': torch.zeros(1, 16, 4, 4)})
-    original.update({f'module.{k}': v for k, v in tiny_q2l(in_channels=16).state_dict().items()})
-    assert set(heads.q2l_state_dict_from_original(original)) == keys
+    # the original's own checkpoints load key for key: tests/test_import_checkpoint.py
 
 
 # ------------------------------------------------------------------------------------------ SGRE
