@@ -18,9 +18,10 @@ What `train.py run_train` does, and where it is here (docs/ccd.md):
 The method reads no training label (Method.reads_train_labels False): no observed-label file, the whole
 official train split trains, and val is the test split, as CCD's datasets.py makes them.
 
-CCD's checkpoints map onto models.Classifier (ccd_state_dict): feature_extractor.{0, 1, 4, 5, 6, 7}.* are
-the torchvision ResNet-50's conv1, bn1, layer1..4 (trunk.*), onebyone_conv.weight (K x 2048 x 1 x 1) is
-head.weight (K x 2048), onebyone_conv.bias head.bias, and alpha (1 x K, every entry coeff) is cam_boost.
+The classifier is laid out as CCD's checkpoints map onto it (preproc/import_checkpoint.py --from ccd,
+seed_checkpoints.py): feature_extractor.{0, 1, 4, 5, 6, 7}.* are the torchvision ResNet-50's conv1, bn1,
+layer1..4 (trunk.*), onebyone_conv.weight (K x 2048 x 1 x 1) is head.weight (K x 2048), onebyone_conv.bias
+head.bias, and alpha (1 x K, every entry coeff) is cam_boost.
 
 Importing this module registers the method (methods.register); main_clip.py imports it once.
 """
@@ -56,7 +57,6 @@ SCRIPT = dict(bsize=16, lr=1e-5, num_epochs=10, offset_size=80, coeff=3.0, loss_
 DEMO = dict(SCRIPT, offset_size=8, resize=64, view=64, step=0.004)
 PIXELS_PER_BATCH = 2 ** 22  # the inference loader's batch: this many pixels, at least --batch-size images
 CCD_MODELS = ('resnet50', 'small_cnn')  # average-pooled trunks with a CAM (CCD: torchvision ResNet-50)
-TRUNK_MODULES = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3', '7': 'layer4'}
 
 
 def build_labels(cfg: Config, data, device):
@@ -234,37 +234,6 @@ class Ccd(methods.Method):
         super().load_state_dict(state)
         self.labels.load_state(state['table'])
         self.train_maps = list(state['train_maps'])
-
-
-def classifier_key(key: str) -> str | None:
-    """The models.Classifier (-m resnet50, linear head) key of a CCD ImageClassifier key; None for 'alpha'
-    (it becomes cam_boost). An unknown key is refused in one line."""
-    if key.startswith('feature_extractor.'):
-        index, _, rest = key[len('feature_extractor.'):].partition('.')
-        if index in TRUNK_MODULES:
-            return f'trunk.{TRUNK_MODULES[index]}.{rest}'
-    if key in ('onebyone_conv.weight', 'onebyone_conv.bias'):
-        return 'head.' + key.split('.')[1]
-    if key == 'alpha':
-        return None
-    raise UserError(f'unexpected key {key} in a CCD checkpoint (its ImageClassifier has feature_extractor.'
-                    f'{{{",".join(sorted(TRUNK_MODULES))}}}.*, onebyone_conv.* and alpha)')
-
-
-def ccd_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
-    """A CCD ImageClassifier state dict (its bestmodel.pt holds (state_dict, P)) as models.Classifier's
-    (-m resnet50, the linear head): (state dict, cam_boost). alpha must be one value for every class."""
-    out = {}
-    for key, value in state.items():
-        name = classifier_key(key)
-        if name == 'head.weight':
-            value = value.reshape(value.shape[0], -1)  # K x 2048 x 1 x 1 -> K x 2048
-        if name is not None:
-            out[name] = value
-    alpha = state['alpha'].reshape(-1)
-    if not torch.all(alpha == alpha[0]):
-        raise UserError('this CCD checkpoint has a different alpha per class; cam_boost takes one value')
-    return out, float(alpha[0])
 
 
 # ----------------------------------------------------------------------------------------------

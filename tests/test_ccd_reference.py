@@ -117,11 +117,6 @@ def clip_state_dict() -> dict[str, torch.Tensor]:
     return state
 
 
-# The torchvision ResNet-50 modules in CCD's ImageClassifier.feature_extractor (nn.Sequential of its
-# children without avgpool and fc): index -> torchvision name.
-CCD_TRUNK_MODULES = {'0': 'conv1', '1': 'bn1', '4': 'layer1', '5': 'layer2', '6': 'layer3', '7': 'layer4'}
-
-
 def classifier_state_dict() -> dict[str, torch.Tensor]:
     """CCD's ImageClassifier weights (its key names: feature_extractor.*, onebyone_conv.*, alpha), float32.
     Key i of the sorted keys: convolutions N(0, 2 / fan_out) (torchvision's kaiming_normal_), batch-norm
@@ -130,7 +125,9 @@ def classifier_state_dict() -> dict[str, torch.Tensor]:
     + i); the 1x1 convolution N(0, 0.01) with bias +1 for SELECTED_CLASSES and -4 elsewhere; alpha 1."""
     import torchvision
 
-    names = {v: k for k, v in CCD_TRUNK_MODULES.items()}
+    from seed_checkpoints import CCD_TRUNK  # CCD's feature_extractor index -> torchvision ResNet-50 module
+
+    names = {v: k for k, v in CCD_TRUNK.items()}
     shapes = {}
     for key, value in torchvision.models.resnet50(weights=None).state_dict().items():
         module, _, rest = key.partition('.')
@@ -272,17 +269,28 @@ def port_table(tmp_path: Path, *extra: str):
 
 
 def recipe_classifier(buffers: dict[str, np.ndarray], cam_boost: float):
-    """models.Classifier (-m resnet50, linear head) with the recipe's weights, mapped from CCD's keys, and the
-    given batch-norm buffers (CCD's key names)."""
-    import methods_ccd
+    """models.Classifier (-m resnet50, linear head) with the recipe's weights, CCD's keys mapped as
+    preproc/import_checkpoint.py --from ccd maps them (seed_checkpoints.convert), and the given batch-norm
+    buffers (CCD's key names)."""
     import models
+    import seed_checkpoints
 
     ccd_state = classifier_state_dict() | {k: torch.from_numpy(np.asarray(v)) for k, v in buffers.items()}
-    state, alpha = methods_ccd.ccd_state_dict(ccd_state)
-    assert alpha == 1.0  # the recipe's alpha; CCD multiplies it by coeff before the first step
+    imported = seed_checkpoints.convert('ccd', ccd_state, 'the recipe', seed_checkpoints.Options(dataset='pascal'))
+    assert imported.argv[-2:] == ['--boostlu-alpha', '1.0']  # the recipe's alpha; CCD multiplies it by coeff first
     model = models.build_classifier('resnet50', NUM_CLASSES, pretrained=False, cam_boost=cam_boost)
-    model.load_state_dict(state)
+    model.load_state_dict(imported.state)
     return model
+
+
+def classifier_key(key: str) -> str:
+    """The models.Classifier key of a CCD ImageClassifier key (seed_checkpoints.CCD_TRUNK's table)."""
+    from seed_checkpoints import CCD_TRUNK
+
+    if key.startswith('feature_extractor.'):
+        index, _, rest = key[len('feature_extractor.'):].partition('.')
+        return f'trunk.{CCD_TRUNK[index]}.{rest}'
+    return 'head.' + key.split('.')[-1]  # onebyone_conv.weight / .bias
 
 
 def _reference():
@@ -419,11 +427,11 @@ def test_a_training_step_is_the_originals(tmp_path):
         params = dict(model.named_parameters())
         for key, want in s.items():
             if key.startswith('grad/'):
-                got = params[methods_ccd.classifier_key(key[len('grad/'):])].grad
+                got = params[classifier_key(key[len('grad/'):])].grad
                 torch.testing.assert_close(got.reshape(want.shape), torch.from_numpy(want), atol=1e-6, rtol=0)
             elif key.startswith('grad_fingerprint/'):
-                got = fingerprint(params[methods_ccd.classifier_key(key[len('grad_fingerprint/'):])].grad)
+                got = fingerprint(params[classifier_key(key[len('grad_fingerprint/'):])].grad)
                 np.testing.assert_allclose(got, want, rtol=FINGERPRINT_RTOL, atol=FINGERPRINT_ATOL, err_msg=key)
             elif key.startswith('after/'):
-                got = model.state_dict()[methods_ccd.classifier_key(key[len('after/'):])]
+                got = model.state_dict()[classifier_key(key[len('after/'):])]
                 torch.testing.assert_close(got, torch.from_numpy(want), atol=1e-6, rtol=0)

@@ -140,30 +140,6 @@ def test_train_map_binarises_the_soft_labels_as_the_original():
     assert ccd.train_map(preds, table) == pytest.approx(want, abs=1e-10)
 
 
-def test_a_ccd_checkpoint_maps_onto_the_classifier():
-    """CCD's ImageClassifier keys (feature_extractor.{0,1,4..7}, onebyone_conv, alpha) cover models.Classifier's
-    resnet50 + linear head exactly; the 1x1 convolution becomes the linear head, alpha the cam_boost."""
-    import torchvision
-
-    import methods_ccd
-    import models
-
-    model = models.build_classifier('resnet50', 5, pretrained=False, cam_boost=3.0)
-    net = torchvision.models.resnet50(weights=None)
-    children = dict(zip(['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'], range(8)))
-    ccd_state = {f'feature_extractor.{children[k.split(".")[0]]}.{k.split(".", 1)[1]}': v
-                 for k, v in net.state_dict().items() if not k.startswith('fc.')}
-    ccd_state |= {'onebyone_conv.weight': torch.randn(5, 2048, 1, 1), 'onebyone_conv.bias': torch.randn(5),
-                  'alpha': torch.full((1, 5), 3.0)}
-    state, alpha = methods_ccd.ccd_state_dict(ccd_state)
-    model.load_state_dict(state)  # strict: every key of the classifier, and no other
-    assert alpha == 3.0 and torch.equal(model.head.weight, ccd_state['onebyone_conv.weight'][:, :, 0, 0])
-    with pytest.raises(Exception, match='alpha per class'):
-        methods_ccd.ccd_state_dict(ccd_state | {'alpha': torch.arange(5.0)[None]})
-    with pytest.raises(Exception, match='unexpected key'):
-        methods_ccd.ccd_state_dict(ccd_state | {'feature_extractor.9.weight': torch.zeros(1)})
-
-
 # --------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope='module')
