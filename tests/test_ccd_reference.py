@@ -277,7 +277,7 @@ def recipe_classifier(buffers: dict[str, np.ndarray], cam_boost: float):
 
     ccd_state = classifier_state_dict() | {k: torch.from_numpy(np.asarray(v)) for k, v in buffers.items()}
     imported = seed_checkpoints.convert('ccd', ccd_state, 'the recipe', seed_checkpoints.Options(dataset='pascal'))
-    assert imported.argv[-2:] == ['--boostlu-alpha', '1.0']  # the recipe's alpha; CCD multiplies it by coeff first
+    assert imported.argv[-4:] == ['-l', 'CCD', '--ccd-coeff', '1.0']  # the recipe's alpha; CCD multiplies it by coeff first
     model = models.build_classifier('resnet50', NUM_CLASSES, pretrained=False, cam_boost=cam_boost)
     model.load_state_dict(imported.state)
     return model
