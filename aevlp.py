@@ -9,7 +9,7 @@ AEVLP's pseudo-labels are made online, at every training step, from a frozen CLI
 2. The scorer (models.py `PseudoLabelGeneratorOpenAI.generate`): the fp16 CLIP image tower, features
    L2-normalised, cosines with the class text matrix, no logit scale. The rows are laid out
    [whole image x B | tile 0 x B | tile 1 x B | ...] (train.py). `CropScorer`; the transformers run
-   sequence-first as OpenAI's CLIP code (`sequence_first`), which makes the fp16 numbers the original's.
+   sequence-first as OpenAI's CLIP code (clip_loading.sequence_first), which makes the fp16 numbers the original's.
 3. The class text matrix: the CLIP text features of "a photo of a {name}." (its PromptLearner with the
    frozen context "a photo of a"), plus the residual of three graph convolutions (`GraphConvolution`,
    512 -> 1024 -> 1024 -> 512, LeakyReLU 0.2, no bias) over a class graph (`get_relation`), then
@@ -35,6 +35,7 @@ import datasets
 import distributed
 import losses_peers as lp
 import pseudo_labeler
+from clip_loading import sequence_first  # tests replace aevlp.sequence_first
 from config import DATASETS, Config, ModelLoadError, UserError, one_line
 
 GCN_SLOPE = 0.2  # models.py PseudoLabelGeneratorOpenAI: nn.LeakyReLU(0.2) after gc1 and gc2
@@ -72,26 +73,6 @@ def gcn_weights(width: int, seed: int) -> list[torch.Tensor]:
         draw = torch.empty(fan_in, fan_out, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
         weights.append(draw.to(torch.float16))
     return weights
-
-
-def sequence_first(model: nn.Module) -> nn.Module:
-    """Run open_clip's transformers sequence-first (L x N x D), as OpenAI's clip/model.py (which AEVLP
-    uses) does; open_clip runs them batch-first. In fp16 that changes the numbers by an ulp or so:
-    nn.MultiheadAttention then transposes its input without a copy, so its input projection takes
-    another kernel, and the image tower takes torch's fused attention (its "fast path" needs
-    batch_first), which the original never does. Sequence-first, the scorer computes the original's
-    fp16 numbers bit for bit (tests/test_aevlp_reference.py). A tower without a transformer (a
-    ModifiedResNet image tower), or whose blocks do not all use nn.MultiheadAttention (whose layout
-    the flag switches), is left as it is."""
-    for tower in (getattr(model, 'visual', None), model, getattr(model, 'text', None)):
-        transformer = getattr(tower, 'transformer', None)
-        blocks = list(getattr(transformer, 'resblocks', []))
-        if not blocks or not all(isinstance(getattr(b, 'attn', None), nn.MultiheadAttention) for b in blocks):
-            continue
-        transformer.batch_first = False
-        for block in blocks:
-            block.attn.batch_first = False
-    return model
 
 
 def load_gcn_weights(path: str, width: int) -> list[torch.Tensor]:

@@ -201,3 +201,22 @@ def weights_identity(pretrained: str | None) -> dict:
         return {'file': str(Path(pretrained).resolve()), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
     return {'tag': pretrained}
 
+
+def sequence_first(model: nn.Module) -> nn.Module:
+    """Run open_clip's transformers sequence-first (L x N x D), as OpenAI's clip/model.py (which AEVLP
+    and CCD use) does; open_clip runs them batch-first. In fp16 that changes the numbers by an ulp or so:
+    nn.MultiheadAttention then transposes its input without a copy, so its input projection takes
+    another kernel, and the image tower takes torch's fused attention (its "fast path" needs
+    batch_first), which the original never does. Sequence-first, the scorer computes the original's
+    fp16 numbers bit for bit (tests/test_aevlp_reference.py). A tower without a transformer (a
+    ModifiedResNet image tower), or whose blocks do not all use nn.MultiheadAttention (whose layout
+    the flag switches), is left as it is."""
+    for tower in (getattr(model, 'visual', None), model, getattr(model, 'text', None)):
+        transformer = getattr(tower, 'transformer', None)
+        blocks = list(getattr(transformer, 'resblocks', []))
+        if not blocks or not all(isinstance(getattr(b, 'attn', None), nn.MultiheadAttention) for b in blocks):
+            continue
+        transformer.batch_first = False
+        for block in blocks:
+            block.attn.batch_first = False
+    return model

@@ -287,6 +287,26 @@ class Config:
     pl_views_threshold: Optional[float] = None
     clip_preprocess: str = 'original'
     prompts: Optional[str] = None
+    # -l CCD (methods_ccd.py, ccd_labels.py, docs/ccd.md; defaults: its train_gpu#0.sh and config.py, filled in
+    # by methods_ccd.apply_defaults): coeff (the CAM's alpha), loss_coeff (flag offset), ratio (blend), the
+    # view margin in pixels, LS_coeff (floor 1 / it; 0: off), the calibration bound, inf_num (refreshes),
+    # use_consist, global_temp and local_temp (the debias), the inference and view sides, the CAM box rule,
+    # the CLIP's precision; the calibration's step (CCD: 0.001 per 100 images; the demo's small split: more).
+    ccd_coeff: float = 3.0
+    ccd_loss_coeff: float = 1.0
+    ccd_ratio: float = 0.2
+    ccd_offset: int = 80
+    ccd_ls_coeff: int = 20
+    ccd_bound: float = 4.0
+    ccd_calibration_step: float = 0.001
+    ccd_refreshes: int = 1
+    ccd_consistency: float = 1.0
+    ccd_global_debias: bool = True
+    ccd_local_debias: bool = True
+    ccd_infer_size: int = 640
+    ccd_view_size: int = 640
+    ccd_box: str = 'released'
+    ccd_precision: str = 'auto'
     # The original's settings applied (--recipe NAME, paper_recipes.py) and the flags of the command
     # line that changed them ('--flag value' strings): provenance, not settings of their own.
     recipe: Optional[str] = None

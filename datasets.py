@@ -174,17 +174,23 @@ def observed_tag_hint(dataset: str, tag: str, data_root: str | Path = "data") ->
     return command if canonical == tag else f"{command}, then pass --observed {canonical}"
 
 
-def source_files(observed: str | None = None, clean_train_labels: bool = False) -> dict[str, dict[str, str]]:
+def source_files(observed: str | None = None, clean_train_labels: bool = False,
+                 unlabelled: bool = False) -> dict[str, dict[str, str]]:
     """The formatted file each array of load_splits' splits comes from: {phase: {field: file name}}
-    (val's labels_obs is its labels_true; --observed full and the clean labels come from the labels)."""
+    (val's labels_obs is its labels_true; --observed full and the clean labels come from the labels;
+    unlabelled: train's labels_obs are zeros from no file, and val is the test split)."""
     from_labels = clean_train_labels or observed == FULL_OBSERVED
     train_obs = "formatted_train_labels.npy" if from_labels else observed_file_name(observed)
+    test = {"images": "formatted_val_images.npy", "labels_true": "formatted_val_labels.npy",
+            "ignore": "formatted_val_ignore.npy"}
+    if unlabelled:
+        return {"train": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
+                          "ignore": "formatted_train_ignore.npy"}, "val": test, "test": test}
     return {"train": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
                       "labels_obs": train_obs, "ignore": "formatted_train_ignore.npy"},
             "val": {"images": "formatted_train_images.npy", "labels_true": "formatted_train_labels.npy",
                     "ignore": "formatted_train_ignore.npy"},
-            "test": {"images": "formatted_val_images.npy", "labels_true": "formatted_val_labels.npy",
-                     "ignore": "formatted_val_ignore.npy"}}
+            "test": test}
 
 
 def formatting_hint(dataset: str, data_root: str | Path | None = None) -> str:
@@ -260,8 +266,8 @@ def _check_agrees(path: Path, observed: np.ndarray, labels: np.ndarray, how_to_c
                         f"labels?): {how_to_create} again")
 
 
-def load_splits(data_root: str | Path, dataset: str, *,
-                clean_train_labels: bool = False, observed: str | None = None) -> dict[str, Split]:
+def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool = False,
+                observed: str | None = None, unlabelled: bool = False) -> dict[str, Split]:
     """Load the formatted files and return the 'train', 'val' and 'test' splits (docs/original-vlpl.md section 4).
 
     train/val are rows of the official train split chosen by :func:`split_indices`; test is the
@@ -272,6 +278,12 @@ def load_splits(data_root: str | Path, dataset: str, *,
     for a partial-annotation tag such as 'rps0.5' (docs/partial-labels.md); ``observed='full'``
     reads none: every label is observed (`full_observed`). Each split carries its rows of
     formatted_*_ignore.npy as ``ignore`` when the dataset has one.
+
+    unlabelled: a method that reads no training label (-l CCD, docs/ccd.md): no observed-label file is
+    read (``labels_obs`` of train is zeros), train is the whole official train split (a val split cut from
+    it would be selected on labels of the same file), and val is the official val split, the test split
+    itself (the same Split object), as CCD's datasets.py makes them. ``labels_true`` of train is read
+    for the displays that compare with it (train mAP, pseudo-label quality) and enters nothing else.
     """
     spec = _spec(dataset)
     folder = Path(data_root) / dataset
@@ -281,12 +293,15 @@ def load_splits(data_root: str | Path, dataset: str, *,
         return _load_annotated_splits(folder, dataset, spec.num_classes, spec.max_val_images)
     full = observed == FULL_OBSERVED
     images, labels, train_observed = _load_phase(folder, dataset, "train", spec.num_classes,
-                                                 with_observed=not (clean_train_labels or full),
+                                                 with_observed=not (clean_train_labels or full or unlabelled),
                                                  observed_tag=observed)
     test_images, test_labels, _ = _load_phase(folder, dataset, "val", spec.num_classes,
                                               with_observed=False)
     ignore = load_ignore(folder, dataset, "train", len(images), spec.num_classes)
     test_ignore = load_ignore(folder, dataset, "val", len(test_images), spec.num_classes)
+    test = Split(test_images, test_labels, test_labels.copy(), test_ignore)
+    if unlabelled:
+        return {"train": Split(images, labels, np.zeros_like(labels), ignore), "val": test, "test": test}
     train_idx, val_idx = split_indices(len(images))
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{folder / 'formatted_train_images.npy'} has only {len(images)} rows, too few "
@@ -304,7 +319,7 @@ def load_splits(data_root: str | Path, dataset: str, *,
     return {
         "train": Split(images[train_idx], labels[train_idx], train_obs[train_idx], rows(ignore, train_idx)),
         "val": Split(images[val_idx], labels[val_idx], labels[val_idx], rows(ignore, val_idx)),
-        "test": Split(test_images, test_labels, test_labels.copy(), test_ignore),
+        "test": test,
     }
 
 
@@ -544,7 +559,7 @@ class MultiLabelImages(torch.utils.data.Dataset):
             if self.skip_bad:
                 return {"skipped": i}
             raise
-        image = image_tensor(img, self.image_size, flipped=flipped)
+        image = self.tensor(img, flipped)
         return {
             "image": image,
             "label_obs": torch.from_numpy(self.split.labels_obs[i].copy()),
@@ -553,6 +568,11 @@ class MultiLabelImages(torch.utils.data.Dataset):
             "flipped": torch.tensor(flipped),
             **self.extras(img, key),
         }
+
+    def tensor(self, img: Image.Image, flipped: bool) -> torch.Tensor:
+        """The item's image tensor (image_tensor; a subclass may make it another way, e.g. CCD's
+        normalisation in ccd_images.py)."""
+        return image_tensor(img, self.image_size, flipped=flipped)
 
     def extras(self, img: Image.Image, key) -> dict[str, torch.Tensor]:
         """Further tensors of an item made from the same decoded image (a subclass adds views of it,
@@ -617,12 +637,18 @@ class FlipSampler(torch.utils.data.Sampler):
 
     views > 0: each item is (row, flip, view_flips) with `views` more flip bits per row, drawn after
     the others (so the rows and flips are those of views = 0), for a dataset that flips further
-    views of the image independently (aevlp.CropViews).
+    views of the image independently (aevlp.CropViews). draws > 0: each item is (row, flip, view_flips,
+    draws) with `draws` uniform numbers in [0, 1) per row, drawn last, for a dataset whose further views
+    are random in other ways (ccd_images.CcdTrainViews' colour jitter). skip_draws: the draws are made
+    (the random stream stays that of every epoch) but handed out as None, so that the dataset skips
+    the view they shape in an epoch that does not read it.
     """
 
-    def __init__(self, num_rows: int, seed: int, views: int = 0):
+    def __init__(self, num_rows: int, seed: int, views: int = 0, draws: int = 0):
         self.num_rows = num_rows
         self.views = views
+        self.draws = draws
+        self.skip_draws = False
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -631,10 +657,15 @@ class FlipSampler(torch.utils.data.Sampler):
     def __iter__(self):
         order = torch.randperm(self.num_rows, generator=self.generator).tolist()
         flips = (torch.rand(self.num_rows, generator=self.generator) < 0.5).tolist()
-        if not self.views:
+        if not self.views and not self.draws:
             return iter(zip(order, flips))
         view_flips = (torch.rand(self.num_rows, self.views, generator=self.generator) < 0.5).tolist()
-        return iter(zip(order, flips, map(tuple, view_flips)))
+        if not self.draws:
+            return iter(zip(order, flips, map(tuple, view_flips)))
+        draws = torch.rand(self.num_rows, self.draws, generator=self.generator, dtype=torch.float64).tolist()
+        if self.skip_draws:
+            return iter(zip(order, flips, map(tuple, view_flips), [None] * self.num_rows))
+        return iter(zip(order, flips, map(tuple, view_flips), map(tuple, draws)))
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()

@@ -1,8 +1,8 @@
 """The frozen-CLIP embedding cache: every training image embedded once, read by every epoch.
 
 The frozen CLIP's output depends only on the image and its horizontal flip, so the embeddings of a
-split (`cached_embeddings`) and of CCD's local views (`cached_view_embeddings`) are computed once
-and kept under --cache-dir, in a file named after the digest of everything they depend on
+split (`cached_embeddings`, or any per-row embedding: `cached_rows`) and of CCD's local views
+(`cached_view_embeddings`) are computed once and kept under --cache-dir, in a file named after the digest of everything they depend on
 (`embedding_cache_key`), with that key in a JSON file beside it.
 """
 from __future__ import annotations
@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import ccd
 import datasets
 import distributed
 import fingerprint
-from clip_loading import clip_embed_dim, weights_identity
+from clip_loading import weights_identity
 from files import save_json, save_npy
 from pseudo_labeler import PseudoLabeler
 
@@ -38,15 +37,21 @@ def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, cl
     preprocess: how the pipeline tensor becomes CLIP's input (--clip-preprocess). The embeddings of
     CCD's local views add the digest of their boxes (cached_view_embeddings).
     """
-    config = Path(str(clip_model))
-    config_sha = (hashlib.sha256(config.read_bytes()).hexdigest()
-                  if str(clip_model).endswith('.json') and config.is_file() else None)
+    config_sha = config_digest(clip_model)
     return {'format': 1, 'dataset': dataset, 'image_root': str(Path(image_root).resolve()),
             'images_sha256': hashlib.sha256('\n'.join(map(str, images)).encode()).hexdigest(),
             'num_images': len(images), 'clip_model': str(clip_model), 'clip_config_sha256': config_sha,
             'weights': weights_identity(clip_pretrained), 'image_size': int(image_size),
             'clip_size': int(clip_size), 'precision': precision, 'preprocess': preprocess,
             'image_stats_sha256': None if image_stats is None else fingerprint.digest(image_stats)}
+
+
+def config_digest(clip_model: str) -> str | None:
+    """sha256 of a JSON model config given as --clip-model (so that editing it in place invalidates what was
+    cached with it); None for an open_clip name."""
+    config = Path(str(clip_model))
+    return (hashlib.sha256(config.read_bytes()).hexdigest()
+            if str(clip_model).endswith('.json') and config.is_file() else None)
 
 
 def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str | os.PathLike, *,
@@ -57,32 +62,43 @@ def cached_embeddings(labeler: PseudoLabeler, loader, key: dict, cache_dir: str 
     once and reused by every epoch and every later run with the same key (embedding_cache_key).
     `loader` must yield the images without random flips (eval transforms); the flipped embedding
     is that of image.flip(-1), which is exactly the tensor the training transform produces.
-    The array is written to a temporary file and renamed, and its key file is written after it:
-    an interrupted build is never used, it is rebuilt. bf16 autocast on CUDA when `amp`.
+    bf16 autocast on CUDA when `amp`.
     """
+    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if amp and torch.device(device).type == 'cuda'
+                else contextlib.nullcontext())
+
+    def embed(images):
+        return torch.stack([labeler.embed(images), labeler.embed(images.flip(-1))], dim=1)  # B x 2 x D
+    with autocast:
+        return cached_rows(embed, loader, key, cache_dir, device=device, per_row=(2,),
+                           width=labeler.text_features.shape[1])
+
+
+def cached_rows(embed, loader, key: dict, cache_dir: str | os.PathLike, *, device, per_row: tuple = (),
+                width: int, desc: str = 'frozen CLIP embeddings (once, cached)') -> torch.Tensor:
+    """(N, *per_row, D) float32: embed(images on `device`) -> B x *per_row x D for every batch of `loader`
+    (its 'image' and 'index'), computed once and kept under cache_dir with `key` (embedding_cache_key;
+    key['num_images'] = N). The array is written to a temporary file and renamed, and its key file is
+    written after it: an interrupted build is never used, it is rebuilt. Several processes: each embeds
+    the rows its loader holds (distributed.shard), the blocks are merged, rank 0 writes."""
     path = _cache_path(key, cache_dir)
     num_rows = key['num_images']
-    array = _read_cached(path, key, (num_rows, 2))
+    array = _read_cached(path, key, (num_rows,) + tuple(per_row))
     # Several processes: all use the file or all rebuild it, each embedding its block of rows.
     if not distributed.any_rank(array is None):
         return array
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     out = None
-    autocast = (torch.autocast('cuda', dtype=torch.bfloat16) if amp and torch.device(device).type == 'cuda'
-                else contextlib.nullcontext())
-    with autocast:
-        for batch in distributed.progress(loader, desc='frozen CLIP embeddings (once, cached)'):
-            if 'image' not in batch:  # every image of the batch was skipped (--skip-bad-images)
-                continue
-            images = datasets.to_model_input(batch['image'], batch.get('flipped'), device)  # packed: on the device
-            plain, flipped = labeler.embed(images), labeler.embed(images.flip(-1))  # B x D each
-            if out is None:
-                out = np.zeros((num_rows, 2, plain.shape[1]), dtype=np.float32)
-            index = batch['index'].numpy()
-            out[index, 0] = plain.float().cpu().numpy()
-            out[index, 1] = flipped.float().cpu().numpy()
+    for batch in distributed.progress(loader, desc=desc):
+        if 'image' not in batch:  # every image of the batch was skipped (--skip-bad-images)
+            continue
+        images = datasets.to_model_input(batch['image'], batch.get('flipped'), device)  # packed: on the device
+        rows = embed(images).float().cpu().numpy()
+        if out is None:
+            out = np.zeros((num_rows,) + rows.shape[1:], dtype=np.float32)
+        out[batch['index'].numpy()] = rows
     if distributed.world_size() > 1:  # the loader held this rank's block (distributed.shard): gather
-        mine = out if out is not None else np.zeros((num_rows, 2, labeler.text_features.shape[1]), np.float32)
+        mine = out if out is not None else np.zeros((num_rows,) + tuple(per_row) + (width,), np.float32)
         merged = distributed.merge_shards(torch.from_numpy(mine)).numpy()
         out = merged if distributed.any_rank(out is not None) else None
     if out is None:
@@ -121,24 +137,26 @@ def _write_cached(path: Path, key: dict, array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def cached_view_embeddings(labeler: PseudoLabeler, loader, rows: torch.Tensor, boxes: torch.Tensor, key: dict,
-                           cache_dir: str | os.PathLike, *, device) -> torch.Tensor:
-    """(V, D) float32 CLIP embeddings of CCD's local views: view v is image rows[v] cropped to
-    boxes[v] (ccd.view_inputs). Cached like the global embeddings, under `key` (the split's
-    embedding_cache_key, computed in float32 without autocast) plus the digest of the views, so a rerun
-    with the same views reuses them.
-    `loader`: the split in row order without flips."""
-    views = torch.cat([rows[:, None], boxes], dim=1).numpy().astype(np.int64)
-    key = dict(key, precision='float32', views='ccd-cam-crops',
-               views_sha256=hashlib.sha256(views.tobytes()).hexdigest(), num_views=int(views.shape[0]))
+def cached_view_embeddings(embed_views, loader, rows: torch.Tensor, views: torch.Tensor, key: dict,
+                           cache_dir: str | os.PathLike, *, device, width: int, precision: str = 'float32',
+                           desc: str = 'CCD local views: CLIP embeddings') -> torch.Tensor:
+    """(V, D) float32 CLIP embeddings of CCD's local views: view v is image rows[v] cropped and resized as
+    views[v] says (a ccd.cam_views row: box and size); embed_views(images, views) -> V' x D embeds the
+    views of a batch, given the image of each (on `device`). Cached like the global embeddings, under `key`
+    (the split's embedding_cache_key) with `precision` plus the digest of the views, so a rerun with the
+    same views reuses them. `loader`: the split in row order without flips. Every process computes
+    all views (the refresh is the same on every rank); rank 0 writes."""
+    table = torch.cat([rows[:, None], views], dim=1).numpy().astype(np.int64)
+    key = dict(key, precision=precision, views='ccd-cam-crops', views_sha256=hashlib.sha256(table.tobytes()).hexdigest(),
+               num_views=int(table.shape[0]))
     path = _cache_path(key, cache_dir)
-    array = _read_cached(path, key, (views.shape[0],))
-    if array is not None:
+    array = _read_cached(path, key, (table.shape[0],))
+    if not distributed.any_rank(array is None):
         return array
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    out = np.zeros((views.shape[0], clip_embed_dim(labeler.visual)), dtype=np.float32)
+    out = np.zeros((table.shape[0], width), dtype=np.float32)
     order = torch.argsort(rows, stable=True)
-    for batch in distributed.progress(loader, desc='CCD local views: CLIP embeddings'):
+    for batch in distributed.progress(loader, desc=desc):
         if 'image' not in batch:
             continue
         index = batch['index']
@@ -149,7 +167,26 @@ def cached_view_embeddings(labeler: PseudoLabeler, loader, rows: torch.Tensor, b
             continue
         position = {int(r): i for i, r in enumerate(index.tolist())}
         images = batch['image'][[position[int(r)] for r in rows[picked]]].to(device)
-        inputs = ccd.view_inputs(images, boxes[picked], labeler.image_size, labeler.to_clip_normalisation)
-        out[picked.numpy()] = labeler.embed_inputs(inputs).cpu().numpy()
-    return _write_cached(path, key, out)
+        out[picked.numpy()] = embed_views(images, views[picked]).float().cpu().numpy()
+    if distributed.is_primary():
+        _write_cached(path, key, out)
+    distributed.barrier()
+    return torch.from_numpy(out)
 
+
+def cached_array(key: dict, cache_dir: str | os.PathLike, compute) -> torch.Tensor:
+    """A small float32 array kept under cache_dir with its key (key['dataset'] names the file): read back
+    when the key matches, else compute() (a tensor) written there first (CCD's class text features, so
+    that a rerun needs no CLIP)."""
+    path = _cache_path(key, cache_dir)
+    key_path = path.with_suffix('.json')
+    try:
+        if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+    except (OSError, ValueError, EOFError):
+        pass  # unreadable or truncated: computed again
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    array = np.ascontiguousarray(compute().float().cpu().numpy())
+    if distributed.is_primary():
+        _write_cached(path, key, array)
+    return torch.from_numpy(array)

@@ -66,7 +66,9 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     (o = -1, which keep their label).
 
     A head with auxiliary logits (SGRE) adds cfg.lamda * method.aux_loss(aux logits) to the batch
-    loss, as SGRE's loss(logits) + lamda * loss(aux logits). After every optimiser step:
+    loss, as SGRE's loss(logits) + lamda * loss(aux logits). A method with a second view of each image
+    (method.second_view(epoch), CCD's colour-jittered ex_image) gets that view's logits, from a second
+    forward pass after the first (so batch-norm statistics move in the original's order). After every optimiser step:
     scheduler.step() (a per-step schedule such as OneCycleLR) and ema.update(model)
     (heads.ModelEMA), when given.
     """
@@ -83,6 +85,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     step_on_device = torch.zeros((), dtype=torch.long, device=device)
     # true positives, predicted positives, true positives available, positives on annotated negatives
     pl_counts = torch.zeros(4, device=device)
+    view_key = method.second_view(epoch)  # a second view of each image, run after the first (CCD's ex_image)
     bar = distributed.progress(loader, desc=f'epoch {epoch} train', leave=False)
     several = distributed.world_size() > 1
     for step, batch in enumerate(bar):
@@ -99,6 +102,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
             pl = pl_source(images, index, batch['flipped'].to(device, non_blocking=True), batch)
         with autocast(cfg, device):
             logits, aux_logits = _forward_train(model, images)
+            view_logits = model(datasets.to_model_input(batch[view_key], None, device)) if view_key else None
         logits = logits.float()
         if several:
             # Several processes: this rank holds its share of the global batch. Gathering the shares
@@ -109,6 +113,8 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
             logits, index, pl = distributed.gather_batch(logits, share, pl, cfg.batch_size)
             if aux_logits is not None:
                 aux_logits = distributed.gather_batch(aux_logits, share, None, cfg.batch_size)[0]
+            if view_logits is not None:
+                view_logits = distributed.gather_batch(view_logits, share, None, cfg.batch_size)[0]
             if index.numel() == 0:
                 continue
         observed = method.observed[index]
@@ -119,7 +125,8 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
                                       ((observed == 0) & (true == 1)).sum(),
                                       ((pl == 1) & (observed == -1)).sum()]).float()
         preds = torch.sigmoid(logits)
-        batch_labels = dict(index=index, observed=observed, true=true, pseudo_labels=pl)
+        batch_labels = dict(index=index, observed=observed, true=true, pseudo_labels=pl,
+                            view_logits=None if view_logits is None else view_logits.float())
         loss = method.loss(logits, preds, batch_labels, epoch=epoch, step=step)
         if aux_logits is not None and cfg.lamda:
             aux_logits = aux_logits.float()

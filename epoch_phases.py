@@ -50,6 +50,8 @@ def train_phase(cfg: Config, epoch: int, learner: Learner, data: Data, pl_source
     if pl_source is not None and pl_source.before_epoch(epoch, learner.model, lambda: predict_train(
             cfg, learner, data, device, f'epoch {epoch} CCD threshold calibration')) and is_primary():
         save_json(run_dir / 'pl_quality.json', pl_source.report)
+    # a dataset's randomly shaped extra view (CCD's colour-jittered one) is made only when the method reads it
+    data.sampler.skip_draws = learner.method.second_view(epoch) is None
     if cfg.linear_init:  # LinearInit: a frozen trunk for the first --linear-init epochs
         learner.model.set_trunk_frozen(epoch <= cfg.linear_init)
     out = train_one_epoch(epoch, cfg, learner.train_model, learner.optimizer, data.loaders['train'], learner.method,
@@ -68,6 +70,9 @@ def evaluate_phases(cfg: Config, epoch: int, learner: Learner, data: Data, devic
     evaluated = model
     for phase in ('val', 'test'):
         t0 = time.perf_counter()
+        if phase == 'test' and data.splits['test'] is data.splits['val']:  # -l CCD validates on the test split
+            phase_preds['test'], times['test'] = phase_preds['val'], 0.0
+            continue
         phase_preds[phase] = predict(cfg, learner.eval_model if evaluated is model else evaluated,
                                      data.loaders[phase], len(data.sets[phase]), data.num_classes, device,
                                      f'epoch {epoch} {phase}')

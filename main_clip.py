@@ -33,6 +33,7 @@ import heads_run
 import label_tables
 import methods
 import methods_partial  # registers -l ASL and -l CSL
+import methods_ccd  # registers CCD
 import methods_peers  # registers role, LL-R, LL-Ct, LL-Cp, GR, AEVLP
 import models
 import packs
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--warmup-epoch', type=number(int, low=0), default=None,
                    help='EM_PL: epochs of plain EM first (default 0); EM_APL: per dataset')
     methods_peers.add_arguments(p)
+    methods_ccd.add_arguments(p)
     methods_partial.add_arguments(p)
     heads_run.add_arguments(p.add_argument_group('Transformer heads'))  # --head, --ema-decay, ... (docs/heads.md)
     pseudo_label_options.add_arguments(p)
@@ -209,7 +211,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         if getattr(a, first) and getattr(a, second):
             parser.error(f'--{first.replace("_", "-")} and --{second.replace("_", "-")} exclude each other: {why}')
 
-    peer = methods_peers.apply_defaults(a, parser.error)
+    ccd_settings = methods_ccd.apply_defaults(a, parser.error)  # before the peers' (it sets --head-lr-mult)
+    peer = methods_peers.apply_defaults(a, parser.error) | ccd_settings
     cfg = build_config(
         dataset=a.dataset, loss=a.loss, model=a.model, temp=a.temp, threshold=a.threshold, partial=a.partial,
         partial_everywhere=a.partial_everywhere, seed=a.seed, data_root=a.data_root, results_dir=a.results_dir,
@@ -289,6 +292,8 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     clip_model, tokenizer = load_frozen_clip(cfg, method_class, device)
     pl_source = pseudo_label_source(cfg, method_class, clip_model, tokenizer, data, device)
     learner = build_model_and_optimiser(cfg, clip_model, tokenizer, data, resume, init, trunk, device)
+    if pl_source is not None:
+        learner.method.use_pseudo_labels(pl_source)
     train_true = label_tables.on_device(splits['train'].labels_true, device, copy=False)  # rows per batch
     classnames = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
     start_epoch = restore(learner, resume, pl_source, data.sampler)
@@ -306,7 +311,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
             save_epoch(cfg, epoch, argv, learner, data, pl_source, classnames, phase_preds, evaluated, train_loss,
                        times, record, tensorboard, folder)
         log.info(f'checkpoint: {run_dir / "last.pt"} (epoch {epoch})')
-    return closing_lines(learner.logger, run_dir)
+    return closing_lines(learner.logger, run_dir, learner.method)
 
 
 def load_frozen_clip(cfg: Config, method_class, device) -> tuple:
@@ -328,7 +333,7 @@ def pseudo_label_source(cfg: Config, method_class, clip_model, tokenizer, data: 
         return None
     own_labels = method_class.pseudo_label_builder
     if own_labels is not None:
-        pl_source, quality = own_labels(cfg, data.splits['train'], device, data.num_classes)
+        pl_source, quality = own_labels(cfg, data, device)
     else:
         pl_source, quality = pseudo_label_policy.build_pseudo_labels(
             cfg, clip_model, tokenizer, data.splits['train'], data.train_eval_loader, device, data.num_classes)
@@ -414,11 +419,14 @@ def wrap_for_training(cfg: Config, learner: Learner, device) -> None:
                                else torch.compile(learner.train_model))
 
 
-def closing_lines(logger: TrainLogger, run_dir: Path) -> dict:
-    """The original's three closing lines; the best epoch's results."""
+def closing_lines(logger: TrainLogger, run_dir: Path, method) -> dict:
+    """The original's three closing lines and the method's own (CCD's label-free choice); the best epoch's
+    results."""
     log.info(f'Best epoch: {logger.best_epoch}')
     log.info(f'Best epoch validation score: {logger.best_val_map:.2f}')
     log.info(f'Best epoch test score: {logger.best_test_map:.2f}')
+    for line in method.closing_lines(logger):
+        log.info(line)
     return dict(best_epoch=logger.best_epoch, val_map=logger.best_val_map, test_map=logger.best_test_map,
                 run_dir=str(run_dir))
 

@@ -47,8 +47,11 @@ class Method:
     schedule_uses_epochs = False  # True: the total number of epochs enters the method (no resume with more)
     edits_observed = False  # True: the method rewrites its observed matrix (EM_APL, LL-Cp)
     full_labels_refusal: str | None = None
-    # A method with pseudo-labels of its own (AEVLP) names their builder: a callable (cfg, train_split,
-    # device, num_classes) -> (pseudo_labeler.PseudoLabelSource, quality dict or None). None: VLPL's
+    # False: the method reads no training label at all (-l CCD): datasets.load_splits(unlabelled=True) reads
+    # no observed-label file, trains on the whole official train split and validates on the test split.
+    reads_train_labels = True
+    # A method with pseudo-labels of its own (AEVLP, CCD) names their builder: a callable (cfg, data
+    # (run_data.Data), device) -> (pseudo_labeler.PseudoLabelSource, quality dict or None). None: VLPL's
     # frozen-CLIP labels (pseudo_label_policy.build_pseudo_labels).
     pseudo_label_builder = None
 
@@ -81,10 +84,25 @@ class Method:
         """Extra optimiser parameter groups the method trains (none for a plain loss)."""
         return []
 
+    def use_pseudo_labels(self, source) -> None:
+        """Called once with the run's pseudo-label source (when there is one), before a resumed run's state
+        is loaded: a method that owns its source's state (CCD's table) keeps it; others ignore it."""
+
+    def second_view(self, epoch: int) -> str | None:
+        """The batch key of a second view of each training image that the engine also runs through the model
+        in this epoch, after the first (its logits reach `loss` as batch['view_logits']); None: no second view."""
+        return None
+
+    def closing_lines(self, logger) -> list[str]:
+        """Lines the run prints after the original's three closing lines (instrumentation.TrainLogger
+        `logger` holds every epoch's metrics); none by default."""
+        return []
+
     def loss(self, logits: torch.Tensor, preds: torch.Tensor, batch: dict, *, epoch: int, step: int) -> torch.Tensor:
         """Scalar loss of one batch. logits, preds = sigmoid(logits): B x K float32; batch holds
-        'index' (B,), 'observed' (B x K, rows of self.observed), 'true' (B x K) and
-        'pseudo_labels' (B x K or None). The input ranges are checked on the first step of an epoch."""
+        'index' (B,), 'observed' (B x K, rows of self.observed), 'true' (B x K), 'pseudo_labels' (B x K or
+        None) and 'view_logits' (B x K of the second view, see second_view, or None). The input ranges are
+        checked on the first step of an epoch."""
         return losses.compute_batch_loss(self.name, preds, batch['observed'], self.hparams,
                                          true_labels=batch['true'], pseudo_labels=batch['pseudo_labels'],
                                          epoch=epoch, validate=step == 0)

@@ -164,9 +164,12 @@ class Aevlp(methods.Method):
     --gr-q). The pseudo-labels are not state: the original recomputes them at every step."""
     needs_pseudo_labels = True
     schedule_uses_epochs = True  # GR's schedules run over --epochs
-    pseudo_label_builder = staticmethod(aevlp.build_pseudo_labels)
     full_labels_refusal = ('scores CLIP views of every image at every step to fill the unknown entries, where '
                            'its GR-Loss acts too; with every label observed there are none')
+
+    @staticmethod
+    def pseudo_label_builder(cfg: Config, data, device):
+        return aevlp.build_pseudo_labels(cfg, data.splits['train'], device, data.num_classes)
 
     @classmethod
     def training_images(cls, cfg: Config, images):

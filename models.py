@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clip_loading import clip_embed_dim, clip_image_size, resize_for_clip
@@ -565,7 +566,10 @@ class Classifier(nn.Module):
         Averaging it over positions gives the logits, for trunks whose pooling is an average."""
         if not self.spec.cam or not isinstance(self.head, nn.Linear):
             raise ValueError('class activation maps need an average-pooled trunk and the linear head')
-        return torch.einsum('bchw,kc->bkhw', features, self.head.weight) + self.head.bias[None, :, None, None]
+        # a 1x1 convolution, as CCD's and BoostLU's `onebyone_conv` (a channel sum in another order than
+        # an einsum's: other float rounding)
+        weight = self.head.weight
+        return F.conv2d(features, weight.view(weight.shape[0], weight.shape[1], 1, 1), self.head.bias)
 
     def param_groups(self, lr: float, head_lr_mult: float = 1.0) -> list[dict]:
         """The optimiser's parameter groups of the network: every trainable parameter at lr; with

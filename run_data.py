@@ -59,8 +59,9 @@ def prepare_data(cfg: Config, *, clip: bool = True) -> dict:
             make_demo.ensure_demo(cfg.data_root, progress=is_primary(), with_clip=clip)
             if cfg.observed is not None:
                 ensure_demo_observed(cfg)
+    method = methods.METHODS[cfg.loss]
     return datasets.load_splits(cfg.data_root, cfg.dataset, observed=cfg.observed,
-                                clean_train_labels=methods.METHODS[cfg.loss].clean_train_labels)
+                                clean_train_labels=method.clean_train_labels, unlabelled=not method.reads_train_labels)
 
 
 def ensure_demo_observed(cfg: Config) -> None:
@@ -159,9 +160,11 @@ def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -
     """The image sets (--data-format), the flip sampler and the loaders of every phase."""
     sets, train_eval_set = packs.image_sets(cfg, splits, root)  # --data-format pil or packed
     inputs = fingerprint.of_run(splits, {phase: sets[phase].image_stats() for phase in splits},
-                                datasets.source_files(cfg.observed, method_class.clean_train_labels))
-    sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP adds its views
-    sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0))
+                                datasets.source_files(cfg.observed, method_class.clean_train_labels,
+                                                      unlabelled=not method_class.reads_train_labels))
+    sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP, CCD add their views
+    sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0),
+                                   draws=getattr(sets['train'], 'num_draws', 0))
     loaders = {'train': make_loader(sets['train'], batch_size=cfg.batch_size, sampler=sampler, cfg=cfg,
                                     device=device)}
     for phase in ('val', 'test'):

@@ -614,7 +614,7 @@ def _ccd(obj, where: str, options: Options) -> Imported:
     size = settings.get('train_resize', (448, 448))  # datasets.py tests at train_resize
     size = options.image_size or int(size[0] if isinstance(size, (tuple, list)) else size)
     argv = ['-d', dataset, '-m', backbone, '--image-size', str(size), '--input-norm', options.input_norm or 'imagenet',
-            '--boostlu', '--boostlu-alpha', repr(value)]
+            '-l', 'CCD', '--ccd-coeff', repr(value)]  # -l CCD's classifier: BoostLU's CAM scaling by coeff
     head = {'head.weight': weight.reshape(count, -1), 'head.bias': state['onebyone_conv.bias']}
     return Imported({**trunk, **head}, argv, classnames, dataset, {}, notes)
 

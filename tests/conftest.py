@@ -127,3 +127,17 @@ def interrupt_after(monkeypatch, stop_epoch: int):
             raise KeyboardInterrupt
     monkeypatch.setattr(records, 'save_epoch', save_then_stop)
     return lambda: monkeypatch.setattr(records, 'save_epoch', save)
+
+
+def kill_during_epoch_after(cmd: list[str], epoch: int, **popen) -> None:
+    """Run main_clip's command line `cmd` (python -u ...) and SIGKILL it during the epoch after `epoch`,
+    as soon as it reports that epoch's checkpoint (popen: cwd, env)."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **popen)
+    for line in proc.stdout:
+        if line.startswith('checkpoint: ') and line.rstrip().endswith(f'(epoch {epoch})'):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -123,28 +123,48 @@ def original_calibration(probs, ls=True, bound=4):
 
 # --------------------------------------------------------------------------- T-CCD-1: crop geometry
 
+def corners(*values):
+    """CAM corners as run_train gives them to cropping_box: 0-dim int64 tensors (rows of nonzero())."""
+    return tuple(torch.tensor(int(v)) for v in values)
+
+
 @pytest.mark.parametrize('h, w, out', [(360, 480, (480, 640)), (480, 360, (640, 480)), (300, 470, (408, 640)),
-                                       (427, 640, (427, 640)), (161, 161, (640, 640))])
-def test_crop_size_matches_the_published_geometry(h, w, out):
+                                       (427, 640, (427, 640)), (161, 161, (640, 640)), (228, 418, (349, 639)),
+                                       (418, 228, (639, 349))])
+def test_crop_size_is_the_originals_float32_arithmetic(h, w, out):
+    """The published geometry, and a crop of 418 columns: torch computes 640 / tensor(418) as
+    640 x float32(1 / 418), and int(418 x that) is 639 (Python floats: 640)."""
     assert ccd.crop_size(h, w, 640) == out
+    image = torch.zeros(1, 3, 640, 640)
+    crop, _ = original_cropping_box(image, corners(0, 0), corners(h, w), 0)
+    assert tuple(crop.shape[-2:]) == out
 
 
-def test_crop_box_and_view_equal_the_original():
+def test_crop_box_and_view_equal_the_original_with_tensor_corners():
+    """cropping_box called as run_train calls it (tensor corners); with Python ints the original itself gives
+    other sizes for about 10 % of boxes (tests/test_ccd_reference.py counts them on its fixture)."""
     torch.manual_seed(0)
     image = torch.randn(1, 3, 640, 640)
     assert ccd.crop_box((100, 50), (300, 400), 80, 640, 640) == (0, 20, 480, 380)
     rng = np.random.default_rng(0)
-    for _ in range(20):
+    sizes_differ = 0
+    for _ in range(60):
         p1, p2 = tuple(rng.integers(0, 640, 2)), tuple(rng.integers(0, 640, 2))
-        off = int(rng.integers(1, 120))
-        want_crop, want_box = original_cropping_box(image, p1, p2, off)
-        box = ccd.crop_box(p1, p2, off, 640, 640)
-        assert box == want_box
-        assert torch.equal(ccd.crop_view(image[0], box, 640), want_crop[0])
-    # a smaller side and a ViT-sized target, as the runs use them
+        off = int(rng.integers(0, 120))
+        want_crop, want_box = original_cropping_box(image, corners(*p1), corners(*p2), off)
+        view = ccd.crop_geometry(p1, p2, off, 640, 640, 640)
+        assert view[:4] == want_box and view[4:] == tuple(want_crop.shape[-2:])
+        assert torch.equal(ccd.crop_view(image[0], view), want_crop[0])
+        sizes_differ += tuple(original_cropping_box(image, p1, p2, off)[0].shape[-2:]) != view[4:]
+    assert sizes_differ > 0  # Python-int corners would have hidden the float32 arithmetic
+    # both ends of both sides clamped: Python ints there too
+    want_crop, want_box = original_cropping_box(image, corners(5, 5), corners(630, 600), 100)
+    assert ccd.crop_geometry((5, 5), (630, 600), 100, 640, 640, 640) == want_box + tuple(want_crop.shape[-2:])
+    # a smaller side and a ViT-sized target, as the VLPL option uses them
     small = torch.randn(1, 3, 64, 64)
-    want_crop, want_box = original_cropping_box(small, (10, 40), (30, 20), 8, long_side=32)
-    assert torch.equal(ccd.crop_view(small[0], ccd.crop_box((10, 40), (30, 20), 8, 64, 64), 32), want_crop[0])
+    want_crop, want_box = original_cropping_box(small, corners(10, 40), corners(30, 20), 8, long_side=32)
+    view = ccd.crop_geometry((10, 40), (30, 20), 8, 64, 64, 32)
+    assert view[:4] == want_box and torch.equal(ccd.crop_view(small[0], view), want_crop[0])
 
 
 def test_zero_margin_keeps_at_least_one_pixel_and_padding_centres():
@@ -170,6 +190,7 @@ def test_cam_box_equals_the_original_on_a_rectangle_and_fixes_the_row_order_bug(
         if extra:
             cam[0, 0, 8, 3] += 5  # a second blob below and to the left
         (y1, x1), (y2, x2) = original_cam_points(cam[:, 0], 640, 640)
+        assert ccd.cam_peak_box(cam[0, 0], 640, 640, raster=True) == (y1, x1, y2, x2)  # -l CCD's default
         ymin, xmin, ymax, xmax = ccd.cam_peak_box(cam[0, 0], 640, 640)
         m = F.interpolate(cam, (640, 640), mode='bilinear', align_corners=False)[0, 0]
         peak = ((m - m.min()) / (m.max() - m.min() + 1e-5)) > 0.95
@@ -178,6 +199,7 @@ def test_cam_box_equals_the_original_on_a_rectangle_and_fixes_the_row_order_bug(
         assert (xmin, xmax) == (int(cols[0]), int(cols[-1]))
         assert xmin <= min(x1, x2) and xmax >= max(x1, x2) and (xmin, xmax) != (min(x1, x2), max(x1, x2))
     assert ccd.cam_peak_box(torch.zeros(4, 4), 32, 32) is None  # flat: the original raises IndexError
+    assert ccd.cam_peak_box(torch.zeros(4, 4), 32, 32, raster=True) is None
 
 
 # --------------------------------------------------------------------------- T-CCD-3: debias
@@ -265,15 +287,19 @@ def test_cam_views_select_classes_and_boxes_from_the_classifier():
     model = models.build_classifier('small_cnn', 3, pretrained=False)
     images = torch.randn(4, 3, 32, 32)
     loader = [{'image': images, 'index': torch.arange(4)}]
-    rows, classes, boxes = ccd.cam_views(model, loader, multiplier=0.0, margin=0.125, device='cpu')
+    rows, classes, views = ccd.cam_views(model, loader, multiplier=0.0, offset=4, side=16, device='cpu')
     assert rows.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3] and classes.tolist() == [0, 1, 2] * 4
     feats = model.forward_features(images)
-    for v in range(rows.numel()):
-        peak = ccd.cam_peak_box(model.class_activation_maps(feats)[rows[v], classes[v]].detach(), 32, 32)
-        assert tuple(boxes[v].tolist()) == ccd.crop_box(peak[:2], peak[2:], 4, 32, 32)
-    none = ccd.cam_views(model, loader, multiplier=1.1, margin=0.125, device='cpu')
-    assert none[0].numel() == 0 and none[2].shape == (0, 4)
-    inputs = ccd.view_inputs(images[rows[:2]], boxes[:2], 16)
+    for raster in (False, True):
+        rows, classes, views = ccd.cam_views(model, loader, multiplier=0.0, offset=4, side=16, device='cpu',
+                                             raster=raster)
+        for v in range(rows.numel()):
+            cam = model.class_activation_maps(feats)[rows[v], classes[v]].detach()
+            peak = ccd.cam_peak_box(cam, 32, 32, raster=raster)
+            assert tuple(views[v].tolist()) == ccd.crop_geometry(peak[:2], peak[2:], 4, 32, 32, 16)
+    none = ccd.cam_views(model, loader, multiplier=1.1, offset=4, side=16, device='cpu')
+    assert none[0].numel() == 0 and none[2].shape == (0, 6)
+    inputs = ccd.view_inputs(images[rows[:2]], views[:2], 16)
     assert inputs.shape == (2, 3, 16, 16)
 
 

@@ -26,8 +26,20 @@ ALLOWED = ('an', 'an_ls', 'wan', 'epr', 'iu', 'iun', 'pr', 'bce', 'bce_ls', 'EM'
            'ASL', 'CSL')
 
 
+UNSUPERVISED = ('CCD',)  # reads no training label: every --observed is refused
+
+
 def test_every_method_is_either_allowed_or_refused():
-    assert set(REFUSED) | set(ALLOWED) == set(methods.METHODS) and not set(REFUSED) & set(ALLOWED)
+    assert set(REFUSED) | set(ALLOWED) | set(UNSUPERVISED) == set(methods.METHODS)
+    assert not set(REFUSED) & set(ALLOWED) and not set(UNSUPERVISED) & (set(REFUSED) | set(ALLOWED))
+
+
+@pytest.mark.parametrize('loss', UNSUPERVISED)
+def test_an_unsupervised_method_refuses_every_label_file(loss, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main_clip.parse_args(['-d', 'voc2007', '--observed', 'full', '-l', loss])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count('\n') == 1 and 'reads no training label' in err
 
 
 @pytest.mark.parametrize('loss', REFUSED)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,21 +14,22 @@ import torch
 
 import losses
 import main_clip
-from conftest import tiny_run_args, write_pascal_like
+from conftest import kill_during_epoch_after, tiny_run_args, write_pascal_like
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 CLI_LOSSES = sorted(main_clip.build_parser()._option_string_actions['--loss'].choices)
 PEER_METHODS = {'role', 'LL-R', 'LL-Ct', 'LL-Cp', 'GR', 'AEVLP'}  # methods_peers.py; tests/test_methods_peers.py
+SYSTEMS = {'CCD'}  # methods_ccd.py, its own prompts and settings: tests/test_methods_ccd.py
 
 
 def test_every_loss_of_the_library_is_on_the_command_line():
-    assert set(CLI_LOSSES) == set(losses.LOSSES) | PEER_METHODS | {'ASL', 'CSL'}  # + methods_partial's
+    assert set(CLI_LOSSES) == set(losses.LOSSES) | PEER_METHODS | SYSTEMS | {'ASL', 'CSL'}  # + methods_partial's
     assert {'bce', 'iun', 'an', 'EM', 'EM_APL', 'EM_PL', 'EM_PL_ASL'} <= set(CLI_LOSSES)
 
 
-@pytest.mark.parametrize('loss', sorted(set(CLI_LOSSES) - PEER_METHODS))
+@pytest.mark.parametrize('loss', sorted(set(CLI_LOSSES) - PEER_METHODS - SYSTEMS))
 def test_two_epochs_with_each_loss(loss, tiny_pascal, tmp_path, tiny_clip, tiny_text_features, capsys):
     args = tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features) + ['-l', loss]
     if loss == 'EM_APL':
@@ -101,13 +101,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(flags, tmp_path, tiny
     straight = subprocess.run(cmd + ['--run-name', 'full'], cwd=REPO, env=env, check=True, capture_output=True,
                               text=True)
 
-    proc = subprocess.Popen(cmd + ['--run-name', 'killed'], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # kill during epoch 2, after epoch 1's checkpoint
-        if line.startswith('checkpoint: ') and line.rstrip().endswith('(epoch 1)'):
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_during_epoch_after(cmd + ['--run-name', 'killed'], 1, cwd=REPO, env=env)
     killed = tmp_path / 'results' / 'killed'
     assert torch.load(killed / 'last.pt', weights_only=True)['epoch'] == 1
     resumed = subprocess.run([sys.executable, str(REPO / 'main_clip.py'), '--resume', str(killed),
