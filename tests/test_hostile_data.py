@@ -163,6 +163,31 @@ def test_images_without_a_range_are_refused_in_one_line_naming_the_file(tmp_path
     assert f'skipped {target}: ' in capsys.readouterr().err
 
 
+def test_an_image_over_pils_bomb_limit_is_an_unreadable_image_everywhere(tmp_path, tiny_clip, tiny_text_features,
+                                                                          monkeypatch, capsys):
+    """PIL's DecompressionBombError is neither OSError nor ValueError: training, packs and the embedding
+    cache ended as 'unexpected ... this is a bug'. read_rgb now refuses it as an unusable image: one line
+    naming the file, skipped with --skip-bad-images. (PIL's limit is lowered so that a 64 x 64 picture
+    crosses it, as a 20,000 x 20,000 one does at the default limit.)"""
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)  # refused above 2000 pixels; the others have 576
+    root = write_pascal_like(tmp_path / 'data', num_train=10, num_val=4, seed=5)
+    folder = datasets.image_root(root, 'pascal')
+    splits = datasets.load_splits(root, 'pascal')
+    target = folder / str(splits['train'].images[1])
+    Image.new('L', (64, 64)).save(target, format='PNG')
+    args = tiny_run_args(root, tmp_path, tiny_clip, tiny_text_features, epochs=1) + ['-l', 'an']
+    assert main_clip.main(args) == 2
+    one_error_line(capsys.readouterr().err, str(target), 'too large to decode', '--skip-bad-images')
+    with pytest.raises(ValueError, match='too large to decode'):  # what every reader takes as unreadable
+        datasets.read_rgb(target)
+    assert main_clip.main(args + ['--skip-bad-images']) == 0
+    assert f'{target}' in capsys.readouterr().err
+    pack = ['-d', 'pascal', '--data-root', str(root), '--image-size', str(SIZE), '--splits', 'train',
+            '--num-workers', '0']
+    assert pack_images.main(pack) == 2
+    one_error_line(capsys.readouterr().err, str(target), 'too large to decode')
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Inputs that change under a run
 
