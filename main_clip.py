@@ -338,7 +338,8 @@ def pseudo_label_source(cfg: Config, method_class, clip_model, tokenizer, data: 
         pl_source, quality = pseudo_label_policy.build_pseudo_labels(
             cfg, clip_model, tokenizer, data.splits['train'], data.train_eval_loader, device, data.num_classes)
     if quality:
-        log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}): precision '
+        only = pseudo_label_options.ANNOTATED_ONLY if quality.get('annotated_only') else ''
+        log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}){only}: precision '
                  f'{quality["precision"]:.3f}, recall {quality["recall"]:.3f}, '
                  f'{quality["per_image"]:.2f} positives / image')
     if pl_source.report:

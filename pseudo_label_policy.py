@@ -67,7 +67,7 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
                             amp=cfg.amp).to(device)  # (N, 2, D): unflipped, flipped
     classnames = read_classnames(cfg.dataset, data_root=cfg.data_root)
     report = {'options': pseudo_label_options(cfg), 'classnames': classnames, 'stages': []}
-    true = np.asarray(train_split.labels_true)  # an Annotations table: its states, dense (small data)
+    true = pl_options.truth_of(train_split.labels_true)  # dense (small data); NaN: no truth (unannotated)
     if not (cfg.pl_debias or cfg.pl_views == 'cam'):
         plain = labeler.from_embeddings(emb[:, 0]).cpu().numpy()
         report['stages'].append(pl_options.class_quality(plain, true, classnames) | {'when': 'global', 'epoch': 0})

@@ -438,3 +438,47 @@ def test_refused_settings_are_one_line(official, tmp_path, capsys, extra, messag
         main_clip.main(args + extra)
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and message in err and '\n' not in err, err
+
+
+# --- pseudo-label quality --------------------------------------------------------------------------
+
+def test_pseudo_label_quality_counts_annotated_entries_only():
+    """On annotation states an unannotated entry has no truth: it was counted as a true negative, which
+    understated the precision. Hand-computed: of the 5 positive pseudo-labels, 3 fall on annotated
+    entries and 2 of those are annotated positives."""
+    import pseudo_label_options
+    from pseudo_labeler import pseudo_label_quality
+
+    states = np.array([[1, 0, -1], [0, 1, -1]], np.int8)
+    pl = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+    true = pseudo_label_options.truth_of(label_tables.Annotations(states))
+    assert pseudo_label_quality(pl, true) == {'precision': 2 / 3, 'recall': 1.0, 'per_image': 2.5,
+                                              'annotated_only': True}
+    report = pseudo_label_options.class_quality(pl, true, ['a', 'b', 'c'])
+    assert [(c['count'], c['hits'], c['precision']) for c in report['per_class']] == [
+        (1, 1, 1.0), (1, 1, 1.0), (1, 0, 0.0)]
+    assert '(annotated entries only: unannotated ones have no truth)' in pseudo_label_options.quality_line(
+        report, 'on train')
+    dense = np.array([[1, 0, 0], [0, 1, 0]], np.float64)  # 0/1 labels: every entry has a truth, as before
+    assert pseudo_label_quality(pl, pseudo_label_options.truth_of(dense)) == {
+        'precision': 0.4, 'recall': 1.0, 'per_image': 2.5, 'annotated_only': False}
+
+
+def test_pl_quality_lines_of_an_openimages_run(official, tmp_path, tiny_clip, caplog):
+    """-l EM_PL on OpenImages: the train pseudo-labels' precision counts annotated entries (and says so);
+    the per-epoch 'PL on unknown' has no truth to compare with (the unknown entries are the unannotated
+    ones), so it says n/a instead of 'precision 0.000, recall 0.000', and logs no pl_precision."""
+    root, truth = official
+    features = tmp_path / 'text.npy'
+    np.save(features, np.random.RandomState(0).randn(len(truth['classnames']), 32).astype(np.float32))
+    args = run_args(root, tmp_path, 'EM_PL') + ['--threshold', '0.05', '--clip-model', tiny_clip['config'],
+                                                '--clip-pretrained', tiny_clip['checkpoint'],
+                                                '--text-features', str(features)]
+    with caplog.at_level('INFO', logger='vlpl'):
+        assert main_clip.main(args) == 0
+    assert 'Pseudo-labels on train (temp 0.01, threshold 0.05) (annotated entries only: unannotated ones have ' \
+           'no truth): precision' in caplog.text
+    assert 'PL on unknown: n/a (no truth on unannotated entries)' in caplog.text
+    assert 'PL on unknown: precision' not in caplog.text
+    log = json.loads((tmp_path / 'results' / 'openimages_EM_PL_small_cnn_s0' / 'log.json').read_text())
+    assert 'pl_precision' not in log['values']['train']
