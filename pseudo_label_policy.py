@@ -59,7 +59,7 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
     if isinstance(images, torch.utils.data.Subset):  # several processes: this rank's block (distributed.shard)
         images = images.dataset
     key = embedding_cache_key(
-        dataset=cfg.dataset, image_root=images.root, images=train_split.images,
+        dataset=cfg.dataset, images=train_split.images,
         clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, image_size=cfg.image_size,
         clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32',
         preprocess=cfg.clip_preprocess, image_stats=images.image_stats())

@@ -105,7 +105,7 @@ def test_16_bit_and_float_images_read_as_their_8_bit_picture_everywhere(tmp_path
     assert [np.array_equal(p, pixels[0]) for p in pixels] == [True] * len(names)
     clip, _ = clip_loading.load_clip(tiny_clip['config'], tiny_clip['checkpoint'])
     labeler = PseudoLabeler(clip.visual, torch.randn(3, 32))
-    key = embedding_cache.embedding_cache_key(dataset='pascal', image_root=tmp_path, images=names, clip_model='m',
+    key = embedding_cache.embedding_cache_key(dataset='pascal', images=names, clip_model='m',
                                           clip_pretrained=None, image_size=SIZE, clip_size=32)
     loader = torch.utils.data.DataLoader(images, batch_size=len(names), collate_fn=datasets.collate_skipping)
     embeddings = embedding_cache.cached_embeddings(labeler, loader, key, tmp_path / 'cache', device='cpu')
