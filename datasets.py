@@ -326,7 +326,7 @@ def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool
 def _load_annotated_splits(folder: Path, dataset: str, num_classes: int | None,
                            max_val: int | None) -> dict[str, Split]:
     """load_splits of a dataset of real partial annotations: formatted_{train,val}_labels.npy are
-    int8 annotation states (annotations.py), memory-mapped and read lazily; the train/val cut is a
+    int8 annotation states (label_tables.py), memory-mapped and read lazily; the train/val cut is a
     row selection of the train table, and each split's observed labels are its annotations."""
     hint = formatting_hint(dataset, folder.parent)
     tables = {}
