@@ -12,10 +12,12 @@ never executed.
 
 `rebuild_classifier` is the one way from a checkpoint back to its classifier (--evaluate, predict.py);
 `check_fits` compares a checkpoint's classifier with a run's (--init-from), from the same reading of
-the stored configuration (`stored_settings`, `architecture`).
+the stored configuration (`stored_settings`, `architecture`), and then every weight's name and shape
+with the run's classifier built on the meta device. All three build through `classifier_of`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -178,14 +180,33 @@ def _stored_clip(ckpt: dict, settings, where: str) -> dict:
     return config | ({'quick_gelu': True} if forced else {})
 
 
-def _clip_architecture_model(config: dict):
+def _clip_architecture_model(config: dict, device='cpu'):
     """A randomly initialised open_clip model of `config` (the checkpoint then fills every weight),
     registered under a name of its own so that no built-in config of open_clip is replaced."""
     text = json.dumps(config, sort_keys=True)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f'vlpl-checkpoint-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json'
         path.write_text(text)
-        return clip_loading.load_clip(str(path), None)[0]
+        return clip_loading.load_clip(str(path), None, device=device)[0]
+
+
+def classifier_of(settings, num_classes: int, *, clip: dict | None = None, clip_model=None, embeddings=None,
+                  device=None) -> torch.nn.Module:
+    """The randomly initialised classifier `settings` (a Config or stored_settings) describes: backbone at
+    its input size (a ViT's pos_embed, a Swin's windows), head and every head size, input normalisation,
+    BoostLU's CAM scaling, SGRE's label `embeddings` (K x E). clip_vision's tower is `clip_model`, else one
+    of the open_clip config `clip`. No weights are downloaded and nothing is drawn from the caller's
+    generators. device: where the tensors are made (None: torch's default device, the CPU unless a caller's
+    `with torch.device(...)` says otherwise); 'meta': names and shapes only, in milliseconds and no memory
+    (the --init-from check at start). The one builder behind rebuild_classifier, check_fits and
+    --init-from's model."""
+    with torch.random.fork_rng(devices=[]), (torch.device(device) if device else contextlib.nullcontext()):
+        if settings.model == 'clip_vision' and clip_model is None:
+            clip_model = _clip_architecture_model(clip, device or torch.get_default_device())
+        boost = settings.boostlu_alpha if settings.boostlu else None
+        return models.build_classifier(settings.model, num_classes, pretrained=False, clip_model=clip_model,
+                                       head=settings.head, cam_boost=boost, image_size=settings.image_size,
+                                       input_norm=settings.input_norm, **heads_run.head_options(settings, embeddings))
 
 
 @dataclasses.dataclass
@@ -227,12 +248,9 @@ def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
                             f'{getattr(s, "dataset", None)!r} has no text_features/<dataset>_classnames.txt') from None
         log.warning(f'note: checkpoint without class names; using those of dataset {s.dataset!r}')
     classnames = [str(c) for c in classnames]
-    clip_model = _clip_architecture_model(_stored_clip(ckpt, s, where)) if s.model == 'clip_vision' else None
-    embeddings = heads_run.label_embeddings(s, None, None, len(classnames), ckpt)
-    with torch.random.fork_rng(devices=[]):  # rebuilding draws nothing from the caller's generator
-        model = models.build_classifier(s.model, len(classnames), pretrained=False, clip_model=clip_model,
-                                        head=s.head, cam_boost=s.boostlu_alpha if s.boostlu else None,
-                                        image_size=size, input_norm=s.input_norm, **heads_run.head_options(s, embeddings))
+    clip = _stored_clip(ckpt, s, where) if s.model == 'clip_vision' else None
+    model = classifier_of(s, len(classnames), clip=clip, embeddings=heads_run.label_embeddings(s, None, None,
+                                                                                               len(classnames), ckpt))
     problem = models.state_dict_mismatch(model.state_dict(), ckpt['model'])
     if problem:
         arch = architecture(s, len(classnames))
@@ -245,7 +263,10 @@ def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
 def check_fits(ckpt: dict, cfg: Config, classnames: list[str], where: str) -> None:
     """--init-from: the checkpoint's classifier (classes, backbone, head and its sizes, CLIP architecture)
     is the one this run builds, checked before any expensive work; else one line naming both, e.g.
-    'checkpoint: demo, 30 classes, small_cnn/linear; this run: pascal, 20 classes, small_cnn/q2l'."""
+    'checkpoint: demo, 30 classes, small_cnn/linear; this run: pascal, 20 classes, small_cnn/q2l'. Then
+    every weight's name and shape against the run's classifier built on the meta device (classifier_of),
+    so that a shape the settings do not name (a ViT's pos_embed at another --image-size) is refused
+    here too, naming the first key that differs and both shapes."""
     s = stored_settings(ckpt)
     stored_names = ckpt.get('classnames')
     both_clip = cfg.model == s.model == 'clip_vision'
@@ -264,6 +285,24 @@ def check_fits(ckpt: dict, cfg: Config, classnames: list[str], where: str) -> No
         raise UserError(f'{where}: its {len(classnames)} classes are not this run\'s (checkpoint: {s.dataset}, '
                         f'{", ".join(map(str, stored_names[:2]))}, ...; this run: {cfg.dataset}, '
                         f'{", ".join(classnames[:2])}, ...); start from a checkpoint of the same classes')
+    # Every weight's name and shape, which the settings above do not all decide (a ViT's pos_embed
+    # follows --image-size): the run's classifier on the meta device, before any CLIP work.
+    clip = clip_loading.clip_config(cfg.clip_model) if cfg.model == 'clip_vision' else None
+    run_model = classifier_of(cfg, len(classnames), clip=clip, embeddings=_embeddings_shaped(cfg, len(classnames)),
+                              device='meta')
+    problem = models.state_dict_mismatch(run_model.state_dict(), ckpt['model'])
+    if problem:
+        sizes = (f' (checkpoint: --image-size {s.image_size}; this run: --image-size {cfg.image_size})'
+                 if s.image_size != cfg.image_size else '')
+        raise UserError(f'{where}: its weights do not fit this run\'s classifier: {problem}{sizes}')
+
+
+def _embeddings_shaped(cfg: Config, num_classes: int):
+    """SGRE's label embeddings as this run will have them, or (when its CLIP computes them) zeros of
+    their K x E shape, which is all the meta-device check needs; None for other heads."""
+    if not heads_run.needs_clip(cfg):
+        return heads_run.label_embeddings(cfg, None, None, num_classes)
+    return np.zeros((num_classes, clip_loading.clip_config(cfg.clip_model)['embed_dim']), np.float32)
 
 
 def config_differences(old: dict, new: Config, *, more_epochs_ok: bool = False) -> list[str]:

@@ -89,7 +89,7 @@ class DatasetInfo:
     # The dataset whose published per-dataset values (the peer methods', AEVLP's VOC prompt names) this
     # one takes where no original publishes its own (voc2007: pascal's); None: its own.
     published_as: Optional[str] = None
-    # Real partial annotations (annotations.py): the formatted label files hold int8 annotation states
+    # Real partial annotations (label_tables.py): the formatted label files hold int8 annotation states
     # (1 positive, -1 annotated negative, 0 unannotated), which are both the observed labels of training
     # and the ground truth of evaluation, where only annotated entries count.
     annotated: bool = False

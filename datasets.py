@@ -326,7 +326,7 @@ def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool
 def _load_annotated_splits(folder: Path, dataset: str, num_classes: int | None,
                            max_val: int | None) -> dict[str, Split]:
     """load_splits of a dataset of real partial annotations: formatted_{train,val}_labels.npy are
-    int8 annotation states (annotations.py), memory-mapped and read lazily; the train/val cut is a
+    int8 annotation states (label_tables.py), memory-mapped and read lazily; the train/val cut is a
     row selection of the train table, and each split's observed labels are its annotations."""
     hint = formatting_hint(dataset, folder.parent)
     tables = {}
@@ -359,8 +359,18 @@ def _load_annotated_splits(folder: Path, dataset: str, num_classes: int | None,
     return splits
 
 
-class ImageRangeError(ValueError):
-    """An image whose values have no range to scale to 8 bits by (read_rgb); the caller names the file."""
+class UnusableImage(ValueError):
+    """A file PIL opens whose picture read_rgb refuses; the caller names the file. A ValueError, so every
+    reader that treats OSError and ValueError as an unreadable image (skipped with --skip-bad-images,
+    named and skipped by predict.py) treats it so too."""
+
+
+class ImageRangeError(UnusableImage):
+    """An image whose values have no range to scale to 8 bits by (read_rgb)."""
+
+
+class ImageTooLarge(UnusableImage):
+    """An image over PIL's decompression-bomb limit (read_rgb): PIL refuses to decode it."""
 
 
 SIXTEEN_BIT = 65535
@@ -382,9 +392,18 @@ def read_rgb(path) -> Image.Image:
     - F (32-bit float, TIFF): values in [0, 1] become round(255 x), half up. Values outside [0, 1],
       NaN or infinite are refused: such a file has no range to scale by.
 
-    A refusal is ImageRangeError; every caller names the file in its one-line message.
+    An image of more than twice PIL's Image.MAX_IMAGE_PIXELS pixels (PIL's guard against decompression
+    bombs: its DecompressionBombError is neither an OSError nor a ValueError) is ImageTooLarge.
+
+    A refusal is UnusableImage (a ValueError); every caller names the file in its one-line message.
     """
-    with Image.open(path) as img:
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as err:
+        said = str(err).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+        raise ImageTooLarge(f"too large to decode ({said}: PIL's guard against decompression bombs): downscale "
+                            "it") from None
+    with img:
         if img.mode == "F":
             x = np.asarray(img, dtype=np.float64)
             if not (np.isfinite(x).all() and x.min(initial=0.0) >= 0.0 and x.max(initial=0.0) <= 1.0):
@@ -532,7 +551,7 @@ class MultiLabelImages(torch.utils.data.Dataset):
         where = f" of dataset {self.dataset}" if self.dataset else ""
         try:
             return read_rgb(path)
-        except ImageRangeError as err:
+        except UnusableImage as err:
             raise DataError(f"image {path}{where} is {err}, or pass --skip-bad-images") from None
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read image {path}{where} ({err}); check the image folder, "

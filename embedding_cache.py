@@ -4,6 +4,13 @@ The frozen CLIP's output depends only on the image and its horizontal flip, so t
 split (`cached_embeddings`, or any per-row embedding: `cached_rows`) and of CCD's local views
 (`cached_view_embeddings`) are computed once and kept under --cache-dir, in a file named after the digest of everything they depend on
 (`embedding_cache_key`), with that key in a JSON file beside it.
+
+The key names the pixels as --resume does (fingerprint.py): the image list and each image's size and
+modification time, not the folder they lie in, so a copy that keeps the times (`cp -a`, `rsync -a`) is
+the same data and is not embedded again. A file is superseded when a new one is written for the same
+dataset, image list, CLIP and settings whose inputs changed since (the images' sizes and times, the CLIP
+config's or weights file's content: `lineage`): it can never be read again, so it is removed then, with
+one log line (a COCO cache of ViT-L/14 is about 0.5 GB). Files of other settings are never touched.
 """
 from __future__ import annotations
 
@@ -24,11 +31,12 @@ from files import save_json, save_npy
 from pseudo_labeler import PseudoLabeler
 
 
-def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, clip_pretrained: str | None,
+def embedding_cache_key(*, dataset: str, images, clip_model: str, clip_pretrained: str | None,
                         image_size: int, clip_size: int, precision: str = 'float32',
                         preprocess: str = 'original', image_stats=None) -> dict:
     """Everything a cached embedding depends on. A change of any entry selects another cache file.
 
+    images: the image list (names relative to the image folder, whose location is not part of the key);
     image_stats: (N, 2) size and modification time of the images whose pixels are embedded (the
     image set's image_stats(), fingerprint.py), so pictures rewritten since are embedded again.
 
@@ -38,7 +46,7 @@ def embedding_cache_key(*, dataset: str, image_root, images, clip_model: str, cl
     CCD's local views add the digest of their boxes (cached_view_embeddings).
     """
     config_sha = config_digest(clip_model)
-    return {'format': 1, 'dataset': dataset, 'image_root': str(Path(image_root).resolve()),
+    return {'format': 2, 'dataset': dataset,
             'images_sha256': hashlib.sha256('\n'.join(map(str, images)).encode()).hexdigest(),
             'num_images': len(images), 'clip_model': str(clip_model), 'clip_config_sha256': config_sha,
             'weights': weights_identity(clip_pretrained), 'image_size': int(image_size),
@@ -128,13 +136,56 @@ def _read_cached(path: Path, key: dict, leading: tuple) -> torch.Tensor | None:
     return None
 
 
+# Key entries that describe the state of a cache's inputs rather than which data and settings it is of
+# (format 1 keys also held the images' folder): a key that differs from another only in these (and in
+# the size and time of the same weights file) supersedes it.
+STATE_ENTRIES = ('format', 'image_root', 'image_stats_sha256', 'clip_config_sha256')
+
+
+def lineage(key: dict) -> dict:
+    """The data and settings a cache key is of, without the state of its inputs (STATE_ENTRIES; a weights
+    file by its path alone): keys of one lineage describe the same embeddings at different moments."""
+    out = {k: v for k, v in key.items() if k not in STATE_ENTRIES}
+    weights = key.get('weights')
+    if isinstance(weights, dict) and 'file' in weights:
+        out['weights'] = {'file': weights['file']}
+    return out
+
+
 def _write_cached(path: Path, key: dict, array: np.ndarray) -> torch.Tensor:
-    """The array first, its key file after it: an interrupted write is never read back."""
+    """The array first, its key file after it: an interrupted write is never read back. Then the files of
+    the same lineage that it supersedes are removed (_remove_superseded)."""
     key_path = path.with_suffix('.json')
     key_path.unlink(missing_ok=True)
     save_npy(path, array)
     save_json(key_path, key)
+    _remove_superseded(path, key)
     return torch.from_numpy(array)
+
+
+def _remove_superseded(path: Path, key: dict) -> None:
+    """Remove the cache files beside `path` whose key is of the same lineage as `key` but another key:
+    their images or CLIP files changed since, so no run reads them again. One log line names them."""
+    mine = lineage(key)
+    removed, freed = [], 0
+    for other in sorted(path.parent.glob(f'clip_{key["dataset"]}_*.json')):
+        if other == path.with_suffix('.json'):
+            continue
+        try:
+            stored = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: not provably ours to remove
+        if not isinstance(stored, dict) or stored == key or lineage(stored) != mine:
+            continue
+        array = other.with_suffix('.npy')
+        freed += array.stat().st_size if array.is_file() else 0
+        array.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
+        removed.append(array.name)
+    if removed:
+        distributed.log.info(f'embedding cache: removed {len(removed)} superseded file{"s" if len(removed) > 1 else ""} '
+                             f'of the same dataset, image list and CLIP settings, whose images or CLIP files changed '
+                             f'since ({", ".join(removed)}; {freed / 2 ** 20:.1f} MB freed)')
 
 
 def cached_view_embeddings(embed_views, loader, rows: torch.Tensor, views: torch.Tensor, key: dict,

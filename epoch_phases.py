@@ -106,10 +106,13 @@ def log_epoch(cfg: Config, epoch: int, learner: Learner, data: Data, pl_source, 
                              mask=None if counted is None else counted[seen])
         extra = ''
         if phase == 'train' and pl_source is not None and pl_counts[1] > 0:
-            precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)
-            logger.log_scalar(epoch, 'train', 'pl_precision', float(precision))
-            logger.log_scalar(epoch, 'train', 'pl_recall', float(recall))
-            extra = f' | PL on unknown: precision {precision:.3f}, recall {recall:.3f}'
+            if cfg.data.annotated:  # the unknown entries are the unannotated ones: nothing to compare with
+                extra = ' | PL on unknown: n/a (no truth on unannotated entries)'
+            else:
+                precision, recall = pl_counts[0] / pl_counts[1], pl_counts[0] / max(pl_counts[2], 1)
+                logger.log_scalar(epoch, 'train', 'pl_precision', float(precision))
+                logger.log_scalar(epoch, 'train', 'pl_recall', float(recall))
+                extra = f' | PL on unknown: precision {precision:.3f}, recall {recall:.3f}'
             if pl_counts[3] > 0:
                 extra += f', {int(pl_counts[3])} positive PL on annotated negatives ignored'
         log.info(f'{format_summary(s)} | {times[phase]:.1f} s{extra}')

@@ -68,6 +68,16 @@ class Annotations:
     def shape(self) -> tuple[int, int]:
         return (self._stored_shape[0] if self._rows is None else len(self._rows), self._stored_shape[1])
 
+    @property
+    def file(self) -> str | None:
+        """The formatted file the table is memory-mapped from (None: a table in memory)."""
+        return self._path
+
+    @property
+    def stored_rows(self) -> np.ndarray | None:
+        """The rows of the stored table this one holds, in order (None: all of them)."""
+        return self._rows
+
     def __getstate__(self) -> dict:
         """A DataLoader worker gets the file's path, not a copy of the table (as packs.PackedImages)."""
         return self.__dict__ | ({'_states': None} if self._path else {})

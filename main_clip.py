@@ -41,7 +41,7 @@ import paper_recipes
 import pseudo_label_options
 import pseudo_label_policy
 import records
-from checkpoints import RunFolder, config_differences, load_checkpoint, rebuild_classifier, set_rng_state
+from checkpoints import RunFolder, classifier_of, config_differences, load_checkpoint, rebuild_classifier, set_rng_state
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
                     build_config, number, one_line)
 from distributed import is_primary, log
@@ -338,7 +338,8 @@ def pseudo_label_source(cfg: Config, method_class, clip_model, tokenizer, data: 
         pl_source, quality = pseudo_label_policy.build_pseudo_labels(
             cfg, clip_model, tokenizer, data.splits['train'], data.train_eval_loader, device, data.num_classes)
     if quality:
-        log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}): precision '
+        only = pseudo_label_options.ANNOTATED_ONLY if quality.get('annotated_only') else ''
+        log.info(f'Pseudo-labels on train (temp {cfg.temp}, threshold {cfg.threshold}){only}: precision '
                  f'{quality["precision"]:.3f}, recall {quality["recall"]:.3f}, '
                  f'{quality["per_image"]:.2f} positives / image')
     if pl_source.report:
@@ -355,17 +356,18 @@ def build_model_and_optimiser(cfg: Config, clip_model, tokenizer, data: Data, re
     # Reseed so that the head's initialisation does not depend on what ran before (CLIP loading and
     # every DataLoader iterator draw from the global generator).
     torch.manual_seed(cfg.seed)
-    fresh = resume is None and init is None  # else the weights come from a checkpoint
-    model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
-                                    weights_path=cfg.backbone_weights if fresh else None, trunk=trunk,
-                                    clip_model=clip_model, head=cfg.head,
-                                    cam_boost=cfg.boostlu_alpha if cfg.boostlu else None, image_size=cfg.image_size,
-                                    input_norm=cfg.input_norm, **heads_run.head_options(cfg, label_embeddings)).to(device)
-    if init is not None:
-        problem = models.state_dict_mismatch(model.state_dict(), init['model'])
-        if problem:
-            raise UserError(f'--init-from {cfg.init_from}: its model does not fit this run: {problem}')
+    if init is not None:  # the weights are the checkpoint's, its fit checked at start (checkpoints.check_fits)
+        model = classifier_of(cfg, num_classes, clip_model=clip_model, embeddings=label_embeddings)
         model.load_state_dict(init['model'])
+        model = model.to(device)
+    else:
+        fresh = resume is None  # else the weights come from last.pt
+        model = models.build_classifier(cfg.model, num_classes, pretrained=cfg.pretrained and fresh,
+                                        weights_path=cfg.backbone_weights if fresh else None, trunk=trunk,
+                                        clip_model=clip_model, head=cfg.head,
+                                        cam_boost=cfg.boostlu_alpha if cfg.boostlu else None,
+                                        image_size=cfg.image_size, input_norm=cfg.input_norm,
+                                        **heads_run.head_options(cfg, label_embeddings)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = methods.build_method(cfg, data.splits['train'].labels_obs, device)

@@ -85,7 +85,7 @@ def build_labels(cfg: Config, data, device):
 
     def features(split, loader):
         key = embedding_cache.embedding_cache_key(
-            dataset=cfg.dataset, image_root=root, images=split.images, clip_model=cfg.clip_model,
+            dataset=cfg.dataset, images=split.images, clip_model=cfg.clip_model,
             clip_pretrained=cfg.clip_pretrained, image_size=cfg.ccd_infer_size, clip_size=encoder.clip_size,
             precision=precision, preprocess='ccd-any-size' if encoder.any_size else 'ccd-resized',
             image_stats=loader.dataset.image_stats())

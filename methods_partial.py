@@ -84,7 +84,7 @@ def flag_problem(cfg: Config) -> str | None:
             return (f'--observed {cfg.observed}: a tag is rps<P> (each annotation dropped with probability P, '
                     '0 <= P <= 1), fpc<N> (N >= 1 positives and N negatives kept per class) or full, e.g. rps0.5 '
                     'or fpc1000')
-    if cfg.data.annotated:  # real partial annotations (annotations.py): they are the observed labels
+    if cfg.data.annotated:  # real partial annotations (label_tables.py): they are the observed labels
         if cfg.observed is not None:
             return (f'--observed does not apply to -d {cfg.dataset}: its observed labels are its own partial '
                     'annotations (docs/openimages.md)')

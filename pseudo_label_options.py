@@ -9,7 +9,8 @@ preprocessing, and the per-class quality report of the pseudo-labels (pl_quality
   with CLIP's mean and std (open_clip's `preprocess_cfg` of the image tower). For the square
   pipeline image, CLIP's resize of the shorter side plus centre crop is this plain resize.
 - Quality (`class_quality`): precision, recall and count of the positive pseudo-labels per class,
-  against the true labels of the train split.
+  against the true labels of the train split (`truth_of`: of a dataset of partial annotations,
+  OpenImages, only the annotated entries have a truth, and only they count).
 
 Imports nothing of the project above datasets.py (pseudo_labeler.py, class_text_features.py and the modules above them import this one).
 """
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import distributed
+import label_tables
 from config import UserError
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -126,20 +128,39 @@ def clip_preprocess(images: torch.Tensor, size: int, settings: dict) -> torch.Te
 
 # --------------------------------------------------------------------------- quality
 
+def truth_of(labels) -> np.ndarray:
+    """The train split's truth for the quality figures, dense (small data): 0/1 labels as they are; an
+    annotation table (label_tables.Annotations: 1 positive, -1 annotated negative, 0 unannotated) as
+    float32 1 / 0 with NaN at its unannotated entries, which have no truth (counted by no precision)."""
+    if not isinstance(labels, label_tables.Annotations):
+        return np.asarray(labels)
+    states = np.asarray(labels)
+    return np.where(states == 0, np.nan, states == 1).astype(np.float32)
+
+
+def _with_truth(true: np.ndarray) -> np.ndarray | bool:
+    """The entries that have a truth (truth_of: not NaN); True (all) for 0/1 labels."""
+    return ~np.isnan(true) if true.dtype.kind == 'f' and np.isnan(true).any() else True
+
+
 def class_quality(pl: np.ndarray, true: np.ndarray, classnames: list[str]) -> dict:
     """Per-class quality of the positive (and negative) pseudo-labels against the true labels.
 
-    pl: N x K in {-1, 0, +1}; true: N x K in {0, 1}. For class k: count = #{pl = +1},
-    true = #{true = 1}, precision = hits / count (None when count is 0), recall = hits / true
-    (None when true is 0), negatives = #{pl = -1} and negative_errors = #{pl = -1 and true = 1}.
-    'overall' pools every entry (micro precision and recall, positives per image) and gives the
-    means over classes of the defined precisions and recalls (macro).
+    pl: N x K in {-1, 0, +1}; true: N x K in {0, 1}, NaN where an entry has no truth (truth_of: an
+    unannotated entry of a partially annotated dataset). For class k: count = #{pl = +1 where there
+    is a truth}, true = #{true = 1}, precision = hits / count (None when count is 0), recall = hits /
+    true (None when true is 0), negatives = #{pl = -1} and negative_errors = #{pl = -1 and true = 1}.
+    'overall' pools every entry (micro precision and recall, positives per image: all of them) and
+    gives the means over classes of the defined precisions and recalls (macro); annotated_only says
+    that entries without a truth were left out.
     """
     pl = np.asarray(pl)
-    true = np.asarray(true) == 1
+    true = np.asarray(true)
+    known = _with_truth(true)
+    true = true == 1
     pos, neg = pl == 1, pl == -1
     hits = (pos & true).sum(0)
-    count, num_true = pos.sum(0), true.sum(0)
+    count, num_true = (pos & known).sum(0), true.sum(0)
     per_class = []
     for k, name in enumerate(classnames):
         per_class.append({
@@ -151,11 +172,11 @@ def class_quality(pl: np.ndarray, true: np.ndarray, classnames: list[str]) -> di
     recalls = [c['recall'] for c in per_class if c['recall'] is not None]
     overall = {'precision': float(hits.sum() / max(count.sum(), 1)),
                'recall': float(hits.sum() / max(num_true.sum(), 1)),
-               'per_image': float(count.sum() / max(pl.shape[0], 1)),
+               'per_image': float(pos.sum() / max(pl.shape[0], 1)),
                'macro_precision': float(np.mean(precisions)) if precisions else None,
                'macro_recall': float(np.mean(recalls)) if recalls else None,
                'classes_never_positive': [c['class'] for c in per_class if c['count'] == 0],
-               'images': int(pl.shape[0])}
+               'images': int(pl.shape[0]), 'annotated_only': known is not True}
     return {'overall': overall, 'per_class': per_class}
 
 
@@ -166,9 +187,14 @@ def quality_line(report: dict, when: str) -> str:
     def fmt(x):
         return 'n/a' if x is None else f'{x:.3f}'
     never = o['classes_never_positive']
-    return (f'Pseudo-label quality {when}: precision {o["precision"]:.3f}, recall {o["recall"]:.3f}, '
-            f'{o["per_image"]:.2f} positives / image; per class (mean) precision {fmt(o["macro_precision"])}, '
-            f'recall {fmt(o["macro_recall"])}; {len(never)} classes never positive -> pl_quality.json')
+    return (f'Pseudo-label quality {when}{ANNOTATED_ONLY if o.get("annotated_only") else ""}: precision '
+            f'{o["precision"]:.3f}, recall {o["recall"]:.3f}, {o["per_image"]:.2f} positives / image; per class '
+            f'(mean) precision {fmt(o["macro_precision"])}, recall {fmt(o["macro_recall"])}; {len(never)} classes '
+            'never positive -> pl_quality.json')
+
+
+ANNOTATED_ONLY = ' (annotated entries only: unannotated ones have no truth)'
+
 
 
 # --------------------------------------------------------------------------- command line

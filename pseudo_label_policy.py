@@ -59,7 +59,7 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
     if isinstance(images, torch.utils.data.Subset):  # several processes: this rank's block (distributed.shard)
         images = images.dataset
     key = embedding_cache_key(
-        dataset=cfg.dataset, image_root=images.root, images=train_split.images,
+        dataset=cfg.dataset, images=train_split.images,
         clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained, image_size=cfg.image_size,
         clip_size=labeler.image_size, precision='bf16' if cfg.amp and device.type == 'cuda' else 'float32',
         preprocess=cfg.clip_preprocess, image_stats=images.image_stats())
@@ -67,7 +67,7 @@ def build_pseudo_labels(cfg: Config, clip_model, tokenizer, train_split, train_e
                             amp=cfg.amp).to(device)  # (N, 2, D): unflipped, flipped
     classnames = read_classnames(cfg.dataset, data_root=cfg.data_root)
     report = {'options': pseudo_label_options(cfg), 'classnames': classnames, 'stages': []}
-    true = np.asarray(train_split.labels_true)  # an Annotations table: its states, dense (small data)
+    true = pl_options.truth_of(train_split.labels_true)  # dense (small data); NaN: no truth (unannotated)
     if not (cfg.pl_debias or cfg.pl_views == 'cam'):
         plain = labeler.from_embeddings(emb[:, 0]).cpu().numpy()
         report['stages'].append(pl_options.class_quality(plain, true, classnames) | {'when': 'global', 'epoch': 0})

@@ -121,11 +121,11 @@ class PseudoLabeler(nn.Module):
 
 
 def pseudo_label_quality(pl: np.ndarray, true: np.ndarray) -> dict:
-    """Precision and recall of the positive pseudo-labels against the true labels (all entries)."""
-    pos = pl == 1
-    hits = float((pos & (true == 1)).sum())
-    return dict(precision=hits / max(float(pos.sum()), 1.0), recall=hits / max(float((true == 1).sum()), 1.0),
-                per_image=float(pos.sum()) / max(pl.shape[0], 1))
+    """Precision and recall of the positive pseudo-labels against the true labels: every entry, or, where
+    `true` is NaN at entries without a truth (pseudo_label_options.truth_of: unannotated entries of a
+    partially annotated dataset), the others only (annotated_only)."""
+    o = pl_options.class_quality(pl, true, [''] * pl.shape[1])['overall']
+    return {k: o[k] for k in ('precision', 'recall', 'per_image', 'annotated_only')}
 
 
 class PseudoLabelSource:

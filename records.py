@@ -8,7 +8,6 @@ not), for sweep.py and report.py alike.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ from checkpoints import atomic_save, clip_entries, rng_state
 from config import NUMPY_SEED, Config, UserError
 from distributed import is_primary
 from files import save_json
+from fingerprint import SHA256_CACHE, sha256_file  # noqa: F401 (SHA256_CACHE: where it caches)
 from label_tables import take_rows
 from metrics import per_class_ap, per_class_thresholds
 
@@ -133,39 +133,6 @@ def device_name(device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-SHA256_CACHE = 'sha256.json'
-
-
-def sha256_file(path, cache_dir=None) -> str:
-    """sha256 of a file. With cache_dir, remembered in <cache_dir>/sha256.json by (absolute path,
-    size, modification time in ns), so a sweep hashes a 1 GB weights file once, not once per run;
-    a changed file (other size or time) is hashed again. Concurrent writers may drop each other's
-    entries: harmless, the file is hashed again next time."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = f'{path}|{stat.st_size}|{stat.st_mtime_ns}'
-    cache_path = Path(cache_dir) / SHA256_CACHE if cache_dir else None
-    cache = {}
-    if cache_path is not None and cache_path.is_file():
-        try:
-            cache = json.loads(cache_path.read_text())
-        except (OSError, ValueError):
-            cache = {}
-        if isinstance(cache, dict) and isinstance(cache.get(key), str):
-            return cache[key]
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 22), b''):
-            digest.update(block)
-    value = digest.hexdigest()
-    if cache_path is not None:
-        try:
-            save_json(cache_path, {**(cache if isinstance(cache, dict) else {}), key: value}, indent=0)
-        except OSError:
-            pass  # an unwritable cache only costs a second hash later
-    return value
 
 
 def _file_record(path, cache_dir) -> dict:

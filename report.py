@@ -228,21 +228,29 @@ def _settings(config: dict) -> dict:
 def select_runs(groups: list['Group'], include_incomplete: bool = False) -> None:
     """Mark the runs left out of their group's means (Run.left_out): no finite mAP; incomplete (stopped
     or still running: its best epoch is that of fewer epochs) unless include_incomplete; and a seed
-    already counted in the group (a copy or a resumed copy of a run is not an independent sample:
-    the first complete run of each seed is kept)."""
+    already counted in the group (a copy or a resumed copy of a run is not an independent sample).
+    Each seed is represented by its first complete run in folder order; with include_incomplete, an
+    incomplete run represents its seed only when the seed has no complete run (a killed copy must not
+    displace the finished run whatever the folders are called)."""
     for g in groups:
         kept: dict = {}
+        eligible = []
         for run in g.runs:
             status = run.status
             if status == 'no finite mAP':
                 run.left_out = status
             elif status != 'complete' and not include_incomplete:
                 run.left_out = status.split(' ')[0]
-            elif run.row['seed'] in kept:
-                run.left_out = f'repeats seed {run.row["seed"]} of {kept[run.row["seed"]].name}'
+            else:
+                eligible.append(run)
+        complete_first = [r for r in eligible if r.status == 'complete'] + [r for r in eligible if r.status != 'complete']
+        for run in complete_first:
+            seed = run.row['seed']
+            if seed in kept:
+                run.left_out = f'repeats seed {seed} of {kept[seed].name}'
             else:
                 run.left_out = ''
-                kept[run.row['seed']] = run
+                kept[seed] = run
 
 
 def left_out_line(runs: list[Run], include_incomplete: bool) -> str:

@@ -161,7 +161,8 @@ def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -
     sets, train_eval_set = packs.image_sets(cfg, splits, root)  # --data-format pil or packed
     inputs = fingerprint.of_run(splits, {phase: sets[phase].image_stats() for phase in splits},
                                 datasets.source_files(cfg.observed, method_class.clean_train_labels,
-                                                      unlabelled=not method_class.reads_train_labels))
+                                                      unlabelled=not method_class.reads_train_labels),
+                                cfg.cache_dir)
     sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP, CCD add their views
     sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0),
                                    draws=getattr(sets['train'], 'num_draws', 0))
@@ -180,7 +181,8 @@ def check_same_inputs(cfg: Config, resume: dict, data: Data, root: Path) -> None
         log.warning(f'note: {cfg.run_dir}/last.pt records no fingerprint of its data (an older version wrote it), '
                     'so the data are not checked against those the run started with')
         return
-    diffs = fingerprint.differences(resume['inputs'], data.inputs, {p: (root, s.images) for p, s in data.splits.items()})
+    now = fingerprint.as_recorded(resume['inputs'], data.inputs, data.splits)
+    diffs = fingerprint.differences(resume['inputs'], now, {p: (root, s.images) for p, s in data.splits.items()})
     if diffs:
         raise UserError(f'--resume {cfg.run_dir}: the data under --data-root {cfg.data_root} are not those the run '
                         f'started with: {"; ".join(diffs)}; resuming would train on other pictures or labels: '

@@ -18,6 +18,12 @@ memory (ru_maxrss, memory-mapped file pages included) and its resident memory af
              current dense metrics.compute_metrics (every entry counts, labels == 1) and the masked
              compute_metrics_annotated, side by side; the dense one's figures at the full size are
              extrapolated linearly in N (labelled as such)
+  fingerprint  the label part of a run's start-up fingerprint (fingerprint.of_run, what --resume
+             compares), side by side in one process: as it was (every split's label arrays hashed as
+             loaded: train's labels_true and labels_obs, val, test), then as it is with an empty cache
+             dir (each table file's sha256 once) and with that cache warm (a later start, or --resume)
+
+--stages NAME,... runs only those (format always runs first: the others read its files).
 """
 from __future__ import annotations
 
@@ -207,7 +213,35 @@ def stage_old(work: Path, args) -> dict:
                 inputs_mb=(preds.nbytes + labels.nbytes) / MB)
 
 
-STAGES = {'format': stage_format, 'epoch': stage_epoch, 'eval': stage_eval, 'new': stage_new, 'old': stage_old}
+def stage_fingerprint(work: Path, args) -> dict:
+    import datasets
+    import fingerprint
+    import methods_partial  # noqa: F401 - registers -l CSL
+    from config import build_config
+
+    cfg = methods_partial.resolve(build_config(dataset='openimages', loss='CSL', data_root=str(work),
+                                               results_dir=str(work / 'results')))
+    splits = datasets.load_splits(work, 'openimages')
+    sources = datasets.source_files(cfg.observed)
+    stats = {phase: np.zeros((len(split), 2), np.int64) for phase, split in splits.items()}  # no image is read
+    base = rss_now_mb()
+    start = time.perf_counter()
+    before = {f'{phase}/{field}': fingerprint.digest(getattr(splits[phase], field))  # of_run until this change
+              for phase, fields in sources.items() for field in fields if getattr(splits[phase], field) is not None}
+    times = {'before': time.perf_counter() - start}
+    cache = work / 'cache'
+    cache.mkdir()
+    for name in ('cold', 'warm'):
+        start = time.perf_counter()
+        fingerprint.of_run(splits, stats, sources, cache)
+        times[name] = time.perf_counter() - start
+    tables = sum(1 for key in before if '/labels' in key)
+    return dict(seconds=times['before'], cold_seconds=times['cold'], warm_seconds=times['warm'],
+                baseline_rss_mb=base, label_arrays=tables)
+
+
+STAGES = {'format': stage_format, 'epoch': stage_epoch, 'eval': stage_eval, 'new': stage_new, 'old': stage_old,
+          'fingerprint': stage_fingerprint}
 
 
 def run_stage(name: str, work: Path, argv: list[str]) -> dict:
@@ -228,6 +262,8 @@ def main(argv=None) -> int:
     parser.add_argument('--compare-images', type=int, default=20_000,
                         help='rows of the side-by-side comparison with the dense metrics (default: 20000)')
     parser.add_argument('--workdir', default=tempfile.gettempdir(), help='parent of the temporary folder')
+    parser.add_argument('--stages', default=','.join(STAGES),
+                        help=f'comma-separated stages to run (default: all, {",".join(STAGES)}); format always runs')
     parser.add_argument('--stage', choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument('--work', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -256,7 +292,11 @@ def main(argv=None) -> int:
         print(f'the int8 table: {int8_mb:,.0f} MB; goal: peak under twice that, {2 * int8_mb:,.0f} MB; '
               f'as float32 it would be {4 * int8_mb:,.0f} MB')
         results = {}
-        for name in ('format', 'epoch', 'eval', 'new', 'old'):
+        chosen = set(args.stages.split(',')) | {'format'}
+        unknown = chosen - set(STAGES)
+        if unknown:
+            parser.error(f'--stages: unknown {", ".join(sorted(unknown))} (known: {", ".join(STAGES)})')
+        for name in [n for n in STAGES if n in chosen]:
             results[name] = r = run_stage(name, work, passed)
             print(f'{name:>6}: peak RSS {r["peak_rss_mb"]:8,.0f} MB (after imports {r["baseline_rss_mb"]:6,.0f} MB), '
                   f'{r["seconds"]:7.1f} s' + (f', mAP {r["map"]:.4f}' if 'map' in r else ''))
@@ -269,6 +309,13 @@ def main(argv=None) -> int:
             if name == 'eval':
                 print(f'        of which computing the stand-in scores: {r["scores_seconds"]:.1f} s; the peak includes '
                       f'one block of them ({r["scores_block_mb"]:,.0f} MB, a view of the predictions in a run)')
+            if name == 'fingerprint':
+                print(f'        the start-up fingerprint of the labels: before {r["seconds"]:.3g} s ({r["label_arrays"]} '
+                      f'label arrays hashed as loaded); now {r["cold_seconds"]:.3g} s with an empty cache dir, '
+                      f'{r["warm_seconds"]:.3g} s warm (later starts, --resume); before/cold '
+                      f'{r["seconds"] / r["cold_seconds"]:.3g}, before/warm {r["seconds"] / r["warm_seconds"]:.3g}')
+        if not {'new', 'old', 'eval'} <= chosen:
+            return 0
         new, old = results['new'], results['old']
         scale = args.images / args.compare_images
         print(f'side by side on {args.compare_images:,} x {args.classes:,} (scores in memory, '

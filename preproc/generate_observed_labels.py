@@ -136,12 +136,24 @@ def _summary(dataset: str, phase: str, observed: np.ndarray, folder: Path, name:
             f"written to {folder / name}")
 
 
+class OtherObservedLabels(PreprocError):
+    """An observed-label file exists and holds other labels than those to be written (`path`):
+    replacing it is the user's decision (`flag`, the caller's option that grants it)."""
+
+    def __init__(self, path: Path, flag: str = "--overwrite"):
+        self.path = path
+        super().__init__(f"{path} exists and holds other observed labels (other settings or seed, or other labels): "
+                         f"pass {flag} to replace it (runs that used it can then no longer be resumed), or choose "
+                         "another --data-root")
+
+
 def _save_new(folder: Path, outputs: dict[str, np.ndarray], overwrite: bool) -> dict[str, str]:
     """Write outputs {file name: array} into folder; returns {file name: 'written' or 'unchanged'}.
 
     A file that already holds exactly that array is left as it is. One that holds other labels is
-    replaced only with `overwrite`: runs may have trained on it, and a run resumed on a file that
-    changed under it stops (fingerprint.py), so replacing it is a decision, not a side effect."""
+    replaced only with `overwrite` (else OtherObservedLabels, nothing written): runs may have trained
+    on it, and a run resumed on a file that changed under it stops (fingerprint.py), so replacing it
+    is a decision, not a side effect."""
     status = {}
     for name, array in outputs.items():
         path = folder / name
@@ -154,34 +166,41 @@ def _save_new(folder: Path, outputs: dict[str, np.ndarray], overwrite: bool) -> 
         if old is not None and old.shape == array.shape and np.array_equal(old, array):  # values: runs read float32
             status[name] = "unchanged"
         elif not overwrite:
-            raise PreprocError(f"{path} exists and holds other observed labels (other settings or seed, or other "
-                               "labels): pass --overwrite to replace it (runs that used it can then no longer be "
-                               "resumed), or choose another --data-root")
+            raise OtherObservedLabels(path)
     save_arrays(folder, {name: a for name, a in outputs.items() if name not in status})
     return {name: status.get(name, "written") for name in outputs}
 
 
-def _run_single(args, folder, num_classes):
+def _run_single(args):
     num_pos = 1 if args.num_pos is None else args.num_pos
     num_neg = 0 if args.num_neg is None else args.num_neg
     for flag, count in (("--num-pos", num_pos), ("--num-neg", num_neg)):
         if count < -1:
             raise PreprocError(f"{flag} must be -1 (all) or >= 0, got {count}")
+    return write_single(args.data_root, args.dataset, num_pos, num_neg, args.seed, overwrite=args.overwrite)
+
+
+def write_single(data_root: str | Path, dataset: str, num_pos: int = 1, num_neg: int = 0, seed: int = 1200, *,
+                 overwrite: bool = False) -> list[str]:
+    """Sample --scheme single for train and val of <data_root>/<dataset> and write
+    formatted_<phase>_labels_obs.npy; returns one summary line per phase. A file of other labels is
+    replaced only with `overwrite` (_save_new: OtherObservedLabels). prepare.py's observed step."""
+    folder = Path(data_root) / dataset
     outputs, report = {}, []
     for phase in PHASES:
-        labels = _load_labels(args.dataset, folder, phase, num_classes)
-        observed = generate_observed(labels, num_pos, num_neg, args.seed)
+        labels = _load_labels(dataset, folder, phase, DATASETS[dataset].num_classes)
+        observed = generate_observed(labels, num_pos, num_neg, seed)
         name = f"formatted_{phase}_labels_obs.npy"
         outputs[name] = _as_written(observed, labels)
-        report.append((name, _summary(args.dataset, phase, observed, folder, name)))
-    status = _save_new(folder, outputs, args.overwrite)
+        report.append((name, _summary(dataset, phase, observed, folder, name)))
+    status = _save_new(folder, outputs, overwrite)
     return [_with_status(line, status[name]) for name, line in report]
 
 
 def _with_status(line: str, status: str) -> str:
     return line if status == "written" else line.replace(" written to ", " already in ") + " (unchanged)"
 
-def _run_partial(args, folder, num_classes):
+def _run_partial(args):
     if args.scheme == "rps":
         param = CSL_DROP_PROB if args.drop_prob is None else args.drop_prob
         if not 0.0 <= param <= 1.0:
@@ -247,11 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("--num-pos", "--num-neg", "--drop-prob", "--per-class"):
             if getattr(args, flag[2:].replace("-", "_")) is not None and flag not in scheme_flags[args.scheme]:
                 raise PreprocError(f"{flag} does not apply to --scheme {args.scheme}; drop it")
-        folder = Path(args.data_root) / args.dataset
-        num_classes = DATASETS[args.dataset].num_classes
         if args.scheme == "single":
-            return _run_single(args, folder, num_classes)
-        return _run_partial(args, folder, num_classes)
+            return _run_single(args)
+        return _run_partial(args)
 
     return run_cli(parser, body, argv, errors=(PreprocError, DataError))
 

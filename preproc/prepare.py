@@ -21,7 +21,9 @@ file from DIR instead (no network): an archive or plain file of the source's nam
 download; a folder already holding the paths a source provides is linked as it is (unverified, and
 said so). Sources without a public download (NUS-WIDE, OpenImages' images) come only that way; the
 command says how to obtain them. --mirror BASE_URL fetches every file as BASE_URL/<file name>, with
-the same checksums. A second run with nothing to do says so and touches nothing.
+the same checksums. A second run with nothing to do says so and touches nothing. The observed-label
+step never replaces a file of other observed labels (one sampled with another --seed, say) unless
+--overwrite-observed is given: runs trained on it could no longer be resumed.
 """
 from __future__ import annotations
 
@@ -172,10 +174,10 @@ def format_argv(recipe: Recipe, folder: Path) -> list[str]:
     return [*recipe.format_args, "--load-path", str(folder), "--save-path", str(folder)]
 
 
-def observed_argv(recipe: Recipe, data_root: Path) -> list[str]:
-    # --overwrite: this step runs only when the labels it samples from (or the script) changed, so the
-    # file it replaces was derived from other labels; a file of the same labels is left as it is
-    return ["--dataset", recipe.name, "--data-root", str(data_root), "--overwrite"]
+def observed_argv(recipe: Recipe, data_root: Path, overwrite: bool = False) -> list[str]:
+    # --overwrite only with --overwrite-observed: a file of other labels may be one the user sampled
+    # (another --seed) and trained on; a file of the same labels is left as it is either way
+    return ["--dataset", recipe.name, "--data-root", str(data_root), *(["--overwrite"] if overwrite else [])]
 
 
 def free_space(folder: Path) -> tuple[Path, int]:
@@ -331,12 +333,24 @@ def _record_outputs(folder: Path, names) -> dict:
     return {name: file_record(folder / name, {"sha256": _sha256(folder / name)}) for name in names}
 
 
-def run_step(stamp: dict, key: str, folder: Path, module: str, argv: list[str], inputs: dict, outputs,
-             verify: bool) -> bool:
-    """Run a script unless the stamp shows the same inputs and intact outputs; True if it ran."""
+def _sample_observed(recipe: Recipe, args) -> None:
+    """generate_observed_labels.py's default sampling (write_single), refusing in one line to replace a
+    file of other observed labels without --overwrite-observed."""
+    from preproc import generate_observed_labels as observed
+    argv = observed_argv(recipe, args.data_root, args.overwrite_observed)
+    print(f"running python preproc/generate_observed_labels.py {' '.join(argv)}", flush=True)
+    try:
+        lines = observed.write_single(args.data_root, recipe.name, overwrite=args.overwrite_observed)
+    except observed.OtherObservedLabels as err:
+        raise observed.OtherObservedLabels(err.path, "--overwrite-observed") from None
+    print("\n".join(lines), flush=True)
+
+
+def run_step(stamp: dict, key: str, folder: Path, run, inputs: dict, outputs, verify: bool) -> bool:
+    """run() (a script's step) unless the stamp shows the same inputs and intact outputs; True if it ran."""
     if _outputs_valid(folder, stamp.get(key), inputs, verify):
         return False
-    _run_script(module, argv)
+    run()
     stamp[key] = {"inputs": inputs, "outputs": _record_outputs(folder, outputs)}
     write_stamp(folder, stamp)
     return True
@@ -382,7 +396,7 @@ def print_plan(recipe: Recipe, folder: Path, steps: list[Step], args) -> None:
         format_argv(recipe, folder))
     print(f"  format    {state}")
     if recipe.observed:
-        argv = " ".join(observed_argv(recipe, args.data_root))
+        argv = " ".join(observed_argv(recipe, args.data_root, args.overwrite_observed))
         print(f"  observed  python preproc/generate_observed_labels.py {argv}")
     fetch = sum(s.fetch_bytes for s in steps)
     unpack = sum(s.unpack_bytes for s in steps)
@@ -450,8 +464,8 @@ def format_and_sample(recipe: Recipe, folder: Path, stamp: dict, args) -> list[s
     """The format step, then the observed-label step; the names of those that ran."""
     did = []
     inputs = _inputs_of(recipe, folder, stamp, _script(recipe.format_module))
-    if run_step(stamp, "format", folder, recipe.format_module, format_argv(recipe, folder), inputs,
-                recipe.format_outputs, args.verify):
+    if run_step(stamp, "format", folder, lambda: _run_script(recipe.format_module, format_argv(recipe, folder)),
+                inputs, recipe.format_outputs, args.verify):
         did.append("format")
     if not recipe.observed:
         return did
@@ -459,8 +473,8 @@ def format_and_sample(recipe: Recipe, folder: Path, stamp: dict, args) -> list[s
     labels = ("formatted_train_labels.npy", "formatted_val_labels.npy")
     inputs = {"script": _sha256(_script("preproc.generate_observed_labels")),
               **{name: formatted[name]["sha256"] for name in labels}}
-    if run_step(stamp, "observed", folder, "preproc.generate_observed_labels", observed_argv(recipe, args.data_root),
-                inputs, ("formatted_train_labels_obs.npy", "formatted_val_labels_obs.npy"), args.verify):
+    if run_step(stamp, "observed", folder, lambda: _sample_observed(recipe, args), inputs,
+                ("formatted_train_labels_obs.npy", "formatted_val_labels_obs.npy"), args.verify):
         did.append("observed labels")
     return did
 
@@ -488,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="re-read the formatted files and compare their sha256 with the stamp instead of "
                              "trusting unchanged sizes and times")
+    parser.add_argument("--overwrite-observed", action="store_true",
+                        help="let the observed-label step replace formatted_{train,val}_labels_obs.npy files that "
+                             "hold other labels (sampled with another --seed, edited, or from labels formatted "
+                             "before); without it the step stops and names the file. A file that already holds "
+                             "the labels the step would write is left as it is")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     return parser
 

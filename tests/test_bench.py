@@ -263,3 +263,21 @@ def test_bad_flags_are_one_line(script, argv, message, capsys):
         script.main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_openimages_labels_fingerprint_stage(capsys, tmp_path):
+    """The fingerprint stage (each stage in its own process) at a tiny size: its line, and its ratios are
+    the quotients of the times it printed."""
+    from bench import bench_openimages_labels
+
+    assert bench_openimages_labels.main(['--images', '300', '--test-images', '40', '--classes', '20',
+                                         '--stages', 'fingerprint', '--workdir', str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if 'the start-up fingerprint of the labels' in line)
+    m = re.search(rf'before ({NUMBER}) s \(4 label arrays hashed as loaded\); now ({NUMBER}) s with an empty cache '
+                  rf'dir, ({NUMBER}) s warm .*before/cold ({NUMBER}), before/warm ({NUMBER})', line)
+    assert m, line
+    before, cold, warm, ratio_cold, ratio_warm = m.groups()
+    assert_quotient(ratio_cold, before, cold)
+    assert_quotient(ratio_warm, before, warm)
+    assert list(tmp_path.iterdir()) == []  # the synthetic data are removed

@@ -66,7 +66,7 @@ def eval_loader(root, split) -> torch.utils.data.DataLoader:
 
 
 def make_key(root, split, clip_files, **changes) -> dict:
-    entries = dict(dataset='pascal', image_root=root, images=split.images, clip_model=clip_files['config'],
+    entries = dict(dataset='pascal', images=split.images, clip_model=clip_files['config'],
                    clip_pretrained=clip_files['checkpoint'], image_size=IMAGE_SIZE, clip_size=32)
     entries.update(changes)
     return embedding_cache.embedding_cache_key(**entries)
@@ -176,8 +176,11 @@ CHANGES = {
     'clip model': lambda ctx: dict(clip_model='ViT-L-14-336'),
     'clip input size': lambda ctx: dict(clip_size=64),
     'dataset': lambda ctx: dict(dataset='coco'),
-    'image root': lambda ctx: dict(image_root=Path(ctx['root']) / 'elsewhere'),
+    'images rewritten (their sizes and times)': lambda ctx: dict(image_stats=np.ones((len(ctx['split']), 2))),
 }
+# Changes of the state of the same inputs (the same weights file, the same images): the new cache
+# supersedes the old one, which no key can select again, and it is removed.
+SUPERSEDING = ('clip weights file touched', 'clip weights file resized', 'images rewritten (their sizes and times)')
 
 
 @pytest.mark.parametrize('change', sorted(CHANGES))
@@ -200,25 +203,29 @@ def test_a_changed_key_entry_selects_a_new_cache_and_rebuilds(change, labeler, r
     _, calls = build(labeler, root, split, changed, cache_dir, monkeypatch)
     assert calls > 0, 'a changed key must run CLIP again'
     new_files = data_files(cache_dir, '.npy')
-    assert len(new_files) == 2 and set(old_files) < set(new_files)
+    if change in SUPERSEDING:
+        assert len(new_files) == 1 and not set(old_files) & set(new_files)
+        assert len(data_files(cache_dir, '.json')) == 1
+    else:  # another dataset, image list, CLIP or setting: both kept
+        assert len(new_files) == 2 and set(old_files) < set(new_files)
     for path in new_files:  # every array has its own key file, which holds its own key
         assert json.loads(path.with_suffix('.json').read_text()) in (key, changed)
 
     # The old cache is still valid for the old key (only if the old key can still be built:
     # touching the weights file changed its identity for good).
-    if change not in ('clip weights file touched', 'clip weights file resized'):
+    if change not in SUPERSEDING:
         again, calls = build(labeler, root, train_split, key, cache_dir, monkeypatch)
         assert calls == 0 and torch.equal(again, first)
 
 
 def test_the_weights_identity_follows_the_file(clip_files):
     path = clip_files['checkpoint']
-    before = embedding_cache.embedding_cache_key(dataset='pascal', image_root='.', images=['a'], clip_model='m',
+    before = embedding_cache.embedding_cache_key(dataset='pascal', images=['a'], clip_model='m',
                                                  clip_pretrained=path, image_size=8, clip_size=8)['weights']
     stat = os.stat(path)
     assert before == {'file': str(Path(path).resolve()), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
     _touch(path)
-    after = embedding_cache.embedding_cache_key(dataset='pascal', image_root='.', images=['a'], clip_model='m',
+    after = embedding_cache.embedding_cache_key(dataset='pascal', images=['a'], clip_model='m',
                                                 clip_pretrained=path, image_size=8, clip_size=8)['weights']
     assert after['mtime_ns'] == before['mtime_ns'] + 5_000_000_000 and after['size'] == before['size']
 
@@ -383,3 +390,37 @@ def test_main_clip_cache_source_equals_online_source_on_training_batches(labeler
         assert torch.equal(sources['cache'](*args), sources['online'](*args))
         flips += int(batch['flipped'].sum())
     assert 0 < flips < len(train_set)  # both flip states were compared
+
+
+def test_a_copy_that_keeps_the_times_is_not_embedded_again_and_superseded_caches_go(tmp_path, tiny_clip,
+                                                                                     tiny_text_features, caplog):
+    """The key held the resolved image folder, so a `cp -a` copy of the data, which --resume accepts as
+    the same data, was embedded again into a second full-size file; and every change of the images
+    left the old file beside the new one. Now the copy reuses the cache, and a rewritten image replaces
+    the file of that lineage (one log line), leaving the cache of another setting alone."""
+    from conftest import tiny_run_args, write_pascal_like
+
+    first = write_pascal_like(tmp_path / 'a' / 'data', num_train=12, num_val=4, seed=2)
+    copy = tmp_path / 'b' / 'data'
+    shutil.copytree(first, copy, copy_function=shutil.copy2)  # what cp -a does: the times are kept
+    cache = tmp_path / 'cache'
+
+    def run(root, name, *extra):
+        args = tiny_run_args(root, tmp_path, tiny_clip, tiny_text_features, epochs=1) + [
+            '-l', 'EM_PL', '--run-name', name, '--cache-dir', str(cache), *extra]
+        assert main_clip.main(args) == 0
+        return sorted(p.name for p in cache.glob('clip_pascal_*.npy'))
+
+    made = run(first, 'first')
+    assert len(made) == 1
+    assert run(copy, 'copy') == made  # the same pixels: read from the cache
+    image = datasets.image_root(copy, 'pascal') / str(datasets.load_splits(copy, 'pascal')['train'].images[0])
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))  # rewritten, as far as a stat tells
+    with caplog.at_level('INFO', logger='vlpl'):
+        rebuilt = run(copy, 'rewritten')
+    assert len(rebuilt) == 1 and rebuilt != made
+    assert f'embedding cache: removed 1 superseded file of the same dataset, image list and CLIP settings, ' \
+           f'whose images or CLIP files changed since ({made[0]};' in caplog.text
+    other = run(copy, 'other', '--image-size', '48')  # another setting: its own file, the first one kept
+    assert len(other) == 2 and set(rebuilt) < set(other)

@@ -359,7 +359,7 @@ def test_scores_to_labels_is_the_default_rule():
 
 
 def test_the_cache_key_names_the_preprocessing():
-    base = dict(dataset='pascal', image_root='.', images=['a'], clip_model='m', clip_pretrained='openai',
+    base = dict(dataset='pascal', images=['a'], clip_model='m', clip_pretrained='openai',
                 image_size=8, clip_size=8)
     assert embedding_cache.embedding_cache_key(**base)['preprocess'] == 'original'
     assert embedding_cache.embedding_cache_key(**base) != embedding_cache.embedding_cache_key(**base, preprocess='clip')

@@ -247,6 +247,42 @@ def test_init_from_weights_that_do_not_fit_name_the_first_key(tmp_path, run_args
     one_error_line(capsys.readouterr().err, '--init-from', 'head.weight is 20 x 7 in the file, 20 x 256 in the model')
 
 
+def test_init_from_a_vit_of_another_input_size_is_refused_before_clip(tmp_path, run_args, monkeypatch, capsys):
+    """A ViT's pos_embed follows --image-size, which the compared settings do not hold: the run's
+    classifier is built on the meta device at start and every weight's shape compared, so the
+    mismatch is one line naming the key and both shapes before CLIP is loaded (it was found by
+    load_state_dict after the frozen-CLIP pseudo-labels)."""
+    path = tmp_path / 'vit32.pt'
+    cfg, _ = main_clip.parse_args(['-d', 'pascal', '-m', 'timm:test_vit', '--image-size', '32', '--no-pretrained'])
+    model = models.build_classifier(cfg.model, 20, pretrained=False, image_size=32)
+    torch.save({'model': model.state_dict(), 'epoch': 1, 'config': dataclasses.asdict(cfg), 'argv': [],
+                'classnames': class_text_features.read_classnames('pascal'), 'test_map': 50.0}, path)
+
+    def no_clip(*a, **k):
+        raise AssertionError('CLIP was loaded before --init-from was checked')
+
+    monkeypatch.setattr(clip_loading, 'load_clip', no_clip)
+    assert main_clip.main(run_args('-m', 'timm:test_vit', '--image-size', '48', '--init-from', str(path))) == 2
+    one_error_line(capsys.readouterr().err, f'--init-from {path}',
+                   'trunk.pos_embed is 1 x 5 x 64 in the file, 1 x 10 x 64 in the model',
+                   '(checkpoint: --image-size 32; this run: --image-size 48)')
+    assert not run_dir(tmp_path).exists()
+
+
+@pytest.mark.parametrize('model, head', [('small_cnn', 'sgre'), ('timm:test_vit', 'q2l'), ('clip_vision', 'linear')])
+def test_the_meta_device_build_has_the_names_and_shapes_of_the_real_one(model, head, tiny_clip):
+    """checkpoints.classifier_of on the meta device (the --init-from check at start) gives the state_dict
+    keys and shapes of the same build on the CPU."""
+    cfg, _ = main_clip.parse_args(['-d', 'pascal', '-m', model, '--head', head, '--image-size', '48',
+                                   '--clip-model', tiny_clip['config'], *SMALL_HEADS.get(head, [])])
+    clip = clip_loading.clip_config(cfg.clip_model) if model == 'clip_vision' else None
+    emb = np.zeros((20, 12), np.float32) if head == 'sgre' else None
+    meta = checkpoints.classifier_of(cfg, 20, clip=clip, embeddings=emb, device='meta').state_dict()
+    real = checkpoints.classifier_of(cfg, 20, clip=clip, embeddings=emb).state_dict()
+    assert [(k, v.shape) for k, v in meta.items()] == [(k, v.shape) for k, v in real.items()]
+    assert all(v.is_meta for v in meta.values()) and not any(v.is_meta for v in real.values())
+
+
 def test_backbone_weights_are_loaded_and_checked_before_clip(tmp_path, run_args, monkeypatch, capsys):
     """Item 10: a weights file that does not fit is named with its first mismatching key, before the CLIP
     pass; a checkpoint of this project passed as backbone weights is pointed to --init-from."""

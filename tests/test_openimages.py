@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,73 @@ def test_load_splits_keeps_the_tables_lazy(official):
     received = pickle.loads(pickle.dumps(table))
     assert received._states is None and received._path == table._path  # mapped again on first read
     assert np.array_equal(np.asarray(received), states[train_idx]) and isinstance(received._states, np.memmap)
+
+
+def test_the_fingerprint_hashes_each_table_file_once_and_never_reads_its_rows(official, tmp_path, monkeypatch):
+    """fingerprint.of_run digested train/labels_true, train/labels_obs (the same table), val and test by
+    reading every row: several passes over a table of millions of rows x 9,605 classes at each start. Now
+    each annotation file's sha256 is computed once (cached in the cache dir by size and time, as the
+    provenance's) and no row is read; another row selection, or a changed file, is another digest."""
+    import fingerprint
+
+    root, _ = official
+    splits = datasets.load_splits(root, 'openimages')
+    sources = datasets.source_files()
+    stats = {phase: np.zeros((len(s), 2), np.int64) for phase, s in splits.items()}
+
+    def no_rows(*a, **k):
+        raise AssertionError('an annotation table was read')
+
+    hashed = []
+    real_sha256 = fingerprint.sha256_file
+    monkeypatch.setattr(label_tables.Annotations, '__getitem__', no_rows)
+    monkeypatch.setattr(fingerprint, 'sha256_file', lambda path, cache=None: hashed.append(Path(path).name)
+                        or real_sha256(path, cache))
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    first = fingerprint.of_run(splits, stats, sources, cache)
+    assert sorted(hashed) == ['formatted_train_labels.npy', 'formatted_val_labels.npy']  # once each
+    monkeypatch.undo()
+    assert first['arrays']['train/labels_true']['sha256'] == first['arrays']['train/labels_obs']['sha256']
+    assert len({first['arrays'][f'{p}/labels_true']['sha256'] for p in ('train', 'val', 'test')}) == 3
+
+    # Warm: the next start reads neither the rows nor the files (their sha256 are in the cache).
+    monkeypatch.setattr(fingerprint, 'open', lambda *a, **k: pytest.fail('a table file was read'), raising=False)
+    monkeypatch.setattr(label_tables.Annotations, '__getitem__', no_rows)
+    again = fingerprint.of_run(splits, stats, sources, cache)
+    monkeypatch.undo()
+    assert again['arrays'] == first['arrays']
+    folder = tmp_path / 'copy'
+    shutil.copytree(root / 'openimages', folder / 'openimages')
+    table = np.load(folder / 'openimages' / 'formatted_train_labels.npy')
+    table[splits['train'].labels_true.stored_rows[0], 0] = 1 - table[splits['train'].labels_true.stored_rows[0], 0]
+    np.save(folder / 'openimages' / 'formatted_train_labels.npy', table)
+    changed = fingerprint.of_run(datasets.load_splits(folder, 'openimages'), stats, sources, cache)
+    assert fingerprint.differences(first, changed, {}) == [
+        'formatted_train_labels.npy differs from the run\'s']
+
+
+def test_a_run_fingerprinted_before_resumes_on_the_same_tables(official, monkeypatch):
+    """A format-1 fingerprint (annotation tables hashed as loaded) is compared the same way on --resume:
+    no false 'differs'; a real change is still named."""
+    import fingerprint
+
+    root, _ = official
+    splits = datasets.load_splits(root, 'openimages')
+    sources = datasets.source_files()
+    stats = {phase: np.zeros((len(s), 2), np.int64) for phase, s in splits.items()}
+    now = fingerprint.of_run(splits, stats, sources)
+    old = {'format': 1, 'stats': now['stats'], 'arrays': {key: entry for key, entry in now['arrays'].items()}}
+    for key, entry in now['arrays'].items():
+        if entry.get('digest'):  # what format 1 recorded: the table hashed as loaded
+            phase, field = key.split('/')
+            old['arrays'][key] = {k: v for k, v in entry.items() if k != 'digest'} | {
+                'sha256': fingerprint.digest(getattr(splits[phase], field))}
+    assert fingerprint.differences(old, now, {})  # compared as they are, they differ
+    assert fingerprint.differences(old, fingerprint.as_recorded(old, now, splits), {}) == []
+    old['arrays']['val/labels_true']['sha256'] = '0' * 64
+    assert fingerprint.differences(old, fingerprint.as_recorded(old, now, splits), {}) == [
+        'formatted_train_labels.npy differs from the run\'s']
 
 
 def test_a_damaged_table_stops_with_one_line(tmp_path):
@@ -370,3 +438,47 @@ def test_refused_settings_are_one_line(official, tmp_path, capsys, extra, messag
         main_clip.main(args + extra)
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and message in err and '\n' not in err, err
+
+
+# --- pseudo-label quality --------------------------------------------------------------------------
+
+def test_pseudo_label_quality_counts_annotated_entries_only():
+    """On annotation states an unannotated entry has no truth: it was counted as a true negative, which
+    understated the precision. Hand-computed: of the 5 positive pseudo-labels, 3 fall on annotated
+    entries and 2 of those are annotated positives."""
+    import pseudo_label_options
+    from pseudo_labeler import pseudo_label_quality
+
+    states = np.array([[1, 0, -1], [0, 1, -1]], np.int8)
+    pl = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+    true = pseudo_label_options.truth_of(label_tables.Annotations(states))
+    assert pseudo_label_quality(pl, true) == {'precision': 2 / 3, 'recall': 1.0, 'per_image': 2.5,
+                                              'annotated_only': True}
+    report = pseudo_label_options.class_quality(pl, true, ['a', 'b', 'c'])
+    assert [(c['count'], c['hits'], c['precision']) for c in report['per_class']] == [
+        (1, 1, 1.0), (1, 1, 1.0), (1, 0, 0.0)]
+    assert '(annotated entries only: unannotated ones have no truth)' in pseudo_label_options.quality_line(
+        report, 'on train')
+    dense = np.array([[1, 0, 0], [0, 1, 0]], np.float64)  # 0/1 labels: every entry has a truth, as before
+    assert pseudo_label_quality(pl, pseudo_label_options.truth_of(dense)) == {
+        'precision': 0.4, 'recall': 1.0, 'per_image': 2.5, 'annotated_only': False}
+
+
+def test_pl_quality_lines_of_an_openimages_run(official, tmp_path, tiny_clip, caplog):
+    """-l EM_PL on OpenImages: the train pseudo-labels' precision counts annotated entries (and says so);
+    the per-epoch 'PL on unknown' has no truth to compare with (the unknown entries are the unannotated
+    ones), so it says n/a instead of 'precision 0.000, recall 0.000', and logs no pl_precision."""
+    root, truth = official
+    features = tmp_path / 'text.npy'
+    np.save(features, np.random.RandomState(0).randn(len(truth['classnames']), 32).astype(np.float32))
+    args = run_args(root, tmp_path, 'EM_PL') + ['--threshold', '0.05', '--clip-model', tiny_clip['config'],
+                                                '--clip-pretrained', tiny_clip['checkpoint'],
+                                                '--text-features', str(features)]
+    with caplog.at_level('INFO', logger='vlpl'):
+        assert main_clip.main(args) == 0
+    assert 'Pseudo-labels on train (temp 0.01, threshold 0.05) (annotated entries only: unannotated ones have ' \
+           'no truth): precision' in caplog.text
+    assert 'PL on unknown: n/a (no truth on unannotated entries)' in caplog.text
+    assert 'PL on unknown: precision' not in caplog.text
+    log = json.loads((tmp_path / 'results' / 'openimages_EM_PL_small_cnn_s0' / 'log.json').read_text())
+    assert 'pl_precision' not in log['values']['train']

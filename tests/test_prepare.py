@@ -324,10 +324,13 @@ def test_a_changed_output_or_lost_tree_is_redone_without_downloading(voc_archive
     shutil.rmtree(folder / "VOCdevkit")  # deleted to save space
     server.requests.clear()
     capsys.readouterr()
-    assert run(tmp_path / "data", "pascal", "--mirror", server.url) == 0
-    out = capsys.readouterr().out
-    assert "extract   VOCtrainval_11-May-2012.tar" in out and "verified earlier" in out
+    assert run(tmp_path / "data", "pascal", "--mirror", server.url) == 2  # other labels: not replaced unasked
+    captured = capsys.readouterr()
+    assert "formatted_val_labels_obs.npy exists and holds other observed labels" in error_line(captured.err)
+    assert "extract   VOCtrainval_11-May-2012.tar" in captured.out and "verified earlier" in captured.out
     assert server.requests == []  # the kept, verified archive is extracted again
+    assert run(tmp_path / "data", "pascal", "--mirror", server.url, "--overwrite-observed") == 0
+    out = captured.out + capsys.readouterr().out
     assert "running python preproc/generate_observed_labels.py" in out
     assert "running python preproc/format_pascal.py" not in out  # its outputs and inputs are unchanged
     for name, array in arrays(folder).items():
@@ -346,9 +349,40 @@ def test_verify_rereads_outputs_that_kept_their_size_and_time(voc_archive, serve
     capsys.readouterr()
     assert run(tmp_path / "data", "pascal", "--mirror", server.url) == 0
     assert "nothing to do" in capsys.readouterr().out  # size and time are trusted by default
-    assert run(tmp_path / "data", "pascal", "--mirror", server.url, "--verify") == 0
+    assert run(tmp_path / "data", "pascal", "--mirror", server.url, "--verify") == 2  # found, not replaced unasked
+    assert "pass --overwrite-observed" in error_line(capsys.readouterr().err)
+    assert run(tmp_path / "data", "pascal", "--mirror", server.url, "--verify", "--overwrite-observed") == 0
     assert "running python preproc/generate_observed_labels.py" in capsys.readouterr().out
     assert obs.read_bytes() == good
+
+
+def test_observed_labels_the_user_sampled_are_not_replaced_unasked(tmp_path, capsys):
+    """Observed labels sampled by the user (--seed 7) beside the formatted files: prepare.py stops in
+    one line naming the file and --overwrite-observed, the file untouched; with the flag it writes the
+    default sampling. A file that already holds the labels it would write is left as it is."""
+    data = tmp_path / "data"
+    write_voc_tree(data / "pascal")
+    folder = data / "pascal"
+    assert format_pascal.main(["--load-path", str(folder), "--save-path", str(folder)]) == 0
+    assert generate_observed_labels.main(["--dataset", "pascal", "--data-root", str(data), "--seed", "7"]) == 0
+    mine = {name: (folder / name).read_bytes() for name in OBSERVED}
+    capsys.readouterr()
+    assert run(data, "pascal", "--from-dir", folder) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"{folder / 'formatted_train_labels_obs.npy'} exists and holds other observed labels" in line
+    assert "pass --overwrite-observed to replace it" in line
+    assert {name: (folder / name).read_bytes() for name in OBSERVED} == mine
+
+    assert run(data, "pascal", "--overwrite-observed") == 0
+    expected = generate_observed_labels.generate_observed(np.load(folder / "formatted_train_labels.npy"))
+    np.testing.assert_array_equal(np.load(folder / "formatted_train_labels_obs.npy"), expected)
+
+    (folder / "prepare_stamp.json").unlink()  # the same labels, made by hand: prepare.py runs the step again
+    before = {name: (folder / name).stat().st_mtime_ns for name in OBSERVED}
+    capsys.readouterr()
+    assert run(data, "pascal", "--from-dir", folder) == 0
+    assert "(unchanged)" in capsys.readouterr().out
+    assert {name: (folder / name).stat().st_mtime_ns for name in OBSERVED} == before
 
 
 def test_dry_run_prints_the_plan_and_touches_nothing(server, tmp_path, capsys):

@@ -206,6 +206,33 @@ def test_incomplete_diverged_repeated_and_twice_given_runs_stay_out_of_the_means
     assert float(group['test_map_mean']) == pytest.approx((finished['best_test_map'] + cut_log['best_test_map']) / 2)
 
 
+def test_include_incomplete_keeps_the_complete_run_of_a_seed_over_its_killed_copy(tmp_path):
+    """A killed copy of seed 0 whose folder sorts first (a_killed) must not represent the seed with
+    --include-incomplete: the seed's first complete run does (b_complete), and the killed copy is the
+    repeat. An incomplete run still represents a seed that has no complete run (seed 1)."""
+    import shutil
+
+    results = tmp_path / 'results'
+    done = make_run(results, 0)
+    alone = make_run(results, 1, stopped_after=2)
+    shutil.move(done, results / 'b_complete')
+    shutil.copytree(results / 'b_complete', results / 'a_killed')
+    log = json.loads((results / 'a_killed' / 'log.json').read_text())
+    log['logged'] = {phase: [True, False] + [False] * (len(v) - 2) for phase, v in log['logged'].items()}
+    (results / 'a_killed' / 'log.json').write_text(json.dumps(log | {'best_val_map': 99.0, 'best_test_map': 99.0}))
+    finished = json.loads((results / 'b_complete' / 'log.json').read_text())
+    alone_log = json.loads((alone / 'log.json').read_text())
+    out = tmp_path / 'report'
+    assert report.main([str(results), '--out', str(out), '--include-incomplete']) == 0
+    status = {r['run']: (r['in_group_mean'], r['left_out']) for r in read_csv(out / 'runs.csv')}
+    assert status['b_complete'] == ('True', '')
+    assert status['a_killed'] == ('False', 'repeats seed 0 of b_complete')
+    assert status[alone.name] == ('True', '')
+    group, = read_csv(out / 'groups.csv')
+    assert (group['n'], group['seeds']) == ('2', '0 1')
+    assert float(group['test_map_mean']) == pytest.approx((finished['best_test_map'] + alone_log['best_test_map']) / 2)
+
+
 def test_a_report_removes_the_plots_of_an_earlier_report_in_the_same_folder(results, tmp_path, capsys):
     """Issue 29 item 5: plots of a group that is no longer reported do not stay beside the new report."""
     out = tmp_path / 'report'
