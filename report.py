@@ -672,7 +672,7 @@ def paper_cells(sweep_dir: Path) -> list[PaperCell]:
     finished (records.run_status, the definition sweep.py uses)."""
     import paper_recipes
     import records
-    from sweep import SWEEP_FILE
+    from sweep_grid import SWEEP_FILE
 
     plan_path = sweep_dir / SWEEP_FILE
     if not plan_path.is_file():
