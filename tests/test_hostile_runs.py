@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import main_clip
-import report
+import report_runs
 from conftest import tiny_run_args
 from test_hostile import one_error_line, run_args, run_dir  # noqa: F401 (run_args: a fixture)
 
@@ -42,7 +42,7 @@ def test_an_overwrite_killed_before_its_first_checkpoint_loses_nothing(tmp_path,
     killed_at_first_checkpoint(run_args('--overwrite'))
     hidden = folder.with_name(f'.{folder.name}.replaced')
     assert (hidden / 'log.json').read_text() == finished and not (folder / 'last.pt').exists()
-    assert report.find_run_folders([str(folder.parent)]) == [folder]  # not the hidden copy
+    assert report_runs.find_run_folders([str(folder.parent)]) == [folder]  # not the hidden copy
 
     capsys.readouterr()
     assert main_clip.main(run_args('--overwrite', '--lr', '1e30')) == 2  # a second --overwrite that fails

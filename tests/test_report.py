@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import report
+import report_runs
 from instrumentation import TrainLogger
 from metrics import average_precision_per_class
 
@@ -140,9 +141,9 @@ def test_settings_split_groups_and_errors(tmp_path, capsys):
 
 
 def test_mean_std():
-    assert report.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(np.std([1, 2, 4], ddof=1)))
-    assert report.mean_std([3.0, None]) == (3.0, None)
-    assert report.mean_std([]) == (None, None)
+    assert report_runs.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(np.std([1, 2, 4], ddof=1)))
+    assert report_runs.mean_std([3.0, None]) == (3.0, None)
+    assert report_runs.mean_std([]) == (None, None)
 
 
 def test_per_class_recomputed_from_test_preds(tiny_pascal, tmp_path, capsys):

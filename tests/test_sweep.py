@@ -22,6 +22,9 @@ import pytest
 import records
 import report
 import sweep
+import sweep_executors
+import sweep_grid
+import sweep_state
 from config import REPO_ROOT
 
 METHODS = ('an', 'EM', 'EM_PL')
@@ -72,21 +75,21 @@ class Killed(BaseException):
 
 
 def test_grid_expands_to_stable_names(grid):
-    g = sweep.read_grid(grid)
-    specs = sweep.expand(g)
+    g = sweep_grid.read_grid(grid)
+    specs = sweep_grid.expand(g)
     assert [s.name for s in specs] == [f'pascal_{m}_original_s{s}' for m in METHODS for s in (0, 1)]
     first = specs[0]
     assert first.argv[:8] == ('-d', 'pascal', '-l', 'an', '-s', '0', '--recipe', 'original')
     assert first.argv[-4:] == ('--results-dir', str(g.results_dir), '--run-name', 'pascal_an_original_s0')
     assert '--no-pretrained' in first.argv and first.cell == 'an'
-    assert sweep.expand(sweep.read_grid(grid)) == specs  # the same names and arguments every time
+    assert sweep_grid.expand(sweep_grid.read_grid(grid)) == specs  # the same names and arguments every time
 
 
 def test_recipe_variants_and_per_method_overrides(tmp_path):
     path = tmp_path / 'g.toml'
     path.write_text('methods = ["LL-R", "LL-R:boostlu"]\ndatasets = ["coco"]\nseeds = [2]\nrecipe = "original"\n'
                     '[overrides]\nepochs = 1\n[overrides."LL-R"]\nlr = 0.5\n[overrides.coco]\nbatch-size = 4\n')
-    specs = sweep.expand(sweep.read_grid(path, str(tmp_path / 'r')))
+    specs = sweep_grid.expand(sweep_grid.read_grid(path, str(tmp_path / 'r')))
     assert [s.name for s in specs] == ['coco_LL-R_original_s2', 'coco_LL-R_boostlu_s2']
     assert [s.cell for s in specs] == ['LL-R', 'LL-R:boostlu']
     assert '--recipe boostlu' in ' '.join(specs[1].argv)
@@ -217,7 +220,8 @@ def test_cost_from_bench_figures(tmp_path):
     folder.mkdir(parents=True)
     np.save(folder / 'formatted_train_images.npy', np.array(['a'] * 100))
     np.save(folder / 'formatted_val_images.npy', np.array(['b'] * 30))
-    cfg, _ = sweep._parse(['-d', 'coco', '-l', 'an', '--data-root', str(tmp_path / 'data'), '--device', 'cpu'])
+    cfg, _ = sweep_state.parse_run_argv(['-d', 'coco', '-l', 'an', '--data-root', str(tmp_path / 'data'),
+                                         '--device', 'cpu'])
     figures = [{'device': 'cpu', 'model': 'resnet50', 'image_size': 448, 'train_s_per_image': 2.0,
                 'eval_s_per_image': 0.5, 'command': 'python bench/bench_speed.py'}]
     seconds, where = sweep.epoch_seconds(cfg, tmp_path / 'runs', figures)
@@ -232,11 +236,11 @@ def test_local_executor_runs_one_group_of_gpus_per_run_at_once(tmp_path, monkeyp
     fake.write_text('#!/bin/sh\necho "GPUS=$CUDA_VISIBLE_DEVICES START=$(date +%s.%N) ARGS=$*"\nsleep 1\n'
                     'echo "END=$(date +%s.%N)"\n')
     fake.chmod(0o755)
-    monkeypatch.setattr(sweep, 'visible_gpus', lambda: ['0', '1', '2', '3'])
-    specs = [sweep.RunSpec(f'r{i}', 'an', None, 'pascal', i, ('-d', 'pascal', '-s', str(i)), str(tmp_path / f'r{i}'))
-             for i in range(3)]
-    outcomes = sweep.execute_local([(s, sweep.Action('start')) for s in specs], tmp_path, gpus_per_run=2,
-                                   python=str(fake), say=lambda line: None)
+    monkeypatch.setattr(sweep_executors, 'visible_gpus', lambda: ['0', '1', '2', '3'])
+    specs = [sweep_grid.RunSpec(f'r{i}', 'an', None, 'pascal', i, ('-d', 'pascal', '-s', str(i)),
+                                str(tmp_path / f'r{i}')) for i in range(3)]
+    outcomes = sweep_executors.execute_local([(s, sweep_state.Action('start')) for s in specs], tmp_path,
+                                             gpus_per_run=2, python=str(fake), say=lambda line: None)
     assert [o.kind for o in outcomes] == ['started'] * 3
     logs = {s.name: (tmp_path / 'logs' / f'{s.name}.log').read_text() for s in specs}
     assert 'GPUS=0,1 ' in logs['r0'] and 'GPUS=2,3 ' in logs['r1'] and 'GPUS=0,1 ' in logs['r2']
@@ -316,8 +320,9 @@ def test_slurm_submission_is_one_requeueable_job_array(grid, tmp_path, fake_slur
     from submitit.core.utils import DelayedSubmission
 
     delayed = [DelayedSubmission.load(folder / f'4242_{i}_submitted.pkl') for i in range(6)]
-    assert all(type(d.function).__module__ == 'sweep' and type(d.function).__name__ == 'SweepTask' for d in delayed)
-    assert [d.args[0].name for d in delayed] == [s.name for s in sweep.expand(sweep.read_grid(grid))]
+    assert all(type(d.function).__module__ == 'sweep_executors' and type(d.function).__name__ == 'SweepTask'
+               for d in delayed)
+    assert [d.args[0].name for d in delayed] == [s.name for s in sweep_grid.expand(sweep_grid.read_grid(grid))]
     assert json.loads((tmp_path / 'runs' / 'sweep.json').read_text())['runs'][5]['name'] == 'pascal_EM_PL_original_s1'
 
 
@@ -331,11 +336,11 @@ def test_preempted_task_is_checkpointed_requeued_and_resumes(grid, tmp_path, mon
 
     from conftest import interrupt_after
 
-    spec = [s for s in sweep.expand(sweep.read_grid(grid)) if s.name == 'pascal_EM_PL_original_s0'][0]
-    straight_spec = sweep.expand(sweep.read_grid(grid, str(tmp_path / 'straight')))[4]
-    assert sweep.SweepTask()(straight_spec)['outcome'] == 'started'
+    spec = [s for s in sweep_grid.expand(sweep_grid.read_grid(grid)) if s.name == 'pascal_EM_PL_original_s0'][0]
+    straight_spec = sweep_grid.expand(sweep_grid.read_grid(grid, str(tmp_path / 'straight')))[4]
+    assert sweep_executors.SweepTask()(straight_spec)['outcome'] == 'started'
 
-    task = sweep.SweepTask()
+    task = sweep_executors.SweepTask()
     undo = interrupt_after(monkeypatch, 1)  # the job dies after epoch 1's checkpoint
     assert task(spec)['outcome'] == 'failed'
     undo()

@@ -1,0 +1,140 @@
+"""The grid of a sweep (sweep.py GRID, docs/sweeps.md): the TOML file read and checked (`read_grid`),
+expanded into named runs of main_clip.py (`expand`, `RunSpec`), and the plan every run of it is
+listed in, <results>/sweep.json (`write_plan`), which report.py --paper reads.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from config import DATASETS, REPO_ROOT, UserError, one_line
+from files import save_json
+
+GRID_KEYS = {'methods', 'datasets', 'seeds', 'recipe', 'results-dir', 'overrides'}
+SWEEP_FILE = 'sweep.json'      # the plan, in the results folder: report.py --paper reads it
+
+
+class SweepError(UserError):
+    """A bad grid or sweep flag (one line naming the file or flag)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the sweep: its stable name and its main_clip.py arguments."""
+    name: str
+    method: str
+    recipe: Optional[str]
+    dataset: str
+    seed: int
+    argv: tuple
+    run_dir: str
+
+    @property
+    def cell(self) -> str:
+        """The table row: the method, and the recipe when it is not the grid's plain 'original'."""
+        return self.method if self.recipe in (None, 'original') else f'{self.method}:{self.recipe}'
+
+
+@dataclass
+class Grid:
+    methods: list
+    datasets: list
+    seeds: list
+    recipe: Optional[str]
+    results_dir: Path
+    overrides: dict
+    file: Path
+
+
+def _flags(table: dict, where: str) -> list[str]:
+    """main_clip.py arguments from a table of flag values (recipes' format: true = the bare flag)."""
+    out = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            continue
+        if key.startswith('-'):
+            raise SweepError(f'{where}: write flags without dashes ({key!r} -> {key.lstrip("-")!r})')
+        if value is True:
+            out.append(f'--{key}')
+        elif value is False:
+            continue
+        elif isinstance(value, list):
+            out += [f'--{key}', *map(str, value)]
+        else:
+            out += [f'--{key}', str(value)]
+    return out
+
+
+def read_grid(path, results_dir: Optional[str] = None) -> Grid:
+    """The grid file, checked: SweepError names the file and the key of anything wrong."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepError(f'{path}: no such grid file (docs/sweeps.md shows one)') from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SweepError(f'{path}: not a readable TOML grid ({one_line(e)})') from None
+    unknown = sorted(set(data) - GRID_KEYS)
+    if unknown:
+        raise SweepError(f'{path}: unknown keys {unknown}; a grid has {", ".join(sorted(GRID_KEYS))}')
+    for key in ('methods', 'datasets', 'seeds'):
+        if not isinstance(data.get(key), list) or not data[key]:
+            raise SweepError(f'{path}: {key} must be a non-empty list')
+    import methods as methods_module
+    import main_clip  # noqa: F401  registers every method
+
+    for m in data['methods']:
+        name = str(m).split(':', 1)[0]
+        if name not in methods_module.METHODS:
+            raise SweepError(f'{path}: methods: unknown method {name!r} (main_clip.py --help lists them)')
+    for d in data['datasets']:
+        if d not in DATASETS:
+            raise SweepError(f'{path}: datasets: unknown dataset {d!r}; one of {", ".join(DATASETS)}')
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in data['seeds']):
+        raise SweepError(f'{path}: seeds must be integers')
+    overrides = data.get('overrides', {})
+    if not isinstance(overrides, dict):
+        raise SweepError(f'{path}: overrides must be a table of main_clip.py flags')
+    for key, value in overrides.items():
+        if isinstance(value, dict) and key not in DATASETS and key not in methods_module.METHODS:
+            raise SweepError(f'{path}: overrides.{key}: a sub-table must be named after a dataset or a method')
+    folder = results_dir or data.get('results-dir') or str(REPO_ROOT / 'results' / path.stem)
+    recipe = data.get('recipe') or None
+    return Grid(list(data['methods']), list(data['datasets']), list(data['seeds']), recipe, Path(folder),
+                overrides, path)
+
+
+def expand(grid: Grid) -> list[RunSpec]:
+    """Every (method, dataset, seed) of the grid as a RunSpec, in grid order; the name
+    <dataset>_<method>_<recipe or 'defaults'>_s<seed> is stable across invocations."""
+    specs = []
+    for entry in grid.methods:
+        method, _, recipe = str(entry).partition(':')
+        recipe = recipe or grid.recipe
+        for dataset in grid.datasets:
+            extra = (_flags(grid.overrides, f'{grid.file} overrides')
+                     + _flags(grid.overrides.get(dataset, {}), f'{grid.file} overrides.{dataset}')
+                     + _flags(grid.overrides.get(method, {}), f'{grid.file} overrides.{method}'))
+            for seed in grid.seeds:
+                name = f'{dataset}_{method}_{recipe or "defaults"}_s{seed}'
+                argv = ['-d', dataset, '-l', method, '-s', str(seed)] + (['--recipe', recipe] if recipe else [])
+                argv += extra + ['--results-dir', str(grid.results_dir), '--run-name', name]
+                specs.append(RunSpec(name, method, recipe, dataset, int(seed), tuple(argv),
+                                     str(grid.results_dir / name)))
+    names = [s.name for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SweepError(f'{grid.file}: the grid names some runs twice ({", ".join(twice[:3])}): '
+                         'list each method, dataset and seed once')
+    return specs
+
+
+def write_plan(grid: Grid, specs: list[RunSpec]) -> None:
+    """<results>/sweep.json: the grid and every run's name, cell and arguments (report.py --paper)."""
+    save_json(grid.results_dir / SWEEP_FILE, {
+        'grid': str(grid.file), 'recipe': grid.recipe, 'methods': grid.methods, 'datasets': grid.datasets,
+        'seeds': grid.seeds,
+        'runs': [{'name': s.name, 'cell': s.cell, 'method': s.method, 'recipe': s.recipe, 'dataset': s.dataset,
+                  'seed': s.seed, 'argv': list(s.argv)} for s in specs]})
