@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import backbones
 import class_text_features
 import datasets
 import distributed
@@ -16,7 +17,6 @@ import fingerprint
 import heads_run
 import label_tables
 import methods
-import models
 import packs
 from checkpoints import check_fits, ensure_writable, load_checkpoint
 from config import Config, UserError
@@ -106,7 +106,7 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
 def check_inputs(cfg: Config, splits: dict, root: Path, resume: dict | None) -> tuple:
     """Every input file checked before the expensive work (CLIP, the embedding cache, training); returns
     the --init-from checkpoint (checked to fit this run: checkpoints.check_fits) and the trunk built with
-    --backbone-weights or the published weights (models.build_trunk; None where a checkpoint or CLIP
+    --backbone-weights or the published weights (backbones.build_trunk; None where a checkpoint or CLIP
     gives the weights)."""
     for phase, split in splits.items():
         if cfg.data_format == 'packed':  # the packs replace the image files
@@ -129,7 +129,7 @@ def check_inputs(cfg: Config, splits: dict, root: Path, resume: dict | None) -> 
             raise UserError(f'{where}: {e}') from None
         check_fits(init, cfg, class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root), where)
     elif resume is None and cfg.model != 'clip_vision':  # clip_vision's weights are the CLIP model's
-        trunk = models.build_trunk(cfg.model, seed=cfg.seed, pretrained=cfg.pretrained,
+        trunk = backbones.build_trunk(cfg.model, seed=cfg.seed, pretrained=cfg.pretrained,
                                    weights_path=cfg.backbone_weights, image_size=cfg.image_size)
     return init, trunk
 

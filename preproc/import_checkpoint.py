@@ -31,7 +31,7 @@ if __package__ in (None, ''):  # run as `python preproc/import_checkpoint.py`
 
 import numpy as np  # noqa: E402
 
-import models  # noqa: E402
+import backbones  # noqa: E402
 import records  # noqa: E402
 import seed_checkpoints  # noqa: E402
 from checkpoints import atomic_save, rebuild_classifier  # noqa: E402
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint's layout)")
     parser.add_argument('--image-size', type=int, default=None,
                         help="input side (default: the original's: its position encoding's grid, or its default)")
-    parser.add_argument('--input-norm', default=None, choices=models.INPUT_NORMS,
+    parser.add_argument('--input-norm', default=None, choices=backbones.INPUT_NORMS,
                         help="the input normalisation the weights expect (default: the original's)")
     parser.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
     return parser
@@ -89,7 +89,7 @@ def options_from(args: argparse.Namespace) -> Options:
     options = Options(dataset=args.dataset, model=args.model, image_size=args.image_size, input_norm=args.input_norm)
     if args.model is not None:
         try:
-            models.backbone(args.model)
+            backbones.backbone(args.model)
         except ValueError as e:
             raise CheckpointImportError(f'--model: {e}') from None
     if args.image_size is not None and args.image_size < 1:
