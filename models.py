@@ -24,7 +24,7 @@ from torch import nn
 
 from backbones import INPUT_NORMS, BackboneSpec, Trunk, backbone
 from config import ModelLoadError
-from datasets import IMAGENET_MEAN, IMAGENET_STD
+from image_io import IMAGENET_MEAN, IMAGENET_STD
 from heads import BottleneckHead, Query2LabelHead, SGREHead
 from losses_peers import boostlu_logits
 
@@ -66,7 +66,7 @@ class Classifier(nn.Module):
     original layout (trunk.*, head.weight, head.bias for the linear head).
 
     input_norm: the normalisation the weights expect (INPUT_NORMS). The pipeline always gives
-    ImageNet-normalised tensors (datasets.image_tensor); 'none' turns them back into ToTensor's
+    ImageNet-normalised tensors (image_io.image_tensor); 'none' turns them back into ToTensor's
     [0, 1] pixels, x * std + mean per channel, before the trunk (not saved in the state dict).
     """
 

@@ -15,6 +15,7 @@ import datasets
 import distributed
 import fingerprint
 import heads_run
+import image_dataset
 import label_tables
 import methods
 import packs
@@ -30,7 +31,7 @@ class Data:
     splits: dict
     sets: dict
     train_eval_set: torch.utils.data.Dataset
-    sampler: datasets.FlipSampler
+    sampler: image_dataset.FlipSampler
     loaders: dict
     train_eval_loader: torch.utils.data.DataLoader
     inputs: dict  # the fingerprint of the data (fingerprint.py), kept in last.pt for --resume
@@ -98,7 +99,7 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
         dataset = dataset if sampler is not None else distributed.shard(dataset)
     return torch.utils.data.DataLoader(
         dataset, **batches, shuffle=False, num_workers=workers,
-        collate_fn=datasets.collate_skipping, pin_memory=device.type == 'cuda',
+        collate_fn=image_dataset.collate_skipping, pin_memory=device.type == 'cuda',
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed))
 
@@ -164,7 +165,7 @@ def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -
                                                       unlabelled=not method_class.reads_train_labels),
                                 cfg.cache_dir)
     sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP, CCD add their views
-    sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0),
+    sampler = image_dataset.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0),
                                    draws=getattr(sets['train'], 'num_draws', 0))
     loaders = {'train': make_loader(sets['train'], batch_size=cfg.batch_size, sampler=sampler, cfg=cfg,
                                     device=device)}

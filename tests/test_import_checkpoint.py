@@ -45,7 +45,7 @@ import torch
 from timm.models import register_model
 
 import checkpoints
-import datasets
+import image_io
 import main_clip
 import predict
 import seed_checkpoints
@@ -188,8 +188,8 @@ def model_input(meta: dict, input_norm: str) -> torch.Tensor:
                                 .astype(np.float32))
     if input_norm == 'imagenet':
         return original
-    mean = torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(image_io.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(image_io.IMAGENET_STD).view(1, 3, 1, 1)
     return (original - mean) / std
 
 
@@ -516,8 +516,8 @@ def test_input_norm_none_gives_the_trunk_totensor_pixels():
     torch.manual_seed(0)
     model = models.build_classifier('timm:resnet18', 3, pretrained=False, input_norm='none').eval()
     pixels = torch.rand(2, 3, 32, 32)
-    mean = torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(image_io.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(image_io.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         got = model((pixels - mean) / std)  # what the pipeline gives
         expected = model.forward_head(model.spec.features(model.trunk, pixels))
