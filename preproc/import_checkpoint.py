@@ -34,11 +34,13 @@ import numpy as np  # noqa: E402
 import backbones  # noqa: E402
 import records  # noqa: E402
 import seed_checkpoints  # noqa: E402
+import seed_files  # noqa: E402
 from checkpoints import atomic_save, rebuild_classifier  # noqa: E402
 from config import DATASETS, DEFAULT_DIRS, VLPLError, one_line  # noqa: E402
 from preproc._common import run_cli  # noqa: E402
 from preproc.fetch import digests  # noqa: E402
-from seed_checkpoints import CheckpointImportError, Options  # noqa: E402
+from seed_checkpoints import Options  # noqa: E402
+from seed_files import CheckpointImportError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +97,7 @@ def options_from(args: argparse.Namespace) -> Options:
     if args.image_size is not None and args.image_size < 1:
         raise CheckpointImportError('--image-size must be >= 1')
     if args.config:
-        options.config = seed_checkpoints.read_config(Path(args.config))
+        options.config = seed_files.read_config(Path(args.config))
     if args.label_embeddings:
         try:
             options.label_embeddings = np.load(args.label_embeddings, allow_pickle=False)
@@ -144,7 +146,7 @@ def import_checkpoint(kind: str, source: Path, output: Path, options: Options, o
     if output.exists() and not overwrite:
         raise CheckpointImportError(f'{output} exists: choose another OUT or add --overwrite')
     where = str(source)
-    imported = seed_checkpoints.convert(kind, seed_checkpoints.read_file(source), where, options)
+    imported = seed_checkpoints.convert(kind, seed_files.read_file(source), where, options)
     cfg = parse_settings(imported.argv, where)
     ckpt = dict(model=imported.state, config=dataclasses.asdict(cfg), argv=imported.argv,
                 classnames=imported.classnames, epoch=imported.epoch, **imported.extras)

@@ -49,6 +49,7 @@ import image_io
 import main_clip
 import predict
 import seed_checkpoints
+import seed_files
 from preproc import import_checkpoint
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'seed_checkpoints'
@@ -351,7 +352,7 @@ def test_files_that_are_no_checkpoint(tmp_path, capsys):
 
 
 def test_ccds_munch_settings_read_as_data():
-    obj = seed_checkpoints.read_file(FIXTURES / 'ccd_munch_settings.pt')
+    obj = seed_files.read_file(FIXTURES / 'ccd_munch_settings.pt')
     state, settings = obj
     assert settings['dataset'] == 'voc12' and tuple(settings['train_resize']) == (448, 448)
     assert torch.equal(state['alpha'], torch.full((1, 20), 3.0))
