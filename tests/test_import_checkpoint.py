@@ -1,5 +1,5 @@
 """preproc/import_checkpoint.py: the seed systems' published checkpoints as checkpoints of this project
-(seed_checkpoints.py, docs/seed-checkpoints.md).
+(seed_checkpoints.py, seed_trunks.py, seed_files.py; docs/seed-checkpoints.md).
 
 How the fixtures in tests/fixtures/seed_checkpoints/ were made. Each original's own model code
 (github.com/Alibaba-MIIL/PartialLabelingCSL, SlongLiu/query2labels, jasonseu/SGRE, k0u-id/CCD, at the commits

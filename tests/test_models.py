@@ -1,4 +1,5 @@
-"""Tests of models.py: backbones, CLIP loading through open_clip, pseudo-labels (docs/original-vlpl.md sections 6-7).
+"""Tests of models.py, backbones.py and trunks.py: backbones, CLIP loading through open_clip, pseudo-labels
+(docs/original-vlpl.md sections 6-7).
 
 CLIP is a tiny random open_clip model saved to a temporary checkpoint and loaded back through
 load_clip, the code path of a real checkpoint. No weights are downloaded: failed downloads are
