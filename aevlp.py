@@ -31,8 +31,9 @@ from torch import nn
 
 import class_text_features
 import clip_loading
-import datasets
 import distributed
+import image_dataset
+import image_io
 import losses_peers as lp
 import pseudo_labeler
 from clip_loading import sequence_first  # tests replace aevlp.sequence_first
@@ -174,14 +175,14 @@ def crop_boxes(width: int, height: int, grid: int) -> list[tuple[int, int, int, 
                                       for y in range(grid) for x in range(grid)]
 
 
-class CropViews(datasets.MultiLabelImages):
+class CropViews(image_dataset.MultiLabelImages):
     """The training images with AEVLP's views: item['views'] (1 + G^2) x S x S x 3 uint8, the whole
     image then its tiles, each resized to S x S (bilinear, antialias: the original's
     transforms.Resize((224, 224)) on a PIL image), and item['view_flips'] (1 + G^2,) bool, the flips
     the sampler drew (FlipSampler(views=1 + G^2)). They are flipped and ImageNet-normalised on the
-    device (datasets.to_model_input), which gives the tensors of the original's tx['pl'] bit for bit."""
+    device (image_io.to_model_input), which gives the tensors of the original's tx['pl'] bit for bit."""
 
-    def __init__(self, images: datasets.MultiLabelImages, grid: int, size: int):
+    def __init__(self, images: image_dataset.MultiLabelImages, grid: int, size: int):
         super().__init__(images.root, images.split, images.image_size, images.train, dataset=images.dataset,
                          skip_bad=images.skip_bad)
         self.grid, self.size = grid, size
@@ -193,7 +194,7 @@ class CropViews(datasets.MultiLabelImages):
     def extras(self, img: Image.Image, key) -> dict[str, torch.Tensor]:
         if not (isinstance(key, tuple) and len(key) == 3):
             raise ValueError('CropViews needs (row, flip, view_flips) keys from FlipSampler(views=...)')
-        views = [datasets.resized_pixels(img.crop(box), self.size) for box in crop_boxes(*img.size, self.grid)]
+        views = [image_io.resized_pixels(img.crop(box), self.size) for box in crop_boxes(*img.size, self.grid)]
         return {'views': torch.from_numpy(np.stack(views)), 'view_flips': torch.tensor(key[2], dtype=torch.bool)}
 
 
@@ -215,7 +216,7 @@ class CropScorer:
         batch, num_views = views.shape[:2]
         x = views.transpose(0, 1).reshape(num_views * batch, *views.shape[2:])
         flips = view_flips.transpose(0, 1).reshape(-1)
-        x = datasets.to_model_input(x, flips, self.text.device).to(self.text.dtype)
+        x = image_io.to_model_input(x, flips, self.text.device).to(self.text.dtype)
         with torch.no_grad():
             features = self.visual(x)
         features = features / features.norm(dim=-1, keepdim=True)

@@ -11,7 +11,7 @@
   and 'ex_image', the same picture resized, then colour-jittered on the PIL image (ColorJitter(0.5, 0.5,
   0.5, 0.5): brightness, contrast and saturation factors uniform in [0.5, 1.5], hue shift uniform in
   [-0.5, 0.5], applied in a random order), normalised and flipped on its own. The consistency loss
-  compares the two views' outputs. The randomness comes from the sampler (datasets.FlipSampler with one
+  compares the two views' outputs. The randomness comes from the sampler (image_dataset.FlipSampler with one
   view flip and eight draws per item), not from the workers, so a run repeats and resumes exactly; the
   original draws it unseeded in its workers (the same distributions). In the epochs without the
   consistency term (CCD's 0 and 1) the view is not made (the original makes it and leaves it unused).
@@ -23,10 +23,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-import datasets
+import image_dataset
+import image_io
 
-_MEAN = np.array(datasets.IMAGENET_MEAN)
-_STD = np.array(datasets.IMAGENET_STD)
+_MEAN = np.array(image_io.IMAGENET_MEAN)
+_STD = np.array(image_io.IMAGENET_STD)
 JITTER = 0.5  # datasets.py: transforms.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.5)
 JITTER_DRAWS = 8  # four for the order of the adjustments, four for their factors
 
@@ -69,7 +70,7 @@ def colour_jitter(img: Image.Image, draws) -> Image.Image:
     return img
 
 
-class CcdImages(datasets.MultiLabelImages):
+class CcdImages(image_dataset.MultiLabelImages):
     """A split's images in CCD's normalisation (ccd_tensor) at image_size; with train False never flipped."""
 
     def tensor(self, img: Image.Image, flipped: bool) -> torch.Tensor:
@@ -82,7 +83,7 @@ class CcdTrainViews(CcdImages):
     num_views = 1
     num_draws = JITTER_DRAWS
 
-    def __init__(self, images: datasets.MultiLabelImages):
+    def __init__(self, images: image_dataset.MultiLabelImages):
         super().__init__(images.root, images.split, images.image_size, True, dataset=images.dataset,
                          skip_bad=images.skip_bad)
 

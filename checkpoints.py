@@ -37,9 +37,11 @@ import numpy as np
 import torch
 
 import class_text_features
+import backbones
 import clip_loading
 import heads_run
 import models
+import trunks
 from config import DATASETS, RESUMABLE_CHANGES, Config, ModelLoadError, UserError, one_line
 from distributed import is_primary, log
 from files import save_npy, save_torch
@@ -228,10 +230,10 @@ def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
     """
     s = stored_settings(ckpt)
     try:
-        models.backbone(str(s.model))
+        backbones.backbone(str(s.model))
     except ValueError:
         raise UserError(f'{where}: the checkpoint names backbone {s.model!r}, which this code does not know '
-                        f'(known: {", ".join(sorted(models.BACKBONES))}, timm:NAME)') from None
+                        f'(known: {", ".join(sorted(backbones.BACKBONES))}, timm:NAME)') from None
     if s.head not in models.HEADS:
         raise UserError(f'{where}: the checkpoint names head {s.head!r}, which this code does not know '
                         f'(known: {", ".join(sorted(models.HEADS))})')
@@ -251,7 +253,7 @@ def rebuild_classifier(ckpt: dict, where: str) -> Rebuilt:
     clip = _stored_clip(ckpt, s, where) if s.model == 'clip_vision' else None
     model = classifier_of(s, len(classnames), clip=clip, embeddings=heads_run.label_embeddings(s, None, None,
                                                                                                len(classnames), ckpt))
-    problem = models.state_dict_mismatch(model.state_dict(), ckpt['model'])
+    problem = trunks.state_dict_mismatch(model.state_dict(), ckpt['model'])
     if problem:
         arch = architecture(s, len(classnames))
         raise UserError(f'{where}: its weights do not fit the classifier it describes ({describe(s, arch)}): '
@@ -290,7 +292,7 @@ def check_fits(ckpt: dict, cfg: Config, classnames: list[str], where: str) -> No
     clip = clip_loading.clip_config(cfg.clip_model) if cfg.model == 'clip_vision' else None
     run_model = classifier_of(cfg, len(classnames), clip=clip, embeddings=_embeddings_shaped(cfg, len(classnames)),
                               device='meta')
-    problem = models.state_dict_mismatch(run_model.state_dict(), ckpt['model'])
+    problem = trunks.state_dict_mismatch(run_model.state_dict(), ckpt['model'])
     if problem:
         sizes = (f' (checkpoint: --image-size {s.image_size}; this run: --image-size {cfg.image_size})'
                  if s.image_size != cfg.image_size else '')

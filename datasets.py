@@ -1,4 +1,4 @@
-"""Formatted multi-label datasets: loading, the train/val/test split and the image pipeline.
+"""Formatted multi-label datasets: loading, checking and the train/val/test split.
 
 Every dataset lives in ``<data_root>/<name>/`` as six numpy files written by ``preproc/``
 (docs/original-vlpl.md section 2): ``formatted_{train,val}_images.npy`` (1-D unicode paths relative to the
@@ -10,6 +10,8 @@ A dataset may add ``formatted_{train,val}_ignore.npy``: an (N, K) bool mask of t
 metric counts (SGRE's ``ignore.npy``, github.com/jasonseu/SGRE scripts/voc2007.py: a VOC2007 test
 image whose objects of a class are all "difficult"); their label in ``formatted_*_labels.npy`` is 0.
 Without the file every entry counts.
+
+An image file is read by image_io.py; the images of a split as a torch Dataset are image_dataset.py.
 """
 from __future__ import annotations
 
@@ -18,16 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torchvision.transforms import functional as TF
 
 import fingerprint
 import label_tables
 from config import DATASETS, DEFAULT_DIRS, DatasetInfo, VLPLError  # DATASETS: each dataset's facts in one row
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SPLIT_SEED = 1200
 VAL_FRACTION = 0.2
@@ -359,269 +355,6 @@ def _load_annotated_splits(folder: Path, dataset: str, num_classes: int | None,
     return splits
 
 
-class UnusableImage(ValueError):
-    """A file PIL opens whose picture read_rgb refuses; the caller names the file. A ValueError, so every
-    reader that treats OSError and ValueError as an unreadable image (skipped with --skip-bad-images,
-    named and skipped by predict.py) treats it so too."""
-
-
-class ImageRangeError(UnusableImage):
-    """An image whose values have no range to scale to 8 bits by (read_rgb)."""
-
-
-class ImageTooLarge(UnusableImage):
-    """An image over PIL's decompression-bomb limit (read_rgb): PIL refuses to decode it."""
-
-
-SIXTEEN_BIT = 65535
-
-
-def read_rgb(path) -> Image.Image:
-    """The RGB picture of an image file, as every reader here sees it: the training and evaluation
-    pipeline, the packs, the frozen-CLIP embedding cache, AEVLP's views (all through
-    MultiLabelImages) and predict.py.
-
-    8-bit modes (1, L, P, LA, PA, RGB, RGBA, CMYK, YCbCr, ...): PIL's convert('RGB'), unchanged.
-    convert('RGB') clips the modes PIL keeps wider than 8 bits at 255 (a 16-bit PNG turns white,
-    a float image in [0, 1] black), so they are scaled by their range first, to an 8-bit L image:
-
-    - I;16, I;16L, I;16B, I;16N (16-bit grey: PNG, TIFF) and I (32-bit integer; PIL opens 16-bit
-      PGM/PPM as I, scaled to 0..65535): v in 0..65535 becomes round(v / 257), half up, so 0 -> 0,
-      65535 -> 255, and an 8-bit value b widened to 16 bits the standard way (257 b, PNG's sample
-      depth scaling) reads back as b. Values outside 0..65535 (a 32-bit integer image) are refused.
-    - F (32-bit float, TIFF): values in [0, 1] become round(255 x), half up. Values outside [0, 1],
-      NaN or infinite are refused: such a file has no range to scale by.
-
-    An image of more than twice PIL's Image.MAX_IMAGE_PIXELS pixels (PIL's guard against decompression
-    bombs: its DecompressionBombError is neither an OSError nor a ValueError) is ImageTooLarge.
-
-    A refusal is UnusableImage (a ValueError); every caller names the file in its one-line message.
-    """
-    try:
-        img = Image.open(path)
-    except Image.DecompressionBombError as err:
-        said = str(err).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
-        raise ImageTooLarge(f"too large to decode ({said}: PIL's guard against decompression bombs): downscale "
-                            "it") from None
-    with img:
-        if img.mode == "F":
-            x = np.asarray(img, dtype=np.float64)
-            if not (np.isfinite(x).all() and x.min(initial=0.0) >= 0.0 and x.max(initial=0.0) <= 1.0):
-                finite = x[np.isfinite(x)]
-                span = f"{finite.min():g} to {finite.max():g}" if finite.size else "no finite value"
-                raise ImageRangeError(f"a float (mode F) image with values outside [0, 1] ({span}"
-                                      f"{', NaN or infinite values' if finite.size < x.size else ''}), so there is "
-                                      "no range to scale it to 8 bits by: save it as an 8- or 16-bit image")
-            return Image.fromarray(np.floor(x * 255.0 + 0.5).astype(np.uint8)).convert("RGB")  # uint8 2-D: L
-        if img.mode == "I" or img.mode.startswith("I;16"):
-            v = np.asarray(img).astype(np.int64)
-            low, high = int(v.min(initial=0)), int(v.max(initial=0))
-            if low < 0 or high > SIXTEEN_BIT:
-                raise ImageRangeError(f"an image of mode {img.mode} with values {low} to {high}, outside the 16-bit "
-                                      f"range 0..{SIXTEEN_BIT} it is scaled by: save it as an 8- or 16-bit image")
-            return Image.fromarray(((v + 128) // 257).astype(np.uint8)).convert("RGB")
-        return img.convert("RGB")
-
-
-def image_tensor(img: Image.Image, image_size: int, *, flipped: bool = False) -> torch.Tensor:
-    """The network input of an RGB PIL image: Resize((S, S)) (bilinear, antialias), optional
-    horizontal flip, ToTensor, ImageNet Normalize -> 3 x S x S float. Used for training,
-    evaluation and predict.py alike."""
-    img = TF.resize(img, [image_size, image_size])
-    if flipped:
-        img = TF.hflip(img)
-    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
-
-
-def resized_pixels(img: Image.Image, image_size: int) -> np.ndarray:
-    """The S x S x 3 uint8 pixels of an RGB PIL image after the pipeline's Resize((S, S)): what
-    image_tensor normalises, and what preproc/pack_images.py stores (docs/input-pipeline.md)."""
-    return np.asarray(TF.resize(img, [image_size, image_size]), dtype=np.uint8)
-
-
-def to_model_input(images: torch.Tensor, flipped: torch.Tensor | None, device) -> torch.Tensor:
-    """The network input of a batch on `device`.
-
-    A float batch (the PIL pipeline, already normalised in the workers) is only moved. A uint8
-    B x S x S x 3 batch (--data-format packed) is moved without blocking and made there exactly as
-    image_tensor makes it: rows with ``flipped`` mirrored left-right (TF.hflip, exact on uint8),
-    ToTensor (3 x S x S, float32, divided by 255) and Normalize (minus the mean, divided by the
-    std, in float32), so the result is bit-identical to the PIL pipeline's tensor. Those float32
-    operations are applied once, on the CPU, to the 256 values of a byte (``_byte_table``) and every
-    pixel is looked up: one pass over memory instead of five, and the same bits on every device (CUDA
-    divides a tensor by a Python number as a product with its reciprocal, which rounds differently
-    from the CPU's division: computed there, the batch differed from the PIL pipeline's, measured on
-    an H200).
-    """
-    if images.dtype != torch.uint8:
-        return images.to(device, non_blocking=True)
-    if torch.device(device).type == 'cpu':
-        return _lookup_on_cpu(images, flipped)
-    return _lookup_on_device(images.to(device, non_blocking=True),
-                             None if flipped is None else flipped.to(device, non_blocking=True))
-
-
-_DEVICE_TABLES: dict = {}
-
-
-def _lookup_on_device(x: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
-    """to_model_input of a uint8 B x S x S x 3 batch with tensor operations on its device: hflip, then
-    each byte looked up in the CPU-computed _byte_table (channel c's values at [256 c, 256 c + 256))."""
-    if flipped is not None:
-        x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(2), x)
-    if x.device not in _DEVICE_TABLES:
-        _DEVICE_TABLES[x.device] = torch.from_numpy(_byte_table()).reshape(-1).to(x.device)
-    offsets = torch.arange(0, 3 * 256, 256, device=x.device).view(1, 3, 1, 1)
-    return _DEVICE_TABLES[x.device][x.permute(0, 3, 1, 2).long() + offsets]  # B x 3 x S x S float32
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    """TF.normalize's arithmetic: (x - mean) / std with float32 mean and std, channel dim 1."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    mean = torch.as_tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(shape)
-    std = torch.as_tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(shape)
-    return x.sub(mean).div(std)
-
-
-_BYTE_TABLE: list = []
-
-
-def _byte_table() -> np.ndarray:
-    """3 x 256 float32: the network input of byte value v in channel c, computed with the same
-    float32 operations as to_tensor and normalize."""
-    if not _BYTE_TABLE:
-        values = torch.arange(256, dtype=torch.uint8).float().div(255)  # TF.to_tensor
-        _BYTE_TABLE.append(_normalise(values.view(1, 1, 256).expand(1, 3, 256)).reshape(3, 256).numpy().copy())
-    return _BYTE_TABLE[0]
-
-
-_POOL: dict = {}
-
-
-def _lookup_on_cpu(images: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
-    """The byte-table lookup of every image plane, on torch.get_num_threads() threads (np.take
-    releases the GIL), as a tensor operation would use them."""
-    table = _byte_table()
-    x = images.numpy()
-    out = torch.empty((x.shape[0], 3) + x.shape[1:3], dtype=torch.float32)
-    o = out.numpy()
-    flips = np.zeros(len(x), bool) if flipped is None else flipped.cpu().numpy().astype(bool)
-
-    def plane(b: int, c: int) -> None:
-        src = x[b, :, ::-1] if flips[b] else x[b]  # hflip: read the row backwards
-        np.take(table[c], src[..., c], out=o[b, c], mode='clip')  # 'clip': unbuffered; bytes are in range
-
-    jobs = [(b, c) for b in range(len(x)) for c in range(3)]
-    threads = torch.get_num_threads()
-    if threads <= 1 or len(jobs) <= 3:
-        for job in jobs:
-            plane(*job)
-        return out
-    if _POOL.get('threads') != threads:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL.update(threads=threads, pool=ThreadPoolExecutor(threads, thread_name_prefix='to_model_input'))
-    for done in [_POOL['pool'].submit(plane, *job) for job in jobs]:
-        done.result()
-    return out
-
-
-class MultiLabelImages(torch.utils.data.Dataset):
-    """Images of one split with their labels (docs/original-vlpl.md section 5).
-
-    Item ``i``: ``image`` (3 x S x S float, ImageNet-normalised), ``label_obs`` (K,), ``label_true``
-    (K,), ``index`` (int64 row in the split) and ``flipped`` (bool). Train: Resize((S, S)) on the RGB
-    PIL image (bilinear, antialias), horizontal flip when ``torch.rand(1) < 0.5`` (the draw of
-    torchvision's RandomHorizontalFlip(0.5)), ToTensor, Normalize. Eval: never flipped.
-    ``flipped`` is returned so that the frozen-CLIP embedding can be cached per (index, flipped).
-    """
-
-    def __init__(self, root: Path, split: Split, image_size: int, train: bool, *,
-                 dataset: str = "", skip_bad: bool = False):
-        self.root = Path(root)
-        self.split = split
-        self.image_size = image_size
-        self.train = train
-        self.dataset = dataset  # only used in error messages
-        self.skip_bad = skip_bad
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def _open(self, path: Path) -> Image.Image:
-        where = f" of dataset {self.dataset}" if self.dataset else ""
-        try:
-            return read_rgb(path)
-        except UnusableImage as err:
-            raise DataError(f"image {path}{where} is {err}, or pass --skip-bad-images") from None
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read image {path}{where} ({err}); check the image folder, "
-                            f"re-run the dataset's formatting step, or pass --skip-bad-images") from None
-
-    def image_stats(self) -> np.ndarray:
-        """(N, 2) size and modification time of the files the pixels are read from (fingerprint.py)."""
-        return self.split.stats(self.root)
-
-    def __getitem__(self, key) -> dict[str, torch.Tensor] | None:
-        """``key`` is a row index, or a (row, flip) pair from FlipSampler (train only).
-
-        With a plain index the train flip is drawn here, as torchvision's RandomHorizontalFlip
-        would. With ``skip_bad`` an unreadable image gives ``{"skipped": row}``, which
-        ``collate_skipping`` drops from the batch and lists under "skipped".
-        """
-        if isinstance(key, tuple):
-            i, flipped = int(key[0]), bool(key[1]) and self.train
-        else:
-            i, flipped = int(key), self.train and bool(torch.rand(1) < 0.5)
-        try:
-            img = self._open(self.root / str(self.split.images[i]))
-        except DataError:
-            if self.skip_bad:
-                return {"skipped": i}
-            raise
-        image = self.tensor(img, flipped)
-        return {
-            "image": image,
-            "label_obs": torch.from_numpy(self.split.labels_obs[i].copy()),
-            "label_true": torch.from_numpy(self.split.labels_true[i].copy()),
-            "index": torch.tensor(i, dtype=torch.int64),
-            "flipped": torch.tensor(flipped),
-            **self.extras(img, key),
-        }
-
-    def tensor(self, img: Image.Image, flipped: bool) -> torch.Tensor:
-        """The item's image tensor (image_tensor; a subclass may make it another way, e.g. CCD's
-        normalisation in ccd_images.py)."""
-        return image_tensor(img, self.image_size, flipped=flipped)
-
-    def extras(self, img: Image.Image, key) -> dict[str, torch.Tensor]:
-        """Further tensors of an item made from the same decoded image (a subclass adds views of it,
-        e.g. aevlp.CropViews); none here."""
-        return {}
-
-
-def collate_skipping(items: list | dict) -> dict:
-    """default_collate of the items MultiLabelImages could read; the rows it gave up on are listed
-    under "skipped" (a list of row indices), and a batch of skipped items only has that key. A dict
-    is a batch its dataset already collated (packs.PackedImages.__getitems__): returned as it is."""
-    if isinstance(items, dict):
-        return items
-    kept = [item for item in items if "skipped" not in item]
-    batch = torch.utils.data.default_collate(kept) if kept else {}
-    batch["skipped"] = [item["skipped"] for item in items if "skipped" in item]
-    return batch
-
-
-def report_skipped(dataset: "MultiLabelImages", rows: list[int]) -> None:
-    """Name each skipped image once in the log (--skip-bad-images); runs in the main process."""
-    from distributed import log
-
-    seen = dataset.__dict__.setdefault("_reported", set())
-    for row in rows:
-        if row not in seen:
-            seen.add(row)
-            log.warning(f"skipped unreadable image {dataset.root / str(dataset.split.images[row])} (--skip-bad-images)")
-
-
 def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: bool,
                  data_root: str | Path | None = None) -> list[str]:
     """The image files of a split that do not exist, found before any expensive work.
@@ -644,50 +377,3 @@ def check_images(root: Path, split: Split, phase: str, dataset: str, skip_bad: b
         raise DataError(f"{what}: wrong image folder? (--data-root); --skip-bad-images skips a few bad "
                         "images, not most of a split")
     return missing
-
-
-class FlipSampler(torch.utils.data.Sampler):
-    """Shuffled (row, flip) pairs for the training loader, drawn in the main process.
-
-    Each epoch draws a permutation and one flip bit per row from a private generator seeded with
-    the run's torch seed. Because the randomness lives here and not in the worker processes, a run
-    gives the same batches whatever --num-workers is, works with persistent workers, and resumes
-    exactly from the generator state saved in a checkpoint.
-
-    views > 0: each item is (row, flip, view_flips) with `views` more flip bits per row, drawn after
-    the others (so the rows and flips are those of views = 0), for a dataset that flips further
-    views of the image independently (aevlp.CropViews). draws > 0: each item is (row, flip, view_flips,
-    draws) with `draws` uniform numbers in [0, 1) per row, drawn last, for a dataset whose further views
-    are random in other ways (ccd_images.CcdTrainViews' colour jitter). skip_draws: the draws are made
-    (the random stream stays that of every epoch) but handed out as None, so that the dataset skips
-    the view they shape in an epoch that does not read it.
-    """
-
-    def __init__(self, num_rows: int, seed: int, views: int = 0, draws: int = 0):
-        self.num_rows = num_rows
-        self.views = views
-        self.draws = draws
-        self.skip_draws = False
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-    def __iter__(self):
-        order = torch.randperm(self.num_rows, generator=self.generator).tolist()
-        flips = (torch.rand(self.num_rows, generator=self.generator) < 0.5).tolist()
-        if not self.views and not self.draws:
-            return iter(zip(order, flips))
-        view_flips = (torch.rand(self.num_rows, self.views, generator=self.generator) < 0.5).tolist()
-        if not self.draws:
-            return iter(zip(order, flips, map(tuple, view_flips)))
-        draws = torch.rand(self.num_rows, self.draws, generator=self.generator, dtype=torch.float64).tolist()
-        if self.skip_draws:
-            return iter(zip(order, flips, map(tuple, view_flips), [None] * self.num_rows))
-        return iter(zip(order, flips, map(tuple, view_flips), map(tuple, draws)))
-
-    def state(self) -> torch.Tensor:
-        return self.generator.get_state()
-
-    def load_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)

@@ -227,7 +227,7 @@ def share_bounds(num_rows: int, world: int, rank_: int) -> tuple[int, int]:
 class GlobalBatchShares(torch.utils.data.Sampler):
     """The batch sampler of one rank: its contiguous share of every global batch.
 
-    `sampler` yields the single-process order (datasets.FlipSampler: the same shuffle and flips on
+    `sampler` yields the single-process order (image_dataset.FlipSampler: the same shuffle and flips on
     every rank, from the same seed and generator state); it is cut into global batches of
     `batch_size` (the last one shorter) exactly as a one-process DataLoader cuts it, and each
     global batch into world shares in rank order, so the concatenation of the shares in rank order

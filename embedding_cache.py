@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import datasets
 import distributed
 import fingerprint
+import image_io
 from clip_loading import weights_identity
 from files import save_json, save_npy
 from pseudo_labeler import PseudoLabeler
@@ -100,7 +100,7 @@ def cached_rows(embed, loader, key: dict, cache_dir: str | os.PathLike, *, devic
     for batch in distributed.progress(loader, desc=desc):
         if 'image' not in batch:  # every image of the batch was skipped (--skip-bad-images)
             continue
-        images = datasets.to_model_input(batch['image'], batch.get('flipped'), device)  # packed: on the device
+        images = image_io.to_model_input(batch['image'], batch.get('flipped'), device)  # packed: on the device
         rows = embed(images).float().cpu().numpy()
         if out is None:
             out = np.zeros((num_rows,) + rows.shape[1:], dtype=np.float32)

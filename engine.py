@@ -12,8 +12,9 @@ import contextlib
 import numpy as np
 import torch
 
-import datasets
 import distributed
+import image_dataset
+import image_io
 from config import Config, UserError
 
 
@@ -30,7 +31,7 @@ def autocast(cfg: Config, device):
 
 def _images(cfg: Config, batch: dict, device) -> torch.Tensor:
     # a packed uint8 batch is flipped, scaled and normalised here, on the device
-    images = datasets.to_model_input(batch['image'], batch.get('flipped'), device)
+    images = image_io.to_model_input(batch['image'], batch.get('flipped'), device)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
@@ -90,7 +91,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     several = distributed.world_size() > 1
     for step, batch in enumerate(bar):
         if batch.get('skipped'):
-            datasets.report_skipped(loader.dataset, batch['skipped'])
+            image_dataset.report_skipped(loader.dataset, batch['skipped'])
         if 'image' not in batch:  # every image of the batch was unreadable (--skip-bad-images)
             if not several:
                 continue
@@ -102,7 +103,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
             pl = pl_source(images, index, batch['flipped'].to(device, non_blocking=True), batch)
         with autocast(cfg, device):
             logits, aux_logits = _forward_train(model, images)
-            view_logits = model(datasets.to_model_input(batch[view_key], None, device)) if view_key else None
+            view_logits = model(image_io.to_model_input(batch[view_key], None, device)) if view_key else None
         logits = logits.float()
         if several:
             # Several processes: this rank holds its share of the global batch. Gathering the shares
@@ -161,7 +162,7 @@ def predict(cfg: Config, model, loader, num_rows: int, num_classes: int, device,
     with torch.inference_mode():
         for batch in distributed.progress(loader, desc=desc, leave=False):
             if batch.get('skipped'):
-                datasets.report_skipped(loader.dataset, batch['skipped'])
+                image_dataset.report_skipped(loader.dataset, batch['skipped'])
             if 'image' not in batch:
                 continue
             with autocast(cfg, device):

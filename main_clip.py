@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import backbones
 import class_text_features
 import clip_loading
 import datasets
@@ -70,9 +71,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def backbone_name(text: str) -> str:
-    """argparse type of -m: a BACKBONES row or timm:NAME (models.backbone)."""
+    """argparse type of -m: a BACKBONES row or timm:NAME (backbones.backbone)."""
     try:
-        models.backbone(text)
+        backbones.backbone(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-g', '--gpu', default=None,
                    help='GPU index, exported as CUDA_VISIBLE_DEVICES (default: leave it as it is)')
     p.add_argument('-m', '--model', default=None, type=backbone_name, metavar='BACKBONE',
-                   help=f'trainable backbone: {", ".join(sorted(models.BACKBONES))}, or timm:NAME for any timm '
+                   help=f'trainable backbone: {", ".join(sorted(backbones.BACKBONES))}, or timm:NAME for any timm '
                         'model (pretrained tag or --backbone-weights; docs/backbones.md) (default: resnet50; '
                         'small_cnn for the demo)')
     p.add_argument('-t', '--temp', type=POSITIVE, default=0.01, help='softmax temperature of the CLIP scores')
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=COUNT, default=None, help='default: per dataset (8; EM_APL: its paper)')
     p.add_argument('--lr', type=POSITIVE, default=None, help='Adam learning rate (default: per dataset)')
     p.add_argument('--image-size', type=COUNT, default=None, help='input size (default 448; demo 64)')
-    p.add_argument('--input-norm', default=None, choices=models.INPUT_NORMS,
+    p.add_argument('--input-norm', default=None, choices=backbones.INPUT_NORMS,
                    help="the input normalisation the backbone's weights expect: imagenet (ImageNet mean and std, "
                         "the pipeline's) or none ([0, 1] pixels, as MIIL's TResNets were trained; "
                         'docs/seed-checkpoints.md) (default: the backbone\'s: none for tresnet_m, tresnet_l and timm '
@@ -217,8 +218,8 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         dataset=a.dataset, loss=a.loss, model=a.model, temp=a.temp, threshold=a.threshold, partial=a.partial,
         partial_everywhere=a.partial_everywhere, seed=a.seed, data_root=a.data_root, results_dir=a.results_dir,
         run_name=a.run_name, cache_dir=a.cache_dir, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        image_size=a.image_size or models.backbone(a.model or DATASETS[a.dataset].model).image_size,
-        input_norm=a.input_norm or models.backbone(a.model or DATASETS[a.dataset].model).input_norm,
+        image_size=a.image_size or backbones.backbone(a.model or DATASETS[a.dataset].model).image_size,
+        input_norm=a.input_norm or backbones.backbone(a.model or DATASETS[a.dataset].model).input_norm,
         num_workers=a.num_workers, device=a.device, clip_model=a.clip_model,
         clip_pretrained=a.clip_pretrained, clip_mode=a.clip_mode, text_features=a.text_features,
         backbone_weights=a.backbone_weights, pretrained=not a.no_pretrained, amp=a.amp,
@@ -238,7 +239,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
         log.warning(f'note: -p {a.partial} is ignored for -d {cfg.dataset} -m {cfg.model}, as in the original; '
                     'add --partial-everywhere to apply it')
     method = methods.METHODS[cfg.loss]
-    backbone = models.backbone(cfg.model)
+    backbone = backbones.backbone(cfg.model)
     pseudo_label_options.check(cfg, parser.error,
                                needs_pseudo_labels=method.uses_pseudo_labels(cfg) and method.pseudo_label_builder is None,
                                has_cam=backbone.cam and models.HEADS[cfg.head].cam)
@@ -348,7 +349,7 @@ def pseudo_label_source(cfg: Config, method_class, clip_model, tokenizer, data: 
 
 
 def build_model_and_optimiser(cfg: Config, clip_model, tokenizer, data: Data, resume: Optional[dict],
-                              init: Optional[dict], trunk: Optional[models.Trunk], device) -> Learner:
+                              init: Optional[dict], trunk: Optional[backbones.Trunk], device) -> Learner:
     """The classifier (fresh, on the trunk load_data built, or --init-from's weights), the method object, the
     optimiser, the schedule, the logger."""
     num_classes = data.num_classes

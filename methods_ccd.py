@@ -37,9 +37,9 @@ import ccd_images
 import ccd_labels
 import class_text_features
 import clip_loading
-import datasets
 import distributed
 import embedding_cache
+import image_dataset
 import methods
 from config import DATASETS, Config, UserError, number
 from metrics import compute_metrics
@@ -96,7 +96,7 @@ def build_labels(cfg: Config, data, device):
     infer_loader = make_loader(images(splits['train'], cfg.ccd_infer_size), batch_size=infer_batch, cfg=cfg,
                                device=device)
     calibration_loader = make_loader(images(splits['train'], cfg.image_size, train=True), batch_size=cfg.batch_size,
-                                     sampler=datasets.FlipSampler(len(splits['train']), seed=cfg.seed), cfg=cfg,
+                                     sampler=image_dataset.FlipSampler(len(splits['train']), seed=cfg.seed), cfg=cfg,
                                      device=device)
     key, train_features = features(splits['train'], infer_loader)
     report = {'options': options(cfg), 'classnames': classnames, 'stages': []}

@@ -384,7 +384,7 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
     if a.linear_init < 0 or a.linear_init >= epochs:
         error(f'--linear-init must be in [0, --epochs {epochs}), got {a.linear_init}')
     if a.boostlu:
-        from models import BACKBONES, backbone  # models imports losses_peers; not needed otherwise
+        from backbones import BACKBONES, backbone  # imports torch and the CLIP loading; not needed otherwise
         model = a.model or DATASETS[a.dataset].model
         if not backbone(model).cam:
             error(f'--boostlu needs a class activation map: -m {model} does not average-pool its feature map; '

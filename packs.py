@@ -5,7 +5,7 @@ A pack of split P (train, val, test; the splits of datasets.load_splits, rows in
 size S is two files in ``<data_root>/<dataset>/packed/``:
 
   ``P.npy``   N x S x S x 3 uint8 (numpy format, read memory-mapped): row i is
-              datasets.resized_pixels of image i, the pixels the PIL pipeline normalises
+              image_io.resized_pixels of image i, the pixels the PIL pipeline normalises
   ``P.json``  its stamp: format, dataset, split, image_size, num_images, the image list and the
               sha256 of the list, every image's size and modification time when it was packed
               (fingerprint.image_stats) and their sha256, and the rows whose image could not be read
@@ -38,6 +38,8 @@ import torch
 
 import datasets
 import fingerprint
+import image_dataset
+import image_io
 from config import UserError
 from datasets import DataError, Split
 from files import save_json
@@ -131,7 +133,7 @@ def open_pack(data_root, dataset: str, phase: str, split: Split, image_size: int
 
 class PackedImages(torch.utils.data.Dataset):
     """MultiLabelImages read from a pack: the same items, except ``image`` is the uint8 S x S x 3
-    array as stored (never flipped); ``flipped`` says whether datasets.to_model_input mirrors it on
+    array as stored (never flipped); ``flipped`` says whether image_io.to_model_input mirrors it on
     the device. The flips are drawn exactly as MultiLabelImages draws them. The memory map is
     opened in each worker process on first use (it is not pickled)."""
 
@@ -188,7 +190,7 @@ class PackedImages(torch.utils.data.Dataset):
         }
 
     def __getitems__(self, keys: list) -> dict:
-        """The whole batch of `keys` at once, already collated (datasets.collate_skipping passes it
+        """The whole batch of `keys` at once, already collated (image_dataset.collate_skipping passes it
         through): what collate_skipping makes of the items of __getitem__, the same tensors, but
         each row is copied once from the memory map into the batch, with no per-item tensors and no
         second copy to stack them. In a DataLoader worker the batch is allocated in shared memory,
@@ -238,7 +240,7 @@ def image_sets(cfg, splits: dict, root: Path) -> tuple[dict, torch.utils.data.Da
                                 phase=phase, skip_bad=cfg.skip_bad_images, pin_memory=pin)
     else:
         def make(phase, train):
-            return datasets.MultiLabelImages(root, splits[phase], cfg.image_size, train=train, dataset=cfg.dataset,
+            return image_dataset.MultiLabelImages(root, splits[phase], cfg.image_size, train=train, dataset=cfg.dataset,
                                              skip_bad=cfg.skip_bad_images)
     return {phase: make(phase, phase == 'train') for phase in splits}, make('train', False) if 'train' in splits else None
 
@@ -250,7 +252,7 @@ def image_sets(cfg, splits: dict, root: Path) -> tuple[dict, torch.utils.data.Da
 class _Resized(torch.utils.data.Dataset):
     """(row, S x S x 3 uint8 pixels or None when unreadable and skip_bad) of the rows given."""
 
-    def __init__(self, images: datasets.MultiLabelImages, rows: list[int], image_size: int, skip_bad: bool):
+    def __init__(self, images: image_dataset.MultiLabelImages, rows: list[int], image_size: int, skip_bad: bool):
         self.images, self.rows, self.image_size, self.skip_bad = images, rows, image_size, skip_bad
 
     def __len__(self) -> int:
@@ -264,7 +266,7 @@ class _Resized(torch.utils.data.Dataset):
             if self.skip_bad:
                 return row, None
             raise
-        return row, datasets.resized_pixels(img, self.image_size)
+        return row, image_io.resized_pixels(img, self.image_size)
 
 
 def _collate(items):
@@ -466,7 +468,7 @@ def write_pack(data_root, dataset: str, phase: str, split: Split, image_size: in
     except OSError as err:
         raise UserError(f'cannot write {err.filename or stamp_path}: {err.strerror or err}') from None
     rows = redo + list(range(start, n))
-    source = datasets.MultiLabelImages(root, split, image_size, train=False, dataset=dataset)
+    source = image_dataset.MultiLabelImages(root, split, image_size, train=False, dataset=dataset)
     loader = torch.utils.data.DataLoader(_Resized(source, rows, image_size, skip_bad), batch_size=chunk,
                                          num_workers=num_workers, collate_fn=_collate,
                                          worker_init_fn=die_with_parent if num_workers else None)

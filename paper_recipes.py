@@ -79,7 +79,7 @@ def _default(module: str, function: str, parameter: str):
 
 # What this project fixes without a flag: key -> function(model, dataset) giving its value here.
 FACTS: dict[str, Callable[[str, str], object]] = {
-    'backbone-weights': _fact('models', lambda m, model, ds: m.pretrained_weights(model)),
+    'backbone-weights': _fact('backbones', lambda m, model, ds: m.pretrained_weights(model)),
     'split-seed': _fact('datasets', lambda m, model, ds: m.SPLIT_SEED),
     'val-fraction': _fact('datasets', lambda m, model, ds: m.VAL_FRACTION),
     'numpy-seed': lambda model, ds: NUMPY_SEED,

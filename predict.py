@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
-import datasets
+import image_io
 from config import VLPLError, one_line
 from files import atomic_write
 
@@ -131,10 +131,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            rgb = datasets.read_rgb(self.files[i])  # the training pipeline's reading, 16-bit and float images too
+            rgb = image_io.read_rgb(self.files[i])  # the training pipeline's reading, 16-bit and float images too
         except Exception as e:  # PIL raises many kinds on damaged files; every one means "skip this file"
             return i, None, one_line(e)[:200]
-        return i, datasets.image_tensor(rgb, self.image_size), None
+        return i, image_io.image_tensor(rgb, self.image_size), None
 
 
 def collate_files(items):

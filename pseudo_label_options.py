@@ -12,7 +12,7 @@ preprocessing, and the per-class quality report of the pseudo-labels (pl_quality
   against the true labels of the train split (`truth_of`: of a dataset of partial annotations,
   OpenImages, only the annotated entries have a truth, and only they count).
 
-Imports nothing of the project above datasets.py (pseudo_labeler.py, class_text_features.py and the modules above them import this one).
+Imports nothing of the project above image_io.py (pseudo_labeler.py, class_text_features.py and the modules above them import this one).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import distributed
 import label_tables
 from config import UserError
-from datasets import IMAGENET_MEAN, IMAGENET_STD
+from image_io import IMAGENET_MEAN, IMAGENET_STD
 
 # CCD's template (train.py:53) and the seven templates that CLIP's authors selected for ImageNet
 # (openai/CLIP, notebooks/Prompt_Engineering_for_ImageNet.ipynb, the final ensemble).
@@ -103,7 +103,7 @@ def _channels(values, like: torch.Tensor) -> torch.Tensor:
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised (B x) 3 x H x W -> pixels in [0, 1] (inverts datasets.image_tensor's Normalize)."""
+    """ImageNet-normalised (B x) 3 x H x W -> pixels in [0, 1] (inverts image_io.image_tensor's Normalize)."""
     return images * _channels(IMAGENET_STD, images) + _channels(IMAGENET_MEAN, images)
 
 

@@ -159,19 +159,20 @@ def published_weights_file(kind: str, name: str, tag: Optional[str] = None) -> O
     """Where the published weights of a backbone (kind 'backbone', name a BACKBONES key) or a CLIP
     model (kind 'clip', name and tag as open_clip takes them) lie in the local caches of
     torchvision, timm (Hugging Face Hub) and open_clip; None when not found."""
-    import models
+    import backbones
+    import trunks
 
     try:
         if kind == 'backbone' and name == 'resnet50':
             import torchvision
 
-            weights = getattr(torchvision.models.ResNet50_Weights, models.RESNET50_WEIGHTS)
+            weights = getattr(torchvision.models.ResNet50_Weights, trunks.RESNET50_WEIGHTS)
             path = Path(torch.hub.get_dir()) / 'checkpoints' / Path(weights.url).name
             return str(path) if path.is_file() else None
-        if kind == 'backbone' and models.timm_name(name):
+        if kind == 'backbone' and backbones.timm_name(name):
             import timm
 
-            hub = timm.models.get_pretrained_cfg(models.timm_name(name)).hf_hub_id
+            hub = timm.models.get_pretrained_cfg(backbones.timm_name(name)).hf_hub_id
             return _hf_cached(hub, ('model.safetensors', 'pytorch_model.bin')) if hub else None
         if kind == 'clip':
             import open_clip
@@ -221,8 +222,8 @@ def provenance(cfg: Config, device, *, uses_clip: bool, git: Optional[dict] = No
     """Where a run's number comes from: the code (commit, dirty tree), the libraries, the device,
     the backbone and CLIP weights (name, file, sha256), the input size, the seeds of the split and
     of the observed labels, the sha256 of every label file, and the recipe with its overrides."""
+    import backbones
     import datasets
-    import models
 
     cache = cfg.cache_dir
     if cfg.backbone_weights:
@@ -231,8 +232,8 @@ def provenance(cfg: Config, device, *, uses_clip: bool, git: Optional[dict] = No
         backbone = _weights('--init-from', cfg.init_from, cache)
     elif cfg.model == 'clip_vision':
         backbone = {'name': f'the CLIP image tower ({cfg.clip_model} / {cfg.clip_pretrained})'}
-    elif cfg.pretrained and models.pretrained_weights(cfg.model):
-        backbone = _weights(models.pretrained_weights(cfg.model), published_weights_file('backbone', cfg.model), cache)
+    elif cfg.pretrained and backbones.pretrained_weights(cfg.model):
+        backbone = _weights(backbones.pretrained_weights(cfg.model), published_weights_file('backbone', cfg.model), cache)
     else:
         backbone = {'name': 'random initialisation (the run\'s torch seed)'}
     clip = None

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
+import backbones
 import class_text_features
 import datasets
 import distributed
 import fingerprint
 import heads_run
+import image_dataset
 import label_tables
 import methods
-import models
 import packs
 from checkpoints import check_fits, ensure_writable, load_checkpoint
 from config import Config, UserError
@@ -30,7 +31,7 @@ class Data:
     splits: dict
     sets: dict
     train_eval_set: torch.utils.data.Dataset
-    sampler: datasets.FlipSampler
+    sampler: image_dataset.FlipSampler
     loaders: dict
     train_eval_loader: torch.utils.data.DataLoader
     inputs: dict  # the fingerprint of the data (fingerprint.py), kept in last.pt for --resume
@@ -98,7 +99,7 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
         dataset = dataset if sampler is not None else distributed.shard(dataset)
     return torch.utils.data.DataLoader(
         dataset, **batches, shuffle=False, num_workers=workers,
-        collate_fn=datasets.collate_skipping, pin_memory=device.type == 'cuda',
+        collate_fn=image_dataset.collate_skipping, pin_memory=device.type == 'cuda',
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed))
 
@@ -106,7 +107,7 @@ def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):
 def check_inputs(cfg: Config, splits: dict, root: Path, resume: dict | None) -> tuple:
     """Every input file checked before the expensive work (CLIP, the embedding cache, training); returns
     the --init-from checkpoint (checked to fit this run: checkpoints.check_fits) and the trunk built with
-    --backbone-weights or the published weights (models.build_trunk; None where a checkpoint or CLIP
+    --backbone-weights or the published weights (backbones.build_trunk; None where a checkpoint or CLIP
     gives the weights)."""
     for phase, split in splits.items():
         if cfg.data_format == 'packed':  # the packs replace the image files
@@ -129,7 +130,7 @@ def check_inputs(cfg: Config, splits: dict, root: Path, resume: dict | None) -> 
             raise UserError(f'{where}: {e}') from None
         check_fits(init, cfg, class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root), where)
     elif resume is None and cfg.model != 'clip_vision':  # clip_vision's weights are the CLIP model's
-        trunk = models.build_trunk(cfg.model, seed=cfg.seed, pretrained=cfg.pretrained,
+        trunk = backbones.build_trunk(cfg.model, seed=cfg.seed, pretrained=cfg.pretrained,
                                    weights_path=cfg.backbone_weights, image_size=cfg.image_size)
     return init, trunk
 
@@ -164,7 +165,7 @@ def build_loaders(cfg: Config, splits: dict, root: Path, method_class, device) -
                                                       unlabelled=not method_class.reads_train_labels),
                                 cfg.cache_dir)
     sets['train'] = method_class.training_images(cfg, sets['train'])  # AEVLP, CCD add their views
-    sampler = datasets.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0),
+    sampler = image_dataset.FlipSampler(len(sets['train']), seed=cfg.seed, views=getattr(sets['train'], 'num_views', 0),
                                    draws=getattr(sets['train'], 'num_draws', 0))
     loaders = {'train': make_loader(sets['train'], batch_size=cfg.batch_size, sampler=sampler, cfg=cfg,
                                     device=device)}

@@ -2,7 +2,7 @@
 
 `convert(kind, obj, options)` reads the object a seed system saves (its own layout: wrapping keys,
 `module.` prefixes, extra entries) and maps every tensor onto models.Classifier: the trunk (a BACKBONES
-row or timm:NAME, recognised from the layout by `TRUNKS`) and the head (a HEADS row), with what a
+row or timm:NAME, recognised from the layout by seed_trunks.TRUNKS) and the head (a HEADS row), with what a
 checkpoint of this project stores beside the weights: the command line that builds the classifier (backbone,
 head and its sizes, input size and normalisation, dataset), the class names and SGRE's label embeddings.
 preproc/import_checkpoint.py parses that command line, rebuilds the classifier through the project's
@@ -16,7 +16,7 @@ place in the classifier, or a layout none of the tables knows, is refused in one
 The key maps, per source:
 - CSL (github.com/Alibaba-MIIL/PartialLabelingCSL, src/models/tresnet/tresnet.py; infer.py reads
   state['model'] and state['idx_to_class']): the TResNet `body.*` with InplaceABN layers -> timm's TResNet
-  (`TRESNET_RENAMES`), `head.fc.*` -> the linear head, or `head.fc.embedding_generator.0.*` /
+  (seed_trunks.TRESNET_RENAMES), `head.fc.*` -> the linear head, or `head.fc.embedding_generator.0.*` /
   `head.fc.FC.*` (its OpenImages bottleneck head) -> the bottleneck head.
 - Query2Label (github.com/SlongLiu/query2labels, lib/models/query2label.py Qeruy2Label; q2l_infer.py
   reads checkpoint['state_dict'] without `module.`): `backbone.0.body.*` (IntermediateLayerGetter of a
@@ -33,238 +33,21 @@ The key maps, per source:
   `onebyone_conv.*` (K x 2048 x 1 x 1) -> the linear head, `alpha` (1 x K, every entry its --coeff) ->
   BoostLU's factor (--boostlu-alpha): logits = mean over the map of alpha x CAM where CAM > 0, else CAM.
 
-Trunks (`TRUNKS`): a torchvision ResNet's names are timm's (resnet101, timm:resnet18, ...; batch-norm
-layers without `num_batches_tracked`, as Query2Label's FrozenBatchNorm2d, get 0, the count of training
-steps, which evaluation never reads); a MIIL TResNet becomes timm's TResNet as timm converts it
-(timm.models.tresnet.checkpoint_filter_fn): Sequential indices to conv/bn names, and an InplaceABN scale w
-to a BatchNorm scale |w| + eps (inplace_abn's forward, src/inplace_abn_cpu.cpp forward_cpu, scales by
-|w| + eps); Microsoft's Swin becomes timm's (timm.models.swin_transformer.checkpoint_filter_fn): the
-patch merging of stage i moves to the start of stage i + 1.
+The files are read by seed_files.py; the backbones' layouts and key maps are seed_trunks.py.
 """
 from __future__ import annotations
 
-import collections
-import json
-import math
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from config import DATASETS, UserError, one_line
+from config import DATASETS
 from heads import sine_position_encoding
-
-
-class CheckpointImportError(UserError):
-    """A file that cannot be imported as the named kind; one line naming the file and what to do."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the originals' files
-
-
-def _harmless_globals() -> dict:
-    """Python globals the originals' files hold beside tensors and plain containers, with what reads them
-    as data: numpy scalars and dtypes (Query2Label's best_mAP is numpy's), argparse.Namespace, and CCD's
-    settings P, a munch.Munch (a dict subclass, read as an OrderedDict without the munch package)."""
-    import argparse
-
-    core = np._core if hasattr(np, '_core') else np.core
-    table = {'argparse.Namespace': argparse.Namespace, 'munch.Munch': collections.OrderedDict,
-             'numpy.dtype': np.dtype}
-    for module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
-        table[f'{module}.scalar'] = core.multiarray.scalar
-    for name in dir(np.dtypes):
-        if name.endswith('DType'):
-            table[f'numpy.dtypes.{name}'] = getattr(np.dtypes, name)
-    return table
-
-
-def read_file(path: Path) -> object:
-    """The object in a published checkpoint file, read with torch.load(weights_only=True) and, where the
-    file names them, the harmless globals above allowed: a file holding anything else is refused
-    without running any of it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointImportError(f'{path}: no such file')
-    if not zipfile.is_zipfile(path):
-        with open(path, 'rb') as handle:
-            start = handle.read(4)
-        if start == b'PK\x03\x04':
-            raise CheckpointImportError(f'{path}: not a readable PyTorch checkpoint (its zip archive is cut short or '
-                                        'damaged); download it again')
-        if start[:1] != b'\x80':  # torch.save writes a zip archive, before torch 1.6 a pickle
-            raise CheckpointImportError(f'{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)')
-    table = _harmless_globals()
-    try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if zipfile.is_zipfile(path) else []
-    except Exception:  # a damaged archive: torch.load below says why
-        found = []
-    refused = [name for name in found if name not in table]
-    if refused:
-        raise CheckpointImportError(f'{path}: it holds Python objects that no published checkpoint of the seed systems '
-                                    f'holds ({refused[0]}), so it was not loaded (no code in it ran)')
-    try:
-        with torch.serialization.safe_globals([(value, name) for name, value in table.items()]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointImportError(f'{path}: it holds Python objects that no published checkpoint of the seed '
-                                    'systems holds, so it was not loaded (no code in it ran)') from None
-    except Exception as e:  # truncated, not a torch file, ...
-        raise CheckpointImportError(f'{path}: not a readable PyTorch checkpoint ({one_line(e)[:120]})') from None
-
-
-def _without_module_prefix(state: dict) -> dict:
-    """A state dict without the `module.` prefixes of DistributedDataParallel and ModelEma wrappers."""
-    while state and all(isinstance(k, str) and k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
-    return state
-
-
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _under(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _blocks(state: dict, pattern: str, stages) -> tuple[int, ...]:
-    """Blocks per stage: the distinct block indices of keys matching pattern.format(stage) + r'(\\d+)\\.'."""
-    counts = []
-    for stage in stages:
-        regex = re.compile(re.escape(pattern.format(stage)) + r'(\d+)\.')
-        counts.append(len({m.group(1) for k in state for m in [regex.match(k)] if m}))
-    return tuple(counts)
-
-
-def _size(value: torch.Tensor, dim: int) -> int:
-    return int(value.shape[dim])
-
-
-# ----------------------------------------------------------------------------------------------
-# Trunks: layouts of the originals' backbones -> the keys of a models.Classifier's `trunk`
-
-
-def _resnet_name(state: dict) -> str | None:
-    bottleneck = 'layer1.0.conv3.weight' in state
-    return RESNETS.get((bottleneck, _blocks(state, 'layer{}.', range(1, 5))))
-
-
-def _resnet_keys(state: dict) -> dict:
-    return dict(state)  # torchvision's names are timm's
-
-
-# (Bottleneck blocks?, blocks per stage) -> -m
-RESNETS = {(False, (2, 2, 2, 2)): 'timm:resnet18', (False, (3, 4, 6, 3)): 'timm:resnet34',
-           (True, (3, 4, 6, 3)): 'resnet50', (True, (3, 4, 23, 3)): 'resnet101',
-           (True, (3, 8, 36, 3)): 'timm:resnet152'}
-
-
-def _tresnet_name(state: dict) -> str | None:
-    planes = _size(state['body.conv1.0.weight'], 0)
-    v2 = 'body.layer1.0.conv3.0.weight' in state  # TResNet v2: Bottleneck blocks in every stage
-    return TRESNETS.get((planes, _blocks(state, 'body.layer{}.', range(1, 5)), v2))
-
-
-# (stem width, blocks per stage, v2) -> -m (timm.models.tresnet: tresnet_m/l/xl, tresnet_v2_l)
-TRESNETS = {(64, (3, 4, 11, 3), False): 'tresnet_m', (76, (4, 5, 18, 3), False): 'tresnet_l',
-            (83, (4, 5, 24, 3), False): 'timm:tresnet_xl', (64, (3, 4, 23, 3), True): 'timm:tresnet_v2_l'}
-
-# MIIL's TResNet (conv2d_ABN = Sequential(Conv2d, InPlaceABN), wrapped once more where anti-aliasing
-# follows; downsample = Sequential([AvgPool2d,] conv2d_ABN)) -> timm's ConvNormAct names, in this order
-# (the rules of timm.models.tresnet.checkpoint_filter_fn).
-TRESNET_RENAMES = ((r'conv(\d+)\.0\.0\.', r'conv\1.conv.'), (r'conv(\d+)\.0\.1\.', r'conv\1.bn.'),
-                   (r'conv(\d+)\.0\.', r'conv\1.conv.'), (r'conv(\d+)\.1\.', r'conv\1.bn.'),
-                   (r'downsample\.(\d+)\.0\.', r'downsample.\1.conv.'),
-                   (r'downsample\.(\d+)\.1\.', r'downsample.\1.bn.'))
-INPLACE_ABN_EPS = 1e-5  # conv2d_ABN builds InPlaceABN with its default eps
-
-
-def _tresnet_keys(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        for pattern, replacement in TRESNET_RENAMES:
-            key = re.sub(pattern, replacement, key, count=1)
-        if key.endswith('.bn.weight'):  # InplaceABN scales by |w| + eps, BatchNorm by w
-            value = value.abs() + INPLACE_ABN_EPS
-        out[key] = value
-    return out
-
-
-def _swin_name(state: dict) -> str | None:
-    embed = _size(state['patch_embed.proj.weight'], 0)
-    rows = _size(state['layers.0.blocks.0.attn.relative_position_bias_table'], 0)  # (2 window - 1)^2
-    window = (math.isqrt(rows) + 1) // 2
-    return SWINS.get((embed, _blocks(state, 'layers.{}.blocks.', range(4)), window))
-
-
-# (embedding width, blocks per stage, window) -> -m
-SWINS = {(192, (2, 2, 18, 2), 12): 'swin_large', (192, (2, 2, 18, 2), 7): 'timm:swin_large_patch4_window7_224',
-         (128, (2, 2, 18, 2), 12): 'timm:swin_base_patch4_window12_384',
-         (128, (2, 2, 18, 2), 7): 'timm:swin_base_patch4_window7_224'}
-
-
-def _swin_keys(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        if key.rsplit('.', 1)[-1] in ('relative_position_index', 'attn_mask'):
-            continue  # constants of the window geometry, recomputed by timm's Swin for the input size
-        # Microsoft's Swin merges patches at the end of stage i, timm's at the start of stage i + 1
-        out[re.sub(r'^layers\.(\d+)\.downsample\.', lambda m: f'layers.{int(m.group(1)) + 1}.downsample.', key)] = value
-    return out
-
-
-@dataclass(frozen=True)
-class TrunkLayout:
-    """One backbone layout of the originals: `marker`, a key only it has; `name`, the -m of its published
-    sizes (None: a size no published checkpoint has); `keys`, its tensors under the trunk's names."""
-    description: str
-    marker: str
-    name: Callable[[dict], str | None]
-    keys: Callable[[dict], dict]
-    stride: int = 32  # input side / map side (the position encodings' grid)
-
-
-TRUNKS = (
-    TrunkLayout('torchvision ResNet', 'layer1.0.conv1.weight', _resnet_name, _resnet_keys),
-    TrunkLayout("MIIL's TResNet (InplaceABN)", 'body.conv1.0.weight', _tresnet_name, _tresnet_keys),
-    TrunkLayout("Microsoft's Swin Transformer", 'patch_embed.proj.weight', _swin_name, _swin_keys),
-)
-
-
-def convert_trunk(state: dict, where: str, model: str | None) -> tuple[str, dict, TrunkLayout]:
-    """(backbone -m, {'trunk.' + key: tensor}, its layout) of an original's backbone tensors; `model`
-    overrides the backbone the layout names (its tensors must then fit it)."""
-    if any(k.startswith('stage0.') for k in state):
-        raise CheckpointImportError(f'{where}: its backbone is a CvT, which timm does not have, so no backbone of this '
-                                    'project can hold it (docs/seed-checkpoints.md)')
-    for layout in TRUNKS:
-        if layout.marker in state:
-            name = model or layout.name(state)
-            if name is None:
-                raise CheckpointImportError(
-                    f'{where}: its {layout.description} is of a size no published checkpoint has; name the backbone '
-                    'that holds it with --model (a BACKBONES row or timm:NAME)')
-            return name, {'trunk.' + k: v for k, v in layout.keys(state).items()}, layout
-    raise CheckpointImportError(f'{where}: its backbone is none of {", ".join(t.description for t in TRUNKS)} '
-                                f'(first key {next(iter(state), None)!r})')
-
-
-def with_step_counts(state: dict) -> dict:
-    """Every batch-norm layer (a `.running_mean`) given the `num_batches_tracked` it lacks (InplaceABN and
-    FrozenBatchNorm2d keep none): 0, the count of training steps, which evaluation never reads."""
-    out = dict(state)
-    for key in state:
-        if key.endswith('.running_mean'):
-            out.setdefault(key[:-len('running_mean')] + 'num_batches_tracked', torch.tensor(0, dtype=torch.long))
-    return out
+from seed_files import CheckpointImportError, blocks_per_stage, is_state_dict, size_of, under, without_module_prefix
+from seed_trunks import TrunkLayout, convert_trunk, with_step_counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,7 +138,7 @@ def _grid_size(where: str, pe: torch.Tensor, dim: int, stride: int, name: str) -
     the sine encoding the head computes (heads.sine_position_encoding)."""
     if pe.ndim != 4 or pe.shape[1] != dim or pe.shape[2] != pe.shape[3]:
         raise CheckpointImportError(f'{where}: {name} has shape {tuple(pe.shape)}, not 1 x {dim} x h x h')
-    h = _size(pe, 2)
+    h = size_of(pe, 2)
     if pe.device.type != 'meta':
         expected = sine_position_encoding(h, h, dim)
         if not torch.allclose(pe[0].float(), expected, atol=1e-4):
@@ -383,24 +166,24 @@ def _size_and_norm(where: str, options: Options, cfg: dict, notes: list, state: 
 
 
 def _csl(obj, where: str, options: Options) -> Imported:
-    published = isinstance(obj, dict) and _is_state_dict(obj.get('model'))
-    state = _without_module_prefix(obj['model'] if published else obj if _is_state_dict(obj) else {})
+    published = isinstance(obj, dict) and is_state_dict(obj.get('model'))
+    state = without_module_prefix(obj['model'] if published else obj if is_state_dict(obj) else {})
     if 'body.conv1.0.weight' not in state or not any(k.startswith('head.fc.') for k in state):
         raise CheckpointImportError(f'{where}: not a CSL checkpoint (no body.conv1.0.weight and head.fc.*, the keys of '
                                     f'its TResNet){_looks_like(obj)}')
     backbone, trunk, _ = convert_trunk({k: v for k, v in state.items() if not k.startswith('head.')}, where,
                                        options.model)
-    head_state = _under(state, 'head.fc.')
+    head_state = under(state, 'head.fc.')
     if 'embedding_generator.0.weight' in head_state:
-        head, features = 'bottleneck', _size(head_state['embedding_generator.0.weight'], 0)
+        head, features = 'bottleneck', size_of(head_state['embedding_generator.0.weight'], 0)
         if features != 512:
             raise CheckpointImportError(f"{where}: its bottleneck head has {features} features; this project's "
                                         "bottleneck head has CSL's 512")
         keys = {'embedding_generator.0.weight', 'embedding_generator.0.bias', 'FC.weight', 'FC.bias'}
-        count = _size(head_state['FC.weight'], 0)
+        count = size_of(head_state['FC.weight'], 0)
     else:
         head, keys = 'linear', {'weight', 'bias'}
-        count = _size(head_state['weight'], 0)
+        count = size_of(head_state['weight'], 0)
     _refuse_rest(where, head_state, keys, "CSL's head")
     notes, extras = [], {}
     if published:  # infer.py: the OpenImages models, their classes as MIDs in state['idx_to_class']
@@ -461,19 +244,19 @@ def _in_class_order(where: str, head_state: dict, head: str, mids: list[str], or
 
 
 def _layers(state: dict, prefix: str) -> int:
-    return _blocks(state, prefix, [''])[0]
+    return blocks_per_stage(state, prefix, [''])[0]
 
 
 def _q2l(obj, where: str, options: Options) -> Imported:
-    state = obj.get('state_dict') if isinstance(obj, dict) and _is_state_dict(obj.get('state_dict')) else obj
-    state = _without_module_prefix(state if _is_state_dict(state) else {})
+    state = obj.get('state_dict') if isinstance(obj, dict) and is_state_dict(obj.get('state_dict')) else obj
+    state = without_module_prefix(state if is_state_dict(state) else {})
     if 'query_embed.weight' not in state or 'fc.W' not in state or 'backbone.1.pe' not in state:
         raise CheckpointImportError(f'{where}: not a Query2Label checkpoint (no query_embed.weight, fc.W and '
                                     f'backbone.1.pe, the keys of its Qeruy2Label){_looks_like(obj)}')
     cfg = options.config or {}
-    backbone_state = _under(state, 'backbone.0.')
+    backbone_state = under(state, 'backbone.0.')
     if any(k.startswith('body.') for k in backbone_state):  # IntermediateLayerGetter of a ResNet / TResNet
-        backbone_state = _under(backbone_state, 'body.')
+        backbone_state = under(backbone_state, 'body.')
     backbone, trunk, layout = convert_trunk(backbone_state, where, options.model)
     count, hidden = (int(n) for n in state['query_embed.weight'].shape)
     enc = _layers(state, 'transformer.encoder.layers.')
@@ -483,10 +266,10 @@ def _q2l(obj, where: str, options: Options) -> Imported:
         raise CheckpointImportError(f'{where}: its first decoder layer {"keeps" if kept[0] else "drops"} self-attention '
                                     'and the others do not; the q2l head keeps it in all layers or none')
     pre_norm = 'transformer.encoder.norm.weight' in state  # the encoder's final norm exists with normalize_before
-    if 'input_proj.weight' in state and _size(state['input_proj.weight'], 1) == hidden:
+    if 'input_proj.weight' in state and size_of(state['input_proj.weight'], 1) == hidden:
         raise CheckpointImportError(f'{where}: it projects {hidden} channels onto {hidden} (--keep_input_proj with equal '
                                     'sizes), which the q2l head does only between different sizes')
-    ffn = _size(state['transformer.decoder.layers.0.linear1.weight'], 0)
+    ffn = size_of(state['transformer.decoder.layers.0.linear1.weight'], 0)
     notes = []
     heads = cfg.get('nheads')
     if heads is None:
@@ -521,14 +304,14 @@ SGRE_HEAD = ('encoder.', 'attention.', 'fc.', 'fc2.', 'net1.', 'net2.', 'net3.',
 
 
 def _sgre(obj, where: str, options: Options) -> Imported:
-    state = _without_module_prefix(obj if _is_state_dict(obj) else {})
+    state = without_module_prefix(obj if is_state_dict(obj) else {})
     if 'attention.linear1.weight' not in state or 'fc2.0.weight' not in state or 'position_embedding.pe' not in state:
         raise CheckpointImportError(f'{where}: not an SGRE checkpoint (no attention.linear1.weight, fc2.0.weight and '
                                     f'position_embedding.pe, the keys of its MLIC){_looks_like(obj)}')
     cfg = options.config or {}
-    backbone, trunk, layout = convert_trunk(_under(state, 'backbone.'), where, options.model)
-    dim = _size(state['fc.weight'], 1)
-    count = _size(state['fc.weight'], 0)
+    backbone, trunk, layout = convert_trunk(under(state, 'backbone.'), where, options.model)
+    dim = size_of(state['fc.weight'], 1)
+    count = size_of(state['fc.weight'], 0)
     notes = []
     if cfg.get('rm_cls'):
         raise CheckpointImportError(f'{where}: its config removes a class token (--rm-cls, ViT backbones), which no '
@@ -557,17 +340,17 @@ def _sgre(obj, where: str, options: Options) -> Imported:
         raise CheckpointImportError(f'{where}: SGRE keeps its label embeddings outside the checkpoint (MLIC loads '
                                     f'data/<data>/{cfg.get("embed_type", "bert")}.npy): pass it with --label-embeddings')
     if embeddings.ndim != 2 or embeddings.shape[0] != count \
-            or embeddings.shape[1] != _size(state['attention.linear2.weight'], 1):
+            or embeddings.shape[1] != size_of(state['attention.linear2.weight'], 1):
         raise CheckpointImportError(f'{where}: its label embeddings are {tuple(embeddings.shape)}, its attention reads '
-                                    f'{count} x {_size(state["attention.linear2.weight"], 1)}')
+                                    f'{count} x {size_of(state["attention.linear2.weight"], 1)}')
     extras['label_embeddings'] = embeddings.float()
     head_state = {k: v for k, v in state.items() if k.startswith(SGRE_HEAD)}
     _refuse_rest(where, state, set(head_state) | {'position_embedding.pe', 'embeddings'}
                  | {k for k in state if k.startswith('backbone.')}, "SGRE's MLIC")
     argv = ['-d', dataset, '-m', backbone, '--head', 'sgre', '--image-size', str(size), '--input-norm', norm,
             '--sgre-layers', str(_layers(state, 'encoder.layers.')), '--sgre-heads', str(setting['num_heads']),
-            '--sgre-ffn', str(_size(state['encoder.layers.0.linear1.weight'], 0)),
-            '--sgre-att-dim', str(_size(state['attention.linear1.weight'], 0)), '--sgre-tau', str(setting['tau'])]
+            '--sgre-ffn', str(size_of(state['encoder.layers.0.linear1.weight'], 0)),
+            '--sgre-att-dim', str(size_of(state['attention.linear1.weight'], 0)), '--sgre-tau', str(setting['tau'])]
     argv += [] if setting['pos'] else ['--sgre-no-pos']
     if 'lamda' in cfg:
         argv += ['--lamda', str(cfg['lamda'])]
@@ -586,19 +369,19 @@ def _ccd(obj, where: str, options: Options) -> Imported:
     original, settings = obj, {}
     if isinstance(obj, tuple) and len(obj) == 2:  # train.py: torch.save((model.state_dict(), P), path)
         obj, settings = obj[0], dict(obj[1]) if isinstance(obj[1], dict) else {}
-    state = _without_module_prefix(obj if _is_state_dict(obj) else {})
+    state = without_module_prefix(obj if is_state_dict(obj) else {})
     if 'onebyone_conv.weight' not in state or 'alpha' not in state or 'feature_extractor.0.weight' not in state:
         raise CheckpointImportError(f'{where}: not a CCD checkpoint (no feature_extractor.0.weight, onebyone_conv.weight '
                                     f'and alpha, the keys of its ImageClassifier){_looks_like(original)}')
     trunk_state = {}
-    for key, value in _under(state, 'feature_extractor.').items():
+    for key, value in under(state, 'feature_extractor.').items():
         index, _, rest = key.partition('.')
         if index not in CCD_TRUNK:
             raise CheckpointImportError(f'{where}: feature_extractor.{key} is not in its ResNet-50 children')
         trunk_state[f'{CCD_TRUNK[index]}.{rest}'] = value
     backbone, trunk, _ = convert_trunk(trunk_state, where, options.model)
     weight = state['onebyone_conv.weight']
-    count = _size(weight, 0)
+    count = size_of(weight, 0)
     alpha = state['alpha'].reshape(-1).float()
     if alpha.numel() != count or (alpha.device.type != 'meta' and not torch.all(alpha == alpha[0])):
         raise CheckpointImportError(f'{where}: its alpha is not one value for all {count} classes (train.py sets every '
@@ -657,9 +440,9 @@ def state_dict_of(obj) -> dict:
         obj = obj[0]
     if isinstance(obj, dict):
         for key in ('model', 'state_dict'):
-            if _is_state_dict(obj.get(key)):
-                return _without_module_prefix(obj[key])
-    return _without_module_prefix(obj) if _is_state_dict(obj) else (obj if isinstance(obj, dict) else {})
+            if is_state_dict(obj.get(key)):
+                return without_module_prefix(obj[key])
+    return without_module_prefix(obj) if is_state_dict(obj) else (obj if isinstance(obj, dict) else {})
 
 
 def convert(kind: str, obj, where: str, options: Options | None = None) -> Imported:
@@ -670,25 +453,3 @@ def convert(kind: str, obj, where: str, options: Options | None = None) -> Impor
     imported = SOURCES[kind].convert(obj, where, options or Options())
     imported.state = with_step_counts(imported.state)
     return imported
-
-
-def read_config(path: Path) -> dict:
-    """An original's run settings: Query2Label's config JSON (q2l_infer.py --config) or SGRE's config.yaml
-    (lib/util.py prepare_env writes one `key: value` line per setting)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding='utf-8')
-    except OSError as e:
-        raise CheckpointImportError(f'--config {path}: cannot read it ({e.strerror or e})') from None
-    try:
-        if path.suffix == '.json':
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:
-        raise CheckpointImportError(f'--config {path}: not a readable settings file ({one_line(e)[:120]})') from None
-    if not isinstance(data, dict):
-        raise CheckpointImportError(f'--config {path}: holds no settings (key: value)')
-    return data

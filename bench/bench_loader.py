@@ -11,7 +11,7 @@ Run from the repository root:
     python bench/bench_loader.py --compile                # also a torch.compile'd training step
 
 Pipelines, each reading the same images in the same shuffled (row, flip) order a FlipSampler draws,
-batch by batch up to the tensor the model reads (datasets.to_model_input on --device):
+batch by batch up to the tensor the model reads (image_io.to_model_input on --device):
 
   PIL                  MultiLabelImages in --num-workers DataLoader workers (the original pipeline)
   packed               PackedImages in --num-workers workers (the batch crosses to the main
@@ -108,9 +108,9 @@ def synthetic_dataset(folder: Path, count: int, size: str):
 
 
 def make_loader(dataset, keys, batch_size: int, workers: int, device):
-    import datasets
+    import image_dataset
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=workers,
-                                       collate_fn=datasets.collate_skipping,
+                                       collate_fn=image_dataset.collate_skipping,
                                        pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
                                        prefetch_factor=4 if workers > 0 else None)
 
@@ -131,10 +131,10 @@ def _worker_cpu_seconds(loader) -> float:
 def one_pass(loader, device, sync) -> tuple[float, float]:
     """(images per second from the first batch to the last, CPU ms per image of this process and the
     loader's workers over the same span); worker start-up is not counted."""
-    import datasets
+    import image_io
     count, start = 0, None
     for batch in loader:
-        x = datasets.to_model_input(batch['image'], batch['flipped'], device)
+        x = image_io.to_model_input(batch['image'], batch['flipped'], device)
         sync()
         if start is None:
             start, cpu0, workers0 = time.perf_counter(), time.process_time(), _worker_cpu_seconds(loader)
@@ -209,7 +209,7 @@ def profile_stages(pil, packed, keys, batch_size: int, device) -> list[tuple[str
     from PIL import Image
     from torchvision.transforms import functional as TF
 
-    import datasets
+    import image_io
     import packs
 
     threads = torch.get_num_threads()
@@ -222,7 +222,7 @@ def profile_stages(pil, packed, keys, batch_size: int, device) -> list[tuple[str
         decoded = [Image.open(io.BytesIO(b)).convert('RGB') for b in raw]
         resized = [TF.resize(img, [size, size]) for img in decoded]
         tensors = [TF.to_tensor(img) for img in resized]
-        normalised = [TF.normalize(t, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD) for t in tensors]
+        normalised = [TF.normalize(t, image_io.IMAGENET_MEAN, image_io.IMAGENET_STD) for t in tensors]
         chunks = [slice(lo, lo + batch_size) for lo in range(0, n, batch_size)]
 
         def collate_shared():
@@ -241,7 +241,7 @@ def profile_stages(pil, packed, keys, batch_size: int, device) -> list[tuple[str
              _ms_per_image(lambda: [TF.hflip(img) for img, f in zip(resized, flips) if f], n)),
             ('PIL', 'ToTensor (TF.to_tensor)', _ms_per_image(lambda: [TF.to_tensor(img) for img in resized], n)),
             ('PIL', 'Normalize (TF.normalize)', _ms_per_image(
-                lambda: [TF.normalize(t, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD) for t in tensors], n)),
+                lambda: [TF.normalize(t, image_io.IMAGENET_MEAN, image_io.IMAGENET_STD) for t in tensors], n)),
             ('PIL', 'float32 batch into shared memory (a worker\'s collate)', _ms_per_image(collate_shared, n)),
         ]
 
@@ -273,11 +273,11 @@ def profile_stages(pil, packed, keys, batch_size: int, device) -> list[tuple[str
             ('packed', 'ToTensor alone (uint8 HWC -> float32 CHW / 255)', _ms_per_image(
                 lambda: [x.float().div(255) for x in chw], n)),
             ('packed', 'Normalize alone ((x - mean) / std)', _ms_per_image(
-                lambda: [datasets._normalise(x) for x in scaled], n)),
+                lambda: [image_io._normalise(x) for x in scaled], n)),
             ('packed', f'flip + ToTensor + Normalize as to_model_input runs them on {device.type}'
                        + (' (byte-table lookup, fused)' if device.type == 'cpu' else
                           ' (copy to the device included; wall time)'),
-             _ms_per_image(lambda: [datasets.to_model_input(b['image'], b['flipped'], device) for b in batches]
+             _ms_per_image(lambda: [image_io.to_model_input(b['image'], b['flipped'], device) for b in batches]
                            + [device_sync(device)()], n, clock=time.process_time if device.type == 'cpu'
                            else time.perf_counter)),
         ]
@@ -342,6 +342,8 @@ def measure(args, device) -> LoaderFigures:
     """Every pipeline on the same images and keys: the comparison pass, the timed passes, the stage
     profile and the training step, as the module's docstring says."""
     import datasets
+    import image_dataset
+    import image_io
     import packs
 
     sync = device_sync(device)
@@ -359,7 +361,7 @@ def measure(args, device) -> LoaderFigures:
             packs.write_pack(data_root, dataset, 'test', split, args.image_size, num_workers=args.num_workers)
             log(f'packed them in {time.perf_counter() - t0:.1f} s (once per dataset)')
         root = datasets.image_root(data_root, dataset)
-        pil = datasets.MultiLabelImages(root, split, args.image_size, train=True, dataset=dataset)
+        pil = image_dataset.MultiLabelImages(root, split, args.image_size, train=True, dataset=dataset)
         packed = packs.PackedImages(data_root, split, args.image_size, train=True, dataset=dataset, phase='test',
                                     pin_memory=device.type == 'cuda')
         n = min(args.images, len(split))
@@ -375,7 +377,7 @@ def measure(args, device) -> LoaderFigures:
         log(f'comparing every tensor of the pipelines ({n} images, both flips as drawn) ...')
         identical = True
         for group in zip(*loaders.values()):
-            made = [datasets.to_model_input(b['image'], b['flipped'], device) for b in group]
+            made = [image_io.to_model_input(b['image'], b['flipped'], device) for b in group]
             identical &= all(torch.equal(made[0], x) and torch.equal(group[0]['index'], b['index'])
                              for x, b in zip(made[1:], group[1:]))
         rates = {name: [] for name in loaders}

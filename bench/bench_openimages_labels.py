@@ -134,6 +134,7 @@ def stage_epoch(work: Path, args) -> dict:
 
     torch.set_num_threads(1)  # the 2-core machine is shared: conversions on more threads only contend
     import datasets
+    import image_dataset
     import label_tables
     import methods
     import methods_partial  # noqa: F401 - registers -l CSL
@@ -146,7 +147,7 @@ def stage_epoch(work: Path, args) -> dict:
     splits = datasets.load_splits(work, 'openimages')
     method = methods.build_method(cfg, splits['train'].labels_obs, torch.device('cpu'))
     train_true = label_tables.on_device(splits['train'].labels_true, torch.device('cpu'), copy=False)
-    sampler = datasets.FlipSampler(len(splits['train']), seed=0)
+    sampler = image_dataset.FlipSampler(len(splits['train']), seed=0)
     order = torch.tensor([row for row, _ in sampler])
     rows = 0
     for b in range(0, len(order), args.batch_size):

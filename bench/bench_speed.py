@@ -149,6 +149,7 @@ def make_setup(args, device, workdir: Path) -> Setup:
     import class_text_features
     import clip_loading
     import datasets
+    import image_dataset
     import methods
     import models
     import pseudo_label_policy
@@ -179,7 +180,7 @@ def make_setup(args, device, workdir: Path) -> Setup:
     split = datasets.Split(np.array([f'bench_{i}.jpg' for i in range(b)]), true.cpu().numpy(),
                            observed.cpu().numpy())
     loader = torch.utils.data.DataLoader(OneBatchImages(images.cpu(), workdir), batch_size=b,
-                                         collate_fn=datasets.collate_skipping)
+                                         collate_fn=image_dataset.collate_skipping)
     progress('building the pseudo-label sources; the cache embeds the batch once per flip with the frozen CLIP ...')
     with contextlib.redirect_stdout(sys.stderr):  # their log lines are progress, not results
         online, _ = pseudo_label_policy.build_pseudo_labels(cfg, clip, tokenizer, split, loader, device, NUM_CLASSES)

@@ -75,10 +75,10 @@ def register_clip_config() -> None:
 
 def _normalise_for_clip(images_u8, image_size: int):
     """uint8 B x S x S x 3 -> what the pseudo-labeller sees: the pipeline's ToTensor + ImageNet
-    Normalize (datasets.py), then clip_loading.resize_for_clip to the CLIP size (identity at 64)."""
+    Normalize (image_io.py), then clip_loading.resize_for_clip to the CLIP size (identity at 64)."""
     import torch
 
-    from datasets import IMAGENET_MEAN, IMAGENET_STD
+    from image_io import IMAGENET_MEAN, IMAGENET_STD
     from clip_loading import resize_for_clip
 
     x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)

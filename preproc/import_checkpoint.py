@@ -31,14 +31,16 @@ if __package__ in (None, ''):  # run as `python preproc/import_checkpoint.py`
 
 import numpy as np  # noqa: E402
 
-import models  # noqa: E402
+import backbones  # noqa: E402
 import records  # noqa: E402
 import seed_checkpoints  # noqa: E402
+import seed_files  # noqa: E402
 from checkpoints import atomic_save, rebuild_classifier  # noqa: E402
 from config import DATASETS, DEFAULT_DIRS, VLPLError, one_line  # noqa: E402
 from preproc._common import run_cli  # noqa: E402
 from preproc.fetch import digests  # noqa: E402
-from seed_checkpoints import CheckpointImportError, Options  # noqa: E402
+from seed_checkpoints import Options  # noqa: E402
+from seed_files import CheckpointImportError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint's layout)")
     parser.add_argument('--image-size', type=int, default=None,
                         help="input side (default: the original's: its position encoding's grid, or its default)")
-    parser.add_argument('--input-norm', default=None, choices=models.INPUT_NORMS,
+    parser.add_argument('--input-norm', default=None, choices=backbones.INPUT_NORMS,
                         help="the input normalisation the weights expect (default: the original's)")
     parser.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
     return parser
@@ -89,13 +91,13 @@ def options_from(args: argparse.Namespace) -> Options:
     options = Options(dataset=args.dataset, model=args.model, image_size=args.image_size, input_norm=args.input_norm)
     if args.model is not None:
         try:
-            models.backbone(args.model)
+            backbones.backbone(args.model)
         except ValueError as e:
             raise CheckpointImportError(f'--model: {e}') from None
     if args.image_size is not None and args.image_size < 1:
         raise CheckpointImportError('--image-size must be >= 1')
     if args.config:
-        options.config = seed_checkpoints.read_config(Path(args.config))
+        options.config = seed_files.read_config(Path(args.config))
     if args.label_embeddings:
         try:
             options.label_embeddings = np.load(args.label_embeddings, allow_pickle=False)
@@ -144,7 +146,7 @@ def import_checkpoint(kind: str, source: Path, output: Path, options: Options, o
     if output.exists() and not overwrite:
         raise CheckpointImportError(f'{output} exists: choose another OUT or add --overwrite')
     where = str(source)
-    imported = seed_checkpoints.convert(kind, seed_checkpoints.read_file(source), where, options)
+    imported = seed_checkpoints.convert(kind, seed_files.read_file(source), where, options)
     cfg = parse_settings(imported.argv, where)
     ckpt = dict(model=imported.state, config=dataclasses.asdict(cfg), argv=imported.argv,
                 classnames=imported.classnames, epoch=imported.epoch, **imported.extras)

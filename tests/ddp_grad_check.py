@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import datasets  # noqa: E402
 import distributed  # noqa: E402
 import engine  # noqa: E402
+import image_dataset  # noqa: E402
 import methods  # noqa: E402
 import models  # noqa: E402
 from config import build_config  # noqa: E402
@@ -67,13 +67,13 @@ def main(out: str) -> None:
         torch.manual_seed(0)
         model = models.build_classifier('small_cnn', K, pretrained=False)
         method = methods.build_method(cfg, observed.numpy(), torch.device('cpu'))
-        sampler = datasets.FlipSampler(NUM_ROWS, seed=0)
+        sampler = image_dataset.FlipSampler(NUM_ROWS, seed=0)
         if distributed.world_size() > 1:
             loader = torch.utils.data.DataLoader(Synthetic(), batch_sampler=distributed.GlobalBatchShares(sampler, BATCH),
-                                                 collate_fn=datasets.collate_skipping)
+                                                 collate_fn=image_dataset.collate_skipping)
         else:
             loader = torch.utils.data.DataLoader(Synthetic(), batch_size=BATCH, sampler=sampler,
-                                                 collate_fn=datasets.collate_skipping)
+                                                 collate_fn=image_dataset.collate_skipping)
         record = []
         optimizer = RecordingSGD(model.parameters(), record)
         pl_source = (lambda images, index, flipped, batch: pseudo[index, flipped.long()]) if loss == 'EM_PL' else None

@@ -16,6 +16,8 @@ from torchvision import transforms
 import aevlp
 import clip_loading
 import datasets
+import image_dataset
+import image_io
 import losses_peers as lp
 from config import UserError
 
@@ -47,19 +49,19 @@ def _split(n=3, k=4):
 
 
 def test_views_equal_the_originals_transform(tmp_path):
-    """CropViews + datasets.to_model_input == tx['pl'] of each crop: Resize((S, S)), the crop's own
+    """CropViews + image_io.to_model_input == tx['pl'] of each crop: Resize((S, S)), the crop's own
     flip, ToTensor, Normalize(ImageNet), bit for bit."""
     picture = _picture()
     picture.save(tmp_path / '0.png')
-    base = datasets.MultiLabelImages(tmp_path, _split(1), 16, train=True)
+    base = image_dataset.MultiLabelImages(tmp_path, _split(1), 16, train=True)
     views = aevlp.CropViews(base, grid=3, size=20)
     flips = (True, False, True, True, False, False, True, False, True, False)
     item = views[(0, False, flips)]
     assert item['views'].shape == (10, 20, 20, 3) and item['views'].dtype == torch.uint8
     assert item['view_flips'].tolist() == list(flips)
-    assert torch.equal(item['image'], datasets.image_tensor(picture, 16))  # the classifier's view as before
-    got = datasets.to_model_input(item['views'], item['view_flips'], 'cpu')
-    mean, std = datasets.IMAGENET_MEAN, datasets.IMAGENET_STD
+    assert torch.equal(item['image'], image_io.image_tensor(picture, 16))  # the classifier's view as before
+    got = image_io.to_model_input(item['views'], item['view_flips'], 'cpu')
+    mean, std = image_io.IMAGENET_MEAN, image_io.IMAGENET_STD
     for v, box in enumerate(aevlp.crop_boxes(*picture.size, 3)):
         crop = picture.crop(box)
         steps = [transforms.Resize((20, 20))] + ([transforms.RandomHorizontalFlip(1.0)] if flips[v] else [])
@@ -68,8 +70,8 @@ def test_views_equal_the_originals_transform(tmp_path):
 
 
 def test_flip_sampler_with_views_keeps_the_rows_and_flips():
-    plain = list(datasets.FlipSampler(9, seed=4))
-    with_views = list(datasets.FlipSampler(9, seed=4, views=5))
+    plain = list(image_dataset.FlipSampler(9, seed=4))
+    with_views = list(image_dataset.FlipSampler(9, seed=4, views=5))
     assert [(r, f) for r, f, _ in with_views] == plain
     assert all(len(v) == 5 for _, _, v in with_views)
     assert len({v for _, _, v in with_views}) > 1
@@ -201,7 +203,7 @@ def test_scorer_lays_out_the_rows_as_train_py_and_applies_the_rule():
     # train.py: sub_images (B, V, ...) chunked over the views and concatenated: row r = (view r // B, sample r % B)
     for r in range(num_views * batch):
         v, b = divmod(r, batch)
-        x = datasets.to_model_input(views[b, v][None], flips[b, v][None], 'cpu')
+        x = image_io.to_model_input(views[b, v][None], flips[b, v][None], 'cpu')
         f = tower(x)
         want = (f / f.norm(dim=-1, keepdim=True)) @ text.T
         assert torch.allclose(cos[r], want[0], atol=1e-6), r

@@ -182,6 +182,8 @@ def _run_the_port(tmp_path, monkeypatch):
     import aevlp
     import clip_loading
     import datasets
+    import image_dataset
+    import image_io
     import main_clip
 
     config = tmp_path / 'aevlp-reference-tiny.json'
@@ -221,14 +223,14 @@ def _run_the_port(tmp_path, monkeypatch):
     monkeypatch.setattr(aevlp, 'text_matrix', recording_text_matrix)
     source, _ = aevlp.build_pseudo_labels(cfg, split, torch.device('cpu'), NUM_CLASSES)
 
-    views = aevlp.CropViews(datasets.MultiLabelImages(images, split, 32, train=True), grid=cfg.aevlp_grid,
+    views = aevlp.CropViews(image_dataset.MultiLabelImages(images, split, 32, train=True), grid=cfg.aevlp_grid,
                             size=aevlp.crop_size(cfg))
     flips = flip_table()
     items = [views[(b, False, tuple(bool(f) for f in flips[b]))] for b in range(len(names))]
     batch = {'views': torch.stack([it['views'] for it in items]),
              'view_flips': torch.stack([it['view_flips'] for it in items])}
     size = batch['views'].shape[2]
-    x = datasets.to_model_input(batch['views'].transpose(0, 1).reshape(-1, size, size, 3),
+    x = image_io.to_model_input(batch['views'].transpose(0, 1).reshape(-1, size, size, 3),
                                 batch['view_flips'].transpose(0, 1).reshape(-1), 'cpu')
     scorer = source.scorer
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The seed systems' backbones through timm (models.BACKBONES rows resnet101, tresnet_m, tresnet_l,
+"""The seed systems' backbones through timm (backbones.BACKBONES rows resnet101, tresnet_m, tresnet_l,
 swin_large) and -m timm:NAME for any timm model: what timm is asked for, the pooled vector and the
 feature map each gives, local weights files, offline use. Tiny timm models at small inputs (random
 weights); the full-size rows are built on the meta device (shapes without initialisation)."""
@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 
+import backbones
 import main_clip
 import models
 from config import ModelLoadError, default_run_name
@@ -27,7 +28,7 @@ def test_rows_ask_timm_for_the_seed_systems_models(timm_calls, tmp_path):
          {'pretrained': True, 'num_classes': 0, 'pretrained_cfg_overlay': {'file': str(weights)}}),
         ('vit_tiny_patch16_224', {'pretrained': False, 'num_classes': 0, 'img_size': 64}),
     ]
-    assert models.BACKBONES['swin_large'].image_size == 384
+    assert backbones.BACKBONES['swin_large'].image_size == 384
 
 
 @pytest.mark.parametrize('name, size, channels, side', [
@@ -59,7 +60,7 @@ def test_map_rows_pool_by_average_so_cams_hold(name, kwargs):
     permuted), timm's forward_head pools it by a plain average, so BackboneSpec.cam holds."""
     torch.manual_seed(0)
     row = name if not name.startswith('timm:') else 'swin_large'
-    spec = models.BACKBONES[row]
+    spec = backbones.BACKBONES[row]
     net = timm.create_model(name.removeprefix('timm:'), pretrained=False, num_classes=0, **kwargs).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -148,12 +149,12 @@ def test_backbone_weights_file_for_timm_rows(tmp_path):
 
 
 def test_timm_names_checked_and_run_names_safe(capsys):
-    assert models.backbone('timm:resnet18.a1_in1k').description.startswith("timm 'resnet18.a1_in1k'")
-    assert models.backbone('timm:resnet18') is models.backbone('timm:resnet18')
+    assert backbones.backbone('timm:resnet18.a1_in1k').description.startswith("timm 'resnet18.a1_in1k'")
+    assert backbones.backbone('timm:resnet18') is backbones.backbone('timm:resnet18')
     for bad, message in (('timm:no_such_net', "'no_such_net' is not a timm model name"),
                          ('vgg', 'or timm:NAME')):
         with pytest.raises(ValueError, match=message):
-            models.backbone(bad)
+            backbones.backbone(bad)
     assert default_run_name('voc2007', 'bce', 'timm:resnet18', 0, 'full') == 'voc2007-full_bce_timm-resnet18_s0'
     cfg, _ = main_clip.parse_args(['-d', 'coco', '-m', 'swin_large', '-l', 'an'])
     assert cfg.image_size == 384  # the row's input size unless --image-size says otherwise

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
+import image_dataset
 import main_clip
 import class_text_features
 import clip_loading
@@ -60,9 +61,9 @@ def root(tiny_pascal) -> Path:
 
 
 def eval_loader(root, split) -> torch.utils.data.DataLoader:
-    dataset = datasets.MultiLabelImages(root, split, IMAGE_SIZE, train=False)
+    dataset = image_dataset.MultiLabelImages(root, split, IMAGE_SIZE, train=False)
     return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False, num_workers=0,
-                                       collate_fn=datasets.collate_skipping)
+                                       collate_fn=image_dataset.collate_skipping)
 
 
 def make_key(root, split, clip_files, **changes) -> dict:
@@ -339,7 +340,7 @@ def test_cached_pseudo_labels_equal_online_ones_for_every_row_and_flip(labeler, 
                                                                       tmp_path, monkeypatch):
     key = make_key(root, train_split, clip_files)
     cache, _ = build(labeler, root, train_split, key, tmp_path / 'cache', monkeypatch)
-    train_set = datasets.MultiLabelImages(root, train_split, IMAGE_SIZE, train=True)
+    train_set = image_dataset.MultiLabelImages(root, train_split, IMAGE_SIZE, train=True)
     positives = negatives = 0
     for row in range(len(train_split)):
         for flip in (False, True):
@@ -381,9 +382,9 @@ def test_main_clip_cache_source_equals_online_source_on_training_batches(labeler
         sources[mode], _ = pseudo_label_policy.build_pseudo_labels(config, clip, tokenizer, splits['train'],
                                                                    eval_loader(root, splits['train']), device, 20)
     assert len(data_files(tmp_path / 'cache', '.npy')) == 1
-    train_set = datasets.MultiLabelImages(root, splits['train'], IMAGE_SIZE, train=True)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH, sampler=datasets.FlipSampler(len(train_set), 0),
-                                         collate_fn=datasets.collate_skipping)
+    train_set = image_dataset.MultiLabelImages(root, splits['train'], IMAGE_SIZE, train=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH, sampler=image_dataset.FlipSampler(len(train_set), 0),
+                                         collate_fn=image_dataset.collate_skipping)
     flips = 0
     for batch in loader:
         args = batch['image'], batch['index'], batch['flipped']

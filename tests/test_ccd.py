@@ -330,7 +330,7 @@ def test_prompt_files_and_the_ensemble(tmp_path, tiny_clip):
 def test_clip_preprocessing():
     settings = {'mean': (0.5, 0.4, 0.3), 'std': (0.2, 0.25, 0.3), 'interpolation': 'bicubic'}
     pixels = torch.rand(2, 3, 8, 8)
-    from datasets import IMAGENET_MEAN, IMAGENET_STD
+    from image_io import IMAGENET_MEAN, IMAGENET_STD
     imnet = (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     want = (pixels - torch.tensor(settings['mean']).view(3, 1, 1)) / torch.tensor(settings['std']).view(3, 1, 1)
     torch.testing.assert_close(plo.renormalise(imnet, settings), want, atol=1e-5, rtol=0)
@@ -413,14 +413,15 @@ def test_every_option_end_to_end(name, tiny_pascal, tmp_path, tiny_clip, tiny_te
 def test_default_pseudo_labels_are_unchanged(tiny_pascal, tmp_path, tiny_clip, tiny_text_features):
     """The default source gives exactly what PseudoLabeler.from_embeddings gives (the code before the options)."""
     import datasets
+    import image_dataset
     import main_clip
 
     cfg, _ = main_clip.parse_args(tiny_run_args(tiny_pascal, tmp_path, tiny_clip, tiny_text_features))
     clip, tok = clip_loading.load_clip(cfg.clip_model, cfg.clip_pretrained)
     splits = datasets.load_splits(cfg.data_root, 'pascal')
     root = datasets.image_root(cfg.data_root, 'pascal')
-    ds = datasets.MultiLabelImages(root, splits['train'], cfg.image_size, train=False, dataset='pascal')
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=datasets.collate_skipping)
+    ds = image_dataset.MultiLabelImages(root, splits['train'], cfg.image_size, train=False, dataset='pascal')
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=image_dataset.collate_skipping)
     source, quality = pseudo_label_policy.build_pseudo_labels(cfg, clip, tok, splits['train'], loader, torch.device('cpu'), 20)
     text = class_text_features.load_text_features(cfg.text_features, 20)
     labeler = pseudo_labeler.PseudoLabeler(clip.visual, text, temp=cfg.temp, threshold=cfg.threshold)

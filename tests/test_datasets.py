@@ -1,4 +1,5 @@
-"""datasets.py: formatted-file loading and validation, the RandomState(1200) split, the image pipeline."""
+"""datasets.py, image_io.py and image_dataset.py: formatted-file loading and validation, the RandomState(1200) split,
+the image pipeline."""
 from pathlib import Path
 
 import numpy as np
@@ -7,8 +8,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import datasets
-from datasets import DATASETS, DataError, MultiLabelImages, Split, image_root, load_splits, split_indices
+import image_dataset
+import image_io
+from datasets import DATASETS, DataError, Split, image_root, load_splits, split_indices
+from image_dataset import MultiLabelImages
 
 
 def test_dataset_table():
@@ -21,8 +24,8 @@ def test_dataset_table():
         "demo": (30, "images"),
         "openimages": (None, "."),  # as many classes as the user's trainable list (format_openimages.py)
     }
-    assert datasets.IMAGENET_MEAN == (0.485, 0.456, 0.406)
-    assert datasets.IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert image_io.IMAGENET_MEAN == (0.485, 0.456, 0.406)
+    assert image_io.IMAGENET_STD == (0.229, 0.224, 0.225)
 
 
 def test_image_root(tmp_path):
@@ -281,7 +284,7 @@ def test_unreadable_image_names_file_and_dataset(tmp_path):
 # ---------------------------------------------------------------- training sampler
 
 def test_flip_sampler_draws_each_row_once_and_resumes_exactly():
-    sampler = datasets.FlipSampler(50, seed=3)
+    sampler = image_dataset.FlipSampler(50, seed=3)
     first = list(sampler)
     assert sorted(row for row, _ in first) == list(range(50))
     assert {flip for _, flip in first} == {True, False}
@@ -290,8 +293,8 @@ def test_flip_sampler_draws_each_row_once_and_resumes_exactly():
     assert second != first  # a new permutation and new flips every epoch
     sampler.load_state(state)
     assert list(sampler) == second  # restored generator state replays the same epoch
-    assert list(datasets.FlipSampler(50, seed=3)) == first
-    assert list(datasets.FlipSampler(50, seed=4)) != first
+    assert list(image_dataset.FlipSampler(50, seed=3)) == first
+    assert list(image_dataset.FlipSampler(50, seed=4)) != first
 
 
 def test_keyed_item_applies_the_samplers_flip_and_eval_ignores_it(tmp_path):
@@ -310,6 +313,6 @@ def test_skip_bad_marks_the_row_and_collate_lists_it(tmp_path):
     (tmp_path / "wide.jpg").write_bytes(b"not an image")
     ds = MultiLabelImages(tmp_path, split, 16, train=False, dataset="pascal", skip_bad=True)
     assert ds[2] == {"skipped": 2}
-    batch = datasets.collate_skipping([ds[0], ds[2], ds[1]])
+    batch = image_dataset.collate_skipping([ds[0], ds[2], ds[1]])
     assert batch["index"].tolist() == [0, 1] and batch["skipped"] == [2]
-    assert datasets.collate_skipping([ds[2], ds[2]]) == {"skipped": [2, 2]}
+    assert image_dataset.collate_skipping([ds[2], ds[2]]) == {"skipped": [2, 2]}

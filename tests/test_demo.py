@@ -287,12 +287,13 @@ def test_tiny_clip_pseudo_labels_beat_the_class_prior(tmp_path):
     import class_text_features
     import clip_loading
     import datasets
+    import image_dataset
     import pseudo_labeler
 
     checkpoint = make_demo.ensure_demo(tmp_path, seed=0, progress=False, num_train=10,
                                        num_test=200, num_clip_pairs=1500, clip_epochs=3)
     test = datasets.load_splits(tmp_path, "demo")["test"]
-    images = datasets.MultiLabelImages(datasets.image_root(tmp_path, "demo"), test,
+    images = image_dataset.MultiLabelImages(datasets.image_root(tmp_path, "demo"), test,
                                        image_size=demo_scenes.IMAGE_SIZE, train=False)
     batch = torch.stack([images[i]["image"] for i in range(len(images))])
     model, tokenizer = clip_loading.load_clip(demo_clip.DEMO_CLIP_CONFIG, str(checkpoint))

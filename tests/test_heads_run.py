@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+import backbones
 import class_text_features
 import clip_loading
 import heads_run
 import main_clip
 import methods
 import models
+import trunks
 from conftest import interrupt_after, tiny_run_args
 
 # Small transformer sizes: the tiny runs take seconds on a CPU.
@@ -170,8 +172,8 @@ def test_clip_vision_map_heads_read_the_vit_token_grid(tiny_clip):
 
 
 def test_clip_vision_without_a_token_grid_is_refused_in_one_line():
-    trunk = models.ClipVisionTrunk(torch.nn.Linear(3, 4), 32)  # e.g. a ModifiedResNet tower: no tokens
-    spec = models.BACKBONES['clip_vision']
+    trunk = trunks.ClipVisionTrunk(torch.nn.Linear(3, 4), 32)  # e.g. a ModifiedResNet tower: no tokens
+    spec = backbones.BACKBONES['clip_vision']
     with pytest.raises(main_clip.VLPLError) as exc:
         models.Classifier(trunk, spec, 4, 5, head='sgre', label_embeddings=np.zeros((5, 3)))
     assert '--head linear' in str(exc.value) and '\n' not in str(exc.value)

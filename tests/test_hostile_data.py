@@ -24,6 +24,8 @@ import clip_loading
 import embedding_cache
 import pseudo_label_policy
 import datasets
+import image_dataset
+import image_io
 import main_clip
 import packs
 import predict
@@ -96,7 +98,7 @@ def test_16_bit_and_float_images_read_as_their_8_bit_picture_everywhere(tmp_path
 
     # Every reader: the training pipeline, predict.py, the packs, the CLIP embedding cache
     split = datasets.Split(np.array(names), np.zeros((len(names), 1), np.float32), np.zeros((len(names), 1), np.float32))
-    images = datasets.MultiLabelImages(tmp_path, split, SIZE, train=False)
+    images = image_dataset.MultiLabelImages(tmp_path, split, SIZE, train=False)
     tensors = [images[i]['image'] for i in range(len(names))]
     assert [torch.equal(t, tensors[0]) for t in tensors] == [True] * len(names)  # old code: white or black
     files = predict.ImageFiles(list(paths.values()), SIZE)
@@ -107,17 +109,17 @@ def test_16_bit_and_float_images_read_as_their_8_bit_picture_everywhere(tmp_path
     labeler = PseudoLabeler(clip.visual, torch.randn(3, 32))
     key = embedding_cache.embedding_cache_key(dataset='pascal', images=names, clip_model='m',
                                           clip_pretrained=None, image_size=SIZE, clip_size=32)
-    loader = torch.utils.data.DataLoader(images, batch_size=len(names), collate_fn=datasets.collate_skipping)
+    loader = torch.utils.data.DataLoader(images, batch_size=len(names), collate_fn=image_dataset.collate_skipping)
     embeddings = embedding_cache.cached_embeddings(labeler, loader, key, tmp_path / 'cache', device='cpu')
     assert [torch.equal(embeddings[i], embeddings[0]) for i in range(len(names))] == [True] * len(names)
 
     # The rule: exactly the 8-bit picture; 0..65535 maps to 0..255 by round(v / 257), half up
     reference = np.asarray(Image.open(paths['L']).convert('RGB'))
     for mode, path in paths.items():
-        assert np.array_equal(np.asarray(datasets.read_rgb(path)), reference), mode
+        assert np.array_equal(np.asarray(image_io.read_rgb(path)), reference), mode
     ramp = tmp_path / 'ramp.png'
     Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256)).save(ramp)
-    got = np.asarray(datasets.read_rgb(ramp))[..., 0].reshape(-1).astype(np.int64)
+    got = np.asarray(image_io.read_rgb(ramp))[..., 0].reshape(-1).astype(np.int64)
     assert np.array_equal(got, (np.arange(65536) + 128) // 257) and got[32767] == 127 and got[32768] == 128
 
 
@@ -134,7 +136,7 @@ def test_8_bit_images_read_exactly_as_before(tmp_path):
     for mode, path in files.items():
         with Image.open(path) as img:
             before = np.asarray(img.convert('RGB'))
-        assert np.array_equal(np.asarray(datasets.read_rgb(path)), before), mode
+        assert np.array_equal(np.asarray(image_io.read_rgb(path)), before), mode
 
 
 def test_images_without_a_range_are_refused_in_one_line_naming_the_file(tmp_path, capsys):
@@ -144,11 +146,11 @@ def test_images_without_a_range_are_refused_in_one_line_naming_the_file(tmp_path
     name = str(splits['test'].images[1])
     target = folder / name
     Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(target, format='TIFF')  # 0..255 floats
-    test = datasets.MultiLabelImages(folder, splits['test'], SIZE, train=False, dataset='pascal')
+    test = image_dataset.MultiLabelImages(folder, splits['test'], SIZE, train=False, dataset='pascal')
     with pytest.raises(DataError) as info:
         test[1]
     assert str(target) in str(info.value) and 'outside [0, 1]' in str(info.value)
-    assert datasets.MultiLabelImages(folder, splits['test'], SIZE, train=False, skip_bad=True)[1] == {'skipped': 1}
+    assert image_dataset.MultiLabelImages(folder, splits['test'], SIZE, train=False, skip_bad=True)[1] == {'skipped': 1}
     args = ['-d', 'pascal', '--data-root', str(root), '--image-size', str(SIZE), '--splits', 'test',
             '--num-workers', '0']
     assert pack_images.main(args) == 2
@@ -179,7 +181,7 @@ def test_an_image_over_pils_bomb_limit_is_an_unreadable_image_everywhere(tmp_pat
     assert main_clip.main(args) == 2
     one_error_line(capsys.readouterr().err, str(target), 'too large to decode', '--skip-bad-images')
     with pytest.raises(ValueError, match='too large to decode'):  # what every reader takes as unreadable
-        datasets.read_rgb(target)
+        image_io.read_rgb(target)
     assert main_clip.main(args + ['--skip-bad-images']) == 0
     assert f'{target}' in capsys.readouterr().err
     pack = ['-d', 'pascal', '--data-root', str(root), '--image-size', str(SIZE), '--splits', 'train',
@@ -263,8 +265,8 @@ def test_packs_notice_images_rewritten_after_packing_and_repack_only_those(tmp_p
     fresh = datasets.load_splits(data, 'pascal', clean_train_labels=True)['train']  # stats are taken once per split
     with pytest.raises(DataError, match=f'1 image changed since it was packed \\(first: {changed}\\).*pack_images.py'):
         packs.PackedImages(data, fresh, SIZE, train=False, dataset='pascal', phase='train')  # today: the old pixels
-    decoded, original = [], datasets.resized_pixels
-    monkeypatch.setattr(datasets, 'resized_pixels', lambda img, size: decoded.append(1) or original(img, size))
+    decoded, original = [], image_io.resized_pixels
+    monkeypatch.setattr(image_io, 'resized_pixels', lambda img, size: decoded.append(1) or original(img, size))
     report = packs.write_pack(data, 'pascal', 'train', fresh, SIZE, chunk=4)
     monkeypatch.undo()
     assert '1 changed image re-packed' in report and len(decoded) == 1
@@ -317,8 +319,8 @@ def test_the_embedding_cache_is_rebuilt_for_rewritten_images(tmp_path, tiny_clip
 
     def embed() -> None:
         splits = datasets.load_splits(data, 'pascal')
-        images = datasets.MultiLabelImages(datasets.image_root(data, 'pascal'), splits['train'], SIZE, train=False)
-        loader = torch.utils.data.DataLoader(images, batch_size=8, collate_fn=datasets.collate_skipping)
+        images = image_dataset.MultiLabelImages(datasets.image_root(data, 'pascal'), splits['train'], SIZE, train=False)
+        loader = torch.utils.data.DataLoader(images, batch_size=8, collate_fn=image_dataset.collate_skipping)
         pseudo_label_policy.build_pseudo_labels(cfg, clip, tokenizer, splits['train'], loader, torch.device('cpu'), 20)
         return splits['train']
 

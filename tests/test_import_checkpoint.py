@@ -1,5 +1,5 @@
 """preproc/import_checkpoint.py: the seed systems' published checkpoints as checkpoints of this project
-(seed_checkpoints.py, docs/seed-checkpoints.md).
+(seed_checkpoints.py, seed_trunks.py, seed_files.py; docs/seed-checkpoints.md).
 
 How the fixtures in tests/fixtures/seed_checkpoints/ were made. Each original's own model code
 (github.com/Alibaba-MIIL/PartialLabelingCSL, SlongLiu/query2labels, jasonseu/SGRE, k0u-id/CCD, at the commits
@@ -45,10 +45,11 @@ import torch
 from timm.models import register_model
 
 import checkpoints
-import datasets
+import image_io
 import main_clip
 import predict
 import seed_checkpoints
+import seed_files
 from preproc import import_checkpoint
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'seed_checkpoints'
@@ -188,8 +189,8 @@ def model_input(meta: dict, input_norm: str) -> torch.Tensor:
                                 .astype(np.float32))
     if input_norm == 'imagenet':
         return original
-    mean = torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(image_io.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(image_io.IMAGENET_STD).view(1, 3, 1, 1)
     return (original - mean) / std
 
 
@@ -351,7 +352,7 @@ def test_files_that_are_no_checkpoint(tmp_path, capsys):
 
 
 def test_ccds_munch_settings_read_as_data():
-    obj = seed_checkpoints.read_file(FIXTURES / 'ccd_munch_settings.pt')
+    obj = seed_files.read_file(FIXTURES / 'ccd_munch_settings.pt')
     state, settings = obj
     assert settings['dataset'] == 'voc12' and tuple(settings['train_resize']) == (448, 448)
     assert torch.equal(state['alpha'], torch.full((1, 20), 3.0))
@@ -516,8 +517,8 @@ def test_input_norm_none_gives_the_trunk_totensor_pixels():
     torch.manual_seed(0)
     model = models.build_classifier('timm:resnet18', 3, pretrained=False, input_norm='none').eval()
     pixels = torch.rand(2, 3, 32, 32)
-    mean = torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(image_io.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(image_io.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         got = model((pixels - mean) / std)  # what the pipeline gives
         expected = model.forward_head(model.spec.features(model.trunk, pixels))

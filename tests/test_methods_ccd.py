@@ -18,7 +18,8 @@ from PIL import Image
 
 import ccd
 import ccd_images
-import datasets
+import image_dataset
+import image_io
 import main_clip
 from conftest import kill_during_epoch_after, write_pascal_like
 
@@ -91,7 +92,7 @@ def test_ccd_normalisation_is_the_originals_float64_arithmetic():
     assert np.array_equal(got.numpy(), want)
     assert np.array_equal(ccd_images.ccd_tensor(img, 24, flipped=True).numpy(), want[:, :, ::-1])
     # torchvision's float32 Normalize (the other methods' pipeline) differs by an ulp on some pixels
-    assert not torch.equal(datasets.image_tensor(img, 24), got)
+    assert not torch.equal(image_io.image_tensor(img, 24), got)
 
 
 def test_colour_jitter_is_torchvisions_with_the_drawn_parameters(monkeypatch):
@@ -108,11 +109,11 @@ def test_colour_jitter_is_torchvisions_with_the_drawn_parameters(monkeypatch):
 
 
 def test_the_sampler_draws_jitter_without_changing_the_rows_and_flips():
-    plain = list(datasets.FlipSampler(50, seed=3))
-    more = list(datasets.FlipSampler(50, seed=3, views=1, draws=8))
+    plain = list(image_dataset.FlipSampler(50, seed=3))
+    more = list(image_dataset.FlipSampler(50, seed=3, views=1, draws=8))
     assert [k[:2] for k in more] == plain
     assert all(len(k[2]) == 1 and len(k[3]) == 8 and all(0 <= u < 1 for u in k[3]) for k in more)
-    assert list(datasets.FlipSampler(50, seed=3, views=1, draws=8)) == more  # seeded
+    assert list(image_dataset.FlipSampler(50, seed=3, views=1, draws=8)) == more  # seeded
 
 
 @pytest.mark.parametrize('seed', range(6))

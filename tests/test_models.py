@@ -1,4 +1,5 @@
-"""Tests of models.py: backbones, CLIP loading through open_clip, pseudo-labels (docs/original-vlpl.md sections 6-7).
+"""Tests of models.py, backbones.py and trunks.py: backbones, CLIP loading through open_clip, pseudo-labels
+(docs/original-vlpl.md sections 6-7).
 
 CLIP is a tiny random open_clip model saved to a temporary checkpoint and loaded back through
 load_clip, the code path of a real checkpoint. No weights are downloaded: failed downloads are
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import backbones
 import class_text_features
 import clip_loading
 import pseudo_labeler
@@ -156,7 +158,7 @@ def test_torchscript_checkpoint_goes_to_the_openai_loader(tiny_clip, tmp_path, m
 # --------------------------------------------------------------------------- backbones
 
 def test_backbone_table():
-    assert set(models.BACKBONES) == {'resnet50', 'clip_vision', 'convnext_xlarge_22k', 'convnext_xlarge_1k',
+    assert set(backbones.BACKBONES) == {'resnet50', 'clip_vision', 'convnext_xlarge_22k', 'convnext_xlarge_1k',
                                      'small_cnn', 'resnet101', 'tresnet_m', 'tresnet_l', 'swin_large'}
     with pytest.raises(ValueError, match='unknown backbone'):
         models.build_classifier('vgg', 3)

@@ -19,6 +19,7 @@ from sklearn.metrics import average_precision_score
 
 import config
 import datasets
+import image_dataset
 import engine
 import label_tables
 import main_clip
@@ -395,15 +396,15 @@ def test_train_epoch_keeps_the_metric_rows_only(official):
     cpu = torch.device('cpu')
     cfg = config.build_config(dataset='openimages', loss='an', model='small_cnn', batch_size=8, lr=1e-3,
                               image_size=24, device='cpu', epochs=1, pretrained=False, data_root=str(root))
-    images = datasets.MultiLabelImages(datasets.image_root(root, 'openimages'), train, 24, train=True)
+    images = image_dataset.MultiLabelImages(datasets.image_root(root, 'openimages'), train, 24, train=True)
 
     def epoch(kept):
         torch.manual_seed(0)
         model = models.build_classifier('small_cnn', NUM_CLASSES, pretrained=False)
         method = methods.build_method(cfg, train.labels_obs, cpu)
         assert isinstance(method.observed, label_tables.BatchRows)
-        loader = torch.utils.data.DataLoader(images, batch_size=8, sampler=datasets.FlipSampler(len(train), seed=0),
-                                             collate_fn=datasets.collate_skipping)
+        loader = torch.utils.data.DataLoader(images, batch_size=8, sampler=image_dataset.FlipSampler(len(train), seed=0),
+                                             collate_fn=image_dataset.collate_skipping)
         return engine.train_one_epoch(1, cfg, model, torch.optim.Adam(model.parameters(), 1e-3), loader, method,
                                       label_tables.on_device(train.labels_true, cpu, copy=False), None, cpu,
                                       kept_rows=kept)

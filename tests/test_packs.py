@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import datasets
+import image_dataset
+import image_io
 import main_clip
 import packs
 from config import UserError
@@ -42,20 +44,20 @@ def test_packed_tensors_are_bit_identical_to_pil_for_both_flips(data):
         packs.write_pack(data, 'pascal', phase, splits[phase], SIZE)
     root = datasets.image_root(data, 'pascal')
     for phase in packs.SPLITS:
-        pil = datasets.MultiLabelImages(root, splits[phase], SIZE, train=True)
+        pil = image_dataset.MultiLabelImages(root, splits[phase], SIZE, train=True)
         packed = packs.PackedImages(data, splits[phase], SIZE, train=True, dataset='pascal', phase=phase)
         keys = [(i, flip) for i in range(len(pil)) for flip in (False, True)]
         reference = torch.stack([pil[k]['image'] for k in keys])
         items = [packed[k] for k in keys]
         batch = torch.utils.data.default_collate(items)
         assert batch['image'].dtype == torch.uint8 and batch['image'].shape == (len(keys), SIZE, SIZE, 3)
-        made = datasets.to_model_input(batch['image'], batch['flipped'], torch.device('cpu'))  # byte table
+        made = image_io.to_model_input(batch['image'], batch['flipped'], torch.device('cpu'))  # byte table
         assert made.dtype == reference.dtype and made.shape == reference.shape and made.is_contiguous()
         assert torch.equal(made, reference)  # bit for bit, flipped and unflipped rows
         # the tensor operations used on a GPU, here on the CPU
-        assert torch.equal(datasets._lookup_on_device(batch['image'], batch['flipped']), reference)
+        assert torch.equal(image_io._lookup_on_device(batch['image'], batch['flipped']), reference)
     # a float batch (the PIL pipeline) is only moved
-    assert datasets.to_model_input(reference, None, 'cpu') is reference
+    assert image_io.to_model_input(reference, None, 'cpu') is reference
 
 
 def test_batch_reading_equals_the_items_collated_in_workers_and_with_skipped_rows(data):
@@ -68,11 +70,11 @@ def test_batch_reading_equals_the_items_collated_in_workers_and_with_skipped_row
     packs.write_pack(data, 'pascal', 'train', split, SIZE, skip_bad=True)
     packed = packs.PackedImages(data, split, SIZE, train=True, dataset='pascal', phase='train', skip_bad=True)
     keys = [(i, i % 3 == 0) for i in range(len(split))][::-1]
-    expected = [datasets.collate_skipping([packed[k] for k in keys[lo:lo + 4]]) for lo in range(0, len(keys), 4)]
+    expected = [image_dataset.collate_skipping([packed[k] for k in keys[lo:lo + 4]]) for lo in range(0, len(keys), 4)]
     assert any(e['skipped'] == [3] for e in expected)
     for workers in (0, 1):
         loader = torch.utils.data.DataLoader(packed, batch_size=4, sampler=keys, num_workers=workers,
-                                             collate_fn=datasets.collate_skipping)
+                                             collate_fn=image_dataset.collate_skipping)
         got = list(loader)
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
@@ -82,7 +84,7 @@ def test_batch_reading_equals_the_items_collated_in_workers_and_with_skipped_row
     all_bad = packed.__getitems__([(3, True)])
     assert all_bad == {'skipped': [3]}
     torch.manual_seed(5)
-    plain = datasets.collate_skipping([packed[i] for i in range(6)])
+    plain = image_dataset.collate_skipping([packed[i] for i in range(6)])
     torch.manual_seed(5)
     batch = packed.__getitems__(list(range(6)))
     assert torch.equal(batch['flipped'], plain['flipped']) and torch.equal(batch['image'], plain['image'])
@@ -91,7 +93,7 @@ def test_batch_reading_equals_the_items_collated_in_workers_and_with_skipped_row
 def test_pack_resumes_after_an_interrupt(data, monkeypatch):
     split = splits_of(data)['train']
     calls = []
-    original = datasets.resized_pixels
+    original = image_io.resized_pixels
 
     def interrupted(img, size):
         calls.append(1)
@@ -99,7 +101,7 @@ def test_pack_resumes_after_an_interrupt(data, monkeypatch):
             raise KeyboardInterrupt
         return original(img, size)
 
-    monkeypatch.setattr(datasets, 'resized_pixels', interrupted)
+    monkeypatch.setattr(image_io, 'resized_pixels', interrupted)
     with pytest.raises(KeyboardInterrupt):
         packs.write_pack(data, 'pascal', 'train', split, SIZE, chunk=4)
     array_path, stamp_path = packs.pack_paths(data, 'pascal', 'train')
@@ -107,9 +109,9 @@ def test_pack_resumes_after_an_interrupt(data, monkeypatch):
     assert not array_path.exists() and not stamp_path.exists()  # nothing under the final name
     assert json.loads(part_stamp.read_text())['rows_done'] == 8  # two flushed chunks of 4
 
-    monkeypatch.setattr(datasets, 'resized_pixels', original)
+    monkeypatch.setattr(image_io, 'resized_pixels', original)
     calls_before = len(calls)
-    monkeypatch.setattr(datasets, 'resized_pixels', lambda img, size: calls.append(1) or original(img, size))
+    monkeypatch.setattr(image_io, 'resized_pixels', lambda img, size: calls.append(1) or original(img, size))
     report = packs.write_pack(data, 'pascal', 'train', split, SIZE, chunk=4)
     assert 'resumed at row 8' in report
     assert len(calls) - calls_before == len(split) - 8  # only the rows left
@@ -118,7 +120,7 @@ def test_pack_resumes_after_an_interrupt(data, monkeypatch):
     fresh = data.parent / 'fresh'
     shutil.copytree(data, fresh)
     shutil.rmtree(packs.pack_dir(fresh, 'pascal'))
-    monkeypatch.setattr(datasets, 'resized_pixels', original)
+    monkeypatch.setattr(image_io, 'resized_pixels', original)
     packs.write_pack(fresh, 'pascal', 'train', split, SIZE)
     assert np.array_equal(np.load(array_path), np.load(packs.pack_paths(fresh, 'pascal', 'train')[0]))
     assert 'is complete' in packs.write_pack(data, 'pascal', 'train', split, SIZE)

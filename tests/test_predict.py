@@ -14,6 +14,7 @@ from PIL import Image
 
 import clip_loading
 import datasets
+import image_dataset
 import models
 import predict
 
@@ -62,7 +63,7 @@ def expected_scores(checkpoint: Path, folder: Path) -> np.ndarray:
     model = models.build_classifier('small_cnn', len(CLASSNAMES), pretrained=False)
     model.load_state_dict(ckpt['model'])
     split = datasets.Split(np.array(GOOD), np.zeros((3, 3), np.float32), np.zeros((3, 3), np.float32))
-    images = torch.stack([datasets.MultiLabelImages(folder, split, IMAGE_SIZE, train=False)[i]['image']
+    images = torch.stack([image_dataset.MultiLabelImages(folder, split, IMAGE_SIZE, train=False)[i]['image']
                           for i in range(3)])
     with torch.no_grad():
         return torch.sigmoid(model.eval()(images)).numpy()
