@@ -409,6 +409,10 @@ def print_plan(recipe: Recipe, folder: Path, steps: list[Step], args) -> None:
     print(f"  disk      {human(fetch)} to download{extra}, about {human(unpack)} to unpack; {human(free)} free "
           f"on {where}", flush=True)
     if fetch + unpack > free:
+        if args.dry_run:  # the plan is what was asked for; the real run refuses before any download
+            print(f"  warning   {where} has {human(free)} free, {human(fetch + unpack)} needed: a real run "
+                  f"would stop here", flush=True)
+            return
         raise PreprocError(f"{recipe.name} needs about {human(fetch + unpack)} ({human(fetch)} to download, "
                            f"{human(unpack)} to unpack) but {where} has {human(free)} free: free some space or "
                            f"choose another --data-root")

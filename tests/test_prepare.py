@@ -385,12 +385,26 @@ def test_observed_labels_the_user_sampled_are_not_replaced_unasked(tmp_path, cap
     assert {name: (folder / name).stat().st_mtime_ns for name in OBSERVED} == before
 
 
-def test_dry_run_prints_the_plan_and_touches_nothing(server, tmp_path, capsys):
+def fake_free_space(monkeypatch, free: int) -> None:
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 13, 0, free))
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(server, tmp_path, monkeypatch, capsys):
+    fake_free_space(monkeypatch, 10 ** 12)  # the figures below must not depend on this machine's disk
     assert run(tmp_path / "data", "coco", "--mirror", server.url, "--dry-run") == 0
     out = capsys.readouterr().out
     assert (f"download  train2014.zip (13.5 GB) from {server.url}/train2014.zip; "
             f"md5 0da8c0bd3d6becc4dcb32757491aca88") in out
     assert "20.4 GB to download, about 20.4 GB to unpack" in out and "dry run: nothing done" in out
+    assert "warning" not in out
+    assert not (tmp_path / "data").exists() and server.requests == []
+
+
+def test_dry_run_on_a_small_disk_warns_instead_of_refusing(server, tmp_path, monkeypatch, capsys):
+    fake_free_space(monkeypatch, 10 ** 9)
+    assert run(tmp_path / "data", "coco", "--mirror", server.url, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "has 1.0 GB free, 40.8 GB needed: a real run would stop here" in out and "dry run: nothing done" in out
     assert not (tmp_path / "data").exists() and server.requests == []
 
 
@@ -475,7 +489,7 @@ def test_offline_is_one_line_naming_url_file_and_from_dir(tmp_path, monkeypatch,
 def test_not_enough_disk_is_refused_before_any_download(voc_archive, server, tmp_path, monkeypatch, capsys):
     _, data = voc_archive
     serve_as(monkeypatch, server, "pascal", {"VOCtrainval_11-May-2012.tar": data})
-    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 1000))
+    fake_free_space(monkeypatch, 1000)
     assert run(tmp_path / "data", "pascal", "--mirror", server.url) == 2
     captured = capsys.readouterr()
     err = error_line(captured.err)
