@@ -255,7 +255,11 @@ def test_local_sweep_sigkill_then_rerun(grid, tmp_path):
     """The local executor as a user runs it: sweep.py in its own process, SIGKILL in the middle of
     the third run, the same command again; the table equals an uninterrupted sweep's."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    straight = write_grid(tmp_path / 'straight.toml', tmp_path / 'straight', *_grid_inputs(grid))
+    # The victim (EM, the third run) trains 6 epochs, so that the kill, sent when its epoch-1 checkpoint
+    # appears, lands while it runs: with 2 tiny epochs a loaded machine let it finish first.
+    longer = '[overrides.EM]\nepochs = 6\n'
+    straight = write_grid(tmp_path / 'straight.toml', tmp_path / 'straight', *_grid_inputs(grid), extra=longer)
+    grid = write_grid(grid, tmp_path / 'runs', *_grid_inputs(grid), extra=longer)
     done = subprocess.run([sys.executable, 'sweep.py', str(straight)], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
