@@ -71,7 +71,7 @@ def train_one_epoch(epoch: int, cfg: Config, model, optimizer, loader, method, t
     (method.second_view(epoch), CCD's colour-jittered ex_image) gets that view's logits, from a second
     forward pass after the first (so batch-norm statistics move in the original's order). After every optimiser step:
     scheduler.step() (a per-step schedule such as OneCycleLR) and ema.update(model)
-    (heads.ModelEMA), when given.
+    (recipe.ModelEMA), when given.
     """
     model.train()
     num_rows, num_classes = method.observed.shape

@@ -504,7 +504,7 @@ PEER_DEFAULTS: dict[str, dict[str, dict[str, Hp]]] = {
     for method, build in (('role', _role), ('LL', _ll), ('boostlu', _boostlu), ('GR', _gr), ('AEVLP', _aevlp))
 }
 # The demo dataset of this CLI has no published values: each method uses its VOC (pascal) row with the
-# demo's own expected number of positives (losses.EXPECTED_NUM_POS['demo'], measured on its train split).
+# demo's own expected number of positives (config.DATASETS['demo'].expected_num_pos, measured on its train split).
 for _method, _rows in PEER_DEFAULTS.items():
     _demo = {key: Hp(hp.value, f'demo: pascal value ({hp.source})', False) for key, hp in _rows['pascal'].items()}
     if 'expected_num_pos' in _demo:
