@@ -391,6 +391,18 @@ def number(kind=float, *, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def folder_name(text: str) -> str:
+    """argparse type of --run-name: one plain folder name inside --results-dir. A path ('a/b',
+    '../x'), '.' or '..' would put the run (and what --overwrite replaces) outside its own folder:
+    '--run-name . --overwrite' once replaced the whole results folder. Hidden names are the run
+    folders' own bookkeeping (.NAME.replaced, .NAME.lock), which report.py skips."""
+    if not text or '/' in text or '\\' in text or text.startswith('.') or text != text.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is not a plain folder name (no "/", not starting with "."): '
+                                         'the run folder is <results-dir>/<run-name>; choose the parent with '
+                                         '--results-dir')
+    return text
+
+
 POSITIVE = number(float, low=0, low_open=True)
 NON_NEGATIVE = number(float, low=0)
 COUNT = number(int, low=1)

@@ -44,7 +44,7 @@ import pseudo_label_policy
 import records
 from checkpoints import RunFolder, classifier_of, config_differences, load_checkpoint, rebuild_classifier, set_rng_state
 from config import (COUNT, DATASETS, DEFAULT_DIRS, NON_NEGATIVE, NUMPY_SEED, POSITIVE, Config, UserError, VLPLError,
-                    build_config, number, one_line)
+                    build_config, folder_name, number, one_line)
 from distributed import is_primary, log
 from engine import NonFiniteLoss, predict
 from epoch_phases import Learner, evaluate_phases, log_epoch, save_epoch, train_phase
@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '"original"; docs/sweeps.md); flags given here win and are recorded as overrides')
     p.add_argument('--data-root', default=DEFAULT_DIRS['data'], help='folder holding <dataset>/formatted_*.npy')
     p.add_argument('--results-dir', default=DEFAULT_DIRS['results'], help='each run writes a folder here')
-    p.add_argument('--run-name', default=None,
-                   help='name of the run folder (default: <dataset>_<loss>_<model>_s<seed>)')
+    p.add_argument('--run-name', default=None, type=folder_name,
+                   help='name of the run folder inside --results-dir, one plain name '
+                        '(default: <dataset>_<loss>_<model>_s<seed>)')
     p.add_argument('--cache-dir', default=DEFAULT_DIRS['cache'], help='frozen-CLIP embedding cache')
     p.add_argument('--epochs', type=COUNT, default=None, help='number of epochs (default 10)')
     p.add_argument('--batch-size', type=COUNT, default=None, help='default: per dataset (8; EM_APL: its paper)')

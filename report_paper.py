@@ -57,8 +57,13 @@ def paper_cells(sweep_dir: Path) -> list[PaperCell]:
     if not plan_path.is_file():
         raise ReportError(f'{sweep_dir}: no {SWEEP_FILE}; --paper reads the folder of a sweep (python sweep.py GRID)')
     plan = read_json(plan_path)
+    runs = plan.get('runs', [])
+    needed = ('name', 'cell', 'method', 'dataset', 'seed')
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and all(k in r for k in needed) for r in runs):
+        raise ReportError(f'{plan_path}: damaged (each of its runs needs {", ".join(needed)}): run the sweep again '
+                          '(python sweep.py GRID: it rewrites the file and skips finished runs)')
     cells: dict[tuple, PaperCell] = {}
-    for run in plan.get('runs', []):
+    for run in runs:
         key = (run['cell'], run['dataset'])
         if key not in cells:
             recipe = run.get('recipe')

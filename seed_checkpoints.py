@@ -331,6 +331,9 @@ def _sgre(obj, where: str, options: Options) -> Imported:
     classnames = _classes_of(dataset, where, count, options)
     extras = {}
     if 'embeddings' in state:  # --embed-type random: learned with the model
+        if options.label_embeddings is not None:
+            raise CheckpointImportError(f'{where}: holds its own learned label embeddings (--embed-type random), '
+                                        'which the import keeps: leave --label-embeddings out')
         embeddings = state['embeddings']
         notes.append('its learned label embeddings (--embed-type random) are kept fixed, as this project\'s sgre head '
                      'keeps label embeddings')

@@ -51,6 +51,8 @@ def read_file(path: Path) -> object:
     file names them, the harmless globals above allowed: a file holding anything else is refused
     without running any of it."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointImportError(f'{path} is a folder: pass the checkpoint file inside it')
     if not path.is_file():
         raise CheckpointImportError(f'{path}: no such file')
     if not zipfile.is_zipfile(path):

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -71,13 +73,16 @@ def epoch_seconds(cfg, sweep_dir: Path, figures: list[dict]) -> tuple[Optional[f
     this sweep with the same dataset, method, backbone, input size and batch (config.json's
     record), else the bench figures (seconds per image of a backbone at a size, bench/figures.json)
     times the dataset's image counts."""
+    import records
+
     measured = []
     for other in sorted(sweep_dir.glob('*/config.json')):
-        saved = json.loads(other.read_text()) if other.is_file() else {}
+        saved = records.json_or_none(other) or {}  # a damaged one is named by that run's own plan line
         same = all(saved.get(k) == getattr(cfg, k) for k in ('dataset', 'loss', 'model', 'image_size', 'batch_size',
                                                               'head', 'recipe'))
-        seconds = saved.get('record', {}).get('epoch_seconds', {})
-        if same and seconds:
+        record = saved.get('record')
+        seconds = record.get('epoch_seconds') if isinstance(record, dict) else None
+        if same and isinstance(seconds, dict) and seconds:
             measured += [float(v) for v in seconds.values()]
     if measured:
         return sum(measured) / len(measured), f'measured: {len(measured)} epochs of this sweep'
@@ -155,26 +160,48 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.dry_run:
             return dry_run(grid, plans)
         grid.results_dir.mkdir(parents=True, exist_ok=True)
-        write_plan(grid, specs)
-        for spec, action in refused:
-            print(f'refused {spec.name}: {action.why}')
-        print(f'{len(specs)} runs in {grid.results_dir}: {len(done)} finished, {len(work)} to run '
-              f'({sum(a.kind == "resume" for _, a in work)} to resume), {len(refused)} refused')
-        if args.executor == 'debug':
-            outcomes = execute_debug(work, grid.results_dir)
-        elif args.executor == 'local':
-            outcomes = execute_local(work, grid.results_dir, gpus_per_run=args.gpus_per_run)
-        else:
-            outcomes = execute_slurm(work, grid.results_dir, args) if work else []
-        lines = summary(outcomes, len(done), refused)
-        print('\n'.join(lines))
-        if any(o.kind == 'submitted' for o in outcomes):
-            print('run the same command again when the array has ended: finished runs are skipped, the others '
-                  'resumed; then python report.py --paper ' + shlex.quote(str(grid.results_dir)))
-        return 0 if not refused and not any(o.kind in ('failed', 'refused') for o in outcomes) else 1
+        with _lock_sweep(grid.results_dir):
+            write_plan(grid, specs)
+            for spec, action in refused:
+                print(f'refused {spec.name}: {action.why}')
+            print(f'{len(specs)} runs in {grid.results_dir}: {len(done)} finished, {len(work)} to run '
+                  f'({sum(a.kind == "resume" for _, a in work)} to resume), {len(refused)} refused')
+            if args.executor == 'debug':
+                outcomes = execute_debug(work, grid.results_dir)
+            elif args.executor == 'local':
+                outcomes = execute_local(work, grid.results_dir, gpus_per_run=args.gpus_per_run)
+            else:
+                outcomes = execute_slurm(work, grid.results_dir, args) if work else []
+            lines = summary(outcomes, len(done), refused)
+            print('\n'.join(lines))
+            if any(o.kind == 'submitted' for o in outcomes):
+                print('run the same command again when the array has ended: finished runs are skipped, the others '
+                      'resumed; then python report.py --paper ' + shlex.quote(str(grid.results_dir)))
+            return 0 if not refused and not any(o.kind in ('failed', 'refused') for o in outcomes) else 1
     except VLPLError as e:
         print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
+
+
+def _lock_sweep(results_dir: Path):
+    """One sweep at a time per results folder: two would start the same runs, and each would report
+    the other's run, locked by it, as failed. A POSIX lock on <results>/.sweep.lock (released by the
+    kernel when the process ends, however it ends; it holds across the nodes of a shared file system)."""
+    import fcntl
+
+    handle = open(results_dir / '.sweep.lock', 'a+')
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or 'another process'
+        handle.close()
+        raise SweepError(f'{results_dir} is in use by another sweep ({owner}): wait for it to end, then run the '
+                         'same command again (finished runs are skipped)') from None
+    handle.truncate(0)
+    handle.write(f'pid {os.getpid()} on {socket.gethostname()}')
+    handle.flush()
+    return handle  # a context manager: closing it releases the lock
 
 
 def dry_run(grid: Grid, plans: list) -> int:

@@ -4,6 +4,7 @@ listed in, <results>/sweep.json (`write_plan`), which report.py --paper reads.
 """
 from __future__ import annotations
 
+import functools
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,55 @@ class Grid:
     file: Path
 
 
+# What the sweep itself gives each run (its cell, its seed, its folder) or does to it (resume): an
+# override of one would run every seed of a cell as the same run, or write runs into folders named
+# after other settings, and the table would average copies. Refused in the grid, by argparse dest.
+SWEEP_OWNS = {'dataset': 'datasets', 'loss': 'methods', 'seed': 'seeds', 'recipe': 'recipe',
+              'results_dir': 'results-dir', 'run_name': 'the run names', 'resume': 'the sweep (it resumes runs)',
+              'overwrite': 'the sweep (it never replaces a run)', 'evaluate': 'no sweep (it trains)'}
+
+
+def _dest_of(key: str) -> Optional[str]:
+    """The main_clip.py setting that `--key` sets, as argparse resolves it (prefixes included);
+    None for a flag it does not know (main_clip.py refuses that itself, in one line)."""
+    dests = _option_dests()
+    flag = f'--{key}'
+    if flag in dests:
+        return dests[flag]
+    matches = {dest for opt, dest in dests.items() if opt.startswith(flag)}
+    return matches.pop() if len(matches) == 1 else None
+
+
+@functools.lru_cache(maxsize=1)
+def _option_dests() -> dict[str, str]:
+    """main_clip.py's option strings -> the setting (argparse dest) each sets."""
+    import main_clip
+
+    return {opt: action.dest for action in main_clip.build_parser()._actions for opt in action.option_strings}
+
+
+def _check_overrides(path: Path, table: dict, where: str, nested_ok: bool) -> None:
+    import methods as methods_module
+
+    for key, value in table.items():
+        if isinstance(value, dict):
+            if not nested_ok:
+                raise SweepError(f'{path}: {where}.{key}: sub-tables go one level deep, [overrides.<dataset>] '
+                                 'or [overrides.<method>]; a run takes the dataset\'s and then the method\'s')
+            if key not in DATASETS and key not in methods_module.METHODS:
+                raise SweepError(f'{path}: {where}.{key}: a sub-table must be named after a dataset or a method')
+            _check_overrides(path, value, f'{where}.{key}', False)
+            continue
+        if not isinstance(key, str) or key.startswith('-'):
+            continue  # _flags names it
+        dest = _dest_of(key)
+        if dest in SWEEP_OWNS:
+            raise SweepError(f'{path}: {where}.{key}: set by {SWEEP_OWNS[dest]} of the grid, not an override '
+                             '(every run of a cell would be the same run under another name)')
+        if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise SweepError(f'{path}: {where}.{key}: a list of plain values only')
+
+
 def _flags(table: dict, where: str) -> list[str]:
     """main_clip.py arguments from a table of flag values (recipes' format: true = the bare flag)."""
     out = []
@@ -85,6 +135,12 @@ def read_grid(path, results_dir: Optional[str] = None) -> Grid:
     import methods as methods_module
     import main_clip  # noqa: F401  registers every method
 
+    for key in ('methods', 'datasets'):
+        if not all(isinstance(v, str) for v in data[key]):
+            raise SweepError(f'{path}: {key} must be a list of names (strings)')
+    for key in ('recipe', 'results-dir'):
+        if key in data and not isinstance(data[key], str):
+            raise SweepError(f'{path}: {key} must be a string')
     for m in data['methods']:
         name = str(m).split(':', 1)[0]
         if name not in methods_module.METHODS:
@@ -97,9 +153,7 @@ def read_grid(path, results_dir: Optional[str] = None) -> Grid:
     overrides = data.get('overrides', {})
     if not isinstance(overrides, dict):
         raise SweepError(f'{path}: overrides must be a table of main_clip.py flags')
-    for key, value in overrides.items():
-        if isinstance(value, dict) and key not in DATASETS and key not in methods_module.METHODS:
-            raise SweepError(f'{path}: overrides.{key}: a sub-table must be named after a dataset or a method')
+    _check_overrides(path, overrides, 'overrides', True)
     folder = results_dir or data.get('results-dir') or str(REPO_ROOT / 'results' / path.stem)
     recipe = data.get('recipe') or None
     return Grid(list(data['methods']), list(data['datasets']), list(data['seeds']), recipe, Path(folder),

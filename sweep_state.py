@@ -58,6 +58,9 @@ def plan(spec: RunSpec) -> Action:
     if status.state == 'missing':
         return Action('start', epochs=cfg.epochs)
     saved = records.json_or_none(folder / 'config.json')
+    if saved is None and (folder / 'config.json').exists():
+        return Action('refuse', f'{folder / "config.json"} is damaged (not a JSON object): restore it, or move the '
+                                'run folder away to run it again', status.epochs_done, status.epochs)
     if saved is not None:
         diffs = config_differences({k: _tuples(v) for k, v in saved.items() if k != 'record'}, cfg)
         if diffs:

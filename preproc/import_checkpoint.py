@@ -143,6 +143,11 @@ def rebuild(ckpt: dict, where: str):
 def import_checkpoint(kind: str, source: Path, output: Path, options: Options, overwrite: bool = False) -> list[str]:
     """Read, convert, rebuild and write; the report lines."""
     source, output = Path(source), Path(output)
+    if output.is_dir():
+        raise CheckpointImportError(f'{output} is a folder: give OUT as a file path (e.g. {output / "imported.pt"})')
+    if output.exists() and source.exists() and output.samefile(source):
+        raise CheckpointImportError(f'{output} is also IN: write the import to another file (the original stays '
+                                    'as it was published)')
     if output.exists() and not overwrite:
         raise CheckpointImportError(f'{output} exists: choose another OUT or add --overwrite')
     where = str(source)

@@ -57,6 +57,21 @@ def test_an_overwrite_killed_before_its_first_checkpoint_loses_nothing(tmp_path,
     assert (folder / 'log.json').read_text() == finished and not hidden.exists()
 
 
+@pytest.mark.parametrize('name', ['.', '..', '../escape', 'a/b', '.hidden', ''])
+def test_run_name_is_one_folder_inside_results_dir(tmp_path, run_args, capsys, name):
+    """'--run-name . --overwrite' replaced the whole results folder (its other runs and files lost for
+    good), and '../x' wrote outside it: --run-name takes one plain folder name, refused at parse."""
+    results = tmp_path / 'results'
+    (results / 'finished_run').mkdir(parents=True)
+    (results / 'notes.txt').write_text('mine')
+    with pytest.raises(SystemExit) as stop:
+        main_clip.main(run_args('--run-name', name, '--overwrite'))
+    assert stop.value.code == 2
+    one_error_line(capsys.readouterr().err, '--run-name', 'plain folder name', '--results-dir')
+    assert sorted(p.name for p in results.iterdir()) == ['finished_run', 'notes.txt']
+    assert (results / 'notes.txt').read_text() == 'mine' and not (tmp_path / 'escape').exists()
+
+
 def test_resume_of_a_run_killed_before_its_first_checkpoint_names_the_command(tmp_path, run_args, capsys):
     """Item 12: there is nothing to resume; the same command without --resume starts it again."""
     killed_at_first_checkpoint(run_args())

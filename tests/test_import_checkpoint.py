@@ -387,6 +387,25 @@ def test_sgre_needs_its_label_embeddings(tmp_path, capsys):
     assert 'its label embeddings are (20, 7), its attention reads 20 x 48' in err
 
 
+def test_in_and_out_files_that_would_lose_or_ignore_something(tmp_path, capsys):
+    """The published file as OUT too (it was replaced by the import), a folder as OUT or IN (an OS
+    error, or 'no such file'), and --label-embeddings beside learned ones (silently not used)."""
+    source = write_fixture('sgre_resnet18_random_tiny', tmp_path / 'sgre.pth')
+    published = source.read_bytes()
+    err = refused(['--from', 'sgre', str(source), str(source), '--overwrite'], tmp_path / 'none.pt', capsys)
+    assert 'sgre.pth is also IN: write the import to another file' in err
+    assert source.read_bytes() == published
+    (tmp_path / 'folder').mkdir()
+    err = refused(['--from', 'sgre', str(source), str(tmp_path / 'folder'), '--overwrite'], tmp_path / 'none.pt', capsys)
+    assert 'folder is a folder: give OUT as a file path' in err
+    err = refused(['--from', 'sgre', str(tmp_path / 'folder'), str(tmp_path / 'out.pt')], tmp_path / 'out.pt', capsys)
+    assert 'folder is a folder: pass the checkpoint file inside it' in err
+    np.save(tmp_path / 'bert.npy', np.zeros((20, 48), np.float32))
+    err = refused(['--from', 'sgre', str(source), str(tmp_path / 'out.pt'), '--label-embeddings',
+                   str(tmp_path / 'bert.npy')], tmp_path / 'out.pt', capsys)
+    assert 'holds its own learned label embeddings' in err and 'leave --label-embeddings out' in err
+
+
 def test_tensors_without_a_place_are_refused(tmp_path, capsys):
     meta, state, _ = load_fixture('ccd_resnet50')
     out = tmp_path / 'out.pt'

@@ -104,6 +104,20 @@ def test_recipe_variants_and_per_method_overrides(tmp_path):
     ('methods = ["an", "an"]\ndatasets = ["pascal"]\nseeds = [0]\n', 'names some runs twice'),
     ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\n"--lr" = 1\n', 'without dashes'),
     ('methods = [an]\n', 'not a readable TOML grid'),
+    # What the sweep sets itself: an override ran every seed as seed 7 and the table showed n=2, +- 0.00.
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0, 1]\n[overrides]\nseed = 7\n', 'overrides.seed: set by seeds'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\ndataset = "coco"\n', 'set by datasets'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides.an]\nloss = "EM"\n', 'overrides.an.loss: set by methods'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\nrun-name = "x"\n', 'set by the run names'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\nresults-dir = "x"\n', 'set by results-dir'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\npytorch_seed = 3\n', 'set by seeds'),
+    # A table inside a sub-table was dropped without a word (EM ran with the top-level epochs).
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides.pascal.an]\nepochs = 5\n',
+     'overrides.pascal.an: sub-tables go one level deep'),
+    # Values of the wrong type were tracebacks.
+    ('methods = ["an"]\ndatasets = [["pascal"]]\nseeds = [0]\n', 'datasets must be a list of names'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\nresults-dir = 5\n', 'results-dir must be a string'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\nrecipe = 5\n', 'recipe must be a string'),
 ])
 def test_a_bad_grid_is_one_line(tmp_path, capsys, text, message):
     path = tmp_path / 'g.toml'
@@ -185,6 +199,43 @@ def test_another_config_is_refused_and_a_failure_named(grid, tmp_path, capsys):
     assert 'refused pascal_an_original_s0: ' in out and 'holds another config (lr: 0.001 -> 0.01; alpha: 0.2 -> 0.5)' in out
     assert 'summary: 0 done, 0 resumed, 1 started, 1 failed (1 refused)' in out  # EM starts over a folder without an epoch
     assert records.run_status(tmp_path / 'runs' / 'pascal_EM_original_s0').finished
+
+
+def test_a_second_sweep_on_the_same_results_is_refused(grid, tmp_path, capsys):
+    """Two sweeps on one results folder each reported the other's runs (locked by it) as failed, with
+    a progress bar as the 'error': the second now stops at once, in one line, touching nothing."""
+    results = tmp_path / 'runs'
+    results.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import fcntl, sys, time; h = open(sys.argv[1], "a+"); '
+         'fcntl.lockf(h, fcntl.LOCK_EX); h.write("pid 4242 on node7"); h.flush(); print("locked", flush=True); '
+         'time.sleep(60)', str(results / '.sweep.lock')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        assert sweep.main([str(grid), '--executor', 'debug']) == 2
+        err = capsys.readouterr().err.strip()
+        assert f'{results} is in use by another sweep (pid 4242 on node7)' in err and len(err.splitlines()) == 1
+        assert sorted(p.name for p in results.iterdir()) == ['.sweep.lock']
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_damaged_files_of_a_sweep_are_one_line(grid, tmp_path, capsys):
+    """A truncated config.json in a run folder was a JSONDecodeError traceback in --dry-run and a
+    misleading 'already finished' at run time; a damaged sweep.json a KeyError in report.py --paper."""
+    results = tmp_path / 'runs'
+    (results / 'pascal_an_original_s0').mkdir(parents=True)
+    (results / 'pascal_an_original_s0' / 'config.json').write_text('{"dataset": "pas')
+    assert sweep.main([str(grid), '--dry-run']) == 0
+    out = capsys.readouterr().out
+    assert 'refuse  pascal_an_original_s0' in out or 'refuse pascal_an_original_s0' in out, out
+    assert 'config.json is damaged (not a JSON object)' in out
+    for text in ('{"runs": 5}', '{"runs": [{"name": "x"}]}'):
+        (results / 'sweep.json').write_text(text)
+        assert report.main(['--paper', str(results), '--out', str(tmp_path / 'rep')]) == 2
+        err = capsys.readouterr().err.strip()
+        assert 'sweep.json: damaged' in err and len(err.splitlines()) == 1, err
 
 
 def test_a_failing_run_gives_its_last_error_line(grid, tmp_path, capsys):
