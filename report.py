@@ -136,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             written = write_paper(Path(args.paper), Path(args.out), args.tolerance)
             print(f'{Path(args.paper)} -> {written[0]} ({len(written)} files)')
             return 0
-        runs = []
+        runs, skipped = [], 0
         for folder in find_run_folders(args.runs):
             try:
                 runs.append(load_run(folder))
             except ReportError as e:
+                skipped += 1
                 print(f'skipped {e}', file=sys.stderr)
         if not runs:
-            raise ReportError('no run with a log.json among the given folders; train one with main_clip.py first')
+            raise ReportError(f'none of the {skipped} run folders found could be read (see the lines above)' if skipped
+                              else 'no run with a log.json among the given folders; train one with main_clip.py first')
         names = [r.name for r in runs]
         for r in runs:  # the same run name under two results folders: tell them apart
             if names.count(r.name) > 1:

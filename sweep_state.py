@@ -58,7 +58,8 @@ def plan(spec: RunSpec) -> Action:
     if status.state == 'missing':
         return Action('start', epochs=cfg.epochs)
     saved = records.json_or_none(folder / 'config.json')
-    if saved is None and (folder / 'config.json').exists():
+    if saved is None and (folder / 'config.json').exists() and any(
+            (folder / f).exists() for f in ('log.json', 'last.pt')):  # without an epoch it just starts over
         return Action('refuse', f'{folder / "config.json"} is damaged (not a JSON object): restore it, or move the '
                                 'run folder away to run it again', status.epochs_done, status.epochs)
     if saved is not None:

@@ -137,7 +137,14 @@ def test_settings_split_groups_and_errors(tmp_path, capsys):
     assert report.main([str(tmp_path / 'missing')]) == 2
     assert capsys.readouterr().err.startswith(f'error: {tmp_path / "missing"}: no such folder')
     assert report.main([str(results / 'crashed'), '--out', str(out)]) == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith('error: no run with a log.json')
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f'skipped {results / "crashed"}: no log.json')
+    assert err[-1] == 'error: none of the 1 run folders found could be read (see the lines above)'
+    (results / 'crashed' / 'log.json').write_text('{"epochs": [')  # cut short: named, not 'no log.json'
+    (results / 'crashed' / 'config.json').write_text('{"dataset": "de')
+    assert report.main([str(results / 'crashed'), '--out', str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith('skipped ') and 'json' in err[0] and err[-1].startswith('error: none of the 1 run folders')
 
 
 def test_mean_std():

@@ -227,6 +227,7 @@ def test_damaged_files_of_a_sweep_are_one_line(grid, tmp_path, capsys):
     results = tmp_path / 'runs'
     (results / 'pascal_an_original_s0').mkdir(parents=True)
     (results / 'pascal_an_original_s0' / 'config.json').write_text('{"dataset": "pas')
+    (results / 'pascal_an_original_s0' / 'log.json').write_text('{"epochs": []}')  # it had trained
     assert sweep.main([str(grid), '--dry-run']) == 0
     out = capsys.readouterr().out
     assert 'refuse  pascal_an_original_s0' in out or 'refuse pascal_an_original_s0' in out, out
