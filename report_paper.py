@@ -164,6 +164,13 @@ def plot_paper(cells: list[PaperCell], path: Path, tolerance: float) -> None:
     datasets = list(dict.fromkeys(c.dataset for c in cells))
     rows = list(dict.fromkeys(c.cell for c in cells))
     by_key = {(c.cell, c.dataset): c for c in cells}
+    labelled: set = set()
+
+    def first(label: str):
+        if label in labelled:
+            return None
+        labelled.add(label)
+        return label
     fig, axes = plt.subplots(1, len(datasets), figsize=(max(6.5, 4.6 * len(datasets)), 1.6 + 0.55 * len(rows)),
                              constrained_layout=True, squeeze=False)
     for ax, d in zip(axes[0], datasets):
@@ -176,15 +183,16 @@ def plot_paper(cells: list[PaperCell], path: Path, tolerance: float) -> None:
             color = '#d62728' if diff is not None and abs(diff) > tolerance else PHASE_COLORS['test']
             if mean is not None:
                 ax.errorbar(mean, y, xerr=std or 0.0, fmt='o', color=color, capsize=4, markersize=7,
-                            label='ours (mean ± std)' if y == 0 else None)
+                            label=first('ours (mean ± std)'))
                 ax.plot(list(c.results.values()), [y] * len(c.results), 'x', color=color, alpha=0.6)
             if c.published is not None:
                 ax.plot([float(c.published.value)], [y], 'D', color='black', markersize=6,
-                        label='published' if y == 0 else None)
+                        label=first('published'))
         ax.set_yticks(range(len(rows)), rows if ax is axes[0][0] else [''] * len(rows))
         ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set(title=d, xlabel='test mAP (%)')
-    axes[0][0].legend(loc='upper left', bbox_to_anchor=(0.0, -0.22), ncol=2, fontsize=8)
+    if labelled:  # the first marker of each kind, whichever row or panel has it (none: no legend)
+        fig.legend(loc='outside lower left', ncol=2, fontsize=8)
     fig.suptitle(f'test mAP beside the published numbers\n(red: more than {tolerance:g} points apart)', fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -538,6 +538,17 @@ def test_paper_table_marks_differences_missing_seeds_and_provenance(tmp_path):
     assert '-2.39 |' in (tmp_path / 'out2' / 'paper.md').read_text()  # within 3 points: not marked
 
 
+def test_paper_of_a_sweep_with_no_finished_run_draws_without_warnings(tmp_path, recwarn):
+    """matplotlib warned 'No artists with labels' when the first row had nothing to draw."""
+    sweep_dir = tmp_path / 'table'
+    sweep_dir.mkdir()
+    (sweep_dir / 'sweep.json').write_text(json.dumps({'runs': [
+        {'name': 'demo_an_defaults_s0', 'cell': 'an', 'method': 'an', 'recipe': None, 'dataset': 'demo', 'seed': 0}]}))
+    assert report.main(['--paper', str(sweep_dir), '--out', str(tmp_path / 'out')]) == 0
+    assert 'demo, seed 0: missing' in (tmp_path / 'out' / 'paper.md').read_text()
+    assert [str(w.message) for w in recwarn if 'artists' in str(w.message)] == []
+
+
 def test_paper_without_a_sweep_is_one_line(tmp_path, capsys):
     assert report.main(['--paper', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
