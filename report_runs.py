@@ -87,7 +87,9 @@ def find_run_folders(paths: list[str]) -> list[Path]:
     folders, seen = [], set()
     for p in map(Path, paths):
         if not p.is_dir():
-            raise ReportError(f'{p}: no such folder (pass run folders such as results/<run> or results/)')
+            what = ('a file, not a folder' + ('; a sweep\'s table: report.py --paper RESULTS_DIR' if p.suffix == '.toml'
+                                             else '') if p.exists() else 'no such folder')
+            raise ReportError(f'{p}: {what} (pass run folders such as results/<run> or results/)')
         if (p / 'config.json').is_file():
             inside = [p]
         else:

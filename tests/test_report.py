@@ -136,6 +136,10 @@ def test_settings_split_groups_and_errors(tmp_path, capsys):
 
     assert report.main([str(tmp_path / 'missing')]) == 2
     assert capsys.readouterr().err.startswith(f'error: {tmp_path / "missing"}: no such folder')
+    (tmp_path / 'grid.toml').write_text('methods = ["an"]\n')
+    assert report.main([str(tmp_path / 'grid.toml')]) == 2
+    assert capsys.readouterr().err.startswith(f'error: {tmp_path / "grid.toml"}: a file, not a folder; a sweep\'s '
+                                              'table: report.py --paper RESULTS_DIR')
     assert report.main([str(results / 'crashed'), '--out', str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(f'skipped {results / "crashed"}: no log.json')
