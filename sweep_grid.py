@@ -52,9 +52,11 @@ class Grid:
 # What the sweep itself gives each run (its cell, its seed, its folder) or does to it (resume): an
 # override of one would run every seed of a cell as the same run, or write runs into folders named
 # after other settings, and the table would average copies. Refused in the grid, by argparse dest.
-SWEEP_OWNS = {'dataset': 'datasets', 'loss': 'methods', 'seed': 'seeds', 'recipe': 'recipe',
-              'results_dir': 'results-dir', 'run_name': 'the run names', 'resume': 'the sweep (it resumes runs)',
-              'overwrite': 'the sweep (it never replaces a run)', 'evaluate': 'no sweep (it trains)'}
+SWEEP_OWNS = {
+    'dataset': 'the grid\'s datasets set it', 'loss': 'the grid\'s methods set it', 'seed': 'the grid\'s seeds set it',
+    'recipe': 'the grid\'s recipe (or method:recipe) sets it', 'results_dir': 'the grid\'s results-dir sets it',
+    'run_name': 'the sweep names each run', 'resume': 'the sweep resumes interrupted runs itself',
+    'overwrite': 'the sweep never replaces a run (move a folder away instead)', 'evaluate': 'a sweep trains'}
 
 
 def _dest_of(key: str) -> Optional[str]:
@@ -92,8 +94,8 @@ def _check_overrides(path: Path, table: dict, where: str, nested_ok: bool) -> No
             continue  # _flags names it
         dest = _dest_of(key)
         if dest in SWEEP_OWNS:
-            raise SweepError(f'{path}: {where}.{key}: set by {SWEEP_OWNS[dest]} of the grid, not an override '
-                             '(every run of a cell would be the same run under another name)')
+            raise SweepError(f'{path}: {where}.{key}: not an override, {SWEEP_OWNS[dest]} (as an override every '
+                             'run of a cell could be the same run under another name)')
         if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
             raise SweepError(f'{path}: {where}.{key}: a list of plain values only')
 

@@ -105,12 +105,12 @@ def test_recipe_variants_and_per_method_overrides(tmp_path):
     ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\n"--lr" = 1\n', 'without dashes'),
     ('methods = [an]\n', 'not a readable TOML grid'),
     # What the sweep sets itself: an override ran every seed as seed 7 and the table showed n=2, +- 0.00.
-    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0, 1]\n[overrides]\nseed = 7\n', 'overrides.seed: set by seeds'),
-    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\ndataset = "coco"\n', 'set by datasets'),
-    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides.an]\nloss = "EM"\n', 'overrides.an.loss: set by methods'),
-    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\nrun-name = "x"\n', 'set by the run names'),
-    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\nresults-dir = "x"\n', 'set by results-dir'),
-    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\npytorch_seed = 3\n', 'set by seeds'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0, 1]\n[overrides]\nseed = 7\n', "overrides.seed: not an override, the grid's seeds set it"),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\ndataset = "coco"\n', "the grid's datasets set it"),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides.an]\nloss = "EM"\n', "overrides.an.loss: not an override, the grid's methods set it"),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\nrun-name = "x"\n', 'the sweep names each run'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\nresults-dir = "x"\n', "the grid's results-dir sets it"),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\npytorch_seed = 3\n', "the grid's seeds set it"),
     # A table inside a sub-table was dropped without a word (EM ran with the top-level epochs).
     ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides.pascal.an]\nepochs = 5\n',
      'overrides.pascal.an: sub-tables go one level deep'),
