@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import pickle
 import random
 import shutil
-import socket
 import tempfile
 import warnings
 import zipfile
@@ -44,7 +42,7 @@ import models
 import trunks
 from config import DATASETS, RESUMABLE_CHANGES, Config, ModelLoadError, UserError, one_line
 from distributed import is_primary, log
-from files import save_npy, save_torch
+from files import claim_lock, save_npy, save_torch, try_lock
 
 MAX_IMAGE_SIZE = 4096  # a stored input side beyond this is an edited or damaged checkpoint
 
@@ -378,15 +376,10 @@ class RunFolder:
 
     def _acquire(self) -> None:
         for _ in range(3):
-            handle = open(self.lock_path, 'a+')
-            try:
-                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.seek(0)
-                holder = handle.read().strip() or 'unknown'
-                handle.close()
+            handle, holder = try_lock(self.lock_path)
+            if handle is None:
                 raise UserError(f'{self.path} is in use by another run ({holder}); wait for it to end or choose '
-                                'another --run-name') from None
+                                'another --run-name')
             try:  # a run that ended meanwhile may have removed the file we locked: lock the new one
                 same = os.fstat(handle.fileno()).st_ino == os.stat(self.lock_path).st_ino
             except FileNotFoundError:
@@ -397,10 +390,7 @@ class RunFolder:
         else:
             raise UserError(f'{self.lock_path}: could not be locked (removed and created again by other runs); '
                             'start the run again')
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f'host {socket.gethostname()}, pid {os.getpid()}\n')
-        handle.flush()
+        claim_lock(handle)
         self._lock = handle
 
     def _recover(self) -> None:

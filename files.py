@@ -71,3 +71,31 @@ def save_torch(path: str | os.PathLike, obj) -> Path:
         except RuntimeError as e:
             raise OSError(errno.EIO, f'writing failed ({str(e).strip().splitlines()[0][:120]})', str(path)) from None
     return atomic_write(path, write)
+
+
+def try_lock(path: str | os.PathLike):
+    """(open handle holding a POSIX lock on `path`, None), or (None, what the holder wrote in it) when
+    another process holds it. The kernel releases the lock when the handle is closed or the process
+    ends, however it ends; POSIX locks also hold across the nodes of a shared file system. The
+    holder is named by `claim_lock`."""
+    import fcntl
+
+    handle = open(path, 'a+')
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or 'unknown'
+        handle.close()
+        return None, holder
+    return handle, None
+
+
+def claim_lock(handle) -> None:
+    """Write who holds the lock (host and pid) into the locked file, for the next process to name."""
+    import socket
+
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f'host {socket.gethostname()}, pid {os.getpid()}\n')
+    handle.flush()

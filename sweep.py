@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import socket
 import sys
 from pathlib import Path
 from typing import Optional
 
 from config import REPO_ROOT, VLPLError, one_line
+from files import claim_lock, try_lock
 from sweep_executors import execute_debug, execute_local, execute_slurm, visible_gpus
 from sweep_grid import Grid, SweepError, expand, read_grid, write_plan
 from sweep_state import parse_run_argv, plan, run_argv, summary
@@ -187,20 +186,11 @@ def _lock_sweep(results_dir: Path):
     """One sweep at a time per results folder: two would start the same runs, and each would report
     the other's run, locked by it, as failed. A POSIX lock on <results>/.sweep.lock (released by the
     kernel when the process ends, however it ends; it holds across the nodes of a shared file system)."""
-    import fcntl
-
-    handle = open(results_dir / '.sweep.lock', 'a+')
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        owner = handle.read().strip() or 'another process'
-        handle.close()
-        raise SweepError(f'{results_dir} is in use by another sweep ({owner}): wait for it to end, then run the '
-                         'same command again (finished runs are skipped)') from None
-    handle.truncate(0)
-    handle.write(f'pid {os.getpid()} on {socket.gethostname()}')
-    handle.flush()
+    handle, holder = try_lock(results_dir / '.sweep.lock')
+    if handle is None:
+        raise SweepError(f'{results_dir} is in use by another sweep ({holder}): wait for it to end, then run the '
+                         'same command again (finished runs are skipped)')
+    claim_lock(handle)
     return handle  # a context manager: closing it releases the lock
 
 
