@@ -1,4 +1,5 @@
-"""The one way files are written: atomically (temporary file, fsync, os.replace).
+"""The one way files are written: atomically (temporary file, fsync, os.replace); and the one way a
+folder is locked (try_lock, claim_lock).
 
 Every writer of the project goes through `replace_all` (checkpoints, test predictions, the
 embedding cache and its key, text features, JSON logs, the formatted arrays of preproc/ and the
