@@ -254,12 +254,13 @@ def _load_phase(folder: Path, dataset: str, phase: str, num_classes: int, with_o
 
 
 def _check_agrees(path: Path, observed: np.ndarray, labels: np.ndarray, how_to_create: str) -> None:
-    """A partial-annotation file is sampled from the true labels: an observed positive on a true
-    negative, or an observed negative on a true positive, means it was made from other labels."""
+    """An observed-label file (single positive or partial annotations) is sampled from the true labels:
+    an observed positive on a true negative, or an observed negative on a true positive, means it was
+    made from other labels (e.g. before the dataset was formatted again)."""
     wrong = int(((observed == 1) & (labels == 0)).sum() + ((observed == -1) & (labels == 1)).sum())
     if wrong:
         raise DataError(f"{path} contradicts formatted_train_labels.npy in {wrong} entries (made from other "
-                        f"labels?): {how_to_create} again")
+                        f"labels?): {how_to_create} again with --overwrite")
 
 
 def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool = False,
@@ -304,9 +305,10 @@ def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool
                         f"to cut a train and a val split: {formatting_hint(dataset, data_root)}")
     if full:
         train_observed = full_observed(labels, ignore)
-    elif observed is not None and train_observed is not None:
+    elif train_observed is not None:  # the single-positive file too: a re-formatted dataset leaves it stale
         _check_agrees(folder / observed_file_name(observed), train_observed, labels,
-                      observed_tag_hint(dataset, observed, data_root))
+                      observed_labels_hint(dataset, data_root) if observed is None
+                      else observed_tag_hint(dataset, observed, data_root))
     train_obs = labels if train_observed is None else train_observed
 
     def rows(mask, idx):

@@ -135,10 +135,55 @@ def _write_npy(handle, array: np.ndarray) -> None:
     np.save(handle, array, allow_pickle=False)
 
 
-def save_formatted(folder: Path, phases: dict[str, tuple[list[str], np.ndarray]]) -> None:
-    """Save formatted_<phase>_images.npy (unicode array) and formatted_<phase>_labels.npy."""
+def save_formatted(folder: Path, phases: dict[str, tuple[list[str], np.ndarray]]) -> list[str]:
+    """Save formatted_<phase>_images.npy (unicode array) and formatted_<phase>_labels.npy
+    (save_formatted_arrays); return its report lines."""
     arrays = {}
     for phase, (images, labels) in phases.items():
         arrays[f"formatted_{phase}_images.npy"] = np.array(images, dtype=str)
         arrays[f"formatted_{phase}_labels.npy"] = labels
+    return save_formatted_arrays(folder, arrays)
+
+
+# Files of a dataset folder made from its formatted labels (generate_observed_labels.py) or written beside
+# them by one format script only (the VOC2007 ignore mask): datasets.load_splits reads them with the labels.
+OBSERVED_GLOB = "formatted_*_labels_obs*.npy"
+IGNORE_FILES = ("formatted_train_ignore.npy", "formatted_val_ignore.npy")
+
+
+def save_formatted_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> list[str]:
+    """save_arrays, then remove the files the new formatted files make wrong (stale_files); return
+    one report line naming them, or none. Formatting the same raw files again removes nothing."""
+    stale = stale_files(folder, arrays)
     save_arrays(folder, arrays)
+    for path in stale:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise PreprocError(f"cannot remove {path}, made from the earlier formatted files: "
+                               f"{err.strerror or err}; remove it by hand") from None
+    if not stale:
+        return []
+    return [f"removed {len(stale)} file(s) of {folder} that belonged to the earlier formatted files: "
+            f"{', '.join(p.name for p in stale)} (run preproc/generate_observed_labels.py again for observed labels)"]
+
+
+def stale_files(folder: Path, arrays: dict[str, np.ndarray]) -> list[Path]:
+    """The files of folder that writing `arrays` (formatted_*_{images,labels}.npy) would leave wrong:
+    an ignore mask this format does not write, and, when the images or labels change (or were not
+    there), every observed-label file, which was sampled from the earlier labels and would be read
+    beside the new ones. Such a file contradicting the new labels is refused at load
+    (datasets.load_splits), but one that happens to agree would train silently on other samples."""
+    stale = [folder / name for name in IGNORE_FILES if name not in arrays and (folder / name).is_file()]
+    if any(not _holds(folder / name, array) for name, array in arrays.items() if name not in IGNORE_FILES):
+        stale += sorted(folder.glob(OBSERVED_GLOB))
+    return stale
+
+
+def _holds(path: Path, array: np.ndarray) -> bool:
+    """Whether path is a numpy file equal to array (shape, values and kind of dtype)."""
+    try:
+        old = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    return old.shape == array.shape and old.dtype.kind == array.dtype.kind and np.array_equal(old, array)

@@ -112,10 +112,10 @@ def format_coco(load_path: Path, save_path: Path) -> list[str]:
                                f"annotations_trainval2014.zip")
         phases[phase] = read_phase(path, data, phase, class_of)
         del data  # the train file is large; free it before reading the next one
-    save_formatted(save_path, {phase: (images, labels) for phase, (images, labels, _) in phases.items()})
+    removed = save_formatted(save_path, {phase: (images, labels) for phase, (images, labels, _) in phases.items()})
     return [f"coco {phase}: {len(images)} images, {len(categories)} classes written to {save_path} "
             f"({unannotated} listed images without annotation left out)"
-            for phase, (images, _, unannotated) in phases.items()]
+            for phase, (images, _, unannotated) in phases.items()] + removed
 
 
 def main(argv: list[str] | None = None) -> int:

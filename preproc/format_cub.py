@@ -110,9 +110,9 @@ def format_cub(load_path: Path, save_path: Path) -> list[str]:
     paths = list(images.values())
     phases = {phase: ([p for p, keep in zip(paths, mask) if keep], labels[mask])
               for phase, mask in (("train", train_mask), ("val", ~train_mask))}
-    save_formatted(save_path, phases)
+    removed = save_formatted(save_path, phases)
     return [f"cub {phase}: {len(rows)} images, {num_attributes} attributes written to {save_path}"
-            for phase, (rows, _) in phases.items()]
+            for phase, (rows, _) in phases.items()] + removed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,8 +107,7 @@ def format_nuswide(load_path: Path, save_path: Path, *, missing_images: str = "d
         phases[phase] = (images, labels)
         reports.append(f"nuswide {phase} ({list_name} list): {report}; {len(images)} images, "
                        f"{len(concepts)} classes written to {save_path}")
-    save_formatted(save_path, phases)
-    return reports
+    return reports + save_formatted(save_path, phases)
 
 
 def main(argv: list[str] | None = None) -> int:

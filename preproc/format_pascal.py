@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as `python preproc/format_pascal.py`
 import numpy as np
 
 from preproc._common import (PreprocError, dataset_parser, parse_int, read_rows, require,
-                             run_cli, save_arrays, save_formatted)
+                             run_cli, save_formatted, save_formatted_arrays)
 
 CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -73,10 +73,10 @@ def format_pascal(load_path: Path, save_path: Path) -> list[str]:
     if shared:
         raise PreprocError(f"{main_dir}: {len(shared)} images (e.g. {min(shared)}) are in both the "
                            f"train and the val lists: re-extract VOCtrainval_11-May-2012.tar")
-    save_formatted(save_path, {phase: (images, labels) for phase, (images, labels, _) in phases.items()})
+    removed = save_formatted(save_path, {phase: (images, labels) for phase, (images, labels, _) in phases.items()})
     return [f"pascal {phase}: {len(images)} images written to {save_path} "
             f"({dropped} without a positive label left out)"
-            for phase, (images, _, dropped) in phases.items()]
+            for phase, (images, _, dropped) in phases.items()] + removed
 
 
 # ------------------------------------------------------------------------------------------ VOC 2007
@@ -149,7 +149,7 @@ def format_voc2007(load_path: Path, save_path: Path) -> list[str]:
         arrays[f"formatted_{phase}_images.npy"] = np.array(images, dtype=str)
         arrays[f"formatted_{phase}_labels.npy"] = labels
     arrays["formatted_val_ignore.npy"] = phases["val"][2]  # trainval's all-difficult entries are negatives
-    save_arrays(save_path, arrays)
+    removed = save_formatted_arrays(save_path, arrays)
     report = []
     for (list_name, phase) in PHASES_2007:
         images, labels, difficult_only = phases[phase]
@@ -157,7 +157,7 @@ def format_voc2007(load_path: Path, save_path: Path) -> list[str]:
         report.append(f"voc2007 {phase} ({list_name}): {len(images)} images written to {save_path}, "
                       f"{int((labels.sum(1) == 0).sum())} without a positive label kept; "
                       f"{int(difficult_only.sum())} image-class pairs with only difficult objects {rule}")
-    return report
+    return report + removed
 
 
 YEARS = {"2012": ("pascal", format_pascal), "2007": ("voc2007", format_voc2007)}  # year -> (dataset, formatter)

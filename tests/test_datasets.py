@@ -156,6 +156,17 @@ def test_load_splits_refuses_inconsistent_files(tmp_path, name, bad, message):
     assert name in str(err.value) and "\n" not in str(err.value)
 
 
+def test_single_positive_file_of_other_labels_is_refused(tmp_path):
+    """A single-positive file sampled from labels the dataset no longer has (formatted again since)
+    puts observed positives on true negatives: refused in one line, as a partial-annotation file is."""
+    arrays = _write_formatted(tmp_path / "pascal", 20)
+    stale = np.roll(arrays["formatted_train_labels_obs.npy"], 1, axis=1)  # each positive one column off
+    np.save(tmp_path / "pascal" / "formatted_train_labels_obs.npy", stale)
+    with pytest.raises(DataError, match=r"formatted_train_labels_obs\.npy contradicts formatted_train_labels\.npy "
+                                        r"in 10 entries .*generate_observed_labels\.py --dataset pascal.* --overwrite"):
+        load_splits(tmp_path, "pascal")
+
+
 def test_full_observed_labels_and_ignore_masks(tmp_path):
     """--observed full: every label observed (1 / -1) from the train labels, no file read; the
     ignore masks (formatted_*_ignore.npy, SGRE's ignore.npy) follow each split's rows, and an

@@ -102,6 +102,33 @@ def test_format_pascal(voc_root, tmp_path, capsys):
         "formatted_val_images.npy", "formatted_val_labels.npy"]
 
 
+def test_formatting_again_removes_what_the_new_labels_make_stale(voc_root, tmp_path, capsys):
+    """Observed-label files are sampled from the formatted labels: formatting other labels into the
+    folder removes them (and an ignore mask this format does not write) and says so; formatting the
+    same raw files again keeps them."""
+    out = tmp_path / "out"
+    run_format(format_pascal, voc_root, out)
+    capsys.readouterr()
+    derived = ("formatted_train_labels_obs.npy", "formatted_val_labels_obs.npy",
+               "formatted_train_labels_obs_rps0.5.npy")
+    for name in derived:
+        np.save(out / name, np.zeros((1, 20)))
+    np.save(out / "formatted_val_ignore.npy", np.zeros((2, 20), dtype=bool))  # e.g. from a VOC2007 run
+    run_format(format_pascal, voc_root, out)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(f"removed 1 file(s) of {out}") and "formatted_val_ignore.npy" in line
+    assert all((out / name).is_file() for name in derived)  # same labels: still theirs
+    listing = voc_root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main" / "dog_train.txt"
+    listing.write_text(listing.read_text().replace("2008_000010 -1", "2008_000010  1"))
+    run_format(format_pascal, voc_root, out)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(f"removed 3 file(s) of {out}") and all(name in line for name in derived)
+    assert "generate_observed_labels.py" in line
+    assert sorted(p.name for p in out.iterdir()) == [
+        "formatted_train_images.npy", "formatted_train_labels.npy",
+        "formatted_val_images.npy", "formatted_val_labels.npy"]
+
+
 def test_format_pascal_runs_as_script(voc_root, tmp_path):
     out = tmp_path / "script-out"
     result = subprocess.run([sys.executable, "preproc/format_pascal.py", "--load-path", str(voc_root),
