@@ -42,8 +42,17 @@ def read_concepts(path: Path) -> list[str]:
 
 
 def read_image_list(path: Path) -> list[str]:
-    """Image paths relative to Flickr/, Windows backslashes turned into forward slashes."""
-    return [fields[0].replace("\\", "/") for _, fields in read_rows(require(path, DOWNLOAD), 1, 1)]
+    """Image paths relative to Flickr/, Windows backslashes turned into forward slashes; an image
+    listed twice is refused (its rows would be one picture counted twice, in training or in the test mAP)."""
+    images, seen = [], {}
+    for lineno, fields in read_rows(require(path, DOWNLOAD), 1, 1):
+        image = fields[0].replace("\\", "/")
+        if image in seen:
+            raise PreprocError(f"{path}:{lineno}: image {image} is listed a second time (first on line "
+                               f"{seen[image]}): {DOWNLOAD}")
+        seen[image] = lineno
+        images.append(image)
+    return images
 
 
 def read_label_column(path: Path, num_rows: int) -> np.ndarray:
@@ -64,11 +73,11 @@ def read_label_column(path: Path, num_rows: int) -> np.ndarray:
                        f"re-extract the NUS-WIDE ground truth")
 
 
-def read_phase(load_path: Path, concepts: list[str], list_name: str, *, drop_missing: bool,
+def read_phase(load_path: Path, concepts: list[str], list_name: str, images: list[str], *, drop_missing: bool,
                drop_unlabelled: bool) -> tuple[list[str], np.ndarray, str]:
-    """Return (image paths, (N, K) float64 labels, report text) for one NUS-WIDE list."""
+    """Return (image paths, (N, K) float64 labels, report text) for one NUS-WIDE list, whose
+    images (read_image_list) are given."""
     list_path = load_path / "ImageList" / f"{list_name}Imagelist.txt"
-    images = read_image_list(list_path)
     label_dir = load_path / "Groundtruth" / "TrainTestLabels"
     labels = np.zeros((len(images), len(concepts)))
     for k, concept in enumerate(concepts):
@@ -97,9 +106,15 @@ def format_nuswide(load_path: Path, save_path: Path, *, missing_images: str = "d
                    no_label: str = "drop") -> list[str]:
     """Read the raw NUS-WIDE files under load_path, save the formatted files; return a report."""
     concepts = read_concepts(load_path / "Concepts81.txt")
+    lists = {list_name: read_image_list(load_path / "ImageList" / f"{list_name}Imagelist.txt")
+             for list_name, _ in PHASES}
+    shared = set(lists["Train"]).intersection(lists["Test"])
+    if shared:
+        raise PreprocError(f"{len(shared)} images (e.g. {min(shared)}) are in both the Train and Test lists of "
+                           f"{load_path / 'ImageList'}: a test image would be trained on; {DOWNLOAD}")
     phases, reports = {}, []
     for list_name, phase in PHASES:
-        images, labels, report = read_phase(load_path, concepts, list_name,
+        images, labels, report = read_phase(load_path, concepts, list_name, lists[list_name],
                                             drop_missing=missing_images == "drop",
                                             drop_unlabelled=no_label == "drop")
         if not images:

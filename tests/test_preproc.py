@@ -494,6 +494,17 @@ def test_format_nuswide_bad_input(nus_root, tmp_path, capsys):
     concepts.write_bytes(good.replace(b"zebra\r\n", b"zebra\r\nzoo\r\n"))
     assert_cli_error(capsys, format_nuswide.main, argv, str(concepts), "lists 82 classes", "'zoo'")
     concepts.write_bytes(good)
+    # an image listed twice, or in both lists, as format_pascal refuses (QA round 2)
+    train_list, test_list = (nus_root / "ImageList" / f"{name}Imagelist.txt" for name in ("Train", "Test"))
+    good_train, good_test = train_list.read_bytes(), test_list.read_bytes()
+    train_list.write_bytes(good_train.replace(b"beach\\0004_2.jpg", b"actor\\0001_2124494179.jpg"))
+    assert_cli_error(capsys, format_nuswide.main, argv, f"{train_list}:4", "actor/0001_2124494179.jpg",
+                     "second time (first on line 1)")
+    train_list.write_bytes(good_train)
+    test_list.write_bytes(good_test.replace(b"sunset\\0002_8.jpg", b"beach\\0004_2.jpg"))
+    assert_cli_error(capsys, format_nuswide.main, argv, "1 images (e.g. beach/0004_2.jpg) are in both",
+                     "Train and Test")
+    test_list.write_bytes(good_test)
     sky = nus_root / "Groundtruth" / "TrainTestLabels" / "Labels_sky_Test.txt"
     sky.write_text("1\n2\n")
     assert_cli_error(capsys, format_nuswide.main, argv, f"{sky}:2", "not one of [0, 1]")
