@@ -50,7 +50,7 @@ def read_classnames(dataset: str, *, raw: bool = False, data_root: str | None = 
         if not path.is_file():
             raise ModelLoadError(f'no class names for dataset {dataset!r}: {path} is missing; see data/{dataset}/'
                                  f'README.md and run `python preproc/format_{dataset}.py` (it writes them)')
-        return [line.strip() for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+        return _read_written_classnames(path, dataset)
     path = CLASSNAMES_DIR / f'{dataset}_classnames.txt'
     if not path.is_file():
         known = sorted(p.name.removesuffix('_classnames.txt') for p in CLASSNAMES_DIR.glob('*_classnames.txt'))
@@ -59,6 +59,23 @@ def read_classnames(dataset: str, *, raw: bool = False, data_root: str | None = 
     if dataset == 'cub' and not raw:
         names = [cub_attribute_phrase(n) for n in names]
     return names
+
+
+def _read_written_classnames(path: Path, dataset: str) -> list[str]:
+    """The lines of a classnames.txt a format script wrote: one name per class, none blank, as many as
+    the class_ids.txt beside it, if there is one (a file edited by hand must not shift the names
+    against the label columns)."""
+    redo = f'run `python preproc/format_{dataset}.py` again (see data/{dataset}/README.md)'
+    names = path.read_text(encoding='utf-8').splitlines()
+    blank = next((i for i, name in enumerate(names) if not name.strip()), None)
+    if blank is not None:
+        raise ModelLoadError(f'{path}:{blank + 1} is blank: each line names the class of one label column; {redo}')
+    ids = path.with_name('class_ids.txt')
+    if ids.is_file():
+        num_ids = len(ids.read_text(encoding='utf-8').splitlines())
+        if num_ids != len(names):
+            raise ModelLoadError(f'{path} names {len(names)} classes but {ids} lists {num_ids}: {redo}')
+    return [name.strip() for name in names]
 
 
 def compute_text_features(clip_model: nn.Module, tokenizer, classnames: list[str], template: str = '{}',

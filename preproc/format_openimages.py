@@ -66,14 +66,18 @@ def _rows(path: Path):
 
 
 def read_descriptions(path: Path) -> dict[str, str]:
-    """MID -> display name (a header row LabelName,DisplayName is skipped)."""
+    """MID -> display name (a header row LabelName,DisplayName is skipped). A name is written as one
+    line of classnames.txt: any run of white space in it (a quoted line break, a tab) becomes one
+    space, and a name left empty is no name (the class keeps its MID, as one without a description)."""
     names = {}
     for lineno, fields in _rows(path):
         if lineno == 1 and fields[:2] == ["LabelName", "DisplayName"]:
             continue
         if len(fields) < 2:
             raise PreprocError(f"{path}:{lineno}: expected LabelName,DisplayName, got {','.join(fields)[:80]!r}")
-        names.setdefault(fields[0].strip(), fields[1].strip())
+        name = " ".join(fields[1].split())
+        if name:
+            names.setdefault(fields[0].strip(), name)
     return names
 
 
@@ -115,12 +119,13 @@ def read_annotations(path: Path, class_index: dict[str, int], folder: str, ids: 
                 raise PreprocError(f"{path}:{lineno}: the header lacks {', '.join(missing)} (expected "
                                    f"ImageID,Source,LabelName,Confidence): {DOWNLOAD}")
             position = [fields.index(name) for name in COLUMNS]
+            header_fields = len(fields)
             continue
         try:
             image_id, mid, confidence = (fields[i] for i in position)
         except IndexError:
-            raise PreprocError(f"{path}:{lineno}: expected {len(fields)} fields as in the header, "
-                               f"got {','.join(fields)[:80]!r}") from None
+            raise PreprocError(f"{path}:{lineno}: expected {header_fields} fields as in the header, "
+                               f"got {len(fields)}: {','.join(fields)[:80]!r}") from None
         state = _confidence(path, lineno, confidence)
         image = f"{folder}/{image_id}.jpg"
         row = ids.get(image)

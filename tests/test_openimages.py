@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
+import class_text_features
 import config
 import datasets
 import image_dataset
@@ -148,6 +149,8 @@ def test_formatting_reports_what_it_left_out(tmp_path, capsys):
     (lambda f: (f / 'test-annotations-human-imagelabels.csv').write_text(
         'ImageID,Source,LabelName,Confidence\nabc,machine,/m/0fix01,0.7\n'), "Confidence '0.7' is neither 0 nor 1"),
     (lambda f: [p.unlink() for p in (f / 'train').iterdir()], 'no train image of'),
+    (lambda f: (f / 'test-annotations-human-imagelabels.csv').write_text(
+        'ImageID,Source,LabelName,Confidence\nabc,machine\n'), 'expected 4 fields as in the header, got 2'),
 ])
 def test_bad_official_files_are_one_line_errors(tmp_path, capsys, edit, message):
     write_official(tmp_path, train=12, test=10)
@@ -157,6 +160,43 @@ def test_bad_official_files_are_one_line_errors(tmp_path, capsys, edit, message)
     err = capsys.readouterr().err.strip()
     assert message in err and '\n' not in err, err
     assert not (folder / 'formatted_train_labels.npy').exists()  # nothing written
+
+
+def test_display_names_are_one_line_each(tmp_path, capsys):
+    """An empty DisplayName, or one holding a (quoted) line break, must not shift the names of
+    classnames.txt against class_ids.txt: the empty one keeps its MID, white space becomes one space."""
+    truth = write_official(tmp_path, seed=2, train=12, test=10)
+    folder = tmp_path / 'openimages'
+    ids = (folder / 'oidv6-classes-trainable.txt').read_text().splitlines()
+    with open(folder / 'oidv6-class-descriptions.csv', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['LabelName', 'DisplayName'])
+        for k in range(NUM_CLASSES):
+            w.writerow([mid(k), '' if k == 3 else 'two\nlines' if k == 5 else f'thing {k}'])
+    assert format_openimages.main(['--load-path', str(folder), '--save-path', str(folder)]) == 0
+    assert '1 without a description keep their MID as name' in capsys.readouterr().out
+    names = (folder / 'classnames.txt').read_text().splitlines()
+    expected = {mid(k): '' if k == 3 else 'two lines' if k == 5 else f'thing {k}' for k in range(NUM_CLASSES)}
+    assert names == [expected[m] or m for m in ids] and len(truth['classnames']) == len(names)
+    assert (folder / 'class_ids.txt').read_text().splitlines() == ids
+
+
+def test_a_classnames_file_that_disagrees_with_class_ids_is_refused(official, tmp_path):
+    """read_classnames of a format script's classnames.txt: a blank line or a line count other than
+    class_ids.txt's (a file edited by hand) is one line naming the file, not names shifted by a column."""
+    root, _ = official
+    folder = tmp_path / 'openimages'
+    folder.mkdir()
+    for name in ('classnames.txt', 'class_ids.txt'):
+        shutil.copy(root / 'openimages' / name, folder / name)
+    good = (folder / 'classnames.txt').read_text()
+    assert class_text_features.read_classnames('openimages', data_root=str(tmp_path)) == good.splitlines()
+    (folder / 'classnames.txt').write_text(good.replace('thing 1\n', 'thing\n1\n'))
+    with pytest.raises(config.ModelLoadError, match=r'classnames.txt names 16 classes but .*class_ids.txt lists 15'):
+        class_text_features.read_classnames('openimages', data_root=str(tmp_path))
+    (folder / 'classnames.txt').write_text(good.replace('thing 1\n', '\n'))
+    with pytest.raises(config.ModelLoadError, match=r'classnames.txt:\d+ is blank.*format_openimages.py'):
+        class_text_features.read_classnames('openimages', data_root=str(tmp_path))
 
 
 # --- the label tables --------------------------------------------------------------------------
