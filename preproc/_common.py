@@ -135,14 +135,15 @@ def _write_npy(handle, array: np.ndarray) -> None:
     np.save(handle, array, allow_pickle=False)
 
 
-def save_formatted(folder: Path, phases: dict[str, tuple[list[str], np.ndarray]]) -> list[str]:
+def save_formatted(folder: Path, phases: dict[str, tuple[list[str], np.ndarray]], sources: dict[str, Path],
+                   what_to_do: str) -> list[str]:
     """Save formatted_<phase>_images.npy (unicode array) and formatted_<phase>_labels.npy
     (save_formatted_arrays); return its report lines."""
     arrays = {}
     for phase, (images, labels) in phases.items():
         arrays[f"formatted_{phase}_images.npy"] = np.array(images, dtype=str)
         arrays[f"formatted_{phase}_labels.npy"] = labels
-    return save_formatted_arrays(folder, arrays)
+    return save_formatted_arrays(folder, arrays, sources, what_to_do)
 
 
 # Files of a dataset folder made from its formatted labels (generate_observed_labels.py) or written beside
@@ -151,9 +152,18 @@ OBSERVED_GLOB = "formatted_*_labels_obs*.npy"
 IGNORE_FILES = ("formatted_train_ignore.npy", "formatted_val_ignore.npy")
 
 
-def save_formatted_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> list[str]:
+def save_formatted_arrays(folder: Path, arrays: dict[str, np.ndarray], sources: dict[str, Path],
+                          what_to_do: str) -> list[str]:
     """save_arrays, then remove the files the new formatted files make wrong (stale_files); return
-    one report line naming them, or none. Formatting the same raw files again removes nothing."""
+    one report line naming them, or none. Formatting the same raw files again removes nothing.
+
+    A phase left without an image (an empty or all-negative annotation file: sources[phase] is the
+    file it was read from) is refused before anything is written: it would replace good files with a
+    split no run can use."""
+    for phase, source in sources.items():
+        if len(arrays[f"formatted_{phase}_images.npy"]) == 0:
+            raise PreprocError(f"{source} leaves no {phase} image to write (it lists none, or none with a "
+                               f"positive label): {what_to_do}; nothing was written to {folder}")
     stale = stale_files(folder, arrays)
     save_arrays(folder, arrays)
     for path in stale:

@@ -112,7 +112,8 @@ def format_coco(load_path: Path, save_path: Path) -> list[str]:
                                f"annotations_trainval2014.zip")
         phases[phase] = read_phase(path, data, phase, class_of)
         del data  # the train file is large; free it before reading the next one
-    removed = save_formatted(save_path, {phase: (images, labels) for phase, (images, labels, _) in phases.items()})
+    removed = save_formatted(save_path, {phase: (images, labels) for phase, (images, labels, _) in phases.items()},
+                             paths, DOWNLOAD)
     return [f"coco {phase}: {len(images)} images, {len(categories)} classes written to {save_path} "
             f"({unannotated} listed images without annotation left out)"
             for phase, (images, _, unannotated) in phases.items()] + removed

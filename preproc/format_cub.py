@@ -110,7 +110,7 @@ def format_cub(load_path: Path, save_path: Path) -> list[str]:
     paths = list(images.values())
     phases = {phase: ([p for p, keep in zip(paths, mask) if keep], labels[mask])
               for phase, mask in (("train", train_mask), ("val", ~train_mask))}
-    removed = save_formatted(save_path, phases)
+    removed = save_formatted(save_path, phases, dict.fromkeys(phases, cub_dir / "train_test_split.txt"), DOWNLOAD)
     return [f"cub {phase}: {len(rows)} images, {num_attributes} attributes written to {save_path}"
             for phase, (rows, _) in phases.items()] + removed
 

@@ -122,7 +122,8 @@ def format_nuswide(load_path: Path, save_path: Path, *, missing_images: str = "d
         phases[phase] = (images, labels)
         reports.append(f"nuswide {phase} ({list_name} list): {report}; {len(images)} images, "
                        f"{len(concepts)} classes written to {save_path}")
-    return reports + save_formatted(save_path, phases)
+    lists = {phase: load_path / "ImageList" / f"{list_name}Imagelist.txt" for list_name, phase in PHASES}
+    return reports + save_formatted(save_path, phases, lists, DOWNLOAD)
 
 
 def main(argv: list[str] | None = None) -> int:

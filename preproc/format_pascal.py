@@ -73,7 +73,8 @@ def format_pascal(load_path: Path, save_path: Path) -> list[str]:
     if shared:
         raise PreprocError(f"{main_dir}: {len(shared)} images (e.g. {min(shared)}) are in both the "
                            f"train and the val lists: re-extract VOCtrainval_11-May-2012.tar")
-    removed = save_formatted(save_path, {phase: (images, labels) for phase, (images, labels, _) in phases.items()})
+    removed = save_formatted(save_path, {phase: (images, labels) for phase, (images, labels, _) in phases.items()},
+                             {phase: main_dir / f"*_{phase}.txt" for phase in phases}, DOWNLOAD)
     return [f"pascal {phase}: {len(images)} images written to {save_path} "
             f"({dropped} without a positive label left out)"
             for phase, (images, _, dropped) in phases.items()] + removed
@@ -149,7 +150,8 @@ def format_voc2007(load_path: Path, save_path: Path) -> list[str]:
         arrays[f"formatted_{phase}_images.npy"] = np.array(images, dtype=str)
         arrays[f"formatted_{phase}_labels.npy"] = labels
     arrays["formatted_val_ignore.npy"] = phases["val"][2]  # trainval's all-difficult entries are negatives
-    removed = save_formatted_arrays(save_path, arrays)
+    removed = save_formatted_arrays(save_path, arrays, {phase: voc_dir / "ImageSets" / "Main" / f"{list_name}.txt"
+                                                        for list_name, phase in PHASES_2007}, DOWNLOAD_2007)
     report = []
     for (list_name, phase) in PHASES_2007:
         images, labels, difficult_only = phases[phase]

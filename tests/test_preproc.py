@@ -157,6 +157,14 @@ def test_format_pascal_bad_input(voc_root, tmp_path, capsys):
     assert_cli_error(capsys, format_pascal.main, argv, str(cow), "not the same")
     cow.unlink()
     assert_cli_error(capsys, format_pascal.main, argv, f"{cow} not found", "VOCtrainval_11-May-2012.tar")
+    cow.write_text("2010_000005 -1\n2007_000033 -1\n2011_000001 -1\n")
+    saved = {name: (main_dir / f"{name}_val.txt").read_text() for name in VOC_CLASSES}
+    for name in VOC_CLASSES:  # no val image with a positive label: an empty split, refused (QA round 2)
+        (main_dir / f"{name}_val.txt").write_text("".join(f"{i} -1\n" for i in VOC["val"][0]))
+    assert_cli_error(capsys, format_pascal.main, argv, f"{main_dir / '*_val.txt'} leaves no val image to write",
+                     "VOCtrainval_11-May-2012.tar", "nothing was written")
+    for name, text in saved.items():
+        (main_dir / f"{name}_val.txt").write_text(text)
     # the failed runs left the earlier output untouched, with no temporary files
     assert snapshot(tmp_path / "out") == good
 
@@ -251,6 +259,8 @@ def test_format_voc2007_bad_input(voc2007_root, tmp_path, capsys):
     assert_cli_error(capsys, format_pascal.main, argv, "in both trainval.txt and test.txt", "000005.jpg")
     test_list.write_text("000001\n000004\n000001\n")
     assert_cli_error(capsys, format_pascal.main, argv, str(test_list), "image 000001 twice")
+    test_list.write_text("")  # an empty test list: an empty split, refused (QA round 2)
+    assert_cli_error(capsys, format_pascal.main, argv, f"{test_list} leaves no val image to write")
     assert not (tmp_path / "out").exists()
     assert_cli_error(capsys, format_pascal.main, ["--year", "2007", "--load-path", str(tmp_path / "none")],
                      "VOCdevkit/VOC2007 not found", "VOCtrainval_06-Nov-2007.tar")
@@ -313,6 +323,8 @@ def test_format_coco_bad_input(coco_root, tmp_path, capsys):
     assert_cli_error(capsys, format_coco.main, argv, str(val), "annotations[0]", "category_id 12")
     val.write_text(json.dumps(coco_json([3], [(4, 90)])))
     assert_cli_error(capsys, format_coco.main, argv, "refers to image 4")
+    val.write_text(json.dumps(coco_json([3], [])))  # no annotation: no val image left (QA round 2)
+    assert_cli_error(capsys, format_coco.main, argv, f"{val} leaves no val image to write")
     val.write_text('{"categories": [],\n "annotations": [,]}')
     assert_cli_error(capsys, format_coco.main, argv, f"{val}:2", "not valid JSON")
     val.unlink()
@@ -395,8 +407,12 @@ def test_format_cub_bad_input(cub_root, tmp_path, capsys):
     assert_cli_error(capsys, format_cub.main, argv, f"{labels_file}:1561", "labelled twice")
     labels_file.write_text(good_labels)
     split_file = cub_root / "CUB_200_2011" / "train_test_split.txt"
+    good_split = split_file.read_text()
     split_file.write_text("1 1\n2 0\n3 1\n4 0\n")
     assert_cli_error(capsys, format_cub.main, argv, str(split_file), "covers 4 images", "lists 5")
+    split_file.write_text("1 1\n2 1\n3 1\n4 1\n5 1\n")  # every image in train: no test split (QA round 2)
+    assert_cli_error(capsys, format_cub.main, argv, f"{split_file} leaves no val image to write")
+    split_file.write_text(good_split)
     # the names of attributes.txt are those of text_features/cub_classnames.txt, in order (issue 29)
     names = cub_root / "attributes.txt"
     good_names = names.read_text()
