@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'original it applies to pascal with -m clip_vision only, unless --partial-everywhere')
     p.add_argument('--partial-everywhere', action='store_true',
                    help='apply -p to every dataset and backbone')
-    p.add_argument('-s', '--pytorch_seed', '--seed', dest='seed', type=number(int), default=0, help='torch seed')
+    p.add_argument('-s', '--pytorch_seed', '--seed', dest='seed', type=number(int, low=-2 ** 63, high=2 ** 64 - 1),
+                   default=0, help='torch seed (torch takes any 64-bit value)')
     p.add_argument('--recipe', default=None, metavar='NAME',
                    help='start from the original\'s own settings for -l and -d (recipes/<METHOD>.toml, e.g. '
                         '"original"; docs/sweeps.md); flags given here win and are recorded as overrides')

@@ -78,7 +78,10 @@ def ensure_demo_observed(cfg: Config) -> None:
     if path.is_file() and path.stat().st_mtime >= (folder / 'formatted_train_labels.npy').stat().st_mtime:
         return
     if is_primary():
-        log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed, overwrite=True))
+        try:
+            log.info(generate_observed_labels.write_partial(cfg.data_root, 'demo', *parsed, overwrite=True))
+        except generate_observed_labels.PreprocError as err:  # e.g. rps1.0: a file without an observed positive
+            raise datasets.DataError(f'--observed {cfg.observed}: {err}') from None
 
 
 def make_loader(dataset, *, batch_size: int, sampler=None, cfg: Config, device):

@@ -31,6 +31,7 @@ import argparse
 
 import numpy as np
 
+from config import number
 from datasets import (DATASETS, DataError, canonical_observed_tag, check_labels, formatting_hint, load_array,
                       observed_file_name)
 from preproc._common import PreprocError, run_cli, save_arrays
@@ -154,6 +155,11 @@ def _save_new(folder: Path, outputs: dict[str, np.ndarray], overwrite: bool) -> 
     replaced only with `overwrite` (else OtherObservedLabels, nothing written): runs may have trained
     on it, and a run resumed on a file that changed under it stops (fingerprint.py), so replacing it
     is a decision, not a side effect."""
+    for name, array in outputs.items():  # main_clip.py refuses such a file; so does its writer, before writing
+        if name.startswith("formatted_train_") and not (array == 1).any():
+            raise PreprocError(f"{folder / name} would hold no observed positive (--num-pos 0, every annotation "
+                               f"dropped, or labels without a positive): no run can train on it; choose settings "
+                               f"that keep some (--num-pos >= 1, --drop-prob < 1, --per-class >= 1)")
     status = {}
     for name, array in outputs.items():
         path = folder / name
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=None,
                         help=f"fpc: positives and negatives kept per class (default: {CSL_PER_CLASS}, "
                              f"CSL's README)")
-    parser.add_argument("--seed", type=int, default=1200,
+    parser.add_argument("--seed", type=number(int, low=0, high=2 ** 32 - 1), default=1200,  # RandomState's range
                         help="seed of the RandomState created for each phase; CSL itself never "
                              "seeds its simulation (default: 1200)")
     parser.add_argument("--data-root", default="data",

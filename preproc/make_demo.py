@@ -34,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from preproc._common import PreprocError, run_cli, save_arrays  # noqa: E402
+from config import number  # noqa: E402
 from files import atomic_write  # noqa: E402
 from preproc.demo_clip import (CAPTION_FULL_AREA, CLIP_CONFIG_PATH, DEFAULT_EPOCHS, DEFAULT_PAIRS,  # noqa: E402
                                DEMO_CLIP_CONFIG, train_demo_clip)
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="data",
                         help="folder that holds the <dataset>/ folders; writes <data-root>/demo/ "
                              "(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=number(int, low=0, high=2 ** 32 - 1), default=0,
                         help="seed of the pictures, captions and CLIP training "
                              "(default: %(default)s)")
     parser.add_argument("--force", action="store_true",

@@ -282,3 +282,8 @@ def test_the_demo_makes_its_own_tag_file(tmp_path):
     stamp = path.stat().st_mtime_ns
     run_data.ensure_demo_observed(cfg)
     assert path.stat().st_mtime_ns == stamp
+    # a tag that keeps no positive (rps1.0) is a one-line data error, not an unexpected one (QA round 2)
+    cfg = main_clip.parse_args(['-d', 'demo', '--data-root', str(tmp_path), '--observed', 'rps1.0', '-l', 'CSL'])[0]
+    with pytest.raises(datasets.DataError, match=r'--observed rps1\.0: .*rps1\.0\.npy would hold no observed positive'):
+        run_data.ensure_demo_observed(cfg)
+    assert not (folder / 'formatted_train_labels_obs_rps1.0.npy').exists()

@@ -623,6 +623,18 @@ def test_generate_observed_labels_cli(tmp_path, capsys):
     del good["formatted_val_labels.npy"]
     assert snapshot(folder) == good  # train observations were not rewritten by the failed runs
     assert_cli_error(capsys, generate_observed_labels.main, argv + ["--num-neg", "-3"], "--num-neg")
+    # QA round 2: a file no run could train on is not written; a seed RandomState cannot take is a flag error
+    np.save(folder / "formatted_val_labels.npy", val)
+    good = snapshot(folder)
+    assert_cli_error(capsys, generate_observed_labels.main, argv + ["--num-pos", "0", "--overwrite"],
+                     f"{folder / 'formatted_train_labels_obs.npy'} would hold no observed positive")
+    assert_cli_error(capsys, generate_observed_labels.main, argv + ["--scheme", "rps", "--drop-prob", "1"],
+                     "formatted_train_labels_obs_rps1.0.npy would hold no observed positive")
+    assert snapshot(folder) == good
+    for seed, message in (("-1", "must be >= 0, got -1"), ("4294967296", "must be <= 4294967295")):
+        with pytest.raises(SystemExit):
+            generate_observed_labels.main(argv + ["--seed", seed])
+        assert f"argument --seed: {message}" in capsys.readouterr().err
 
 
 def test_generate_observed_labels_runs_as_script(tmp_path):
