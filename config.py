@@ -100,27 +100,32 @@ class DatasetInfo:
     # phase's metrics cover train_metric_rows of its rows, a fixed random subset (None: every row).
     max_val_images: int | None = None
     train_metric_rows: int | None = None
+    # Rows of formatted_train_images.npy and formatted_val_images.npy formatted from the official files
+    # (data/<name>/README.md "Expected sizes"): sweep.py --dry-run's cost before the files are there.
+    # None: they depend on the user's images (nuswide: at most the raw lists' 161,789 and 107,859).
+    official_rows: tuple[int, int] | None = None
 
 
 DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
     DatasetInfo('pascal', 20, 'VOCdevkit/VOC2012/JPEGImages', lr=1e-5, batch_size=8, alpha=0.2, beta_pos=0.7,
-                expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8),
+                expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8, official_rows=(5717, 5823)),
     # VOC2007 trainval / test (preproc/format_pascal.py --year 2007, SGRE's rule for difficult objects;
     # data/voc2007/README.md), the seed systems' VOC: VLPL has no VOC2007 settings, so these are pascal's.
     DatasetInfo('voc2007', 20, 'VOCdevkit/VOC2007/JPEGImages', lr=1e-5, batch_size=8, alpha=0.2, beta_pos=0.7,
-                expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8, published_as='pascal'),
+                expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8, published_as='pascal',
+                official_rows=(5011, 4952)),
     DatasetInfo('coco', 80, '.', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,  # paths start with train2014/
-                expected_num_pos=2.9, apl_beta=0.9, apl_warmup=5, apl_batch_size=16),
+                expected_num_pos=2.9, apl_beta=0.9, apl_warmup=5, apl_batch_size=16, official_rows=(82081, 40137)),
     DatasetInfo('nuswide', 81, 'Flickr', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,
                 expected_num_pos=1.9, apl_beta=0.2, apl_warmup=4, apl_batch_size=16),
     DatasetInfo('cub', 312, 'CUB_200_2011/images', lr=1e-4, batch_size=8, alpha=0.01, beta_pos=0.7,
-                expected_num_pos=31.4, apl_beta=0.4, apl_warmup=3, apl_batch_size=8),
+                expected_num_pos=31.4, apl_beta=0.4, apl_warmup=3, apl_batch_size=8, official_rows=(5994, 5794)),
     # This project's offline demo (preproc/make_demo.py): a small random-init network on 64 px
     # synthetic pictures with the locally trained tiny CLIP. expected_num_pos: the generator's mean
     # number of objects (3.41 measured on its train split).
     DatasetInfo('demo', 30, 'images', lr=1e-3, batch_size=32, alpha=0.1, beta_pos=0.7,
                 expected_num_pos=3.4, apl_beta=0.2, apl_warmup=3, apl_batch_size=32,
-                image_size=64, model='small_cnn', epochs=10, clip_model='vlpl-demo-tiny',
+                image_size=64, model='small_cnn', epochs=10, clip_model='vlpl-demo-tiny', official_rows=(2400, 800),
                 clip_pretrained='{data_root}/demo/clip/vlpl-demo-tiny.pt',
                 # the sizes of the heads' demo measurements (docs/heads.md): the papers' (hidden 2048, ffn
                 # 8192; att 1024, ffn 2048) take minutes per step on a CPU

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from config import REPO_ROOT, VLPLError, one_line
+from config import DATASETS, REPO_ROOT, VLPLError, one_line
 from files import claim_lock, try_lock
 from sweep_executors import execute_debug, execute_local, execute_slurm, visible_gpus
 from sweep_grid import Grid, SweepError, expand, read_grid, write_plan
@@ -45,8 +45,9 @@ FIGURES = REPO_ROOT / 'bench' / 'figures.json'
 # Cost estimate
 
 
-def _train_val_test_sizes(data_root: str, dataset: str) -> Optional[tuple[int, int, int]]:
-    """(train, val, test) image counts of a formatted dataset, from its files (memory-mapped)."""
+def _train_val_test_sizes(data_root: str, dataset: str) -> tuple[Optional[tuple[int, int, int]], str]:
+    """(train, val, test) image counts of a dataset and where they come from: its formatted files
+    (memory-mapped), else the official files' counts (config.DATASETS official_rows); None if neither."""
     import numpy as np
     import datasets
 
@@ -54,10 +55,14 @@ def _train_val_test_sizes(data_root: str, dataset: str) -> Optional[tuple[int, i
     try:
         n_train = np.load(folder / 'formatted_train_images.npy', mmap_mode='r', allow_pickle=False).shape[0]
         n_test = np.load(folder / 'formatted_val_images.npy', mmap_mode='r', allow_pickle=False).shape[0]
+        source = 'its files'
     except (OSError, ValueError):
-        return None
+        row = DATASETS.get(dataset)
+        if row is None or row.official_rows is None:
+            return None, 'dataset files not found'
+        (n_train, n_test), source = row.official_rows, 'official sizes: dataset files not found'
     n_val = int(round(datasets.VAL_FRACTION * n_train))
-    return n_train - n_val, n_val, n_test
+    return (n_train - n_val, n_val, n_test), source
 
 
 def load_figures(path: Path = FIGURES) -> list[dict]:
@@ -67,11 +72,13 @@ def load_figures(path: Path = FIGURES) -> list[dict]:
         return []
 
 
-def epoch_seconds(cfg, sweep_dir: Path, figures: list[dict]) -> tuple[Optional[float], str]:
+def epoch_seconds(cfg, sweep_dir: Path, figures: list[dict], device: Optional[str] = None
+                  ) -> tuple[Optional[float], str]:
     """Seconds per epoch of a run and where the figure comes from: the measured epochs of runs of
     this sweep with the same dataset, method, backbone, input size and batch (config.json's
     record), else the bench figures (seconds per image of a backbone at a size, bench/figures.json)
-    times the dataset's image counts."""
+    times the dataset's image counts. device: where the runs will train ('cuda' for a SLURM array
+    that asks for GPUs); default: here ('cuda' if a GPU is visible and the run does not ask for cpu)."""
     import records
 
     measured = []
@@ -85,16 +92,20 @@ def epoch_seconds(cfg, sweep_dir: Path, figures: list[dict]) -> tuple[Optional[f
             measured += [float(v) for v in seconds.values()]
     if measured:
         return sum(measured) / len(measured), f'measured: {len(measured)} epochs of this sweep'
-    sizes = _train_val_test_sizes(cfg.data_root, cfg.dataset)
-    device = 'cuda' if visible_gpus() and cfg.device != 'cpu' else 'cpu'
+    sizes, counted = _train_val_test_sizes(cfg.data_root, cfg.dataset)
+    if cfg.device == 'cpu':
+        device = 'cpu'
+    elif device is None:
+        device = 'cuda' if visible_gpus() else 'cpu'
     for fig in figures:
         if (fig.get('device') == device and fig.get('model') == cfg.model and fig.get('image_size') == cfg.image_size
                 and sizes is not None):
             train, val, test = sizes
             seconds = train * fig['train_s_per_image'] + (val + test) * fig['eval_s_per_image']
-            return seconds, f'bench: {fig["command"]} ({fig.get("machine", "")})'
+            images = '' if counted == 'its files' else f'; {counted}'
+            return seconds, f'bench: {fig["command"]} ({fig.get("machine", "")}{images})'
     return None, ('no figure: run one epoch first, or add a bench/figures.json row for '
-                  f'{device} {cfg.model} at {cfg.image_size} px' + ('' if sizes else ' (dataset files not found)'))
+                  f'{device} {cfg.model} at {cfg.image_size} px' + ('' if sizes else f' ({counted})'))
 
 
 def _hours(seconds: float) -> str:
@@ -123,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('slurm (passed to submitit\'s SlurmExecutor)')
     g.add_argument('--partition', default=None)
     g.add_argument('--time', type=int, default=None, help='minutes per task')
-    g.add_argument('--gpus-per-node', type=int, default=None, help='GPUs per task (default: --gpus-per-run)')
+    g.add_argument('--gpus-per-node', type=int, default=None,
+                   help='GPUs per task (default: --gpus-per-run; 0: no GPU, on a CPU-only cluster)')
     g.add_argument('--cpus-per-task', type=int, default=None)
     g.add_argument('--mem-gb', type=float, default=None)
     g.add_argument('--nodes', type=int, default=None)
@@ -147,7 +159,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.gpus_per_run < 1:
             raise SweepError('--gpus-per-run must be >= 1')
         if args.gpus_per_node is None and args.executor == 'slurm':
-            args.gpus_per_node = args.gpus_per_run if visible_gpus() or args.gpus_per_run > 1 else None
+            # The runs train on GPUs, whether or not the submitting (login) node has one; a CPU-only
+            # cluster says --gpus-per-node 0.
+            args.gpus_per_node = args.gpus_per_run
+        if args.gpus_per_node is not None and args.gpus_per_node < 0:
+            raise SweepError('--gpus-per-node must be >= 0 (0: the tasks ask for no GPU)')
         if args.job_name is None:
             args.job_name = Path(args.grid).stem
         grid = read_grid(args.grid, args.results_dir)
@@ -157,7 +173,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         refused = [(s, a) for s, a in plans if a.kind == 'refuse']
         work = [(s, a) for s, a in plans if a.kind in ('start', 'resume')]
         if args.dry_run:
-            return dry_run(grid, plans)
+            device = None if args.executor != 'slurm' else ('cuda' if args.gpus_per_node else 'cpu')
+            return dry_run(grid, plans, device)
         grid.results_dir.mkdir(parents=True, exist_ok=True)
         with _lock_sweep(grid.results_dir):
             write_plan(grid, specs)
@@ -194,8 +211,9 @@ def _lock_sweep(results_dir: Path):
     return handle  # a context manager: closing it releases the lock
 
 
-def dry_run(grid: Grid, plans: list) -> int:
-    """The plan: every run with what would happen to it, and the cost of what is left."""
+def dry_run(grid: Grid, plans: list, device: Optional[str] = None) -> int:
+    """The plan: every run with what would happen to it, and the cost of what is left (on `device`,
+    epoch_seconds)."""
     figures = load_figures()
     total, unknown = 0.0, 0
     print(f'sweep {grid.file} -> {grid.results_dir}: {len(plans)} runs')
@@ -203,7 +221,7 @@ def dry_run(grid: Grid, plans: list) -> int:
         line = f'  {action.kind:7s} {spec.name}'
         if action.kind in ('start', 'resume'):
             cfg, _ = parse_run_argv(spec.argv)
-            seconds, where = epoch_seconds(cfg, grid.results_dir, figures)
+            seconds, where = epoch_seconds(cfg, grid.results_dir, figures, device)
             left = (cfg.epochs - action.epochs_done)
             if seconds is None:
                 unknown += 1

@@ -192,6 +192,8 @@ def slurm_executor(args, folder: Path):
         gb = float(params['mem'])
         params['mem'] = f'{int(gb)}GB' if gb.is_integer() else f'{int(gb * 1024)}MB'
     gpus = params.get('gpus_per_node') or 0
+    if not gpus:
+        params.pop('gpus_per_node', None)  # --gpus-per-node 0: a CPU-only task
     params['ntasks_per_node'] = max(1, gpus)   # each task one process of the run's group (srun)
     params['additional_parameters'] = {'requeue': True}
     # The job unpickles sweep_executors.SweepTask and sweep_grid.RunSpec: the repository must be

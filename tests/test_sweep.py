@@ -382,6 +382,43 @@ def test_slurm_submission_is_one_requeueable_job_array(grid, tmp_path, fake_slur
     assert json.loads((tmp_path / 'runs' / 'sweep.json').read_text())['runs'][5]['name'] == 'pascal_EM_PL_original_s1'
 
 
+@pytest.mark.parametrize('flags, wanted', [([], ['#SBATCH --gpus-per-node=1', '#SBATCH --ntasks-per-node=1']),
+                                           (['--gpus-per-run', '2'], ['#SBATCH --gpus-per-node=2']),
+                                           (['--gpus-per-node', '0'], ['#SBATCH --ntasks-per-node=1'])])
+def test_slurm_tasks_ask_for_gpus_from_a_node_without_one(grid, tmp_path, fake_slurm, monkeypatch, flags, wanted):
+    """A login node has no GPU: the tasks still ask for --gpus-per-run of them (the default once
+    depended on the submitting node's GPUs, so a sweep from a login node trained on CPUs); 0 asks for none."""
+    monkeypatch.setattr(sweep, 'visible_gpus', lambda: [])
+    assert sweep.main([str(grid), '--executor', 'slurm', *flags]) == 0
+    lines = fake_slurm.read_text().splitlines()
+    assert all(line in lines for line in wanted), lines
+    assert any(line.startswith('#SBATCH --gpus-per-node') for line in lines) == (flags[-1:] != ['0'])
+
+
+def test_dry_run_costs_from_official_sizes_on_the_device_of_the_runs(tmp_path, monkeypatch, capsys):
+    """Before any dataset is formatted, --dry-run counts the official files' rows (config.DATASETS
+    official_rows); a SLURM array that asks for GPUs is costed with the GPU figures even from a
+    node without one."""
+    monkeypatch.setattr(sweep, 'visible_gpus', lambda: [])
+    monkeypatch.setattr(sweep, 'load_figures', lambda: [
+        {'device': 'cpu', 'model': 'resnet50', 'image_size': 448, 'train_s_per_image': 2.0, 'eval_s_per_image': 0.5,
+         'command': 'cpu bench'},
+        {'device': 'cuda', 'model': 'resnet50', 'image_size': 448, 'train_s_per_image': 0.02, 'eval_s_per_image': 0.005,
+         'command': 'gpu bench'}])
+    grid = tmp_path / 'plan.toml'
+    runs, no_data = tmp_path / 'runs', tmp_path / 'no-data'
+    grid.write_text(f'methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\nresults-dir = "{runs}"\n'
+                    f'[overrides]\ndata-root = "{no_data}"\n')
+    train, val, test = 5717 - 1143, 1143, 5823  # pascal: data/pascal/README.md
+    for flags, seconds, bench in (([], train * 2.0 + (val + test) * 0.5, 'cpu bench'),
+                                  (['--executor', 'slurm'], train * 0.02 + (val + test) * 0.005, 'gpu bench')):
+        assert sweep.main([str(grid), '--dry-run', *flags]) == 0
+        first = capsys.readouterr().out.splitlines()[1]
+        assert f'x {sweep._hours(seconds)} = ' in first and bench in first, first
+        assert 'official sizes: dataset files not found' in first
+    assert not (tmp_path / 'runs').exists()
+
+
 def test_preempted_task_is_checkpointed_requeued_and_resumes(grid, tmp_path, monkeypatch):
     """submitit's own preemption path (SignalHandler.checkpoint_and_try_requeue, as bound to SIGUSR2
     in the job): it calls the task's checkpoint, pickles the DelayedSubmission it returns, requeues
