@@ -327,3 +327,15 @@ def test_skip_bad_marks_the_row_and_collate_lists_it(tmp_path):
     batch = image_dataset.collate_skipping([ds[0], ds[2], ds[1]])
     assert batch["index"].tolist() == [0, 1] and batch["skipped"] == [2]
     assert image_dataset.collate_skipping([ds[2], ds[2]]) == {"skipped": [2, 2]}
+
+
+def test_official_rows_are_the_readmes_expected_sizes():
+    """config.DATASETS official_rows (sweep.py --dry-run's image counts before a dataset is formatted)
+    are the counts its data/<name>/README.md states."""
+    repo = Path(__file__).resolve().parents[1]
+    for name, spec in DATASETS.items():
+        if spec.official_rows is not None:
+            text = (repo / "data" / name / "README.md").read_text(encoding="utf-8")
+            train, test = spec.official_rows
+            assert f"{train:,} " in text and f"{test:,} " in text, name
+    assert DATASETS["pascal"].official_rows == (5717, 5823) and DATASETS["nuswide"].official_rows is None
