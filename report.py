@@ -29,6 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from config import number
 from report_paper import PAPER_TOLERANCE, write_paper
 from report_plots import group_title, plot_curves, plot_map_by_group, plot_per_class
 from report_runs import ReportError, Run, find_run_folders, group_runs, left_out_line, load_run, select_runs
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default='report', help='folder for report.md, the CSV files and the plots')
     p.add_argument('--paper', default=None, metavar='SWEEP_DIR',
                    help='the table of a sweep (sweep.py) beside the published numbers: paper.md, paper.csv, paper.png')
-    p.add_argument('--tolerance', type=float, default=PAPER_TOLERANCE,
+    p.add_argument('--tolerance', type=number(float, low=0), default=PAPER_TOLERANCE,
                    help='--paper: mark a difference from the published number larger than this (mAP points)')
     p.add_argument('--include-incomplete', action='store_true',
                    help='count runs that stopped (or are still running) before their last epoch in the group '

@@ -48,10 +48,14 @@ class PaperCell:
 
 def paper_cells(sweep_dir: Path) -> list[PaperCell]:
     """The cells of a sweep from its sweep.json (written by sweep.py), each run counted only when
-    finished (records.run_status, the definition sweep.py uses)."""
+    finished (records.run_status, the definition sweep.py uses) with the config its grid asks for
+    (sweep_state.grid_differences: a folder trained before the grid was edited does not count). A
+    cell has a published number only when its runs follow a recipe: without one they run this
+    project's defaults, not the original's settings."""
     import paper_recipes
     import records
     from sweep_grid import SWEEP_FILE
+    from sweep_state import grid_differences, parse_run_argv
 
     plan_path = sweep_dir / SWEEP_FILE
     if not plan_path.is_file():
@@ -69,8 +73,9 @@ def paper_cells(sweep_dir: Path) -> list[PaperCell]:
             recipe = run.get('recipe')
             cells[key] = PaperCell(run['cell'], run['method'], recipe, run['dataset'])
             try:
-                r = paper_recipes.find(recipe or 'original', run['method'], run['dataset'])
-                cells[key].published, cells[key].title, cells[key].not_applied = r.published, r.title, r.not_applied
+                if recipe is not None:
+                    r = paper_recipes.find(recipe, run['method'], run['dataset'])
+                    cells[key].published, cells[key].title, cells[key].not_applied = r.published, r.title, r.not_applied
             except VLPLError:  # no recipe for this cell: no published number to compare with
                 pass
         cell = cells[key]
@@ -84,8 +89,16 @@ def paper_cells(sweep_dir: Path) -> list[PaperCell]:
             continue
         log = read_json(folder / 'log.json')
         config = read_json(folder / 'config.json')
+        if isinstance(run.get('argv'), list):
+            wanted, problem = parse_run_argv(run['argv'])
+            diffs = [problem] if wanted is None else grid_differences(config, wanted)
+            if diffs:
+                cell.why_missing[seed] = (f'{folder / "config.json"} is not the run the grid asks for '
+                                          f'({"; ".join(diffs)[:300]}): move the folder away and run the sweep again')
+                continue
         cell.results[seed] = log.get('best_test_map')
-        record = config.get('record', {})  # provenance, and the data's fingerprint (fingerprint.summary)
+        record = config.get('record')  # provenance, and the data's fingerprint (fingerprint.summary)
+        record = record if isinstance(record, dict) else {}
         cell.provenance[seed] = record.get('provenance', {}) | ({'inputs': record['inputs']} if 'inputs' in record else {})
     return list(cells.values())
 
@@ -210,7 +223,8 @@ def write_paper(sweep_dir: Path, out: Path, tolerance: float = PAPER_TOLERANCE) 
     md = [f'# {sweep_dir.name}: {finished} of {planned} runs finished', '',
           'Test mAP (%) at the best val epoch, mean ± sample standard deviation over the finished seeds (n); '
           'missing seeds are named. "paper": the published number of the original (recipes/*.toml, with its '
-          f'source in paper.csv); "diff": ours minus paper, (!) beyond {tolerance:g} points.', '', md_table,
+          f'source in paper.csv); "diff": ours minus paper, (!) beyond {tolerance:g} points. A cell without a '
+          'recipe ran this project\'s defaults and is not compared (set recipe = "original" in the grid).', '', md_table,
           '![table](paper.png)', '']
     missing = [(c, s) for c in cells for s in c.missing]
     if missing:

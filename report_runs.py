@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 # not settings, and are ignored as well.
 # Settings that do not split a group: those a resumed run may change (they do not change results,
 # config.RESUMABLE_CHANGES), the seed, and records. config.json's 'record' (a JSON object) is ignored too.
+# init_from only counts as set or not (_settings): its path may differ per seed.
 IGNORED_SETTINGS = RESUMABLE_CHANGES | frozenset({'seed', 'channels_last', 'argv', 'init_from'})
 TABLE_COLUMNS = ('dataset', 'method', 'backbone', 'head')
 
@@ -194,7 +195,10 @@ class Group:
 
 
 def _settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in IGNORED_SETTINGS and not isinstance(v, dict)}
+    settings = {k: v for k, v in config.items() if k not in IGNORED_SETTINGS and not isinstance(v, dict)}
+    if config.get('init_from'):  # the path may differ per seed; starting from trained weights splits a group
+        settings['init_from'] = 'a checkpoint'
+    return settings
 
 
 def select_runs(groups: list['Group'], include_incomplete: bool = False) -> None:

@@ -48,7 +48,6 @@ def _tuples(value):
 def plan(spec: RunSpec) -> Action:
     """What the sweep does with one run, from its folder alone (records.run_status)."""
     import records
-    from checkpoints import config_differences
 
     cfg, problem = parse_run_argv(spec.argv)
     if problem:
@@ -63,7 +62,7 @@ def plan(spec: RunSpec) -> Action:
         return Action('refuse', f'{folder / "config.json"} is damaged (not a JSON object): restore it, or move the '
                                 'run folder away to run it again', status.epochs_done, status.epochs)
     if saved is not None:
-        diffs = config_differences({k: _tuples(v) for k, v in saved.items() if k != 'record'}, cfg)
+        diffs = grid_differences(saved, cfg)
         if diffs:
             return Action('refuse', f'{folder} holds another config ({"; ".join(diffs)[:300]}): move it away or '
                                     'change the grid', status.epochs_done, status.epochs)
@@ -72,6 +71,15 @@ def plan(spec: RunSpec) -> Action:
     if (folder / 'last.pt').is_file():
         return Action('resume', f'after epoch {status.epochs_done}', status.epochs_done, cfg.epochs)
     return Action('start', 'its folder holds no complete epoch', 0, cfg.epochs)
+
+
+def grid_differences(saved: dict, cfg) -> list[str]:
+    """'name: old -> new' for each setting in which a run folder's config.json (`saved`) differs from
+    the run the grid asks for (`cfg`, parse_run_argv of its arguments): the sweep refuses such a
+    folder, and report.py --paper does not count it."""
+    from checkpoints import config_differences
+
+    return config_differences({k: _tuples(v) for k, v in saved.items() if k != 'record'}, cfg)
 
 
 def run_argv(spec: RunSpec, action: Action) -> list[str]:

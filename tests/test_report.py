@@ -151,6 +151,18 @@ def test_settings_split_groups_and_errors(tmp_path, capsys):
     assert err[0].startswith('skipped ') and 'json' in err[0] and err[-1].startswith('error: none of the 1 run folders')
 
 
+def test_a_run_started_from_a_checkpoint_is_not_a_seed_of_runs_from_scratch(tmp_path):
+    """QA round 3: init_from was ignored like a folder, so a fine-tuned run and runs trained from
+    scratch were averaged as seeds of one group. Its path may differ per seed: only set / not set counts."""
+    results = tmp_path / 'results'
+    make_run(results, 0, pl=False)
+    make_run(results, 1, pl=False, init_from='/x/EM_s0/best.pt')
+    make_run(results, 2, pl=False, init_from='/x/EM_s2/best.pt')
+    assert report.main([str(results), '--out', str(tmp_path / 'report')]) == 0
+    groups = read_csv(tmp_path / 'report' / 'groups.csv')
+    assert [(g['settings'], g['seeds']) for g in groups] == [('', '0'), ('init_from=a checkpoint', '1 2')]
+
+
 def test_mean_std():
     assert report_runs.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(np.std([1, 2, 4], ddof=1)))
     assert report_runs.mean_std([3.0, None]) == (3.0, None)

@@ -555,7 +555,7 @@ def test_paper_table_marks_differences_missing_seeds_and_provenance(tmp_path):
         for seed, value in enumerate(maps):
             name = f'{dataset}_{method}_{recipe or "original"}_s{seed}'
             runs.append({'name': name, 'cell': cell, 'method': method, 'recipe': recipe or 'original',
-                         'dataset': dataset, 'seed': seed, 'argv': []})
+                         'dataset': dataset, 'seed': seed})  # no argv: not compared with the grid's config
             if value is not None:
                 _fake_run(sweep_dir / name, seed, value, {'git_commit': 'abc', 'data_files': {'l.npy': 'x' if seed else 'y'}})
     (sweep_dir / 'sweep.json').write_text(json.dumps({'runs': runs}))
@@ -575,6 +575,38 @@ def test_paper_table_marks_differences_missing_seeds_and_provenance(tmp_path):
     assert '-2.39 |' in (tmp_path / 'out2' / 'paper.md').read_text()  # within 3 points: not marked
 
 
+def test_paper_counts_no_run_of_another_config_than_the_grids(tmp_path, tiny_pascal, tiny_clip, tiny_text_features):
+    """QA round 3: after the grid was edited, the sweep refuses the old runs, but report.py --paper
+    counted them, and mixed them with new ones in one cell (lr 0.5 and 1e-3 averaged as two seeds)."""
+    runs = tmp_path / 'runs'
+    grid = write_grid(tmp_path / 'g.toml', runs, tiny_pascal, tiny_clip, tiny_text_features, methods=['an'],
+                      seeds=[0, 1], epochs=1)
+    assert sweep.main([str(grid), '--executor', 'debug']) == 0
+    grid.write_text(grid.read_text().replace('lr = 1e-3', 'lr = 0.5'))
+    shutil.move(runs / 'pascal_an_original_s0', tmp_path / 'moved')  # as the refusal says: s0 runs again
+    assert sweep.main([str(grid), '--executor', 'debug']) == 1  # s1 refused: another config
+    assert report.main(['--paper', str(runs), '--out', str(tmp_path / 'out')]) == 0
+    md = (tmp_path / 'out' / 'paper.md').read_text()
+    assert '# runs: 1 of 2 runs finished' in md
+    assert '(n=1), missing seed 1' in md and 'pascal, seed 1: ' in md
+    line = next(line for line in md.splitlines() if line.startswith('- an on pascal, seed 1: '))
+    assert 'is not the run the grid asks for (lr: 0.001 -> 0.5)' in line and 'move the folder away' in line
+
+
+def test_paper_compares_only_cells_that_follow_a_recipe(tmp_path):
+    """A grid without a recipe runs this project's defaults: its cells get no published number
+    (they were compared with the original's and marked (!))."""
+    sweep_dir = tmp_path / 'table'
+    _fake_run(sweep_dir / 'pascal_LL-R_defaults_s0', 0, 25.0, {})
+    (sweep_dir / 'sweep.json').write_text(json.dumps({'runs': [
+        {'name': 'pascal_LL-R_defaults_s0', 'cell': 'LL-R', 'method': 'LL-R', 'recipe': None, 'dataset': 'pascal',
+         'seed': 0}]}))
+    assert report.main(['--paper', str(sweep_dir), '--out', str(tmp_path / 'out')]) == 0
+    md = (tmp_path / 'out' / 'paper.md').read_text()
+    assert '| LL-R | 25.00 (n=1) | n/a | n/a |' in md  # was: | 89.20 | -64.20 (!) |
+    assert 'not_applied' not in md
+
+
 def test_paper_of_a_sweep_with_no_finished_run_draws_without_warnings(tmp_path, recwarn):
     """matplotlib warned 'No artists with labels' when the first row had nothing to draw."""
     sweep_dir = tmp_path / 'table'
@@ -590,3 +622,11 @@ def test_paper_without_a_sweep_is_one_line(tmp_path, capsys):
     assert report.main(['--paper', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert 'no sweep.json' in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize('value, message', [('nan', "'nan' is not a finite number"), ('-5', 'must be >= 0, got -5')])
+def test_paper_tolerance_is_a_finite_number_at_least_zero(tmp_path, capsys, value, message):
+    """QA round 3: nan marked nothing ('(!) beyond nan points') and a negative value marked every cell."""
+    with pytest.raises(SystemExit) as exit_:
+        report.main(['--paper', str(tmp_path), '--tolerance', value])
+    assert exit_.value.code == 2 and f'argument --tolerance: {message}' in capsys.readouterr().err
