@@ -167,6 +167,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.job_name is None:
             args.job_name = Path(args.grid).stem
         grid = read_grid(args.grid, args.results_dir)
+        if grid.results_dir.exists() and not grid.results_dir.is_dir():
+            raise SweepError(f'{grid.results_dir} is a file: the results folder (--results-dir, or the grid\'s '
+                             'results-dir) holds the run folders; name another')
         specs = expand(grid)
         plans = [(spec, plan(spec)) for spec in specs]
         done = [(s, a) for s, a in plans if a.kind == 'done']
@@ -197,6 +200,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except VLPLError as e:
         print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a file where the sweep writes a folder (logs/) or a folder where it writes a file
+        path = e.filename2 or e.filename  # os.replace(temporary, target) names the target second
+        where = f'{path}: ' if path else ''
+        print(f'error: {where}{e.strerror or one_line(e)}: move what is in the way, then run the same command '
+              'again (finished runs are skipped)', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted: run the same command again (finished runs are skipped, the others resumed)',
+              file=sys.stderr)
+        return 130
 
 
 def _lock_sweep(results_dir: Path):

@@ -140,6 +140,8 @@ def execute_debug(work: list, sweep_dir: Path, say=print) -> list[Outcome]:
     for spec, action in work:
         say(f'{"resume" if action.kind == "resume" else "start"} {spec.name} (in process)')
         rc, error = run_in_process(run_argv(spec, action))
+        if rc == 130:  # Ctrl-C reached the run (main_clip returns 130): it stops the sweep, not just this run
+            raise KeyboardInterrupt
         kind = 'failed' if rc != 0 else ('resumed' if action.kind == 'resume' else 'started')
         outcomes.append(Outcome(spec, kind, error or (f'exit status {rc}' if rc else '')))
         say(f'{kind} {spec.name}' + (f': {outcomes[-1].error}' if kind == 'failed' else ''))

@@ -630,3 +630,42 @@ def test_paper_tolerance_is_a_finite_number_at_least_zero(tmp_path, capsys, valu
     with pytest.raises(SystemExit) as exit_:
         report.main(['--paper', str(tmp_path), '--tolerance', value])
     assert exit_.value.code == 2 and f'argument --tolerance: {message}' in capsys.readouterr().err
+
+
+def test_paths_in_the_way_are_one_line(grid, tmp_path, capsys):
+    """QA round 3: a file as the results folder, or a file where the sweep writes a folder (logs/),
+    or a folder where it writes a file (sweep.json), were tracebacks."""
+    as_file = tmp_path / 'results-file'
+    as_file.write_text('')
+    for extra in (['--dry-run'], []):
+        assert sweep.main([str(grid), '--results-dir', str(as_file), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and f'{as_file} is a file' in err
+    for name, make in (('logs', lambda p: p.write_text('')), ('sweep.json', lambda p: p.mkdir())):
+        results = tmp_path / f'r-{name}'
+        results.mkdir()
+        make(results / name)
+        assert sweep.main([str(grid), '--results-dir', str(results), '--executor', 'local']) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith(f'error: {results / name}: ') and 'Traceback' not in err
+
+
+def test_ctrl_c_stops_the_whole_sweep_in_one_line(grid, monkeypatch, capsys):
+    """QA round 3: Ctrl-C was a traceback (local) or stopped only the current run (debug: the sweep
+    went on with the next one, one Ctrl-C per run)."""
+    calls = []
+
+    def interrupted(argv):
+        calls.append(argv)
+        return 130, 'interrupted'
+    monkeypatch.setattr(sweep_executors, 'run_in_process', interrupted)
+    assert sweep.main([str(grid), '--executor', 'debug']) == 130
+    assert len(calls) == 1
+    err = capsys.readouterr().err
+    assert err == 'interrupted: run the same command again (finished runs are skipped, the others resumed)\n'
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep, 'execute_local', ctrl_c)
+    assert sweep.main([str(grid), '--executor', 'local']) == 130
+    assert capsys.readouterr().err.startswith('interrupted: ')
