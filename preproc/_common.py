@@ -60,16 +60,25 @@ def add_missing_images_flag(parser: argparse.ArgumentParser, images: str) -> Non
 def run_cli(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], list[str]],
             argv: list[str] | None, errors: tuple[type[Exception], ...] = (PreprocError,)) -> int:
     """Parse argv and print the report lines body(args) returns (exit status 0); an error of a
-    type in `errors` becomes one line on stderr and exit status 2."""
+    type in `errors`, or an OSError (a path in the way, a full disk), becomes one line on stderr
+    and exit status 2."""
     args = parser.parse_args(argv)
     try:
         report = body(args)
-    except errors as err:
-        message = " ".join(str(err).split("\n"))
+    except (*errors, OSError) as err:
+        message = os_error_line(err) if isinstance(err, OSError) else " ".join(str(err).split("\n"))
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
     print("\n".join(report))
     return 0
+
+
+def os_error_line(err: OSError) -> str:
+    """'PATH: reason: what to do' of an OSError (os.replace names its target second)."""
+    path = err.filename2 or err.filename
+    reason = err.strerror or " ".join(str(err).split())
+    return (f"{path}: {reason}" if path else reason) + (": check that path (a file where a folder belongs, "
+                                                        "or a folder where a file does; permissions; free space)")
 
 
 def require(path: Path, what_to_do: str) -> Path:

@@ -437,6 +437,9 @@ def prepare(args) -> list[str]:
         raise PreprocError(f"--mirror {args.mirror} is not a URL: give http://, https://, ftp:// or file://")
     if args.retries < 0 or args.timeout <= 0:
         raise PreprocError("--retries must be >= 0 and --timeout > 0")
+    if args.data_root.exists() and not args.data_root.is_dir():
+        raise PreprocError(f"--data-root {args.data_root} is a file: name the folder that holds (or will hold) "
+                           f"{recipe.name}/")
     if args.dry_run:
         steps = [plan_step(source, folder, read_stamp(folder, recipe.name), from_dir) for source in recipe.sources]
         print_plan(recipe, folder, steps, args)

@@ -756,3 +756,18 @@ def test_voc_md5_values_are_torchvisions():
     for dataset in ("pascal", "voc2007"):
         for source in dataset_sources.RECIPES[dataset].sources:
             assert source.md5 == by_name[source.name], source.name
+
+
+def test_paths_in_the_way_are_one_line(tmp_path, capsys):
+    """QA round 3: --data-root naming a file, or a file where prepare.py makes a folder (downloads/),
+    were tracebacks (and --dry-run planned on the file)."""
+    as_file = tmp_path / "afile"
+    as_file.write_text("")
+    for extra in (["--dry-run"], []):
+        assert run(as_file, "pascal", *extra) == 2
+        assert f"--data-root {as_file} is a file" in error_line(capsys.readouterr().err)
+    (tmp_path / "data" / "pascal").mkdir(parents=True)
+    (tmp_path / "data" / "pascal" / "downloads").write_text("")
+    assert run(tmp_path / "data", "pascal", "--mirror", "http://127.0.0.1:9", "--retries", "0") == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'data' / 'pascal' / 'downloads'}: File exists: check that path" in line
