@@ -49,7 +49,7 @@ def read_classnames(dataset: str, *, raw: bool = False, data_root: str | None = 
         path = Path(row.classnames.format(data_root=data_root or DEFAULT_DIRS['data']))
         if not path.is_file():
             raise ModelLoadError(f'no class names for dataset {dataset!r}: {path} is missing; see data/{dataset}/'
-                                 f'README.md and run `python preproc/format_{dataset}.py` (it writes them)')
+                                 f'README.md and run `python {row.formatter}` (it writes them)')
         return _read_written_classnames(path, dataset)
     path = CLASSNAMES_DIR / f'{dataset}_classnames.txt'
     if not path.is_file():
@@ -65,7 +65,7 @@ def _read_written_classnames(path: Path, dataset: str) -> list[str]:
     """The lines of a classnames.txt a format script wrote: one name per class, none blank, as many as
     the class_ids.txt beside it, if there is one (a file edited by hand must not shift the names
     against the label columns)."""
-    redo = f'run `python preproc/format_{dataset}.py` again (see data/{dataset}/README.md)'
+    redo = f'run `python {DATASETS[dataset].formatter}` again (see data/{dataset}/README.md)'
     names = path.read_text(encoding='utf-8').splitlines()
     blank = next((i for i, name in enumerate(names) if not name.strip()), None)
     if blank is not None:

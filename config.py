@@ -104,6 +104,13 @@ class DatasetInfo:
     # (data/<name>/README.md "Expected sizes"): sweep.py --dry-run's cost before the files are there.
     # None: they depend on the user's images (nuswide: at most the raw lists' 161,789 and 107,859).
     official_rows: tuple[int, int] | None = None
+    # The command that writes the formatted files (the hints of missing files name it); '' =
+    # preproc/format_<name>.py.
+    format_command: str = ''
+
+    @property
+    def formatter(self) -> str:
+        return self.format_command or f'preproc/format_{self.name}.py'
 
 
 DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
@@ -113,7 +120,7 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
     # data/voc2007/README.md), the seed systems' VOC: VLPL has no VOC2007 settings, so these are pascal's.
     DatasetInfo('voc2007', 20, 'VOCdevkit/VOC2007/JPEGImages', lr=1e-5, batch_size=8, alpha=0.2, beta_pos=0.7,
                 expected_num_pos=1.5, apl_beta=0.02, apl_warmup=5, apl_batch_size=8, published_as='pascal',
-                official_rows=(5011, 4952)),
+                official_rows=(5011, 4952), format_command='preproc/format_pascal.py --year 2007'),
     DatasetInfo('coco', 80, '.', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,  # paths start with train2014/
                 expected_num_pos=2.9, apl_beta=0.9, apl_warmup=5, apl_batch_size=16, official_rows=(82081, 40137)),
     DatasetInfo('nuswide', 81, 'Flickr', lr=1e-5, batch_size=8, alpha=0.1, beta_pos=0.7,

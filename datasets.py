@@ -194,7 +194,8 @@ def formatting_hint(dataset: str, data_root: str | Path | None = None) -> str:
     if dataset == "demo":
         return demo_hint(data_root)
     save = f" --save-path {Path(data_root) / dataset}" if _data_root_flag(data_root) else ""
-    return f"see data/{dataset}/README.md and run `python preproc/format_{dataset}.py{save}`"
+    command = DATASETS[dataset].formatter if dataset in DATASETS else f"preproc/format_{dataset}.py"
+    return f"see data/{dataset}/README.md and run `python {command}{save}`"
 
 
 def load_array(path: Path, how_to_create: str) -> np.ndarray:

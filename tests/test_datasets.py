@@ -126,6 +126,8 @@ def test_preformatted_nuswide_files_load(tmp_path):
 def test_load_splits_missing_files(tmp_path):
     with pytest.raises(DataError, match=r"format_pascal\.py"):
         load_splits(tmp_path, "pascal")
+    with pytest.raises(DataError, match=r"run `python preproc/format_pascal\.py --year 2007 --save-path "):
+        load_splits(tmp_path, "voc2007")  # QA round 3: it named a format_voc2007.py that does not exist
     with pytest.raises(DataError, match=r"python main_clip\.py -d demo"):
         load_splits(tmp_path, "demo")
     (tmp_path / "demo").mkdir()
