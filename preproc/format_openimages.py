@@ -36,6 +36,7 @@ from __future__ import annotations
 import array
 import csv
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -81,9 +82,20 @@ def read_descriptions(path: Path) -> dict[str, str]:
     return names
 
 
+MID = re.compile(r"/[a-z]+/[0-9A-Za-z_]+")  # Freebase / Knowledge Graph ids: /m/011k07, /g/11bc5p4lb3
+
+
 def read_trainable(path: Path) -> list[str]:
-    """The class MIDs in file order; a repeated MID or an empty list is an error."""
-    mids = [fields[0].strip() for _, fields in _rows(path) if fields[0].strip()]
+    """The class MIDs in file order; a line that is not a MID (an error page saved under the file's
+    name), a repeated MID or an empty list is an error."""
+    mids = []
+    for lineno, fields in _rows(path):
+        mid = fields[0].strip()
+        if mid and not MID.fullmatch(mid):
+            raise PreprocError(f"{path}:{lineno}: {mid[:60]!r} is not a class MID (such as /m/011k07): is this the "
+                               f"official file? {DOWNLOAD}")
+        if mid:
+            mids.append(mid)
     if not mids:
         raise PreprocError(f"{path} lists no class: {DOWNLOAD}")
     if len(set(mids)) != len(mids):

@@ -471,9 +471,21 @@ def format_and_sample(recipe: Recipe, folder: Path, stamp: dict, args) -> list[s
     """The format step, then the observed-label step; the names of those that ran."""
     did = []
     inputs = _inputs_of(recipe, folder, stamp, _script(recipe.format_module))
-    if run_step(stamp, "format", folder, lambda: _run_script(recipe.format_module, format_argv(recipe, folder)),
-                inputs, recipe.format_outputs, args.verify):
-        did.append("format")
+    try:
+        if run_step(stamp, "format", folder, lambda: _run_script(recipe.format_module, format_argv(recipe, folder)),
+                    inputs, recipe.format_outputs, args.verify):
+            did.append("format")
+    except PreprocError as err:
+        # A source without a published checksum is taken as fetched (e.g. an error page from a mirror): say
+        # which, since only deleting it makes the next run fetch it again.
+        unchecked = [source for source in recipe.sources if not source.checksums and source.url
+                     and stamp["sources"].get(source.name, {}).get("done")]
+        if not unchecked:
+            raise
+        paths = ", ".join(str(folder / rel) for source in unchecked for rel in source.provides)
+        raise PreprocError(f"{err}; if a file fetched without a published checksum is damaged (not the "
+                           f"official file, e.g. an error page), delete it and run again to fetch it anew: "
+                           f"{paths}") from None
     if not recipe.observed:
         return did
     formatted = stamp["format"]["outputs"]

@@ -616,6 +616,35 @@ def test_openimages_label_files_are_fetched_and_the_images_explained(server, tmp
         assert len(np.load(folder / "formatted_train_images.npy")) == 2
 
 
+def test_a_damaged_file_without_a_published_checksum_is_named_for_deletion(server, tmp_path, capsys):
+    """QA round 3: an error page served under oidv6-classes-trainable.txt was stamped as fetched; the
+    format failed blaming the images, and fixing the mirror changed nothing (the file is never fetched
+    again). Now the format names the line that is not a MID, and prepare.py names the files to delete."""
+    good = b"/m/a\n/m/b\n"
+    server.files.update({
+        "oidv6-class-descriptions.csv": b"LabelName,DisplayName\n/m/a,Apple\n/m/b,Ball\n",
+        "oidv6-classes-trainable.txt": b"<html>Service unavailable</html>\n",
+        "oidv6-train-annotations-human-imagelabels.csv": b"ImageID,Source,LabelName,Confidence\ni1,verification,/m/a,1\n",
+        "test-annotations-human-imagelabels.csv": b"ImageID,Source,LabelName,Confidence\ni3,verification,/m/b,1\n",
+    })
+    given = tmp_path / "images"
+    for split, image in (("train", "i1"), ("test", "i3")):
+        (given / split).mkdir(parents=True)
+        (given / split / f"{image}.jpg").write_bytes(jpeg(0))
+    assert run(tmp_path / "data", "openimages", "--mirror", server.url) == 2  # the label files, then stop
+    capsys.readouterr()
+    folder = tmp_path / "data" / "openimages"
+    assert run(tmp_path / "data", "openimages", "--from-dir", given) == 2
+    err = capsys.readouterr().err
+    assert "oidv6-classes-trainable.txt:1: '<html>Service unavailable</html>' is not a class MID" in err
+    line = next(line for line in err.splitlines() if line.startswith("prepare.py: error:"))  # after the script's
+    assert "delete it and run again to fetch it anew" in line and str(folder / "oidv6-classes-trainable.txt") in line
+    server.files["oidv6-classes-trainable.txt"] = good
+    (folder / "oidv6-classes-trainable.txt").unlink()
+    assert run(tmp_path / "data", "openimages", "--mirror", server.url) == 0  # the images are in place
+    assert (folder / "class_ids.txt").read_text().splitlines() == ["/m/a", "/m/b"]
+
+
 # ------------------------------------------------------------------------------------------ unsafe archives
 
 def _tar(path: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> Path:
