@@ -224,7 +224,8 @@ def write_paper(sweep_dir: Path, out: Path, tolerance: float = PAPER_TOLERANCE) 
           'Test mAP (%) at the best val epoch, mean ± sample standard deviation over the finished seeds (n); '
           'missing seeds are named. "paper": the published number of the original (recipes/*.toml, with its '
           f'source in paper.csv); "diff": ours minus paper, (!) beyond {tolerance:g} points. A cell without a '
-          'recipe ran this project\'s defaults and is not compared (set recipe = "original" in the grid).', '', md_table,
+          'recipe ran this project\'s defaults and is not compared (set recipe = "original" in the grid).', '',
+          md_table,
           '![table](paper.png)', '']
     missing = [(c, s) for c in cells for s in c.missing]
     if missing:

@@ -624,7 +624,8 @@ def test_a_damaged_file_without_a_published_checksum_is_named_for_deletion(serve
     server.files.update({
         "oidv6-class-descriptions.csv": b"LabelName,DisplayName\n/m/a,Apple\n/m/b,Ball\n",
         "oidv6-classes-trainable.txt": b"<html>Service unavailable</html>\n",
-        "oidv6-train-annotations-human-imagelabels.csv": b"ImageID,Source,LabelName,Confidence\ni1,verification,/m/a,1\n",
+        "oidv6-train-annotations-human-imagelabels.csv":
+            b"ImageID,Source,LabelName,Confidence\ni1,verification,/m/a,1\n",
         "test-annotations-human-imagelabels.csv": b"ImageID,Source,LabelName,Confidence\ni3,verification,/m/b,1\n",
     })
     given = tmp_path / "images"
