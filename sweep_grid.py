@@ -59,23 +59,29 @@ SWEEP_OWNS = {
     'overwrite': 'the sweep never replaces a run (move a folder away instead)', 'evaluate': 'a sweep trains'}
 
 
-def _dest_of(key: str) -> Optional[str]:
-    """The main_clip.py setting that `--key` sets, as argparse resolves it (prefixes included);
+def _action_of(key: str):
+    """The main_clip.py argparse action of `--key`, as argparse resolves it (prefixes included);
     None for a flag it does not know (main_clip.py refuses that itself, in one line)."""
-    dests = _option_dests()
+    actions = _option_actions()
     flag = f'--{key}'
-    if flag in dests:
-        return dests[flag]
-    matches = {dest for opt, dest in dests.items() if opt.startswith(flag)}
-    return matches.pop() if len(matches) == 1 else None
+    if flag in actions:
+        return actions[flag]
+    matches = {id(action): action for opt, action in actions.items() if opt.startswith(flag)}
+    return matches.popitem()[1] if len(matches) == 1 else None
+
+
+def _dest_of(key: str) -> Optional[str]:
+    """The main_clip.py setting that `--key` sets (_action_of), or None."""
+    action = _action_of(key)
+    return None if action is None else action.dest
 
 
 @functools.lru_cache(maxsize=1)
-def _option_dests() -> dict[str, str]:
-    """main_clip.py's option strings -> the setting (argparse dest) each sets."""
+def _option_actions() -> dict:
+    """main_clip.py's option strings -> their argparse actions."""
     import main_clip
 
-    return {opt: action.dest for action in main_clip.build_parser()._actions for opt in action.option_strings}
+    return {opt: action for action in main_clip.build_parser()._actions for opt in action.option_strings}
 
 
 def _check_overrides(path: Path, table: dict, where: str, nested_ok: bool) -> None:
@@ -92,7 +98,11 @@ def _check_overrides(path: Path, table: dict, where: str, nested_ok: bool) -> No
             continue
         if not isinstance(key, str) or key.startswith('-'):
             continue  # _flags names it
-        dest = _dest_of(key)
+        action = _action_of(key)
+        dest = None if action is None else action.dest
+        if isinstance(value, bool) and action is not None and action.nargs != 0:  # false was dropped silently
+            raise SweepError(f'{path}: {where}.{key} = {str(value).lower()}: --{key} takes a value, not true or '
+                             'false (true/false are for on/off flags such as no-pretrained)')
         if dest in SWEEP_OWNS:
             raise SweepError(f'{path}: {where}.{key}: not an override, {SWEEP_OWNS[dest]} (as an override every '
                              'run of a cell could be the same run under another name)')

@@ -118,6 +118,11 @@ def test_recipe_variants_and_per_method_overrides(tmp_path):
     ('methods = ["an"]\ndatasets = [["pascal"]]\nseeds = [0]\n', 'datasets must be a list of names'),
     ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\nresults-dir = 5\n', 'results-dir must be a string'),
     ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\nrecipe = 5\n', 'recipe must be a string'),
+    # QA round 3: false for a flag that takes a value was dropped (the run trained the default 10 epochs).
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides]\nepochs = false\n',
+     'overrides.epochs = false: --epochs takes a value, not true or false'),
+    ('methods = ["an"]\ndatasets = ["pascal"]\nseeds = [0]\n[overrides.an]\nepoch = true\n',
+     'overrides.an.epoch = true: --epoch takes a value'),
 ])
 def test_a_bad_grid_is_one_line(tmp_path, capsys, text, message):
     path = tmp_path / 'g.toml'
