@@ -461,8 +461,11 @@ def evaluate(cfg: Config, ckpt: dict, where: str = '--evaluate') -> float:
     return m['map']
 
 
-def config_from_checkpoint(ckpt: dict, argv: list[str], path: Path, override_run_dir: Optional[str]) -> Config:
-    """Re-parse the saved command line followed by this one, so later flags override saved ones."""
+def config_from_checkpoint(ckpt: dict, argv: list[str], path: Path, override_run_dir: Optional[str],
+                           instead: str = 'start a new run instead (--init-from can start it from these weights)'
+                           ) -> Config:
+    """Re-parse the saved command line followed by this one, so later flags override saved ones;
+    `instead`: what the refusal of changed settings tells the user to do."""
     saved = [a for a in ckpt.get('argv', [])]
     cfg, _ = parse_args(saved + argv)
     if override_run_dir:
@@ -474,7 +477,7 @@ def config_from_checkpoint(ckpt: dict, argv: list[str], path: Path, override_run
                else f' ({cfg.loss} uses the total number of epochs in its schedule, so more epochs would not '
                     'continue the same run)')
         raise UserError(f'{path}: this command changes settings of the saved run ({"; ".join(diffs)}){why}; '
-                        'start a new run instead (--init-from can start it from these weights)')
+                        f'{instead}')
     return cfg
 
 
@@ -509,7 +512,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             signal.signal(signal.SIGTERM, _stopped_by_launcher)
         if args.evaluate:
             ckpt = load_checkpoint(Path(args.evaluate))
-            cfg = config_from_checkpoint(ckpt, strip_flag(argv, '--evaluate'), Path(args.evaluate), None)
+            cfg = config_from_checkpoint(ckpt, strip_flag(argv, '--evaluate'), Path(args.evaluate), None,
+                                         '--evaluate tests a checkpoint in its own settings: drop the flags that '
+                                         'change them (predict.py runs it on other images)')
             evaluate(cfg, ckpt, f'--evaluate {args.evaluate}')
             return 0
         resume = None

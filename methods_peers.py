@@ -337,7 +337,8 @@ def apply_defaults(a: argparse.Namespace, error) -> dict:
     published = row_key in lp.PEER_DEFAULTS['boostlu']
     if (key or a.boostlu) and not published:  # e.g. OpenImages: none of these papers gives its settings
         error(f'-l {a.loss}{" --boostlu" if a.boostlu else ""}: its original publishes no settings for '
-              f'-d {a.dataset}; use it on {", ".join(sorted(lp.PEER_DEFAULTS["boostlu"]))} or the demo')
+              f'-d {a.dataset}; use it on {", ".join(sorted(set(lp.PEER_DEFAULTS["boostlu"]) - {"demo"}))} or '
+              'the demo')
     paper = {}
     if key in ('role', 'LL', 'GR', 'AEVLP'):
         paper = lp.peer_hparams(key, row_key)

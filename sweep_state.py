@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -35,7 +36,8 @@ def parse_run_argv(argv) -> tuple:
         return cfg, None
     except SystemExit:
         text = err.getvalue().strip().splitlines()
-        return None, (text[-1] if text else 'main_clip.py refused the flags').replace('main_clip.py: error: ', '')
+        # argparse names the program it was started as (sweep.py, in a sweep): drop that prefix
+        return None, re.sub(r'^\S+: error: ', '', text[-1] if text else 'main_clip.py refused the flags')
     except VLPLError as e:
         return None, one_line(e)
 

@@ -170,6 +170,11 @@ def test_a_clip_vision_checkpoint_needs_no_clip_config_file(tmp_path, tiny_pasca
     assert main_clip.main(['--evaluate', str(folder / 'best.pt')]) == 0
     assert float(capsys.readouterr().out.split()[-1]) == pytest.approx(best, abs=0.005)
     assert predict.main([str(folder / 'best.pt'), str(image), '--num-workers', '0']) == 0
+    capsys.readouterr()
+    # QA round 3: the refusal advised --init-from, which has nothing to do with evaluating
+    assert main_clip.main(['--evaluate', str(folder / 'best.pt'), '--lr', '0.5']) == 2
+    one_error_line(capsys.readouterr().err, "changes settings of the saved run (lr: 0.001 -> 0.5); --evaluate tests a "
+                                            "checkpoint in its own settings")
 
 
 def test_a_rebuilt_clip_vision_keeps_the_quickgelu_it_was_trained_with(tiny_clip):
