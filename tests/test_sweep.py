@@ -610,6 +610,9 @@ def test_paper_compares_only_cells_that_follow_a_recipe(tmp_path):
     md = (tmp_path / 'out' / 'paper.md').read_text()
     assert '| LL-R | 25.00 (n=1) | n/a | n/a |' in md  # was: | 89.20 | -64.20 (!) |
     assert 'not_applied' not in md
+    config = sweep_dir / 'pascal_LL-R_defaults_s0' / 'config.json'
+    config.write_text(json.dumps({**json.loads(config.read_text()), 'record': None}))  # edited by hand: was a traceback
+    assert report.main(['--paper', str(sweep_dir), '--out', str(tmp_path / 'out')]) == 0
 
 
 def test_paper_of_a_sweep_with_no_finished_run_draws_without_warnings(tmp_path, recwarn):
