@@ -260,8 +260,10 @@ def _check_agrees(path: Path, observed: np.ndarray, labels: np.ndarray, how_to_c
     made from other labels (e.g. before the dataset was formatted again)."""
     wrong = int(((observed == 1) & (labels == 0)).sum() + ((observed == -1) & (labels == 1)).sum())
     if wrong:
+        redo = (f"{how_to_create} again with --overwrite" if how_to_create.startswith("run `python preproc/generate")
+                else how_to_create)  # the demo's hint is a main_clip.py command, which remakes stale demo data
         raise DataError(f"{path} contradicts formatted_train_labels.npy in {wrong} entries (made from other "
-                        f"labels?): {how_to_create} again with --overwrite")
+                        f"labels?): {redo}")
 
 
 def load_splits(data_root: str | Path, dataset: str, *, clean_train_labels: bool = False,
