@@ -301,7 +301,7 @@ def _run(cfg: Config, argv: list[str], resume: Optional[dict], device, folder: R
     classnames = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
     start_epoch = restore(learner, resume, pl_source, data.sampler)
     add_ema(cfg, learner, resume, run_dir)
-    record, tensorboard = start_records(cfg, device, method_class, folder, pl_source, data)
+    record, tensorboard = start_records(cfg, device, method_class, folder, pl_source, data, resume)
     wrap_for_training(cfg, learner, device)
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -402,9 +402,20 @@ def add_ema(cfg: Config, learner: Learner, resume: Optional[dict], run_dir: Path
         log.info(f'Resuming {run_dir} after epoch {resume["epoch"]}')
 
 
-def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_source, data: Data) -> tuple:
-    """(config.json's record, TensorBoard writer or None); the primary process creates the run folder."""
+def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_source, data: Data,
+                  resume: Optional[dict] = None) -> tuple:
+    """(config.json's record, TensorBoard writer or None); the primary process creates the run folder.
+    A resumed run whose text features, prompts, priors or CLIP weights changed since it started stops
+    here, before config.json is rewritten (records.changed_input_files)."""
     record = records.run_record(cfg, device, method_class) | {'inputs': fingerprint.summary(data.inputs)}
+    saved = records.json_or_none(folder.path / 'config.json') if resume is not None else None
+    if isinstance(saved, dict) and isinstance(saved.get('record'), dict):
+        changed = records.changed_input_files(saved['record'].get('provenance') or {}, record.get('provenance') or {},
+                                              record.get('unused_settings', ()))
+        if changed:
+            raise UserError(f'--resume {cfg.run_dir}: {"; ".join(changed)}: not the file the run started with, and '
+                            'its epochs so far were trained with the other: restore it, or start a new run '
+                            f'(--init-from {Path(cfg.run_dir) / "last.pt"} starts it from these weights)')
     tensorboard = records.open_tensorboard(cfg, folder.path) if is_primary() else None
     if is_primary():
         folder.create()

@@ -257,6 +257,24 @@ def provenance(cfg: Config, device, *, uses_clip: bool, git: Optional[dict] = No
     }
 
 
+def changed_input_files(old: dict, new: dict, unused=()) -> list[str]:
+    """'what FILE: sha256 a -> b' for each input file a resumed run reads on every epoch (the text features,
+    prompts, priors, ... of INPUT_FILE_FIELDS, and the CLIP weights) whose content differs between the
+    provenance the run recorded (`old`) and the one of the resume (`new`). --init-from and the backbone's
+    weights only start a run, and a file of an `unused` setting is not read: they are not compared."""
+    pairs = [(name, (old.get('input_files') or {}).get(name), (new.get('input_files') or {}).get(name))
+             for name in INPUT_FILE_FIELDS if name != 'init_from' and name not in unused]
+    pairs.append(('CLIP weights', old.get('clip_weights'), new.get('clip_weights')))
+    out = []
+    for name, before, now in pairs:
+        if not (isinstance(before, dict) and isinstance(now, dict)) or None in (before.get('sha256'), now.get('sha256')):
+            continue  # not read, or not known to both: a changed flag is config.json's to compare
+        if before['sha256'] != now['sha256']:
+            out.append(f"{name.replace('_', '-') if name in INPUT_FILE_FIELDS else name} {now.get('file')}: "
+                       f"sha256 {before['sha256'][:12]} -> {now['sha256'][:12]}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # What a run folder holds
 

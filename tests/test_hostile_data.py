@@ -243,6 +243,39 @@ def test_resume_stops_in_one_line_when_the_data_changed(change, interrupted_run,
     one_error_line(capsys.readouterr().err, *needles, '--init-from')
 
 
+@pytest.mark.parametrize('what', ['text-features', 'clip-pretrained'])
+def test_resume_stops_when_a_file_read_every_epoch_changed(what, tmp_path, tiny_clip, tiny_text_features, monkeypatch,
+                                                          capsys):
+    """QA round 4: the text features (or the CLIP weights) rewritten in place between the epochs of an
+    -l EM_PL run: the resume trained on with the other pseudo-labels (precision 0.64 -> 0.05), and its
+    provenance claimed the new file for the whole run. It stops in one line now, config.json untouched."""
+    data = write_pascal_like(tmp_path / 'data', num_train=30, num_val=10, seed=7)
+    args = tiny_run_args(data, tmp_path, tiny_clip, tiny_text_features, epochs=2) + ['-l', 'EM_PL']
+    flag = f'--{what}'
+    mine = tmp_path / ('tf.npy' if what == 'text-features' else 'clip.pt')
+    shutil.copyfile(args[args.index(flag) + 1], mine)
+    args[args.index(flag) + 1] = str(mine)
+    restore = interrupt_after(monkeypatch, 1)
+    assert main_clip.main(args) == 130
+    restore()
+    run_dir = tmp_path / 'results' / 'pascal_EM_PL_small_cnn_s0'
+    config = (run_dir / 'config.json').read_text()
+    if what == 'text-features':
+        np.save(mine, np.load(mine)[::-1].copy())
+    else:
+        state = torch.load(mine, weights_only=True)
+        target = state.get('state_dict', state) if isinstance(state, dict) else state
+        key = next(k for k, v in target.items() if torch.is_tensor(v) and v.is_floating_point())
+        target[key] = target[key] + 0.5
+        torch.save(state, mine)
+    capsys.readouterr()
+    assert main_clip.main(['--resume', str(run_dir)]) == 2
+    name = 'text-features' if what == 'text-features' else 'CLIP weights'
+    one_error_line(capsys.readouterr().err, f'{name} {mine.resolve()}: sha256 ', 'not the file the run started with',
+                   '--init-from')
+    assert (run_dir / 'config.json').read_text() == config
+
+
 def test_resume_continues_on_the_same_data_moved_with_its_times(interrupted_run, tmp_path, capsys):
     data, args, resume = interrupted_run
     moved = tmp_path / 'moved'
