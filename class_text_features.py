@@ -156,6 +156,19 @@ def load_text_features(path: str | os.PathLike, num_classes: int) -> torch.Tenso
 
 
 
+def refuse_identical_rows(features: torch.Tensor, classnames: list[str], what_to_do: str) -> None:
+    """ModelLoadError when two classes get the same text feature: a prompt longer than the CLIP's
+    context is cut, and when the cut falls before the class name every class reads the same text
+    (pseudo-labels of precision 0, silently); so do two equal names."""
+    _, first, counts = torch.unique(features, dim=0, return_inverse=True, return_counts=True)
+    if (counts > 1).any():
+        group = torch.nonzero(first == first[int(torch.nonzero(counts[first] > 1)[0])]).flatten().tolist()
+        names = ', '.join(repr(classnames[k]) for k in group[:3])
+        raise ModelLoadError(f'{len(group)} classes ({names}{", ..." if len(group) > 3 else ""}) get the same text '
+                             'feature: their prompts are cut at the CLIP\'s context length before the class name '
+                             f'(or the names are equal): {what_to_do}')
+
+
 def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int) -> torch.Tensor:
     """(K, D) normalised class text features: --text-features, or computed once and cached.
 
@@ -181,7 +194,9 @@ def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int) -> t
         if stored != key:
             distributed.log.info(f'Computing text features of {cfg.dataset} from {len(templates)} prompt templates '
                                  f'(--prompts {cfg.prompts}) -> {path}')
-            save_text_features(path, pl_options.ensemble_text_features(clip_model, tokenizer, classnames, templates))
+            features = pl_options.ensemble_text_features(clip_model, tokenizer, classnames, templates)
+            refuse_identical_rows(features, classnames, f'--prompts {cfg.prompts}: shorten its templates')
+            save_text_features(path, features)
             save_json(path.with_suffix('.json'), key, indent=1)
         return load_text_features(path, num_classes)
     path = default_text_features_path(cfg.dataset, cfg.clip_model, cfg.clip_pretrained, folder=cfg.text_features_dir)
@@ -193,7 +208,9 @@ def text_features_for(cfg: Config, clip_model, tokenizer, num_classes: int) -> t
             stored = None  # no key file, or a damaged one: compute again
         if stored != key:
             distributed.log.info(f'Computing text features of {cfg.dataset} with {cfg.clip_model} -> {path}')
-            save_text_features(path, compute_text_features(clip_model, tokenizer, classnames))
+            features = compute_text_features(clip_model, tokenizer, classnames)
+            refuse_identical_rows(features, classnames, f'shorten the class names of {cfg.dataset}')
+            save_text_features(path, features)
             save_json(key_path, key, indent=1)
     return load_text_features(path, num_classes)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import class_text_features
+import config
 import clip_loading
 import pseudo_labeler
 import models
@@ -114,6 +115,20 @@ def test_template_is_filled_with_each_class_name(tiny_clip):
     assert not torch.allclose(features, plain, atol=1e-3)
     with pytest.raises(ValueError, match='template'):
         class_text_features.compute_text_features(model, tokenizer, ['cat'], 'a photo')
+
+
+def test_a_template_cut_before_the_class_name_is_refused(tiny_clip):
+    """QA round 4: a template longer than the CLIP's context was cut before '{}', every class got the same
+    text feature, and the run trained on pseudo-labels of precision 0 without a word."""
+    model, tokenizer, _, _ = tiny_clip
+    names = ['cat', 'dog', 'bird']
+    long = ' '.join(['word'] * 80) + ' {}'
+    features = class_text_features.compute_text_features(model, tokenizer, names, long)
+    with pytest.raises(config.ModelLoadError, match=r"3 classes \('cat', 'dog', 'bird'\) get the same text feature: .*"
+                                                    r"context length.*: shorten its templates"):
+        class_text_features.refuse_identical_rows(features, names, 'shorten its templates')
+    class_text_features.refuse_identical_rows(class_text_features.compute_text_features(model, tokenizer, names),
+                                              names, 'x')  # distinct names: no error
 
 
 def test_default_file_names():
