@@ -267,7 +267,8 @@ def changed_input_files(old: dict, new: dict, unused=()) -> list[str]:
     pairs.append(('CLIP weights', old.get('clip_weights'), new.get('clip_weights')))
     out = []
     for name, before, now in pairs:
-        if not (isinstance(before, dict) and isinstance(now, dict)) or None in (before.get('sha256'), now.get('sha256')):
+        if not (isinstance(before, dict) and isinstance(now, dict)) or None in (before.get('sha256'),
+                                                                                 now.get('sha256')):
             continue  # not read, or not known to both: a changed flag is config.json's to compare
         if before['sha256'] != now['sha256']:
             out.append(f"{name.replace('_', '-') if name in INPUT_FILE_FIELDS else name} {now.get('file')}: "
