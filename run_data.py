@@ -61,8 +61,20 @@ def prepare_data(cfg: Config, *, clip: bool = True) -> dict:
             if cfg.observed is not None:
                 ensure_demo_observed(cfg)
     method = methods.METHODS[cfg.loss]
-    return datasets.load_splits(cfg.data_root, cfg.dataset, observed=cfg.observed,
-                                clean_train_labels=method.clean_train_labels, unlabelled=not method.reads_train_labels)
+    splits = datasets.load_splits(cfg.data_root, cfg.dataset, observed=cfg.observed,
+                                  clean_train_labels=method.clean_train_labels, unlabelled=not method.reads_train_labels)
+    # One class name per label column, checked before any work: a classnames.txt edited by hand (OpenImages')
+    # let a run train and write a checkpoint that predict.py and --evaluate could not rebuild.
+    names = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
+    num_classes = splits['test'].labels_true.shape[1]
+    if len(names) != num_classes:
+        row = datasets.DATASETS[cfg.dataset]
+        where = (row.classnames.format(data_root=cfg.data_root) if row.classnames
+                 else f'text_features/{cfg.dataset}_classnames.txt')
+        raise datasets.DataError(f'{where} names {len(names)} classes, but the label files of {cfg.dataset} under '
+                                 f'{cfg.data_root} have {num_classes} columns: run `python {row.formatter}` again '
+                                 f'(see data/{cfg.dataset}/README.md)')
+    return splits
 
 
 def ensure_demo_observed(cfg: Config) -> None:

@@ -523,3 +523,20 @@ def test_pl_quality_lines_of_an_openimages_run(official, tmp_path, tiny_clip, ca
     assert 'PL on unknown: precision' not in caplog.text
     log = json.loads((tmp_path / 'results' / 'openimages_EM_PL_small_cnn_s0' / 'log.json').read_text())
     assert 'pl_precision' not in log['values']['train']
+
+
+def test_a_run_checks_the_class_names_against_the_label_columns_first(official, tmp_path, capsys):
+    """QA round 4: classnames.txt cut to 14 names (class_ids.txt gone): -l an trained and wrote a best.pt
+    that predict.py could not rebuild, -l CSL died with 'unexpected ValueError'. Now: one line, no run folder."""
+    root, _ = official
+    copy = tmp_path / 'data'
+    shutil.copytree(root, copy)
+    names = copy / 'openimages' / 'classnames.txt'
+    names.write_text(''.join(line + '\n' for line in names.read_text().splitlines()[:14]))
+    (copy / 'openimages' / 'class_ids.txt').unlink()
+    for method in ('an', 'CSL'):
+        assert main_clip.main(run_args(copy, tmp_path, method)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f'error: {names} names 14 classes, but the label files of openimages under {copy} have 15 '
+                       'columns: run `python preproc/format_openimages.py` again (see data/openimages/README.md)')
+    assert not list((tmp_path / 'results').glob('openimages_*'))  # no run folder (results/ itself may exist)
