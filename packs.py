@@ -68,9 +68,10 @@ def images_sha(images) -> str:
     return hashlib.sha256('\n'.join(str(p) for p in images).encode('utf-8')).hexdigest()
 
 
-def pack_command(dataset: str, image_size: int, data_root) -> str:
+def pack_command(dataset: str, image_size: int, data_root, *, overwrite: bool = False) -> str:
     root = '' if Path(data_root).resolve() == (Path(__file__).resolve().parent / 'data') else f' --data-root {data_root}'
-    return f'`python preproc/pack_images.py -d {dataset} --image-size {image_size}{root}`'
+    more = ' --overwrite' if overwrite else ''
+    return f'`python preproc/pack_images.py -d {dataset} --image-size {image_size}{root}{more}`'
 
 
 def _stamp(dataset: str, split: str, images, image_size: int, stats) -> dict:
@@ -79,11 +80,17 @@ def _stamp(dataset: str, split: str, images, image_size: int, stats) -> dict:
             'image_stats_sha256': fingerprint.digest(stats), 'images': [str(p) for p in images]}
 
 
+STAMP_KEYS = ('format', 'image_size', 'num_images', 'images_sha256')
+
+
 def _read_json(path: Path) -> dict | None:
+    """A pack stamp, or None for anything else (unreadable, not a JSON object, or without the keys
+    every stamp has: one edited by hand is 'not a pack stamp', never a KeyError)."""
     try:
-        return json.loads(path.read_text())
+        stamp = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return stamp if isinstance(stamp, dict) and all(k in stamp for k in STAMP_KEYS) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,24 +104,25 @@ def open_pack(data_root, dataset: str, phase: str, split: Split, image_size: int
     command) otherwise."""
     array_path, stamp_path = pack_paths(data_root, dataset, phase)
     command = pack_command(dataset, image_size, data_root)
+    redo = pack_command(dataset, image_size, data_root, overwrite=True)
     if not array_path.is_file() or not stamp_path.is_file():
         raise DataError(f'{array_path} not found (--data-format packed): run {command}')
     stamp = _read_json(stamp_path)
     if stamp is not None and stamp.get('format') == 'vlpl-pack-1':
         raise DataError(f'{array_path} was packed by an older pack_images.py that did not record the images\' sizes '
-                        f'and times, so a picture rewritten since cannot be told: run {command} --overwrite')
+                        f'and times, so a picture rewritten since cannot be told: run {redo}')
     if stamp is None or stamp.get('format') != FORMAT:
-        raise DataError(f'{stamp_path} is not a pack stamp: run {command} --overwrite')
+        raise DataError(f'{stamp_path} is not a pack stamp: run {redo}')
     if stamp['image_size'] != image_size:
         raise DataError(f'{array_path} holds {stamp["image_size"]} px images but this run uses --image-size '
-                        f'{image_size}: pass --image-size {stamp["image_size"]}, or run {command} --overwrite')
+                        f'{image_size}: pass --image-size {stamp["image_size"]}, or run {redo}')
     images = split.images
     if stamp['num_images'] != len(images) or stamp['images_sha256'] != images_sha(images):
         raise DataError(f'{array_path} was packed from another image list than the {phase} split of {dataset} '
-                        f'(re-formatted data?): run {command} --overwrite')
+                        f'(re-formatted data?): run {redo}')
     packed = np.asarray(stamp.get('image_stats', []), dtype=np.int64).reshape(-1, 2)
     if len(packed) != len(images) or fingerprint.digest(packed) != stamp.get('image_stats_sha256'):
-        raise DataError(f'{stamp_path} is damaged (its image sizes and times): run {command} --overwrite')
+        raise DataError(f'{stamp_path} is damaged (its image sizes and times): run {redo}')
     root = datasets.image_root(data_root, dataset)
     changed = fingerprint.changed_rows(packed, split.stats(root), present_only=True)
     if len(changed):
@@ -124,10 +132,10 @@ def open_pack(data_root, dataset: str, phase: str, split: Split, image_size: int
     try:
         array = np.load(array_path, mmap_mode='r')
     except (OSError, ValueError) as err:
-        raise DataError(f'{array_path} is not a readable pack ({err}): run {command} --overwrite') from None
+        raise DataError(f'{array_path} is not a readable pack ({err}): run {redo}') from None
     if array.dtype != np.uint8 or array.shape != (len(images), image_size, image_size, 3):
         raise DataError(f'{array_path} has {array.dtype} {array.shape}, expected uint8 '
-                        f'({len(images)}, {image_size}, {image_size}, 3): run {command} --overwrite')
+                        f'({len(images)}, {image_size}, {image_size}, 3): run {redo}')
     return array_path, stamp, packed
 
 
@@ -153,7 +161,7 @@ class PackedImages(torch.utils.data.Dataset):
             first = self.root / str(split.images[min(self.bad_rows)])
             raise DataError(f'{self.path} lacks {len(self.bad_rows)} images that could not be read when it was '
                             f'packed (first: {first}): pass --skip-bad-images, or fix them and repack with '
-                            f'{pack_command(dataset, image_size, data_root)} --overwrite')
+                            f'{pack_command(dataset, image_size, data_root, overwrite=True)}')
         self._array = None
 
     def __len__(self) -> int:
@@ -417,6 +425,7 @@ def write_pack(data_root, dataset: str, phase: str, split: Split, image_size: in
     stats = split.stats(root)  # before any image is read: an image rewritten while packing is seen next time
     want = _stamp(dataset, phase, split.images, image_size, stats)
     command = pack_command(dataset, image_size, data_root)
+    redo_command = pack_command(dataset, image_size, data_root, overwrite=True)
     if overwrite:
         for path in (array_path, stamp_path, part_array, part_stamp):
             path.unlink(missing_ok=True)
@@ -432,12 +441,19 @@ def write_pack(data_root, dataset: str, phase: str, split: Split, image_size: in
         if done_stamp is not None and array_path.is_file():
             if done_stamp.get('image_stats_sha256') == want['image_stats_sha256'] and \
                     all(done_stamp.get(k) == want[k] for k in SAME):
+                try:  # the stamp says complete; the array must be too (a truncated file was called complete)
+                    fits = np.load(array_path, mmap_mode='r').shape == shape
+                except (OSError, ValueError):
+                    fits = False
+                if not fits:
+                    raise UserError(f'{array_path} is not the complete pack its stamp describes (cut short or '
+                                    f'damaged): run {redo_command}')
                 return f'{phase}: {array_path} is complete ({n} images, {image_size} px)'
             if _refresh(array_path, stamp_path, part_array, part_stamp, done_stamp, want, stats) is None:
                 older = done_stamp.get('format') == 'vlpl-pack-1'
                 raise UserError(f'{array_path} was packed ' + ('by an older pack_images.py that did not record the '
                                 'images\' sizes and times' if older else 'from another image list (re-formatted data?)')
-                                + f': run {command} --overwrite')
+                                + f': run {redo_command}')
         state = _read_json(part_stamp) if part_stamp.is_file() else None
         same = state is not None and all(state.get(k) == want[k] for k in SAME)
         if same and array_path.is_file() and not part_array.exists():  # stopped between a rename and a stamp

@@ -143,6 +143,26 @@ def test_sizes_are_never_mixed(data, capsys):
     assert np.load(packs.pack_paths(data, 'pascal', 'val')[0], mmap_mode='r').shape[1:] == (40, 40, 3)
 
 
+@pytest.mark.parametrize('damage', [lambda stamp: {k: v for k, v in stamp.items() if k != 'image_size'},
+                                    lambda stamp: [1]], ids=['key-missing', 'not-an-object'])
+def test_a_damaged_stamp_or_a_cut_pack_is_one_line(data, damage):
+    """QA round 4: a stamp edited into other JSON was 'unexpected KeyError' (run) or a traceback
+    (pack_images.py), and pack_images.py called a truncated pack complete."""
+    split = splits_of(data)['val']
+    packs.write_pack(data, 'pascal', 'val', split, SIZE)
+    array_path, stamp_path = packs.pack_paths(data, 'pascal', 'val')
+    good = stamp_path.read_text()
+    stamp_path.write_text(json.dumps(damage(json.loads(good))))
+    with pytest.raises(DataError, match=r'is not a pack stamp: run `python preproc/pack_images.py .* --overwrite`$'):
+        packs.open_pack(data, 'pascal', 'val', split, SIZE)
+    assert packs.write_pack(data, 'pascal', 'val', split, SIZE).startswith('val: ')  # packed again, no traceback
+    packs.open_pack(data, 'pascal', 'val', split, SIZE)
+    with open(array_path, 'r+b') as f:
+        f.truncate(array_path.stat().st_size // 2)
+    with pytest.raises(UserError, match=r'is not the complete pack its stamp describes .*--overwrite`$'):
+        packs.write_pack(data, 'pascal', 'val', split, SIZE)
+
+
 def test_unreadable_image_is_one_line_and_skippable(data, capsys):
     split = splits_of(data)['test']
     bad = datasets.image_root(data, 'pascal') / str(split.images[2])
