@@ -408,14 +408,16 @@ def start_records(cfg: Config, device, method_class, folder: RunFolder, pl_sourc
     A resumed run whose text features, prompts, priors or CLIP weights changed since it started stops
     here, before config.json is rewritten (records.changed_input_files)."""
     record = records.run_record(cfg, device, method_class) | {'inputs': fingerprint.summary(data.inputs)}
-    saved = records.json_or_none(folder.path / 'config.json') if resume is not None else None
-    if isinstance(saved, dict) and isinstance(saved.get('record'), dict):
+    changed = []
+    saved = records.json_or_none(folder.path / 'config.json') if resume is not None and is_primary() else None
+    if isinstance(saved, dict) and isinstance(saved.get('record'), dict):  # provenance: the primary's record
         changed = records.changed_input_files(saved['record'].get('provenance') or {}, record.get('provenance') or {},
                                               record.get('unused_settings', ()))
-        if changed:
-            raise UserError(f'--resume {cfg.run_dir}: {"; ".join(changed)}: not the file the run started with, and '
-                            'its epochs so far were trained with the other: restore it, or start a new run '
-                            f'(--init-from {Path(cfg.run_dir) / "last.pt"} starts it from these weights)')
+    if resume is not None and distributed.any_rank(bool(changed)):  # every process stops, none waits
+        raise UserError(f'--resume {cfg.run_dir}: {"; ".join(changed) or "an input file (the first process names it)"}'
+                        ': not the file the run started with, and its epochs so far were trained with the other: '
+                        f'restore it, or start a new run (--init-from {Path(cfg.run_dir) / "last.pt"} starts it from '
+                        'these weights)')
     tensorboard = records.open_tensorboard(cfg, folder.path) if is_primary() else None
     if is_primary():
         folder.create()
