@@ -36,6 +36,15 @@ def cub_attribute_phrase(attribute: str) -> str:
     return f"{group}: {value.replace('_', ' ')}"
 
 
+def classnames_path(dataset: str, data_root: str | None = None) -> Path:
+    """The class-name file of `dataset`: its DATASETS row's `classnames` under data_root (one its format
+    script writes), else text_features/<dataset>_classnames.txt."""
+    row = DATASETS.get(dataset)
+    if row is not None and row.classnames:
+        return Path(row.classnames.format(data_root=data_root or DEFAULT_DIRS['data']))
+    return CLASSNAMES_DIR / f'{dataset}_classnames.txt'
+
+
 def read_classnames(dataset: str, *, raw: bool = False, data_root: str | None = None) -> list[str]:
     """Class names of `dataset` in formatted class order, from text_features/<dataset>_classnames.txt,
     or from the file its DATASETS row names (`classnames`, under data_root: a class list that comes
@@ -46,12 +55,12 @@ def read_classnames(dataset: str, *, raw: bool = False, data_root: str | None = 
     """
     row = DATASETS.get(dataset)
     if row is not None and row.classnames:
-        path = Path(row.classnames.format(data_root=data_root or DEFAULT_DIRS['data']))
+        path = classnames_path(dataset, data_root)
         if not path.is_file():
             raise ModelLoadError(f'no class names for dataset {dataset!r}: {path} is missing; see data/{dataset}/'
                                  f'README.md and run `python {row.formatter}` (it writes them)')
         return _read_written_classnames(path, dataset)
-    path = CLASSNAMES_DIR / f'{dataset}_classnames.txt'
+    path = classnames_path(dataset)
     if not path.is_file():
         known = sorted(p.name.removesuffix('_classnames.txt') for p in CLASSNAMES_DIR.glob('*_classnames.txt'))
         raise ModelLoadError(f'no class names for dataset {dataset!r}: {path} is missing (known: {known})')
@@ -160,9 +169,10 @@ def refuse_identical_rows(features: torch.Tensor, classnames: list[str], what_to
     """ModelLoadError when two classes get the same text feature: a prompt longer than the CLIP's
     context is cut, and when the cut falls before the class name every class reads the same text
     (pseudo-labels of precision 0, silently); so do two equal names."""
-    _, first, counts = torch.unique(features, dim=0, return_inverse=True, return_counts=True)
-    if (counts > 1).any():
-        group = torch.nonzero(first == first[int(torch.nonzero(counts[first] > 1)[0])]).flatten().tolist()
+    _, row_of, counts = torch.unique(features, dim=0, return_inverse=True, return_counts=True)
+    repeated = torch.nonzero(counts[row_of] > 1).flatten()  # classes whose feature another class shares
+    if len(repeated):
+        group = torch.nonzero(row_of == row_of[repeated[0]]).flatten().tolist()
         names = ', '.join(repr(classnames[k]) for k in group[:3])
         raise ModelLoadError(f'{len(group)} classes ({names}{", ..." if len(group) > 3 else ""}) get the same text '
                              'feature: their prompts are cut at the CLIP\'s context length before the class name '

@@ -68,11 +68,10 @@ def prepare_data(cfg: Config, *, clip: bool = True) -> dict:
     names = class_text_features.read_classnames(cfg.dataset, data_root=cfg.data_root)
     num_classes = splits['test'].labels_true.shape[1]
     if len(names) != num_classes:
-        row = datasets.DATASETS[cfg.dataset]
-        where = (row.classnames.format(data_root=cfg.data_root) if row.classnames
-                 else f'text_features/{cfg.dataset}_classnames.txt')
+        where = class_text_features.classnames_path(cfg.dataset, cfg.data_root)
         raise datasets.DataError(f'{where} names {len(names)} classes, but the label files of {cfg.dataset} under '
-                                 f'{cfg.data_root} have {num_classes} columns: run `python {row.formatter}` again '
+                                 f'{cfg.data_root} have {num_classes} columns: run '
+                                 f'`python {datasets.DATASETS[cfg.dataset].formatter}` again '
                                  f'(see data/{cfg.dataset}/README.md)')
     return splits
 

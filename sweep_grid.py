@@ -70,12 +70,6 @@ def _action_of(key: str):
     return matches.popitem()[1] if len(matches) == 1 else None
 
 
-def _dest_of(key: str) -> Optional[str]:
-    """The main_clip.py setting that `--key` sets (_action_of), or None."""
-    action = _action_of(key)
-    return None if action is None else action.dest
-
-
 @functools.lru_cache(maxsize=1)
 def _option_actions() -> dict:
     """main_clip.py's option strings -> their argparse actions."""

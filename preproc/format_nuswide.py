@@ -73,11 +73,15 @@ def read_label_column(path: Path, num_rows: int) -> np.ndarray:
                        f"re-extract the NUS-WIDE ground truth")
 
 
+def image_list_path(load_path: Path, list_name: str) -> Path:
+    return load_path / "ImageList" / f"{list_name}Imagelist.txt"
+
+
 def read_phase(load_path: Path, concepts: list[str], list_name: str, images: list[str], *, drop_missing: bool,
                drop_unlabelled: bool) -> tuple[list[str], np.ndarray, str]:
     """Return (image paths, (N, K) float64 labels, report text) for one NUS-WIDE list, whose
     images (read_image_list) are given."""
-    list_path = load_path / "ImageList" / f"{list_name}Imagelist.txt"
+    list_path = image_list_path(load_path, list_name)
     label_dir = load_path / "Groundtruth" / "TrainTestLabels"
     labels = np.zeros((len(images), len(concepts)))
     for k, concept in enumerate(concepts):
@@ -106,8 +110,7 @@ def format_nuswide(load_path: Path, save_path: Path, *, missing_images: str = "d
                    no_label: str = "drop") -> list[str]:
     """Read the raw NUS-WIDE files under load_path, save the formatted files; return a report."""
     concepts = read_concepts(load_path / "Concepts81.txt")
-    lists = {list_name: read_image_list(load_path / "ImageList" / f"{list_name}Imagelist.txt")
-             for list_name, _ in PHASES}
+    lists = {list_name: read_image_list(image_list_path(load_path, list_name)) for list_name, _ in PHASES}
     shared = set(lists["Train"]).intersection(lists["Test"])
     if shared:
         raise PreprocError(f"{len(shared)} images (e.g. {min(shared)}) are in both the Train and Test lists of "
@@ -122,8 +125,8 @@ def format_nuswide(load_path: Path, save_path: Path, *, missing_images: str = "d
         phases[phase] = (images, labels)
         reports.append(f"nuswide {phase} ({list_name} list): {report}; {len(images)} images, "
                        f"{len(concepts)} classes written to {save_path}")
-    lists = {phase: load_path / "ImageList" / f"{list_name}Imagelist.txt" for list_name, phase in PHASES}
-    return reports + save_formatted(save_path, phases, lists, DOWNLOAD)
+    sources = {phase: image_list_path(load_path, list_name) for list_name, phase in PHASES}
+    return reports + save_formatted(save_path, phases, sources, DOWNLOAD)
 
 
 def main(argv: list[str] | None = None) -> int:
